@@ -1,0 +1,140 @@
+"""The parallel layout: how many ranks each kind of parallelism uses, and the one device mesh built from it.
+
+Vocabulary: an *axis* is a named dimension of the device mesh; a *dim* is a tensor dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Literal, Union
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+Degree = Union[int, Literal["auto"]]
+
+#: Mesh axes from outermost to innermost. Ulysses is innermost because its all-to-all is the most
+#: bandwidth-hungry collective; neighbouring ranks (same node, NVLink) should carry it.
+MESH_AXES: tuple[str, ...] = ("dp", "cfg", "pp", "ring", "ulysses")
+
+#: The mesh axes over which the ranks hold the same weights and see the same samples.
+SEQUENCE_AXES: tuple[str, ...] = ("ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Degrees of each parallelism; ``1`` means off. At most one degree may be ``"auto"``.
+
+    Args:
+        dp: data parallel degree: groups of ranks that generate different samples.
+        cfg: classifier-free-guidance parallel degree (1 or 2): the conditional and unconditional halves of
+            the doubled batch run on different ranks.
+        pp: pipeline degree: number of stages the transformer blocks are split into.
+        ring: ring-attention degree (sequence parallel, point-to-point key/value exchange).
+        ulysses: Ulysses degree (sequence parallel, all-to-all between the sequence and the heads).
+        fsdp: shard parameters over the ranks that compute with the same weights.
+
+    Raises:
+        ValueError: for a degree that is not a positive integer or ``"auto"``, for more than one ``"auto"``,
+            or for a cfg degree other than 1 or 2. Every message names all the values.
+    """
+
+    dp: Degree = 1
+    cfg: Degree = 1
+    pp: Degree = 1
+    ring: Degree = 1
+    ulysses: Degree = 1
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        degrees = self.degrees()
+        bad = {k: v for k, v in degrees.items() if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1))}
+        if bad:
+            raise ValueError(f"Every parallel degree must be a positive integer or 'auto'; got {bad} in {self.describe()}.")
+        autos = [k for k, v in degrees.items() if v == "auto"]
+        if len(autos) > 1:
+            raise ValueError(f"At most one parallel degree may be 'auto'; got {autos} in {self.describe()}.")
+        if self.cfg not in (1, 2, "auto"):
+            raise ValueError(
+                f"cfg degree must be 1 or 2 (the doubled batch has two halves); got {self.cfg} in {self.describe()}."
+            )
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp must be a bool; got {self.fsdp!r} in {self.describe()}.")
+
+    def degrees(self) -> dict[str, Degree]:
+        """The degrees by mesh axis name, outermost axis first."""
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def describe(self) -> str:
+        """One line naming every value, e.g. ``dp=1 cfg=1 pp=1 ring=2 ulysses=2 fsdp=False``."""
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+    def resolve(self, world_size: int) -> ParallelLayout:
+        """Fill in ``"auto"`` and check that the degrees multiply to ``world_size``.
+
+        Pure computation with no communication: every rank reaches the same verdict before any collective.
+
+        Raises:
+            ValueError: when the product of the degrees does not equal ``world_size`` (or cannot, with "auto").
+        """
+        degrees = self.degrees()
+        fixed = math.prod(v for v in degrees.values() if v != "auto")
+        autos = [k for k, v in degrees.items() if v == "auto"]
+        if autos:
+            if world_size % fixed:
+                raise ValueError(
+                    f"Cannot resolve {autos[0]}='auto': the other degrees multiply to {fixed}, which does not divide the"
+                    f" world size {world_size} ({self.describe()})."
+                )
+            resolved = replace(self, **{autos[0]: world_size // fixed})
+            return resolved.resolve(world_size)
+        if fixed != world_size:
+            raise ValueError(
+                f"The parallel degrees multiply to {fixed} but the world size is {world_size} ({self.describe()})."
+                " Their product dp*cfg*pp*ring*ulysses must equal the number of processes (devices x nodes)."
+            )
+        return self
+
+    @property
+    def sequence_degree(self) -> int:
+        """Ranks that share one sample's token sequence: ``ring * ulysses``."""
+        self._require_resolved()
+        return int(self.ring) * int(self.ulysses)
+
+    @property
+    def model_parallel_degree(self) -> int:
+        """Ranks that work on the same batch: ``cfg * pp * ring * ulysses``."""
+        self._require_resolved()
+        return int(self.cfg) * int(self.pp) * self.sequence_degree
+
+    def _require_resolved(self) -> None:
+        if "auto" in self.degrees().values():
+            raise RuntimeError(f"Call resolve(world_size) first; the layout still has 'auto' ({self.describe()}).")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Build the named device mesh over the default process group (a collective: call on every rank).
+
+        Axes of size 1 are kept so that every axis name is always present.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._require_resolved()
+        shape = tuple(int(v) for v in self.degrees().values())
+        return init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """The mesh coordinate of a global rank along every axis, without building a mesh.
+
+        Ranks are laid out row-major over ``MESH_AXES`` (ulysses varies fastest), as ``build_mesh`` does.
+        """
+        self._require_resolved()
+        degrees = [int(v) for v in self.degrees().values()]
+        world = math.prod(degrees)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside the world of size {world} ({self.describe()}).")
+        coords: dict[str, int] = {}
+        for axis, degree in reversed(list(zip(MESH_AXES, degrees))):
+            coords[axis] = rank % degree
+            rank //= degree
+        return {axis: coords[axis] for axis in MESH_AXES}

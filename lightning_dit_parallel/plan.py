@@ -1,0 +1,188 @@
+"""Plans: the data that says how one DiT class is parallelized.
+
+A plan is the only model-specific thing in the package. It names module paths and forward arguments;
+it contains no code. Plans are found by class: a ``dit_plan`` class attribute, a call to
+``register_plan(cls, plan)``, or one of the plans that ship for diffusers families.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Split:
+    """A token sequence in one tensor: which named sequence it is and which dim holds the tokens.
+
+    Args:
+        sequence: name of the token sequence, e.g. ``"image"`` or ``"text"``. Tensors that carry the same
+            sequence (hidden states and their rotary angles) are cut the same way.
+        dim: the tensor dim that holds the tokens (negative values count from the end).
+    """
+
+    sequence: str = "image"
+    dim: int = 1
+
+
+@dataclass(frozen=True)
+class DiTPlan:
+    """How a DiT class is parallelized. Module paths are relative to the DiT; patterns use ``fnmatch``.
+
+    Args:
+        split_inputs: forward arguments of the DiT that carry a token sequence, cut across sequence-parallel
+            ranks before the forward runs, e.g. ``{"hidden_states": Split("image", 1)}``.
+        split_outputs: submodules whose output carries a token sequence, cut right after they run, e.g.
+            ``{"pos_embed": Split("image", 1)}``. A tuple output is cut element-wise with a tuple of splits
+            (``None`` leaves an element alone).
+        gather_outputs: submodules whose output is gathered back into the whole sequence (padding removed),
+            e.g. ``{"proj_out": Split("image", 1)}``; typically the last layer before unpatchify.
+        blocks: paths of the ``nn.ModuleList``s holding the transformer blocks, in execution order
+            (pipeline stages and FSDP units are cut from these).
+        self_attention: patterns of attention modules whose ``F.scaled_dot_product_attention`` call attends
+            over the sharded sequence, mapped to the order of the named sequences inside that call, e.g.
+            ``{"transformer_blocks.*.attn1": ("image",)}`` or, for joint attention over text and image
+            tokens concatenated text first, ``{"transformer_blocks.*.attn": ("text", "image")}``.
+        cross_attention: patterns of attention modules whose keys and values are replicated context (text);
+            their queries stay sharded and they need no communication. Listed so the plan is complete and
+            checked.
+    """
+
+    split_inputs: Mapping[str, Split] = field(default_factory=dict)
+    split_outputs: Mapping[str, Split | tuple[Split | None, ...]] = field(default_factory=dict)
+    gather_outputs: Mapping[str, Split] = field(default_factory=dict)
+    blocks: tuple[str, ...] = ()
+    self_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cross_attention: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
+        if not self.split_inputs and not self.split_outputs:
+            raise ValueError("A DiTPlan needs at least one split point (split_inputs or split_outputs).")
+        if not self.gather_outputs:
+            raise ValueError("A DiTPlan needs at least one gather point (gather_outputs).")
+        if not self.self_attention:
+            raise ValueError("A DiTPlan needs at least one self_attention pattern.")
+        split_sequences = {s.sequence for s in _iter_splits(self.split_inputs.values(), self.split_outputs.values())}
+        for pattern, order in self.self_attention.items():
+            if not order or set(order) - split_sequences:
+                raise ValueError(
+                    f"self_attention[{pattern!r}] = {order} must name sequences that are split; split sequences:"
+                    f" {sorted(split_sequences)}."
+                )
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """Names of all token sequences the plan splits, in first-seen order."""
+        seen: dict[str, None] = {}
+        for split in _iter_splits(self.split_inputs.values(), self.split_outputs.values()):
+            seen.setdefault(split.sequence)
+        return tuple(seen)
+
+    def self_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
+        """Yield ``(path, module, sequence order)`` for every submodule matching a self-attention pattern."""
+        for path, module in model.named_modules():
+            for pattern, order in self.self_attention.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    yield path, module, order
+                    break
+
+    def cross_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """Yield ``(path, module)`` for every submodule matching a cross-attention pattern."""
+        for path, module in model.named_modules():
+            if any(fnmatch.fnmatchcase(path, p) for p in self.cross_attention):
+                yield path, module
+
+    def block_lists(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+        """The block ``ModuleList``s named by the plan, checked to exist."""
+        lists = []
+        for path in self.blocks:
+            module = model.get_submodule(path)
+            if not isinstance(module, nn.ModuleList):
+                raise TypeError(f"Plan block path {path!r} is a {type(module).__name__}, not an nn.ModuleList.")
+            lists.append((path, module))
+        return lists
+
+
+def _iter_splits(*groups) -> Iterator[Split]:
+    for group in groups:
+        for item in group:
+            if isinstance(item, Split):
+                yield item
+            elif item is not None:
+                yield from (s for s in item if s is not None)
+
+
+_REGISTRY: dict[type, DiTPlan] = {}
+
+
+def register_plan(cls: type[nn.Module], plan: DiTPlan) -> None:
+    """Declare the plan of a DiT class (and of its subclasses, unless they have their own).
+
+    Example:
+        >>> register_plan(MyDiT, DiTPlan(split_outputs={"x_embedder": Split("image", 1)}, ...))  # doctest: +SKIP
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_plan expects an nn.Module subclass, got {cls!r}.")
+    if not isinstance(plan, DiTPlan):
+        raise TypeError(f"register_plan expects a DiTPlan, got {type(plan).__name__}.")
+    _REGISTRY[cls] = plan
+
+
+def unregister_plan(cls: type[nn.Module]) -> None:
+    """Remove a plan declared with ``register_plan`` (no-op if none)."""
+    _REGISTRY.pop(cls, None)
+
+
+def plan_for(module: nn.Module | type) -> DiTPlan | None:
+    """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
+    that ship for diffusers families; ``None`` when there is none."""
+    from lightning_dit_parallel.plans import builtin_plan
+
+    cls = module if isinstance(module, type) else type(module)
+    for klass in cls.__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+        attr = klass.__dict__.get("dit_plan")
+        if isinstance(attr, DiTPlan):
+            return attr
+        plan = builtin_plan(klass)
+        if plan is not None:
+            return plan
+    return None
+
+
+HOW_TO_DECLARE = (
+    "Declare a plan for your DiT class with `lightning_dit_parallel.register_plan(MyDiT, DiTPlan(...))` or a"
+    " `dit_plan = DiTPlan(...)` class attribute (see the README section 'Bring your own DiT')."
+)
+
+
+def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]]:
+    """Every outermost submodule of ``root`` (``root`` included) whose class has a plan.
+
+    Raises:
+        ValueError: when there is none; the message says how to declare a plan.
+    """
+    found: list[tuple[str, nn.Module, DiTPlan]] = []
+    claimed: list[str] = []
+    for path, module in root.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in claimed if c) or (claimed and claimed[0] == ""):
+            continue
+        plan = plan_for(module)
+        if plan is not None:
+            found.append((path, module, plan))
+            claimed.append(path)
+    if not found:
+        classes = sorted({type(m).__name__ for _, m in root.named_children()}) or [type(root).__name__]
+        raise ValueError(
+            f"No submodule of {type(root).__name__} has a parallel plan (children: {classes}). {HOW_TO_DECLARE}"
+        )
+    return found

@@ -1,0 +1,12 @@
+"""Plan for diffusers' ``DiTTransformer2DModel`` (class-conditional DiT, self-attention only)."""
+
+from lightning_dit_parallel.plan import DiTPlan, Split
+
+PLAN = DiTPlan(
+    # PatchEmbed: (B, C, H, W) -> (B, S, hidden); the sequence is cut after the positional embedding is added.
+    split_outputs={"pos_embed": Split("image", 1)},
+    # proj_out_2: (B, S/N, p*p*C) is gathered to (B, S, p*p*C) before unpatchify reads S.
+    gather_outputs={"proj_out_2": Split("image", 1)},
+    blocks=("transformer_blocks",),
+    self_attention={"transformer_blocks.*.attn1": ("image",)},
+)

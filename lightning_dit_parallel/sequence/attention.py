@@ -1,0 +1,70 @@
+"""Sequence-parallel replacement for ``F.scaled_dot_product_attention`` (Ulysses, Ring and USP).
+
+USP is the 2-D composition: an all-to-all inside each Ulysses group turns sequence shards into head
+shards of a larger sequence block, ring attention runs over those blocks across the ring groups, and
+the inverse all-to-all restores the sequence shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.ring import ring_attention
+from lightning_dit_parallel.sequence.ulysses import check_heads, heads_to_sequence, sequence_to_heads
+
+#: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
+local_sdpa = F.scaled_dot_product_attention
+
+#: key_valid(shards) -> (len(shards) * local tokens,) bool mask, or None when nothing is padded.
+ShardMaskFn = Callable[[list[int]], "Tensor | None"]
+
+
+def sequence_parallel_attention(
+    q: Tensor, k: Tensor, v: Tensor, groups: SequenceGroups, key_valid: ShardMaskFn, scale: float | None, where: str
+) -> Tensor:
+    """Attention of this rank's query shard over the whole sharded sequence.
+
+    Args:
+        q, k, v: (B, H, S_local, D) this rank's shard, all heads.
+        groups: the Ulysses and ring groups.
+        key_valid: real-token mask for the concatenation of the given sequence-parallel shards.
+        scale: softmax scale.
+        where: the attention module's path, for error messages.
+
+    Returns:
+        (B, H, S_local, D), equal to this shard's rows of attention over the unsharded sequence.
+    """
+    u, r = groups.ulysses_size, groups.ring_size
+    check_heads(q.shape[1], u, groups.size, where)
+    q, k, v = (sequence_to_heads(t, groups.ulysses) for t in (q, k, v))  # (B, H, S/N, D) -> (B, H/U, S*U/N, D)
+
+    def ring_block_valid(block: int) -> Tensor | None:
+        return key_valid([block * u + i for i in range(u)])
+
+    if r == 1:
+        valid = ring_block_valid(0)
+        mask = None if valid is None else valid.view(1, 1, 1, -1)  # (Sk,) -> (1, 1, 1, Sk)
+        out = local_sdpa(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        assert groups.ring is not None
+        out = ring_attention(q, k, v, groups.ring, ring_block_valid, scale)
+    return heads_to_sequence(out, groups.ulysses)  # (B, H/U, S*U/N, D) -> (B, H, S/N, D)
+
+
+def unsupported_sdpa_arguments(attn_mask, dropout_p, is_causal, enable_gqa) -> list[str]:
+    """Arguments of an intercepted attention call that sequence parallelism cannot honour exactly."""
+    problems = []
+    if attn_mask is not None:
+        problems.append("attn_mask (a mask over the sharded sequence)")
+    if dropout_p:
+        problems.append(f"dropout_p={dropout_p}")
+    if is_causal:
+        problems.append("is_causal=True")
+    if enable_gqa:
+        problems.append("enable_gqa=True")
+    return problems
+

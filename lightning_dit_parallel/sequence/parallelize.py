@@ -1,0 +1,169 @@
+"""Install sequence parallelism on a DiT with hooks, following its plan; ``remove()`` undoes it.
+
+The DiT's own forward is not changed. Hooks:
+
+* a pre-hook on the DiT starts a fresh ``ShardingState`` and cuts the plan's ``split_inputs``;
+* forward hooks cut the outputs of ``split_outputs`` modules and gather those of ``gather_outputs``;
+* around every self-attention module of the plan, ``F.scaled_dot_product_attention`` is replaced by the
+  sequence-parallel kernel for the duration of that module's forward only. Cross-attention modules keep
+  the local kernel: their queries are sharded, their keys and values (text) are replicated.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
+from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.sharding import ShardingState
+from lightning_dit_parallel.sequence.ulysses import check_heads
+
+
+@dataclass
+class SequenceParallel:
+    """Sequence parallelism installed on one DiT. Call ``remove()`` to restore the plain model."""
+
+    model: nn.Module
+    plan: DiTPlan
+    groups: SequenceGroups
+    handles: list[RemovableHandle] = field(default_factory=list)
+    state: ShardingState | None = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.state = None
+
+    # -- hooks ------------------------------------------------------------------------------------------
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.state = ShardingState(self.groups)
+        if not self.plan.split_inputs:
+            return args, kwargs
+        bound = self._signature.bind(*args, **kwargs)
+        for name, split in self.plan.split_inputs.items():
+            value = bound.arguments.get(name)
+            if isinstance(value, Tensor):
+                bound.arguments[name] = self.state.split(value, split, f"{type(module).__name__}.forward({name}=...)")
+        return bound.args, bound.kwargs
+
+    def _end_forward(self, module: nn.Module, args: tuple, output):
+        self.state = None
+        return output
+
+    def _split_output(self, path: str, split: Split | tuple[Split | None, ...]):
+        def hook(module: nn.Module, args: tuple, output):
+            state = self._require_state(path)
+            if isinstance(split, Split):
+                return state.split(_as_tensor(output, path), split, path)
+            if not isinstance(output, (tuple, list)) or len(output) != len(split):
+                raise TypeError(f"{path}: the plan splits a {len(split)}-tuple output, got {type(output).__name__}.")
+            parts = [x if s is None else state.split(_as_tensor(x, path), s, path) for x, s in zip(output, split)]
+            return type(output)(parts)
+
+        return hook
+
+    def _gather_output(self, path: str, split: Split):
+        def hook(module: nn.Module, args: tuple, output):
+            return self._require_state(path).gather(_as_tensor(output, path), split, path)
+
+        return hook
+
+    def _attention_hooks(self, path: str, order: tuple[str, ...]):
+        """Hooks that swap in the sequence-parallel kernel around one attention module."""
+        saved: list = []
+        calls = [0]
+
+        def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            state = self._require_state(path)
+            problems = unsupported_sdpa_arguments(attn_mask, dropout_p, is_causal, enable_gqa)
+            if problems:
+                raise NotImplementedError(f"{path}: sequence-parallel attention does not support {', '.join(problems)}.")
+            expected = state.local_length(order)
+            if query.shape[-2] != expected or key.shape[-2] != expected:
+                raise RuntimeError(
+                    f"{path}: the plan says this attention runs over {order} with {expected} local tokens, but it got"
+                    f" query {tuple(query.shape)} and key {tuple(key.shape)} (B, H, S, D). Check the plan."
+                )
+            calls[0] += 1
+            return sequence_parallel_attention(
+                query, key, value, self.groups, lambda shards: state.key_valid(order, shards, query.device), scale, path
+            )
+
+        def pre_hook(module: nn.Module, args: tuple):
+            saved.append(F.scaled_dot_product_attention)
+            calls[0] = 0
+            F.scaled_dot_product_attention = kernel
+
+        def restore_hook(module: nn.Module, args: tuple, output):
+            F.scaled_dot_product_attention = saved.pop()  # runs on exceptions too (always_call)
+            return output
+
+        def check_hook(module: nn.Module, args: tuple, output):
+            if calls[0] == 0:
+                raise RuntimeError(
+                    f"{path} is declared as self-attention over the sharded sequence, but it never called"
+                    " F.scaled_dot_product_attention, so it attended to local tokens only. Use an attention processor"
+                    " that calls F.scaled_dot_product_attention (e.g. diffusers' AttnProcessor2_0), or fix the plan."
+                )
+            return output
+
+        return pre_hook, restore_hook, check_hook
+
+    def _require_state(self, path: str) -> ShardingState:
+        if self.state is None:
+            raise RuntimeError(f"{path} ran outside a forward of the parallelized {type(self.model).__name__}.")
+        return self.state
+
+
+def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGroups) -> SequenceParallel:
+    """Install the plan's split, gather and attention hooks on ``model``.
+
+    Checks the plan against the model (every path exists, attention heads split over the Ulysses degree)
+    before anything is installed; every rank runs the same checks, so a bad plan fails on all of them.
+
+    Raises:
+        ValueError: for a path or pattern that matches nothing, or heads that do not split.
+    """
+    sp = SequenceParallel(model, plan, groups)
+    sp._signature = inspect.signature(model.forward)
+    missing_inputs = [n for n in plan.split_inputs if n not in sp._signature.parameters]
+    if missing_inputs:
+        raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
+    modules = dict(model.named_modules())
+    missing = [p for p in (*plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    if missing:
+        raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
+    attention = list(plan.self_attention_modules(model))
+    if not attention:
+        raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
+    for path, module, _ in attention:
+        heads = getattr(module, "heads", None)
+        if isinstance(heads, int):
+            check_heads(heads, groups.ulysses_size, groups.size, path)
+
+    sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
+    sp.handles.append(model.register_forward_hook(sp._end_forward, always_call=True))
+    for path, split in plan.split_outputs.items():
+        sp.handles.append(modules[path].register_forward_hook(sp._split_output(path, split)))
+    for path, split in plan.gather_outputs.items():
+        sp.handles.append(modules[path].register_forward_hook(sp._gather_output(path, split)))
+    for path, module, order in attention:
+        pre_hook, restore_hook, check_hook = sp._attention_hooks(path, order)
+        sp.handles.append(module.register_forward_pre_hook(pre_hook))
+        sp.handles.append(module.register_forward_hook(restore_hook, always_call=True))
+        sp.handles.append(module.register_forward_hook(check_hook))
+    return sp
+
+
+def _as_tensor(x, path: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{path}: the plan cuts or gathers this output, but it is a {type(x).__name__}, not a Tensor.")
+    return x

@@ -1,0 +1,14 @@
+"""Lightning strategies for parallel DiT inference."""
+
+from lightning_dit_parallel.strategies.base import DiTParallelStrategy
+from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy
+
+__all__ = ["DiTParallelStrategy", "SequenceParallelStrategy"]
+
+
+def register_all() -> None:
+    """Register every strategy name with Lightning's registry (idempotent)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for cls in (DiTParallelStrategy, SequenceParallelStrategy):
+        cls.register_strategies(StrategyRegistry)

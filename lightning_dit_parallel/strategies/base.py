@@ -1,0 +1,264 @@
+"""``DiTParallelStrategy``: the Lightning strategy that runs a planned DiT in parallel under ``Trainer.predict``.
+
+It builds the mesh in ``setup_environment``, applies the parallelizers in ``setup``, hands the data-parallel
+rank to the sampler, and in ``teardown`` removes every hook, destroys the process group and restores the
+launcher's environment variables, so that another ``predict`` (with any strategy) can follow in the same
+process. The named strategies (``SequenceParallelStrategy`` ...) are presets of this one.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_dit_parallel.layout import Degree, ParallelLayout
+from lightning_dit_parallel.parallelize import Parallelized, parallelize
+from lightning_dit_parallel.utils.environment import restored_environment
+from lightning_dit_parallel.utils.logging import rank_zero_log
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+
+#: Default time a collective may wait for a peer before every rank fails with an error.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+#: Trainer functions the strategy supports: inference only (no gradients are synchronised).
+_SUPPORTED_FNS = (TrainerFn.PREDICTING, TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+
+class _SubprocessLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher that puts the launcher's environment variables back afterwards."""
+
+    def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        with restored_environment():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class _ProcessPoolLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher that puts the launcher's environment variables back afterwards."""
+
+    def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        with restored_environment():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class DiTParallelStrategy(ParallelStrategy):
+    """Parallel DiT inference on one device mesh; the product of the degrees must equal the world size.
+
+    Args:
+        dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``.
+        cfg_degree: classifier-free-guidance parallel degree (1 or 2).
+        pp_degree: pipeline stages.
+        ulysses_degree: Ulysses sequence-parallel degree.
+        ring_degree: ring-attention sequence-parallel degree.
+        fsdp: shard parameters over the ranks that share weights.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; default: nccl on CUDA, gloo on CPU.
+        timeout: how long a collective waits for a peer before raising; a rank that dies makes the others
+            fail within this time instead of hanging.
+        start_method: ``"popen"`` (Lightning's script launcher, the default: works from scripts and the
+            command line), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+
+    Raises:
+        ValueError: for invalid degrees (at construction) or degrees that do not multiply to the world size
+            (in ``setup_environment``, on every rank, before any collective).
+    """
+
+    strategy_name = "dit_hybrid"
+
+    def __init__(
+        self,
+        dp_degree: Degree = 1,
+        cfg_degree: Degree = 1,
+        pp_degree: Degree = 1,
+        ulysses_degree: Degree = 1,
+        ring_degree: Degree = 1,
+        fsdp: bool = False,
+        *,
+        process_group_backend: str | None = None,
+        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        start_method: StartMethod = "popen",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._requested_layout = ParallelLayout(
+            dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, fsdp=fsdp
+        )
+        self._check_implemented(self._requested_layout)
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
+        self._start_method: StartMethod = start_method
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self._num_nodes = 1
+        self._layout: ParallelLayout | None = None
+        self._mesh = None
+        self._parallelized: Parallelized | None = None
+        self._owns_process_group = False
+
+    # -- layout and mesh ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_implemented(layout: ParallelLayout) -> None:
+        unavailable = {k: v for k, v in (("cfg", layout.cfg), ("pp", layout.pp)) if v not in (1,)}
+        if layout.fsdp:
+            unavailable["fsdp"] = True
+        if unavailable:
+            raise ValueError(f"Not implemented yet: {unavailable} ({layout.describe()}).")
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved layout. Raises ``RuntimeError`` before ``setup_environment`` has run."""
+        if self._layout is None:
+            raise RuntimeError("The layout is resolved in setup_environment(); it is not available before.")
+        return self._layout
+
+    @property
+    def device_mesh(self):
+        """The named device mesh (axes dp, cfg, pp, ring, ulysses). Raises ``RuntimeError`` before setup."""
+        if self._mesh is None:
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+        return self._mesh
+
+    # -- Lightning plumbing -------------------------------------------------------------------------------
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Only data-parallel groups see different samples; all ranks of a model-parallel group share batches."""
+        mesh = self.device_mesh
+        return {"num_replicas": mesh["dp"].size(), "rank": mesh["dp"].get_local_rank()}
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            if not self.cluster_environment.creates_processes_externally:
+                self._launcher = _SubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _ProcessPoolLauncher(self, start_method=self._start_method)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()  # the seed from seed_everything() reaches every rank
+        self.set_world_ranks()
+        # Pure validation first: every rank raises the same ValueError before any collective.
+        self._layout = self._requested_layout.resolve(self.world_size)
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        self._owns_process_group = not dist.is_initialized()
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        self._mesh = self._layout.build_mesh(self.root_device.type)
+        rank_zero_log(f"{type(self).__name__}: {self._layout.describe()} on {self.world_size} ranks")
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn not in _SUPPORTED_FNS:
+            raise TypeError(
+                f"{type(self).__name__} supports inference (predict, validate, test), not {trainer.state.fn.value}."
+            )
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._parallelized = parallelize(self.lightning_module, self.layout, self.device_mesh)
+        self.setup_precision_plugin()
+        self.barrier()
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not dist.is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj, src: int = 0):
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor, group: Any | None = None, reduce_op: Any | None = "mean"):
+        from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def teardown(self) -> None:
+        if self._parallelized is not None:
+            self._parallelized.remove()
+            self._parallelized = None
+        self._mesh = None
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_process_group = False
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        """Register the hybrid strategy under ``strategy_name``; presets register their own names."""
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(cls.strategy_name, cls, description=cls.__doc__.splitlines()[0])

@@ -1,0 +1,73 @@
+"""Run a function on N CPU ranks (gloo, fork start method) from inside a test, and always clean up.
+
+Each rank's process group is initialised over TCP on a fresh port (no environment variables are set),
+every process is joined or killed before returning, and a failure on any rank fails the test with that
+rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # report everything, including failed asserts, to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 180.0) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on every rank; returns the results in rank order.
+
+    ``fn`` must be a module-level function. Its return value must be picklable (prefer plain Python values).
+    """
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s), daemon=True)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, tuple[bool, Any]] = {}
+    try:
+        for _ in range(world_size):
+            rank, ok, value = results.get(timeout=timeout_s + 30)
+            collected[rank] = (ok, value)
+    except Exception as exc:  # a rank died without reporting, or everything hung
+        raise AssertionError(f"ranks {sorted(set(range(world_size)) - set(collected))} did not report: {exc!r}") from exc
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+    failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(collected.items()) if not ok]
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [collected[r][1] for r in range(world_size)]
