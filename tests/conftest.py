@@ -1,0 +1,18 @@
+"""Shared test settings: one thread per process (a rank stands for a device), CUDA-marked tests skipped
+without CUDA."""
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
