@@ -8,21 +8,54 @@ results or a wrong shard order then changes the output far beyond the test toler
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_dit_parallel.sampling import ClassConditioning, DiffusionSampler, TextConditioning
+from lightning_dit_parallel.sampling.joint_conditioning import (
+    CogVideoXConditioning,
+    FluxConditioning,
+    SD3Conditioning,
+    WanConditioning,
+)
 
 SHARPNESS = 6.0
 
 
+#: Query/key projections (diffusers names) and the query/key normalisations that may follow them.
+QK_PROJECTIONS = ("to_q", "to_k", "add_q_proj", "add_k_proj")
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
 def sharpen_attention(model: nn.Module, factor: float = SHARPNESS) -> nn.Module:
-    """Multiply every attention query and key projection by ``factor`` (logits grow by factor**2)."""
+    """Multiply every attention query and key by ``factor`` (logits grow by factor**2).
+
+    Scales the query and key projections, the query/key rows of fused ``qkv`` projections, and the affine
+    weights of query/key normalisations (a normalisation would undo a scaled projection).
+    """
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "add_q_proj", "add_k_proj") and isinstance(module, nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in QK_PROJECTIONS and isinstance(module, nn.Linear):
                 module.weight.mul_(factor)
+            elif leaf == "qkv" and isinstance(module, nn.Linear):
+                module.weight[: 2 * module.out_features // 3].mul_(factor)  # rows of q and k; v is left alone
+            elif leaf in QK_NORMS and not isinstance(module, nn.Identity):
+                if getattr(module, "weight", None) is None:
+                    raise ValueError(f"{name} normalises queries/keys without an affine weight; cannot sharpen it.")
+                module.weight.mul_(factor)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.mul_(factor)
     return model
 
 
@@ -89,3 +122,117 @@ class SampleRequests(Dataset):
 
 def requests(n: int = 2, batch_size: int = 2, text_tokens: int = 7) -> DataLoader:
     return DataLoader(SampleRequests(n, text_tokens), batch_size=batch_size)
+
+
+# -- text-conditioned families: SD3, Flux, Wan, CogVideoX ----------------------------------------------------
+
+TEXT_DIM = 16
+POOLED_DIM = 8
+
+
+def build_sd3(heads: int = 4, seed: int = 0) -> SD3Transformer2DModel:
+    """MMDiT with one dual-attention layer (joint attention plus image-only attention) and RMS q/k norms."""
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=heads, joint_attention_dim=TEXT_DIM, caption_projection_dim=8 * heads,
+        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def build_flux(heads: int = 4, seed: int = 0) -> FluxTransformer2DModel:
+    """One double-stream and one single-stream block; head dim 16 = rotary axes (4, 6, 6)."""
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
+        axes_dims_rope=(4, 6, 6),
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def build_wan(heads: int = 4, seed: int = 0) -> WanTransformer3DModel:
+    """Video DiT with 3-D rotary (head dim 12 = t 4 + h 4 + w 4) and cross-attention to text."""
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def build_cogvideox(heads: int = 4, seed: int = 0) -> CogVideoXTransformer3DModel:
+    """Video DiT over cat([text, video]) tokens with 3-D rotary embeddings (head dim 16 = t 4 + h 6 + w 6)."""
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def sd3_sampler(transformer: SD3Transformer2DModel, size: int = 8, steps: int = 3, guidance_scale: float = 4.0) -> DiffusionSampler:
+    """Latents (4, size, size): (size/2)**2 image tokens."""
+    return DiffusionSampler(
+        transformer, flow_scheduler(), SD3Conditioning(), latent_shape=(4, size, size),
+        num_inference_steps=steps, guidance_scale=guidance_scale,
+    )
+
+
+def flux_sampler(transformer: FluxTransformer2DModel, height: int = 4, width: int = 4, steps: int = 3,
+                 guidance_scale: float = 4.0) -> DiffusionSampler:
+    """Packed latents (height * width, 16): height * width image tokens."""
+    return DiffusionSampler(
+        transformer, flow_scheduler(), FluxConditioning(height, width), latent_shape=(height * width, 16),
+        num_inference_steps=steps, guidance_scale=guidance_scale,
+    )
+
+
+def wan_sampler(transformer: WanTransformer3DModel, frames: int = 2, size: int = 6, steps: int = 3,
+                guidance_scale: float = 4.0) -> DiffusionSampler:
+    """Latents (4, frames, size, size): frames * (size/2)**2 video tokens."""
+    return DiffusionSampler(
+        transformer, flow_scheduler(), WanConditioning(), latent_shape=(4, frames, size, size),
+        num_inference_steps=steps, guidance_scale=guidance_scale,
+    )
+
+
+def cogvideox_sampler(transformer: CogVideoXTransformer3DModel, frames: int = 2, size: int = 6, steps: int = 3,
+                      guidance_scale: float = 4.0) -> DiffusionSampler:
+    """Latents (frames, 4, size, size): frames * (size/2)**2 video tokens; v-prediction DDIM as CogVideoX."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=100, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    )
+    return DiffusionSampler(
+        transformer, scheduler, CogVideoXConditioning(), latent_shape=(frames, 4, size, size),
+        num_inference_steps=steps, guidance_scale=guidance_scale,
+    )
+
+
+class TextRequests(Dataset):
+    """``n`` requests: global index, a seeded text embedding (T, TEXT_DIM) and a pooled one (POOLED_DIM,)."""
+
+    def __init__(self, n: int = 2, text_tokens: int = 7) -> None:
+        generator = torch.Generator().manual_seed(4321)
+        self.embeds = torch.randn(n, text_tokens, TEXT_DIM, generator=generator)
+        self.pooled = torch.randn(n, POOLED_DIM, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": torch.tensor(i), "prompt_embeds": self.embeds[i], "pooled_embeds": self.pooled[i]}
+
+
+def text_requests(n: int = 2, batch_size: int = 2, text_tokens: int = 7) -> DataLoader:
+    return DataLoader(TextRequests(n, text_tokens), batch_size=batch_size)

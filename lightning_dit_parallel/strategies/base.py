@@ -8,6 +8,7 @@ process. The named strategies (``SequenceParallelStrategy`` ...) are presets of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -62,7 +63,10 @@ class DiTParallelStrategy(ParallelStrategy):
         pp_degree: pipeline stages.
         ulysses_degree: Ulysses sequence-parallel degree.
         ring_degree: ring-attention sequence-parallel degree.
-        fsdp: shard parameters over the ranks that share weights.
+        fsdp: shard parameters with FSDP2, per transformer block, over the ranks that compute with the same
+            weights (the dp, cfg, ring and ulysses axes; not pp).
+        shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
+            ``["text_encoder"]``. They must run on every rank of the shard group in step.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: nccl on CUDA, gloo on CPU.
         timeout: how long a collective waits for a peer before raising; a rank that dies makes the others
             fail within this time instead of hanging.
@@ -85,6 +89,7 @@ class DiTParallelStrategy(ParallelStrategy):
         ring_degree: Degree = 1,
         fsdp: bool = False,
         *,
+        shard_modules: Sequence[str] | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
@@ -105,6 +110,9 @@ class DiTParallelStrategy(ParallelStrategy):
             dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, fsdp=fsdp
         )
         self._check_implemented(self._requested_layout)
+        self._shard_modules = tuple(shard_modules or ())
+        if self._shard_modules and not fsdp:
+            raise ValueError(f"shard_modules={list(self._shard_modules)} needs fsdp=True ({self._requested_layout.describe()}).")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
@@ -120,9 +128,7 @@ class DiTParallelStrategy(ParallelStrategy):
 
     @staticmethod
     def _check_implemented(layout: ParallelLayout) -> None:
-        unavailable = {k: v for k, v in (("cfg", layout.cfg), ("pp", layout.pp)) if v not in (1,)}
-        if layout.fsdp:
-            unavailable["fsdp"] = True
+        unavailable = {k: v for k, v in (("pp", layout.pp),) if v not in (1,)}
         if unavailable:
             raise ValueError(f"Not implemented yet: {unavailable} ({layout.describe()}).")
 
@@ -155,6 +161,11 @@ class DiTParallelStrategy(ParallelStrategy):
     @num_nodes.setter
     def num_nodes(self, num_nodes: int) -> None:
         self._num_nodes = num_nodes
+
+    @property
+    def is_distributed(self) -> bool:
+        """Tells Lightning to give predict/validate/test dataloaders a distributed sampler (data-parallel ranks)."""
+        return True
 
     @property
     def num_processes(self) -> int:
@@ -211,7 +222,9 @@ class DiTParallelStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._parallelized = parallelize(self.lightning_module, self.layout, self.device_mesh)
+        self._parallelized = parallelize(
+            self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules
+        )
         self.setup_precision_plugin()
         self.barrier()
 
