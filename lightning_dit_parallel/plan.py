@@ -29,13 +29,22 @@ class Split:
     dim: int = 1
 
 
+#: A tensor's split, or a tuple's element-wise splits (``None`` leaves an element alone).
+SplitSpec = Split | tuple[Split | None, ...]
+
+
 @dataclass(frozen=True)
 class DiTPlan:
     """How a DiT class is parallelized. Module paths are relative to the DiT; patterns use ``fnmatch``.
 
     Args:
         split_inputs: forward arguments of the DiT that carry a token sequence, cut across sequence-parallel
-            ranks before the forward runs, e.g. ``{"hidden_states": Split("image", 1)}``.
+            ranks before the forward runs, e.g. ``{"hidden_states": Split("image", 1)}``. A tuple argument (e.g.
+            rotary ``(cos, sin)``) is cut element-wise with a tuple of splits (``None`` leaves an element alone).
+        split_module_inputs: forward arguments of submodules, cut before the submodule runs, by module path,
+            e.g. ``{"blocks.0": {"hidden_states": Split("video", 1)}}``, for a sequence that only exists as one
+            tensor between modules (after a reshape or slice inside the DiT's forward). Tuples as in
+            ``split_inputs``. The submodule must run once per forward.
         split_outputs: submodules whose output carries a token sequence, cut right after they run, e.g.
             ``{"pos_embed": Split("image", 1)}``. A tuple output is cut element-wise with a tuple of splits
             (``None`` leaves an element alone).
@@ -52,8 +61,9 @@ class DiTPlan:
             checked.
     """
 
-    split_inputs: Mapping[str, Split] = field(default_factory=dict)
-    split_outputs: Mapping[str, Split | tuple[Split | None, ...]] = field(default_factory=dict)
+    split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
+    split_module_inputs: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
+    split_outputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     gather_outputs: Mapping[str, Split] = field(default_factory=dict)
     blocks: tuple[str, ...] = ()
     self_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -62,15 +72,21 @@ class DiTPlan:
     def __post_init__(self) -> None:
         for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        module_inputs = {path: MappingProxyType(dict(args)) for path, args in self.split_module_inputs.items()}
+        object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
-        if not self.split_inputs and not self.split_outputs:
-            raise ValueError("A DiTPlan needs at least one split point (split_inputs or split_outputs).")
+        if "" in self.split_module_inputs:
+            raise ValueError("split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs.")
+        if not self.split_inputs and not self.split_outputs and not self.split_module_inputs:
+            raise ValueError(
+                "A DiTPlan needs at least one split point (split_inputs, split_module_inputs or split_outputs)."
+            )
         if not self.gather_outputs:
             raise ValueError("A DiTPlan needs at least one gather point (gather_outputs).")
         if not self.self_attention:
             raise ValueError("A DiTPlan needs at least one self_attention pattern.")
-        split_sequences = {s.sequence for s in _iter_splits(self.split_inputs.values(), self.split_outputs.values())}
+        split_sequences = {s.sequence for s in self._all_splits()}
         for pattern, order in self.self_attention.items():
             if not order or set(order) - split_sequences:
                 raise ValueError(
@@ -82,9 +98,13 @@ class DiTPlan:
     def sequences(self) -> tuple[str, ...]:
         """Names of all token sequences the plan splits, in first-seen order."""
         seen: dict[str, None] = {}
-        for split in _iter_splits(self.split_inputs.values(), self.split_outputs.values()):
+        for split in self._all_splits():
             seen.setdefault(split.sequence)
         return tuple(seen)
+
+    def _all_splits(self) -> Iterator[Split]:
+        module_inputs = [spec for args in self.split_module_inputs.values() for spec in args.values()]
+        return _iter_splits(self.split_inputs.values(), module_inputs, self.split_outputs.values())
 
     def self_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
         """Yield ``(path, module, sequence order)`` for every submodule matching a self-attention pattern."""

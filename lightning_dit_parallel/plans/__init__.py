@@ -14,6 +14,10 @@ from lightning_dit_parallel.plan import DiTPlan
 _BUILTIN: dict[str, str] = {
     "DiTTransformer2DModel": "lightning_dit_parallel.plans.dit",
     "PixArtTransformer2DModel": "lightning_dit_parallel.plans.pixart",
+    "SD3Transformer2DModel": "lightning_dit_parallel.plans.sd3",
+    "FluxTransformer2DModel": "lightning_dit_parallel.plans.flux",
+    "WanTransformer3DModel": "lightning_dit_parallel.plans.wan",
+    "CogVideoXTransformer3DModel": "lightning_dit_parallel.plans.cogvideox",
 }
 
 

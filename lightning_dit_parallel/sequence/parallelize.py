@@ -3,6 +3,7 @@
 The DiT's own forward is not changed. Hooks:
 
 * a pre-hook on the DiT starts a fresh ``ShardingState`` and cuts the plan's ``split_inputs``;
+* pre-hooks on submodules cut the plan's ``split_module_inputs``;
 * forward hooks cut the outputs of ``split_outputs`` modules and gather those of ``gather_outputs``;
 * around every self-attention module of the plan, ``F.scaled_dot_product_attention`` is replaced by the
   sequence-parallel kernel for the duration of that module's forward only. Cross-attention modules keep
@@ -12,13 +13,14 @@ The DiT's own forward is not changed. Hooks:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
 from lightning_dit_parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.sharding import ShardingState
@@ -45,28 +47,35 @@ class SequenceParallel:
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.state = ShardingState(self.groups)
-        if not self.plan.split_inputs:
-            return args, kwargs
-        bound = self._signature.bind(*args, **kwargs)
-        for name, split in self.plan.split_inputs.items():
-            value = bound.arguments.get(name)
-            if isinstance(value, Tensor):
-                bound.arguments[name] = self.state.split(value, split, f"{type(module).__name__}.forward({name}=...)")
-        return bound.args, bound.kwargs
+        return self._split_arguments(type(module).__name__, self._signature, self.plan.split_inputs, args, kwargs)
 
     def _end_forward(self, module: nn.Module, args: tuple, output):
         self.state = None
         return output
 
-    def _split_output(self, path: str, split: Split | tuple[Split | None, ...]):
+    def _split_module_inputs(self, path: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            self._require_state(path)
+            return self._split_arguments(path, signature, specs, args, kwargs)
+
+        return hook
+
+    def _split_arguments(
+        self, where: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec], args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """Cut the named forward arguments; arguments that are ``None`` or absent are left alone."""
+        if not specs:
+            return args, kwargs
+        bound = signature.bind(*args, **kwargs)
+        for name, spec in specs.items():
+            value = bound.arguments.get(name)
+            if value is not None:
+                bound.arguments[name] = _split_value(self._require_state(where), value, spec, f"{where}({name}=...)")
+        return bound.args, bound.kwargs
+
+    def _split_output(self, path: str, spec: SplitSpec):
         def hook(module: nn.Module, args: tuple, output):
-            state = self._require_state(path)
-            if isinstance(split, Split):
-                return state.split(_as_tensor(output, path), split, path)
-            if not isinstance(output, (tuple, list)) or len(output) != len(split):
-                raise TypeError(f"{path}: the plan splits a {len(split)}-tuple output, got {type(output).__name__}.")
-            parts = [x if s is None else state.split(_as_tensor(x, path), s, path) for x, s in zip(output, split)]
-            return type(output)(parts)
+            return _split_value(self._require_state(path), output, spec, path)
 
         return hook
 
@@ -138,9 +147,17 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     if missing_inputs:
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
     modules = dict(model.named_modules())
-    missing = [p for p in (*plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    missing = [p for p in (*plan.split_module_inputs, *plan.split_outputs, *plan.gather_outputs) if p not in modules]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
+    module_signatures = {path: inspect.signature(modules[path].forward) for path in plan.split_module_inputs}
+    for path, specs in plan.split_module_inputs.items():
+        unknown = [n for n in specs if n not in module_signatures[path].parameters]
+        if unknown:
+            raise ValueError(
+                f"Plan split_module_inputs[{path!r}] {unknown} are not arguments of"
+                f" {type(modules[path]).__name__}.forward."
+            )
     attention = list(plan.self_attention_modules(model))
     if not attention:
         raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
@@ -151,8 +168,11 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
 
     sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
     sp.handles.append(model.register_forward_hook(sp._end_forward, always_call=True))
-    for path, split in plan.split_outputs.items():
-        sp.handles.append(modules[path].register_forward_hook(sp._split_output(path, split)))
+    for path, specs in plan.split_module_inputs.items():
+        hook = sp._split_module_inputs(path, module_signatures[path], specs)
+        sp.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
+    for path, spec in plan.split_outputs.items():
+        sp.handles.append(modules[path].register_forward_hook(sp._split_output(path, spec)))
     for path, split in plan.gather_outputs.items():
         sp.handles.append(modules[path].register_forward_hook(sp._gather_output(path, split)))
     for path, module, order in attention:
@@ -161,6 +181,16 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
         sp.handles.append(module.register_forward_hook(restore_hook, always_call=True))
         sp.handles.append(module.register_forward_hook(check_hook))
     return sp
+
+
+def _split_value(state: ShardingState, value, spec: SplitSpec, where: str):
+    """Cut a tensor with a ``Split``, or a tuple of tensors element-wise with a tuple of splits."""
+    if isinstance(spec, Split):
+        return state.split(_as_tensor(value, where), spec, where)
+    if not isinstance(value, (tuple, list)) or len(value) != len(spec):
+        raise TypeError(f"{where}: the plan splits a {len(spec)}-tuple, got {type(value).__name__}.")
+    parts = [x if s is None else state.split(_as_tensor(x, where), s, where) for x, s in zip(value, spec)]
+    return type(value)(parts)
 
 
 def _as_tensor(x, path: str) -> Tensor:

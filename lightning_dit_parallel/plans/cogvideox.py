@@ -1,0 +1,18 @@
+"""Plan for diffusers' ``CogVideoXTransformer3DModel`` (text tokens concatenated with video tokens)."""
+
+from lightning_dit_parallel.plan import DiTPlan, Split
+
+PLAN = DiTPlan(
+    # Rotary (freqs_cos, freqs_sin), each (F*H*W, D), computed by the pipeline for the video tokens only.
+    split_inputs={"image_rotary_emb": (Split("video", 0), Split("video", 0))},
+    # The patch embedding returns cat([text, video]) and the forward slices it with the text length; both
+    # streams are cut where the first block receives them: (B, F*H*W, hidden) and (B, T, hidden).
+    split_module_inputs={
+        "transformer_blocks.0": {"hidden_states": Split("video", 1), "encoder_hidden_states": Split("text", 1)},
+    },
+    # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify. The text stream is dropped.
+    gather_outputs={"proj_out": Split("video", 1)},
+    blocks=("transformer_blocks",),
+    # CogVideoXAttnProcessor2_0 concatenates text first: cat([encoder_hidden_states, hidden_states], dim=1).
+    self_attention={"transformer_blocks.*.attn1": ("text", "video")},
+)

@@ -1,0 +1,18 @@
+"""Plan for diffusers' ``SD3Transformer2DModel`` (MMDiT: joint attention over image and text tokens)."""
+
+from lightning_dit_parallel.plan import DiTPlan, Split
+
+PLAN = DiTPlan(
+    # PatchEmbed: (B, C, H, W) -> (B, S, hidden) with positions added; context_embedder: (B, T, joint) ->
+    # (B, T, hidden). Both token sequences are cut: every block runs on S/N image and T/N text tokens.
+    split_outputs={"pos_embed": Split("image", 1), "context_embedder": Split("text", 1)},
+    # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify. The text stream is dropped after the last block.
+    gather_outputs={"proj_out": Split("image", 1)},
+    blocks=("transformer_blocks",),
+    self_attention={
+        # JointAttnProcessor2_0 concatenates image tokens first, then text: cat([query, context_query], dim=2).
+        "transformer_blocks.*.attn": ("image", "text"),
+        # SD3.5 dual-attention layers add a second self-attention over image tokens only.
+        "transformer_blocks.*.attn2": ("image",),
+    },
+)
