@@ -1,0 +1,64 @@
+"""Cutting the doubled classifier-free-guidance batch into per-rank halves and putting outputs back together.
+
+Which forward arguments carry the batch is decided by their shapes: the batch size is dim 0 of the first
+tensor argument (``hidden_states`` in every diffusers DiT), and every tensor argument, nested in tuples,
+lists and dicts too (``added_cond_kwargs``), whose dim 0 has that size is cut along dim 0. Anything else
+(scalars, a ``(1,)`` timestep, a rotary table) reaches every rank whole. A plan input split along dim 0
+(a sequence without a batch dim, e.g. Flux's ``img_ids`` of shape (S, 3)) is never cut here, even when
+its length happens to equal the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from lightning_dit_parallel.plan import Split
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a nest of tuples, lists, dicts and dataclasses (diffusers outputs)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, dict):
+        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        items = [map_tensors(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def first_batch_size(arguments: dict[str, Any]) -> tuple[str, int] | None:
+    """``(name, size of dim 0)`` of the first tensor argument with at least one dim, or ``None``."""
+    for name, value in arguments.items():
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return name, value.shape[0]
+    return None
+
+
+def has_batch_dim(x: Tensor, batch: int, split: Split | None) -> bool:
+    """Whether dim 0 of ``x`` is the batch: it has the batch size and the plan does not cut a sequence there."""
+    if x.dim() == 0 or x.shape[0] != batch:
+        return False
+    return split is None or split.dim % x.dim() != 0
+
+
+def split_argument(value: Any, batch: int, rank: int, size: int, spec: Split | tuple | None) -> Any:
+    """This rank's part of one forward argument: (batch, ...) -> (batch/size, ...) for batch tensors.
+
+    ``spec`` is the plan's ``split_inputs`` entry for the argument (a Split, a tuple of them, or ``None``).
+    """
+    local = batch // size
+    if isinstance(value, tuple) and isinstance(spec, tuple) and len(spec) == len(value):
+        return type(value)(split_argument(v, batch, rank, size, s) for v, s in zip(value, spec))
+    split = spec if isinstance(spec, Split) else None
+
+    def cut(x: Tensor) -> Tensor:
+        return x.narrow(0, rank * local, local) if has_batch_dim(x, batch, split) else x  # (B, ...) -> (B/size, ...)
+
+    return map_tensors(value, cut)

@@ -1,0 +1,217 @@
+"""FSDP inference: shard every transformer block's parameters with FSDP2, gather them just in time.
+
+``fully_shard(block, reshard_after_forward=True)`` gives each rank 1/N of every block's parameters
+(Shard(0) DTensors); a pre-forward hook all-gathers the block's parameters, a post-forward hook frees
+them again. Between two uses a rank holds 1/N of each block plus the root's own parameters, also 1/N.
+
+A model may call a block's submodule from outside the block's forward: diffusers' DiT computes its
+final modulation with ``self.transformer_blocks[0].norm1.emb(...)`` after the block loop. Such a call
+would meet sharded parameters, so every submodule of a unit gets a pre-hook that gathers the unit
+(``unshard()``) when the unit is not running, and a hook that frees it again afterwards (see
+``_OutsideCalls``). Every rank runs the same forward, so these collectives line up.
+
+``remove()`` gives the plain module back: every sharded parameter is all-gathered once (a collective,
+in the same order on every rank) and set back as an ordinary ``nn.Parameter``, FSDP's hooks and
+per-module state are deleted and each module gets its own class back. FSDP2 has no public "unshard
+for good" call, so the undo is by difference: what FSDP added to a module since ``apply`` is what
+``remove`` takes away. Parallelizers are removed last-applied first, so no other parallelizer's hooks
+are in the difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.hooks import RemovableHandle
+
+#: ``nn.Module`` attributes that hold hooks, keyed by hook id.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+@dataclass
+class _ModuleSnapshot:
+    """A module's class, hook ids and instance attribute names before FSDP was applied."""
+
+    cls: type
+    hooks: dict[str, set]
+    attributes: set[str]
+
+    @classmethod
+    def take(cls, module: nn.Module) -> _ModuleSnapshot:
+        hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
+        return cls(type(module), hooks, set(module.__dict__))
+
+    def restore(self, module: nn.Module) -> None:
+        """Drop the hooks and attributes added since the snapshot and give the module its class back."""
+        for name, before in self.hooks.items():
+            hooks = getattr(module, name, None)
+            if hooks is None:
+                continue
+            for key in [k for k in hooks if k not in before]:
+                del hooks[key]
+        for key in [k for k in module.__dict__ if k not in self.attributes]:
+            del module.__dict__[key]
+        module.__class__ = self.cls
+
+
+class _OutsideCalls:
+    """Gathers a unit's parameters around calls of its submodules made outside the unit's own forward."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        self.unit = unit
+        self.depth = 0  # >0 while the unit's parameters are gathered (its forward, or a borrowing call)
+        self.borrowers: list[nn.Module] = []
+        self.handles: list[RemovableHandle] = []
+
+    def install(self) -> None:
+        self.handles.append(self.unit.register_forward_pre_hook(self._enter, prepend=True))
+        self.handles.append(self.unit.register_forward_hook(self._leave, always_call=True))
+        for module in self.unit.modules():
+            if module is not self.unit:
+                self.handles.append(module.register_forward_pre_hook(self._borrow, prepend=True))
+                self.handles.append(module.register_forward_hook(self._give_back, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def _leave(self, module: nn.Module, args: tuple, output) -> None:
+        self.depth -= 1
+
+    def _borrow(self, module: nn.Module, args: tuple) -> None:
+        if self.depth == 0:
+            self.unit.unshard()  # all-gather: (n/N, ...) per rank -> (n, ...)
+            self.borrowers.append(module)
+            self.depth += 1
+
+    def _give_back(self, module: nn.Module, args: tuple, output) -> None:
+        if self.borrowers and self.borrowers[-1] is module:
+            self.borrowers.pop()
+            self.depth -= 1
+            self.unit.reshard()
+
+
+@dataclass
+class FSDPSharding:
+    """FSDP2 installed on some modules of ``root``. ``remove()`` restores the plain, unsharded modules.
+
+    Attributes:
+        root: the module whose submodules (itself included) were sharded.
+        units: the modules passed to ``fully_shard``, innermost first.
+        mesh: the 1-D shard mesh.
+    """
+
+    root: nn.Module
+    units: list[nn.Module]
+    mesh: DeviceMesh
+    snapshots: dict[int, tuple[nn.Module, _ModuleSnapshot]] = field(default_factory=dict)
+    outside_calls: list[_OutsideCalls] = field(default_factory=list)
+
+    def remove(self) -> None:
+        """All-gather every sharded parameter back into a plain ``nn.Parameter`` and undo ``fully_shard``.
+
+        A collective over the shard mesh: every rank of it must call ``remove`` (teardown does).
+        """
+        for hooks in self.outside_calls:
+            hooks.remove()
+        self.outside_calls.clear()
+        if not self.snapshots:
+            return
+        full: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+        for module in self.root.modules():  # the same order on every rank
+            for name, param in list(module._parameters.items()):
+                if param is None or not hasattr(param, "full_tensor"):
+                    continue
+                if id(param) not in full:
+                    # DTensor Shard(0): (ceil(n/N), ...) per rank -> all-gather -> (n, ...)
+                    full[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+                module._parameters[name] = full[id(param)]
+        for module, snapshot in self.snapshots.values():
+            snapshot.restore(module)
+        self.snapshots.clear()
+
+
+def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSDPSharding:
+    """Shard ``units`` (innermost first; ``root`` last if it is one) with FSDP2 over ``mesh``.
+
+    Every unit's parameters are sharded along dim 0 over the mesh and gathered around its forward only
+    (``reshard_after_forward=True``). Parameters of ``root`` outside every unit stay as they are.
+
+    Args:
+        root: the module that contains every unit (the snapshot for ``remove`` covers its submodules).
+        units: modules to shard, each inner unit before any unit that contains it.
+        mesh: a 1-D device mesh (see ``shard_mesh``).
+
+    Raises:
+        ValueError: for a unit that is not inside ``root`` or is listed twice, or a mesh that is not 1-D.
+    """
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_fsdp needs a 1-D shard mesh; got {mesh.ndim} dims ({mesh}).")
+    inside = {id(m) for m in root.modules()}
+    outside = [type(u).__name__ for u in units if id(u) not in inside]
+    if outside:
+        raise ValueError(f"FSDP units {outside} are not submodules of {type(root).__name__}.")
+    if len({id(u) for u in units}) != len(units):
+        raise ValueError(f"FSDP units must be distinct; got {[type(u).__name__ for u in units]}.")
+    sharding = FSDPSharding(root, list(units), mesh)
+    sharding.snapshots = {id(m): (m, _ModuleSnapshot.take(m)) for m in root.modules()}
+    try:
+        for unit in units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        for unit in units:
+            if unit is not root:
+                sharding.outside_calls.append(_OutsideCalls(unit))
+                sharding.outside_calls[-1].install()
+    except BaseException:
+        sharding.remove()
+        raise
+    return sharding
+
+
+def block_units(blocks: list[tuple[str, nn.ModuleList]]) -> list[nn.Module]:
+    """Each block of the plan's block lists, in execution order."""
+    return [block for _, block_list in blocks for block in block_list]
+
+
+def module_units(module: nn.Module) -> list[nn.Module]:
+    """FSDP units for a module without a plan (e.g. a text encoder): the elements of the outermost
+    ``nn.ModuleList``s inside it (its layers), then the module itself."""
+    units: list[nn.Module] = []
+
+    def collect(parent: nn.Module) -> None:
+        for child in parent.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(child)
+            else:
+                collect(child)
+
+    if isinstance(module, nn.ModuleList):
+        units.extend(module)
+    else:
+        collect(module)
+    return [*units, module]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP-sharded parameter)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")

@@ -1,0 +1,57 @@
+"""``FSDPInferenceStrategy``: parameters sharded per transformer block (FSDP2), optionally with sequence parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from typing_extensions import override
+
+from lightning_dit_parallel.layout import Degree
+from lightning_dit_parallel.strategies.base import DiTParallelStrategy
+
+
+class FSDPInferenceStrategy(DiTParallelStrategy):
+    """FSDP inference: every rank keeps 1/N of each transformer block and gathers a block just before it runs.
+
+    The N ranks are all ranks that compute with the same weights. Alone (``dp`` takes the whole world)
+    each rank generates its own samples from one sharded copy; with ``ulysses_degree=4`` on 4 ranks the
+    four sequence-parallel ranks generate one sample together from one sharded copy.
+
+    Args:
+        ulysses_degree: Ulysses sequence-parallel degree.
+        ring_degree: ring-attention sequence-parallel degree.
+        shard_modules: further modules of the LightningModule to shard, e.g. ``["text_encoder"]``.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``timeout``, ``start_method`` ...).
+
+    Example:
+        >>> trainer = L.Trainer(devices=4, strategy=FSDPInferenceStrategy(ulysses_degree=4))  # doctest: +SKIP
+    """
+
+    strategy_name = "dit_fsdp"
+
+    def __init__(
+        self,
+        ulysses_degree: Degree = 1,
+        ring_degree: Degree = 1,
+        shard_modules: Sequence[str] | None = None,
+        dp_degree: Degree = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if "fsdp" in kwargs:
+            raise TypeError(f"{type(self).__name__} always shards (fsdp=True); use DiTParallelStrategy for fsdp=False.")
+        if "auto" in (ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree")) and dp_degree == "auto":
+            dp_degree = 1
+        super().__init__(
+            dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, fsdp=True,
+            shard_modules=shard_modules, **kwargs,
+        )
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name, cls, description="FSDP inference of a DiT (parameters sharded per block)"
+            )
