@@ -1,19 +1,25 @@
 """Parallel inference for Diffusion Transformers inside a Lightning ``Trainer.predict``.
 
 Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring``, ``dit_usp``,
-``dit_hybrid``) with Lightning.
+``dit_fsdp``, ``dit_hybrid``) with Lightning.
 """
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
 from lightning_dit_parallel.plan import DiTPlan, Split, plan_for, register_plan, unregister_plan
-from lightning_dit_parallel.strategies import DiTParallelStrategy, SequenceParallelStrategy, register_all
+from lightning_dit_parallel.strategies import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    SequenceParallelStrategy,
+    register_all,
+)
 
 register_all()
 
 __all__ = [
     "DiTParallelStrategy",
     "DiTPlan",
+    "FSDPInferenceStrategy",
     "ParallelLayout",
     "SequenceParallelStrategy",
     "Split",

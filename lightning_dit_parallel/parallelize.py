@@ -5,13 +5,16 @@ Each parallelizer is one concern with an apply/remove pair; this function only c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import nn
 
+from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
+from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
 from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.plan import find_planned_modules
+from lightning_dit_parallel.plan import DiTPlan, find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.utils.logging import rank_zero_log
@@ -33,23 +36,83 @@ class Parallelized:
             self.applied.pop().remove()
 
 
-def parallelize(module: nn.Module, layout: ParallelLayout, mesh) -> Parallelized:
+def parallelize(module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = ()) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
+
+    Order of application (``remove`` undoes it in reverse): FSDP shards the parameters a rank computes
+    with, sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
+    doubled batch (its pre-hook runs first in each DiT forward).
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
         layout: a resolved layout (see ``ParallelLayout.resolve``).
         mesh: the device mesh built from ``layout``.
+        shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
+            e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
 
     Raises:
-        ValueError: when model parallelism is requested and no submodule has a plan, or a plan does not fit.
+        ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
+            or ``shard_modules`` names a module that does not exist.
     """
     result = Parallelized()
-    if layout.sequence_degree == 1:
+    if shard_modules and not layout.fsdp:
+        raise ValueError(f"shard_modules={list(shard_modules)} needs fsdp=True ({layout.describe()}).")
+    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp:
         return result
-    groups = SequenceGroups.from_mesh(mesh)
-    for path, dit, plan in find_planned_modules(module):
-        result.paths.append(path or type(dit).__name__)
-        result.applied.append(apply_sequence_parallel(dit, plan, groups))
-    rank_zero_log(f"sequence parallel (ring={layout.ring}, ulysses={layout.ulysses}) on {result.paths}")
+    planned = find_planned_modules(module)
+    extra = [(path, _submodule(module, path)) for path in shard_modules]
+    for path in shard_modules:
+        overlap = [p for p, _, _ in planned if _nested(p, path) or _nested(path, p)]
+        if overlap:
+            raise ValueError(f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already.")
+    if layout.cfg > 1:
+        check_guided(module, int(layout.cfg))
+    result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
+    try:
+        if layout.fsdp:
+            _apply_fsdp(result, module, planned, extra, mesh)
+        if layout.sequence_degree > 1:
+            groups = SequenceGroups.from_mesh(mesh)
+            for _, dit, plan in planned:
+                result.applied.append(apply_sequence_parallel(dit, plan, groups))
+            rank_zero_log(f"sequence parallel (ring={layout.ring}, ulysses={layout.ulysses}) on {result.paths}")
+        if layout.cfg > 1:
+            for _, dit, plan in planned:
+                result.applied.append(apply_cfg_parallel(dit, plan, mesh.get_group("cfg")))
+            rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
+    except BaseException:
+        result.remove()
+        raise
     return result
+
+
+def _apply_fsdp(
+    result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]],
+    extra: list[tuple[str, nn.Module]], mesh,
+) -> None:
+    """FSDP2 per transformer block and on each DiT root, plus each ``shard_modules`` entry."""
+    fsdp_mesh = shard_mesh(mesh)
+    if fsdp_mesh.size() == 1:
+        rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
+        return
+    for path, dit, plan in planned:
+        blocks = block_units(plan.block_lists(dit))
+        if not blocks:
+            rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once.")
+        result.applied.append(apply_fsdp(dit, [*blocks, dit], fsdp_mesh))
+    for path, sub in extra:
+        result.applied.append(apply_fsdp(sub, module_units(sub), fsdp_mesh))
+    names = [*result.paths, *(p for p, _ in extra)]
+    rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {names}")
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module:
+    try:
+        return module.get_submodule(path)
+    except AttributeError as exc:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(f"shard_modules names {path!r}, which is not a submodule of {type(module).__name__} (children: {children}).") from exc

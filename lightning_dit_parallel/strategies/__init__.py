@@ -1,14 +1,15 @@
 """Lightning strategies for parallel DiT inference."""
 
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
+from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy
 
-__all__ = ["DiTParallelStrategy", "SequenceParallelStrategy"]
+__all__ = ["DiTParallelStrategy", "FSDPInferenceStrategy", "SequenceParallelStrategy"]
 
 
 def register_all() -> None:
     """Register every strategy name with Lightning's registry (idempotent)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    for cls in (DiTParallelStrategy, SequenceParallelStrategy):
+    for cls in (DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy):
         cls.register_strategies(StrategyRegistry)
