@@ -1,0 +1,172 @@
+"""Ulysses, Ring and USP through ``Trainer.predict`` for every diffusers DiT family with a shipped plan.
+
+Each case is a small seeded model with sharpened attention inside the ``DiffusionSampler`` (scheduler loop with
+classifier-free guidance). Every layout on 2 and 4 ranks must give the one-process output (float32, relative
+1e-5) on every rank, including token counts (image/video and text) that do not divide the degree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_dit_parallel import DiTPlan, SequenceParallelStrategy, plan_for, register_plan, unregister_plan
+from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallelize import parallelize
+from lightning_dit_parallel.sampling import DiffusionSampler
+from tests.distributed import run_on_ranks
+from tests.models import (
+    build_cogvideox,
+    build_dit,
+    build_flux,
+    build_pixart,
+    build_sd3,
+    build_wan,
+    cogvideox_sampler,
+    dit_sampler,
+    flux_sampler,
+    pixart_sampler,
+    requests,
+    sd3_sampler,
+    text_requests,
+    wan_sampler,
+)
+from tests.rank_outputs import predict_on_ranks, predict_single
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family at one size; ``module()`` builds a fresh seeded sampler, ``loader()`` the requests."""
+
+    name: str
+    module: Callable[[], DiffusionSampler]
+    loader: Callable[[], DataLoader]
+
+
+CASES = [
+    # DiT / PixArt: (size/2)**2 image tokens; PixArt's text is cross-attention context (not split).
+    Case("dit-16img", lambda: dit_sampler(build_dit(8)), lambda: requests()),
+    Case("dit-25img", lambda: dit_sampler(build_dit(10)), lambda: requests()),
+    Case("pixart-25img", lambda: pixart_sampler(build_pixart(10)), lambda: requests(text_tokens=7)),
+    # SD3: joint attention over image then text; both sequences split.
+    Case("sd3-16img-8txt", lambda: sd3_sampler(build_sd3(), size=8), lambda: text_requests(text_tokens=8)),
+    Case("sd3-25img-7txt", lambda: sd3_sampler(build_sd3(), size=10), lambda: text_requests(text_tokens=7)),
+    # Flux: packed token grid height x width, text first; 3 text tokens leave the 4th rank a text shard of padding.
+    Case("flux-16img-8txt", lambda: flux_sampler(build_flux(), 4, 4), lambda: text_requests(text_tokens=8)),
+    Case("flux-15img-3txt", lambda: flux_sampler(build_flux(), 3, 5), lambda: text_requests(text_tokens=3)),
+    # Wan: frames * (size/2)**2 video tokens with 3-D rotary; text is cross-attention context.
+    Case("wan-18vid", lambda: wan_sampler(build_wan(), frames=2, size=6), lambda: text_requests(text_tokens=7)),
+    Case("wan-27vid", lambda: wan_sampler(build_wan(), frames=3, size=6), lambda: text_requests(text_tokens=7)),
+    # CogVideoX: cat([text, video]) attention with rotary on the video tokens.
+    Case("cogvideox-32vid-8txt", lambda: cogvideox_sampler(build_cogvideox(), frames=2, size=8),
+         lambda: text_requests(text_tokens=8)),
+    Case("cogvideox-27vid-7txt", lambda: cogvideox_sampler(build_cogvideox(), frames=3, size=6),
+         lambda: text_requests(text_tokens=7)),
+]
+
+#: (devices, degrees): Ulysses, Ring on 2 ranks; Ulysses, Ring, USP on 4 ranks.
+LAYOUTS = {
+    "ulysses2": (2, dict(ulysses_degree=2)),
+    "ring2": (2, dict(ring_degree=2)),
+    "ulysses4": (4, dict(ulysses_degree=4)),
+    "ring4": (4, dict(ring_degree=4)),
+    "usp2x2": (4, dict(ulysses_degree=2, ring_degree=2)),
+}
+
+
+def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |output - reference| / max |reference|."""
+    return ((output - reference).abs().max() / reference.abs().max()).item()
+
+
+def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor, what: str) -> float:
+    """Every rank's output equals the reference within 1e-5 relative; returns the largest error."""
+    errors = []
+    for rank, out in enumerate(outputs):
+        assert out.shape == reference.shape, f"{what}, rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        torch.testing.assert_close(
+            out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item(),
+            msg=lambda m, rank=rank: f"{what}, rank {rank}: {m}",
+        )
+        errors.append(max_relative_error(out, reference))
+    return max(errors)
+
+
+@pytest.fixture(scope="module")
+def references() -> Callable[[Case], torch.Tensor]:
+    """The one-process output of each case, computed once per module."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(case: Case) -> torch.Tensor:
+        if case.name not in cache:
+            cache[case.name] = predict_single(case.module(), case.loader())
+        return cache[case.name]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_sequence_parallel_equals_one_process(case: Case, layout: str, references, tmp_path: Path, record_property):
+    devices, degrees = LAYOUTS[layout]
+    reference = references(case)
+    strategy = SequenceParallelStrategy(**degrees, start_method="fork")
+    outputs = predict_on_ranks(case.module(), case.loader(), strategy, devices, tmp_path)
+    assert len(outputs) == devices
+    record_property("max_relative_error", assert_exact(outputs, reference, f"{case.name} {layout}"))
+
+
+def test_declared_concatenation_order_matters(references, tmp_path: Path):
+    """Negative control: Flux's processor puts text first; a plan that declares image first masks the wrong keys
+    when tokens are padded, and the comparison above catches it."""
+    case = next(c for c in CASES if c.name == "flux-15img-3txt")
+    model = case.module()
+    plan = plan_for(model.transformer)
+    swapped = {pattern: tuple(reversed(order)) for pattern, order in plan.self_attention.items()}
+    wrong = DiTPlan(
+        split_inputs=plan.split_inputs, gather_outputs=plan.gather_outputs, blocks=plan.blocks, self_attention=swapped
+    )
+    cls = type(model.transformer)
+    register_plan(cls, wrong)
+    try:
+        outputs = predict_on_ranks(model, case.loader(), SequenceParallelStrategy(ulysses_degree=4, start_method="fork"),
+                                   4, tmp_path)
+    finally:
+        unregister_plan(cls)
+    errors = [max_relative_error(out, references(case)) for out in outputs]
+    assert min(errors) > 1e-2, f"a wrong concatenation order went unnoticed: errors {errors}"
+
+
+# -- heads that do not split over the Ulysses degree -------------------------------------------------------------
+
+
+def _parallelize_error(rank: int, world: int, build: Callable[[int], nn.Module], heads: int, degrees: dict) -> str:
+    layout = ParallelLayout(**degrees).resolve(world)
+    mesh = layout.build_mesh("cpu")
+    with pytest.raises(ValueError) as info:
+        parallelize(build(heads), layout, mesh)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "build, heads, world, degrees, suggestion",
+    [
+        (build_flux, 3, 2, dict(ulysses=2), "ulysses_degree=1, ring_degree=2"),
+        (build_sd3, 6, 4, dict(ulysses=4), "ulysses_degree=2, ring_degree=2"),
+        (build_wan, 3, 4, dict(ulysses=2, ring=2), "ulysses_degree=1, ring_degree=4"),
+    ],
+    ids=["flux", "sd3", "wan"],
+)
+def test_heads_not_divisible_suggest_a_ring_degree(build, heads, world, degrees, suggestion):
+    messages = run_on_ranks(world, _parallelize_error, build, heads, degrees, timeout_s=60)
+    for rank, message in enumerate(messages):
+        assert f"{heads} attention heads cannot be split over ulysses_degree={degrees['ulysses']}" in message, (
+            f"rank {rank}: {message}"
+        )
+        assert suggestion in message, f"rank {rank}: {message}"
