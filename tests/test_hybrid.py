@@ -1,0 +1,85 @@
+"""Hybrid layouts on 4 ranks: every composition gives the one-process output on every rank."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy
+from tests.models import build_dit, build_pixart, dit_sampler, pixart_sampler, requests
+from tests.rank_outputs import predict_on_ranks, predict_single
+
+FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}
+
+
+def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
+    scale = reference.abs().max().item()
+    for rank, out in enumerate(outputs):
+        assert out.shape == reference.shape, f"rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        err = (out - reference).abs().max().item() / scale
+        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
+
+
+#: Layouts whose 4 ranks all work on the same batch (dp = 1).
+MODEL_PARALLEL_LAYOUTS = {
+    "cfg2_ulysses2": dict(cfg_degree=2, ulysses_degree=2),
+    "cfg2_ring2": dict(cfg_degree=2, ring_degree=2),
+    "fsdp_ulysses4": dict(ulysses_degree=4, fsdp=True),
+    "fsdp_cfg2_ulysses2": dict(cfg_degree=2, ulysses_degree=2, fsdp=True),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", MODEL_PARALLEL_LAYOUTS)
+def test_model_parallel_layouts_on_four_ranks(family, layout, tmp_path):
+    build, sampler = FAMILIES[family]
+    reference = predict_single(sampler(build()), requests())
+    strategy = DiTParallelStrategy(**MODEL_PARALLEL_LAYOUTS[layout], start_method="fork")
+    assert_exact(predict_on_ranks(sampler(build()), requests(), strategy, 4, tmp_path), reference)
+
+
+@pytest.mark.parametrize("layout", [dict(dp_degree=2, ring_degree=2), dict(dp_degree=2, cfg_degree=2, fsdp=True)])
+def test_data_parallel_groups_with_model_parallel_inside(layout, tmp_path):
+    """dp=2: ranks 0,1 form dp group 0 and ranks 2,3 dp group 1; samples are dealt round-robin over the groups."""
+    reference = predict_single(dit_sampler(build_dit()), requests(4, batch_size=2))
+    strategy = DiTParallelStrategy(**layout, start_method="fork")
+    outputs = predict_on_ranks(dit_sampler(build_dit()), requests(4, batch_size=2), strategy, 4, tmp_path)
+    assert_exact(outputs[0:2], reference[0::2])
+    assert_exact(outputs[2:4], reference[1::2])
+
+
+def test_registered_hybrid_name_accepts_every_degree(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
+        strategy="dit_hybrid",
+    )
+    assert type(trainer.strategy) is DiTParallelStrategy
+    strategy = DiTParallelStrategy(dp_degree=1, cfg_degree=2, ulysses_degree=2, fsdp=True)
+    assert strategy._requested_layout.describe() == "dp=1 cfg=2 pp=1 ring=1 ulysses=2 fsdp=True"
+
+
+def test_two_strategies_in_a_row_in_one_process(tmp_path):
+    """FSDP + Ulysses, then CFG parallel, on the same module object: the parent process is left as it was."""
+    env_before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK")}
+    module = dit_sampler(build_dit())
+    reference = predict_single(dit_sampler(build_dit()), requests())
+    first = predict_on_ranks(module, requests(), FSDPInferenceStrategy(ulysses_degree=2, start_method="fork"), 2, tmp_path / "a")
+    second = predict_on_ranks(module, requests(), DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, start_method="fork"), 4, tmp_path / "b")
+    assert_exact(first, reference)
+    assert_exact(second, reference)
+    assert not torch.distributed.is_initialized()
+    assert {k: os.environ.get(k) for k in env_before} == env_before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    assert torch.cat(L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(module, requests())).equal(reference)
+
+
+def test_cfg_with_guidance_off_fails_in_a_hybrid_layout():
+    trainer = L.Trainer(
+        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
+        strategy=DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, fsdp=True, start_method="fork", timeout=20),
+    )
+    with pytest.raises(Exception, match=r"classifier-free guidance is off in DiffusionSampler"):
+        trainer.predict(dit_sampler(build_dit(), guidance_scale=1.0), requests(), return_predictions=False)
