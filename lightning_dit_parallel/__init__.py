@@ -1,7 +1,7 @@
 """Parallel inference for Diffusion Transformers inside a Lightning ``Trainer.predict``.
 
 Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring``, ``dit_usp``,
-``dit_fsdp``, ``dit_hybrid``) with Lightning.
+``dit_fsdp``, ``dit_pipeline``, ``dit_pipefusion``, ``dit_hybrid``) with Lightning.
 """
 
 from lightning_dit_parallel.layout import ParallelLayout
@@ -10,6 +10,7 @@ from lightning_dit_parallel.plan import DiTPlan, Split, plan_for, register_plan,
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,
+    PipelineStrategy,
     SequenceParallelStrategy,
     register_all,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "DiTParallelStrategy",
     "DiTPlan",
     "FSDPInferenceStrategy",
+    "PipelineStrategy",
     "ParallelLayout",
     "SequenceParallelStrategy",
     "Split",

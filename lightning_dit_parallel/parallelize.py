@@ -14,6 +14,7 @@ from torch import nn
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
 from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.plan import DiTPlan, find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
@@ -35,11 +36,22 @@ class Parallelized:
         while self.applied:
             self.applied.pop().remove()
 
+    def begin_batch(self) -> None:
+        """A new batch starts: parallelizers that keep state across DiT calls (PipeFusion) reset it."""
+        for item in self.applied:
+            begin = getattr(item, "begin_batch", None)
+            if begin is not None:
+                begin()
 
-def parallelize(module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = ()) -> Parallelized:
+
+def parallelize(
+    module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
+    pipeline: PipelineOptions | None = None,
+) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
-    Order of application (``remove`` undoes it in reverse): FSDP shards the parameters a rank computes
+    Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
+    stages and pipeline the forward, FSDP shards the parameters a rank computes
     with, sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
     doubled batch (its pre-hook runs first in each DiT forward).
 
@@ -49,6 +61,7 @@ def parallelize(module: nn.Module, layout: ParallelLayout, mesh, *, shard_module
         mesh: the device mesh built from ``layout``.
         shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
             e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
+        pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
 
     Raises:
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
@@ -57,7 +70,7 @@ def parallelize(module: nn.Module, layout: ParallelLayout, mesh, *, shard_module
     result = Parallelized()
     if shard_modules and not layout.fsdp:
         raise ValueError(f"shard_modules={list(shard_modules)} needs fsdp=True ({layout.describe()}).")
-    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp:
+    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1:
         return result
     planned = find_planned_modules(module)
     extra = [(path, _submodule(module, path)) for path in shard_modules]
@@ -69,6 +82,8 @@ def parallelize(module: nn.Module, layout: ParallelLayout, mesh, *, shard_module
         check_guided(module, int(layout.cfg))
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
+        if layout.pp > 1:
+            _apply_pipeline(result, planned, layout, mesh, pipeline or PipelineOptions())
         if layout.fsdp:
             _apply_fsdp(result, module, planned, extra, mesh)
         if layout.sequence_degree > 1:
@@ -104,6 +119,18 @@ def _apply_fsdp(
         result.applied.append(apply_fsdp(sub, module_units(sub), fsdp_mesh))
     names = [*result.paths, *(p for p, _ in extra)]
     rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {names}")
+
+
+def _apply_pipeline(
+    result: Parallelized, planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, mesh,
+    options: PipelineOptions,
+) -> None:
+    """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis."""
+    if options.mode == "pipefusion" and layout.sequence_degree > 1:
+        raise ValueError(f"PipeFusion does not combine with sequence parallelism yet ({layout.describe()}).")
+    for _, dit, plan in planned:
+        result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp")))
+    rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
 
 
 def _nested(inner: str, outer: str) -> bool:

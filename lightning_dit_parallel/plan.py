@@ -59,6 +59,9 @@ class DiTPlan:
         cross_attention: patterns of attention modules whose keys and values are replicated context (text);
             their queries stay sharded and they need no communication. Listed so the plan is complete and
             checked.
+        shared_modules: submodules inside blocks that the DiT also calls outside its block loop, e.g. DiT's
+            final layer reuses ``transformer_blocks.0.norm1.emb``; a pipeline stage that does not own the
+            block keeps these (and only these) parts of it.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -68,6 +71,7 @@ class DiTPlan:
     blocks: tuple[str, ...] = ()
     self_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     cross_attention: tuple[str, ...] = ()
+    shared_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention"):
@@ -76,6 +80,7 @@ class DiTPlan:
         object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
+        object.__setattr__(self, "shared_modules", tuple(self.shared_modules))
         if "" in self.split_module_inputs:
             raise ValueError("split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs.")
         if not self.split_inputs and not self.split_outputs and not self.split_module_inputs:

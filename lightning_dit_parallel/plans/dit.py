@@ -9,4 +9,6 @@ PLAN = DiTPlan(
     gather_outputs={"proj_out_2": Split("image", 1)},
     blocks=("transformer_blocks",),
     self_attention={"transformer_blocks.*.attn1": ("image",)},
+    # The final layer calls transformer_blocks[0].norm1.emb (timestep + class embedding) after the loop.
+    shared_modules=("transformer_blocks.0.norm1.emb",),
 )

@@ -2,14 +2,15 @@
 
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
+from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy
 
-__all__ = ["DiTParallelStrategy", "FSDPInferenceStrategy", "SequenceParallelStrategy"]
+__all__ = ["DiTParallelStrategy", "FSDPInferenceStrategy", "PipelineStrategy", "SequenceParallelStrategy"]
 
 
 def register_all() -> None:
     """Register every strategy name with Lightning's registry (idempotent)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    for cls in (DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy):
+    for cls in (DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy, PipelineStrategy):
         cls.register_strategies(StrategyRegistry)

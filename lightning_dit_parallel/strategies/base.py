@@ -26,6 +26,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
+from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
 from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
 
@@ -60,11 +61,17 @@ class DiTParallelStrategy(ParallelStrategy):
     Args:
         dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``.
         cfg_degree: classifier-free-guidance parallel degree (1 or 2).
-        pp_degree: pipeline stages.
+        pp_degree: pipeline stages: the transformer blocks are cut into this many stages, each rank holds one.
         ulysses_degree: Ulysses sequence-parallel degree.
         ring_degree: ring-attention sequence-parallel degree.
         fsdp: shard parameters with FSDP2, per transformer block, over the ranks that compute with the same
             weights (the dp, cfg, ring and ulysses axes; not pp).
+        pp_mode: with ``pp_degree > 1``: ``"microbatch"`` (exact) or ``"pipefusion"`` (patches with stale
+            keys/values; approximate). See ``PipelineOptions``.
+        num_patches: PipeFusion patches per step (default: the number of stages).
+        warmup_steps: PipeFusion steps per batch run unpatched (exact) before patching.
+        layers_per_stage: blocks per pipeline stage (default: an even split).
+        num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
         shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
             ``["text_encoder"]``. They must run on every rank of the shard group in step.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: nccl on CUDA, gloo on CPU.
@@ -90,6 +97,11 @@ class DiTParallelStrategy(ParallelStrategy):
         fsdp: bool = False,
         *,
         shard_modules: Sequence[str] | None = None,
+        pp_mode: PipelineMode = "microbatch",
+        num_patches: int | None = None,
+        warmup_steps: int = 1,
+        layers_per_stage: Sequence[int] | None = None,
+        num_microbatches: int | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
@@ -109,7 +121,11 @@ class DiTParallelStrategy(ParallelStrategy):
         self._requested_layout = ParallelLayout(
             dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, fsdp=fsdp
         )
-        self._check_implemented(self._requested_layout)
+        self._pipeline = PipelineOptions(
+            pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches
+        )
+        if isinstance(pp_degree, int):
+            self._pipeline.check_stages(pp_degree)
         self._shard_modules = tuple(shard_modules or ())
         if self._shard_modules and not fsdp:
             raise ValueError(f"shard_modules={list(self._shard_modules)} needs fsdp=True ({self._requested_layout.describe()}).")
@@ -125,12 +141,6 @@ class DiTParallelStrategy(ParallelStrategy):
         self._owns_process_group = False
 
     # -- layout and mesh ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_implemented(layout: ParallelLayout) -> None:
-        unavailable = {k: v for k, v in (("pp", layout.pp),) if v not in (1,)}
-        if unavailable:
-            raise ValueError(f"Not implemented yet: {unavailable} ({layout.describe()}).")
 
     @property
     def layout(self) -> ParallelLayout:
@@ -223,7 +233,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._parallelized = parallelize(
-            self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules
+            self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules,
+            pipeline=self._pipeline,
         )
         self.setup_precision_plugin()
         self.barrier()
@@ -257,6 +268,13 @@ class DiTParallelStrategy(ParallelStrategy):
         if isinstance(tensor, torch.Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        # Stateful parallelizers (PipeFusion's key/value caches) start afresh with every batch.
+        if self._parallelized is not None:
+            self._parallelized.begin_batch()
+        return super().predict_step(*args, **kwargs)
 
     @override
     def teardown(self) -> None:

@@ -1,0 +1,137 @@
+"""Running only this stage's blocks inside the DiT's own block loops, with transfers at the stage boundaries.
+
+Installed on the plan's block ``ModuleList``s (their class is swapped for a subclass whose ``__iter__`` is
+changed; ``remove`` swaps it back). When the DiT's forward iterates a block list, a rank sees:
+
+* only the blocks its stage owns; the first one has a forward pre-hook that, on every stage but the first,
+  replaces the tensors of the call that come from earlier blocks by those the previous stage sent;
+* then, on every stage but the last, a ``_SendToNextStage`` placeholder where the next stage's first block
+  would be called: it sends the tensors of that call that come from this stage's blocks and raises
+  ``StageDone``, which ends this rank's part of the forward (the caller catches it).
+
+The DiT's forward itself does everything between the blocks (embeddings, timestep embeddings, rotary, the
+mapping of a block's outputs to the next block's inputs, the final layer), so this works for any family
+with a plan. Which tensors of a boundary call are sent: all except those that are the very objects passed
+to this rank's first block call (loop invariants such as the timestep embedding, rotary angles or the text
+context, which the receiving stage computes itself from the same inputs).
+
+Known limit: a loop that uses the block's index (``enumerate``, e.g. controlnet residuals in Flux) sees
+indices counted from this stage's first block.
+"""
+
+from __future__ import annotations
+
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.pipeline.comm import StageLink
+from lightning_dit_parallel.pipeline.stages import StageAssignment
+
+
+class StageDone(Exception):
+    """Raised on a stage that has sent its result onward: the rest of the DiT's forward is another stage's work."""
+
+
+class StageLoop:
+    """This rank's view of the block loops (see the module docstring). Call ``remove()`` to undo.
+
+    Args:
+        lists: the plan's block lists, in execution order (blocks of other stages already released).
+        assignment: which blocks each stage owns.
+        link: this rank's place in the pipeline group.
+    """
+
+    def __init__(self, lists: list[tuple[str, nn.ModuleList]], assignment: StageAssignment, link: StageLink) -> None:
+        self.lists = lists
+        self.assignment = assignment
+        self.link = link
+        owned = assignment.owned(link.stage)
+        self._items: list[list[nn.Module]] = [[] for _ in lists]
+        for block in owned:
+            list_index, index = assignment.locate(block)
+            self._items[list_index].append(lists[list_index][1][index])
+        if not link.is_last:
+            list_index, _ = assignment.locate(owned.stop)
+            self._items[list_index].append(_SendToNextStage(self))
+        first_list, first_index = assignment.locate(owned.start)
+        self._first_block = lists[first_list][1][first_index]
+        self._handles: list[RemovableHandle] = []
+        self._classes: list[type] = []
+        self.first_inputs: list[Tensor] = []
+        self.pending: list = []
+        self._in_flight: list[list[Tensor]] = []
+
+    def install(self) -> StageLoop:
+        for list_index, (_, blocks) in enumerate(self.lists):
+            self._classes.append(type(blocks))
+            blocks.__class__ = _stage_blocks_class(type(blocks))
+            blocks._pipeline_items = self._items[list_index]
+        self._handles.append(self._first_block.register_forward_pre_hook(self._enter_stage, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for (_, blocks), cls in zip(self.lists, self._classes):
+            blocks.__class__ = cls
+            del blocks._pipeline_items
+        self._classes.clear()
+        self.wait()
+
+    def begin(self) -> None:
+        """Start one pass (a micro-batch or a patch) through the DiT's forward."""
+        self.first_inputs = []
+
+    def wait(self) -> None:
+        """Wait until every posted send has completed (then its tensors may be freed)."""
+        for work in self.pending:
+            work.wait()
+        self.pending.clear()
+        self._in_flight.clear()
+
+    def _enter_stage(self, module: nn.Module, args: tuple, kwargs: dict):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        self.first_inputs = [leaves[i] for i in positions]
+        if self.link.is_first:
+            return None
+        received = self.link.recv(self.first_inputs)
+        for i, tensor in zip(positions, received):
+            leaves[i] = tensor
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _send(self, args: tuple, kwargs: dict) -> None:
+        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        if not tensors:
+            raise RuntimeError("The next stage's first block is called without any tensor; nothing to pipeline.")
+        mask = [not any(t is f for f in self.first_inputs) for t in tensors]
+        self.pending.extend(self.link.send(tensors, mask))
+        self._in_flight.append(tensors)  # keep the buffers alive until the sends complete
+
+
+class _SendToNextStage(nn.Module):
+    """Called by the DiT's loop in place of the next stage's first block: sends, then ends this stage's pass."""
+
+    def __init__(self, loop: StageLoop) -> None:
+        super().__init__()
+        self._loop = [loop]  # a list, so that the loop is not registered as a submodule
+
+    def forward(self, *args, **kwargs):
+        self._loop[0]._send(args, kwargs)
+        raise StageDone
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _stage_blocks_class(base: type) -> type:
+    """A subclass of the block list's class whose iteration yields ``_pipeline_items``."""
+    if base not in _CLASSES:
+
+        def __iter__(self):
+            return iter(self._pipeline_items)
+
+        _CLASSES[base] = type(f"Stage{base.__name__}", (base,), {"__iter__": __iter__})
+    return _CLASSES[base]

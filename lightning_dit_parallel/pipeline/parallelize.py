@@ -1,0 +1,99 @@
+"""Install pipeline parallelism on a DiT following its plan; ``remove()`` undoes the hooks.
+
+Steps, all on every rank of the pipeline group: check everything (pure computation, so a bad
+configuration raises the same ``ValueError`` everywhere before any communication), release the blocks of
+other stages, install the stage loop on the block lists, and replace the DiT's ``forward`` (an instance
+attribute over the class's forward, which itself is not changed) by the micro-batch or PipeFusion schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from lightning_dit_parallel.pipeline.comm import StageLink
+from lightning_dit_parallel.pipeline.loop import StageLoop
+from lightning_dit_parallel.pipeline.microbatch import MicroBatchForward
+from lightning_dit_parallel.pipeline.options import PipelineOptions
+from lightning_dit_parallel.pipeline.pipefusion import PipeFusionForward, check_pipefusion_plan
+from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, release_blocks
+from lightning_dit_parallel.plan import DiTPlan
+
+_MISSING = object()
+
+
+@dataclass
+class PipelineParallel:
+    """Pipeline parallelism installed on one DiT.
+
+    ``remove()`` takes the hooks and the forward replacement away; the blocks of other stages stay released
+    (their memory is freed, which is the point), so the DiT then holds only this rank's stage.
+    """
+
+    model: nn.Module
+    assignment: StageAssignment
+    stage: int
+    released: list[str]
+    loop: StageLoop
+    driver: MicroBatchForward | PipeFusionForward
+    previous_forward: object = _MISSING
+    removed: bool = field(default=False)
+
+    def begin_batch(self) -> None:
+        """A new batch starts (PipeFusion forgets its key/value caches and its step count)."""
+        if isinstance(self.driver, PipeFusionForward):
+            self.driver.begin_batch()
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        if isinstance(self.driver, PipeFusionForward):
+            self.driver.remove()
+        self.loop.remove()
+        if self.previous_forward is _MISSING:
+            del self.model.forward
+        else:
+            self.model.forward = self.previous_forward
+        self.removed = True
+
+
+def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, group: ProcessGroup) -> PipelineParallel:
+    """Cut ``model``'s blocks into ``group``'s size of stages and pipeline its forward.
+
+    Args:
+        model: the DiT (a module whose class has a plan).
+        plan: its plan; ``plan.blocks`` gives the block lists, the split/gather points are used by PipeFusion.
+        options: mode, patches, warm-up steps, layers per stage, micro-batches.
+        group: the pipeline group (the ``pp`` axis of the mesh); stage = rank in this group.
+
+    Raises:
+        ValueError: for more stages than blocks, ``layers_per_stage`` that do not fit, a ``shared_modules``
+            entry that is not inside a block, or PipeFusion on a plan with several sequences.
+    """
+    stages = dist.get_world_size(group)
+    options.check_stages(stages)
+    assignment = assign_stages(model, plan, stages, options.layers_per_stage)
+    if options.mode == "pipefusion":
+        check_pipefusion_plan(plan, model)
+    modules = dict(model.named_modules())
+    missing = [p for p in (*plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    if missing:
+        raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
+    link = StageLink.from_group(group)
+
+    released = release_blocks(model, plan, assignment, link.stage)
+    loop = StageLoop(plan.block_lists(model), assignment, link).install()
+    previous = model.__dict__.get("forward", _MISSING)
+    forward = model.forward
+    if options.mode == "microbatch":
+        driver: MicroBatchForward | PipeFusionForward = MicroBatchForward(forward, loop, link, options.num_microbatches)
+    else:
+        driver = PipeFusionForward(
+            forward, model, plan, loop, link, options.num_patches or stages, options.warmup_steps
+        )
+        driver.install(dict(model.named_modules()))
+    model.forward = driver
+    return PipelineParallel(model, assignment, link.stage, released, loop, driver, previous)

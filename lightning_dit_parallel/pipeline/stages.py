@@ -1,0 +1,207 @@
+"""Cutting a DiT's transformer blocks into pipeline stages and releasing the blocks a stage does not own.
+
+The blocks of all the plan's ``blocks`` lists, concatenated in order, are numbered ``0 .. L-1`` (Flux: the
+double-stream blocks, then the single-stream ones). Stage ``s`` owns a contiguous range of them. A rank keeps
+its own blocks and everything outside the block lists (embeddings, final layer); every other block is
+replaced in its ``ModuleList`` by an empty ``ReleasedBlock`` so that its parameters are freed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_dit_parallel.plan import DiTPlan
+
+
+def stage_sizes(num_blocks: int, stages: int, layers_per_stage: tuple[int, ...] | None = None) -> list[int]:
+    """Blocks per stage: ``layers_per_stage`` checked, or an even split (earlier stages take the remainder).
+
+    Raises:
+        ValueError: for more stages than blocks, or ``layers_per_stage`` of the wrong length or sum.
+    """
+    if stages > num_blocks:
+        raise ValueError(
+            f"Cannot cut {num_blocks} transformer blocks into {stages} pipeline stages: every stage needs at least"
+            f" one block (pp degree {stages} > {num_blocks} blocks)."
+        )
+    if layers_per_stage is None:
+        base, extra = divmod(num_blocks, stages)
+        return [base + (1 if s < extra else 0) for s in range(stages)]
+    sizes = list(layers_per_stage)
+    if len(sizes) != stages or sum(sizes) != num_blocks or min(sizes) < 1:
+        raise ValueError(
+            f"layers_per_stage={sizes} must give {stages} positive counts (one per stage) summing to the"
+            f" {num_blocks} blocks of the plan; they sum to {sum(sizes)}."
+        )
+    return sizes
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    """Which blocks each stage owns.
+
+    Args:
+        list_paths: the plan's block-list paths, in execution order.
+        list_lengths: blocks per list.
+        sizes: blocks per stage, in stage order.
+    """
+
+    list_paths: tuple[str, ...]
+    list_lengths: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.list_lengths)
+
+    def owned(self, stage: int) -> range:
+        """Global block indices owned by ``stage``."""
+        start = sum(self.sizes[:stage])
+        return range(start, start + self.sizes[stage])
+
+    def owner(self, block: int) -> int:
+        """The stage that owns global block ``block``."""
+        for stage in range(self.num_stages):
+            if block in self.owned(stage):
+                return stage
+        raise IndexError(f"block {block} is outside 0..{self.num_blocks - 1}.")
+
+    def locate(self, block: int) -> tuple[int, int]:
+        """``(list index, index inside that list)`` of global block ``block``."""
+        for list_index, length in enumerate(self.list_lengths):
+            if block < length:
+                return list_index, block
+            block -= length
+        raise IndexError("block index beyond the last block list.")
+
+    def global_index(self, list_index: int, index: int) -> int:
+        return sum(self.list_lengths[:list_index]) + index
+
+    def describe(self, stage: int) -> str:
+        blocks = self.owned(stage)
+        return f"stage {stage}/{self.num_stages} owns blocks {blocks.start}..{blocks.stop - 1} of {self.num_blocks}"
+
+
+def assign_stages(
+    model: nn.Module, plan: DiTPlan, stages: int, layers_per_stage: tuple[int, ...] | None = None
+) -> StageAssignment:
+    """The stage assignment of ``model``'s planned blocks (pure computation: the same verdict on every rank).
+
+    Raises:
+        ValueError: when the plan names no block list, or the blocks do not cut into ``stages`` stages.
+    """
+    lists = plan.block_lists(model)
+    if not lists:
+        raise ValueError(f"The plan of {type(model).__name__} names no block lists (DiTPlan.blocks); pipeline stages are cut from them.")
+    lengths = tuple(len(blocks) for _, blocks in lists)
+    sizes = stage_sizes(sum(lengths), stages, layers_per_stage)
+    return StageAssignment(tuple(path for path, _ in lists), lengths, tuple(sizes))
+
+
+class ReleasedBlock(nn.Module):
+    """Stands in for a block that another pipeline stage owns. It holds no parameters except the plan's
+    ``shared_modules`` inside the block, which keep their attribute paths (e.g. ``norm1.emb``)."""
+
+    def __init__(self, path: str, owner_note: str) -> None:
+        super().__init__()
+        self._released_path = path
+        self._owner_note = owner_note
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self._released_path} was released on this rank ({self._owner_note}); it cannot run here.")
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AttributeError(
+                f"{self._released_path}.{name} was released on this rank ({self._owner_note}). If the DiT uses it"
+                f" outside its block loop, list '{self._released_path}.{name}' (or a submodule) in the plan's"
+                " shared_modules."
+            ) from None
+
+
+def release_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment, stage: int) -> list[str]:
+    """Replace every block that ``stage`` does not own by a ``ReleasedBlock`` keeping only shared submodules.
+
+    Returns:
+        The paths of the released blocks.
+
+    Raises:
+        ValueError: for a ``shared_modules`` entry that is not inside a block or does not exist.
+    """
+    owned = assignment.owned(stage)
+    shared = _shared_by_block(model, plan, assignment)
+    released = []
+    for list_index, (path, blocks) in enumerate(plan.block_lists(model)):
+        for index in range(len(blocks)):
+            if assignment.global_index(list_index, index) in owned or isinstance(blocks[index], ReleasedBlock):
+                continue
+            block_path = f"{path}.{index}"
+            owner = assignment.owner(assignment.global_index(list_index, index))
+            stub = ReleasedBlock(block_path, f"pipeline stage {owner} owns it, this rank is stage {stage}")
+            for relative in shared.get(block_path, []):
+                _attach(stub, relative, blocks[index].get_submodule(relative))
+            blocks[index] = stub
+            released.append(block_path)
+    return released
+
+
+def _shared_by_block(model: nn.Module, plan: DiTPlan, assignment: StageAssignment) -> dict[str, list[str]]:
+    shared: dict[str, list[str]] = {}
+    for entry in plan.shared_modules:
+        block_path = next(
+            (f"{p}.{i}" for p, n in zip(assignment.list_paths, assignment.list_lengths) for i in range(n)
+             if entry.startswith(f"{p}.{i}.")),
+            None,
+        )
+        if block_path is None:
+            raise ValueError(f"Plan shared_modules entry {entry!r} is not inside a block of {list(assignment.list_paths)}.")
+        try:
+            model.get_submodule(entry)
+        except AttributeError as exc:
+            raise ValueError(f"Plan shared_modules entry {entry!r} does not exist in {type(model).__name__}.") from exc
+        shared.setdefault(block_path, []).append(entry[len(block_path) + 1 :])
+    return shared
+
+
+def _attach(stub: nn.Module, relative: str, module: nn.Module) -> None:
+    """Put ``module`` at ``relative`` (dotted) under ``stub``, creating empty containers on the way."""
+    *parents, leaf = relative.split(".")
+    node = stub
+    for name in parents:
+        if name not in node._modules:
+            node.add_module(name, nn.Module())
+        node = node._modules[name]
+    node.add_module(leaf, module)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers ``module`` holds, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements ``module`` holds (shared parameters counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+__all__ = [
+    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "parameter_bytes", "release_blocks",
+    "stage_sizes",
+]

@@ -1,0 +1,69 @@
+"""``PipelineStrategy``: the transformer blocks cut into stages, one per rank; micro-batch or PipeFusion schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from typing_extensions import override
+
+from lightning_dit_parallel.layout import Degree
+from lightning_dit_parallel.pipeline.options import PipelineMode
+from lightning_dit_parallel.strategies.base import DiTParallelStrategy
+
+
+class PipelineStrategy(DiTParallelStrategy):
+    """Pipeline parallelism: every rank holds one stage of the transformer blocks (about 1/N of the parameters).
+
+    ``mode="microbatch"`` is exact: the batch reaching the DiT (the doubled CFG batch included) is cut into
+    micro-batches that flow through the stages. ``mode="pipefusion"`` is approximate: the image tokens are
+    cut into ``num_patches`` patches that flow through the stages, and attention uses the previous step's
+    keys and values for the patches not yet computed; the first ``warmup_steps`` steps of each batch are
+    exact. Every rank returns the whole output.
+
+    Args:
+        pp_degree: number of stages; ``"auto"`` (default): the whole world.
+        mode: ``"microbatch"`` or ``"pipefusion"``.
+        num_patches: PipeFusion patches per step (default: the number of stages); must divide the token count.
+        warmup_steps: PipeFusion steps per batch run unpatched.
+        layers_per_stage: blocks per stage (default: an even split); must sum to the number of blocks.
+        num_microbatches: micro-batches per DiT call (default: the number of stages; at most the batch size).
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``timeout``, ``start_method`` ...).
+
+    Example:
+        >>> trainer = L.Trainer(devices=2, strategy=PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4))  # doctest: +SKIP
+    """
+
+    strategy_name = "dit_pipeline"
+
+    def __init__(
+        self,
+        pp_degree: Degree = "auto",
+        mode: PipelineMode = "microbatch",
+        num_patches: int | None = None,
+        warmup_steps: int = 1,
+        layers_per_stage: Sequence[int] | None = None,
+        num_microbatches: int | None = None,
+        dp_degree: Degree = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if pp_degree == "auto" and dp_degree == "auto":
+            dp_degree = 1
+        super().__init__(
+            dp_degree=dp_degree, pp_degree=pp_degree, pp_mode=mode, num_patches=num_patches, warmup_steps=warmup_steps,
+            layers_per_stage=layers_per_stage, num_microbatches=num_microbatches, **kwargs,
+        )
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        entries = {
+            "dit_pipeline": dict(mode="microbatch"),
+            "dit_pipefusion": dict(mode="pipefusion"),
+        }
+        for name, options in entries.items():
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"Pipeline-parallel DiT inference over all ranks ({options['mode']})", **options
+                )
