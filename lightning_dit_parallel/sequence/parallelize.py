@@ -162,7 +162,7 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     if not attention:
         raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
     for path, module, _ in attention:
-        heads = getattr(module, "heads", None)
+        heads = getattr(module, "heads", getattr(module, "num_heads", None))  # diffusers / timm-style names
         if isinstance(heads, int):
             check_heads(heads, groups.ulysses_size, groups.size, path)
 
