@@ -100,7 +100,8 @@ def apply_cfg_parallel(model: nn.Module, plan: DiTPlan, group: ProcessGroup) -> 
     parameter all-gather is independent of the batch).
     """
     cfg = CFGParallel(model, plan, group)
-    cfg._signature = inspect.signature(model.forward)
+    # The class's forward, bound: a pipeline may have replaced ``model.forward`` by a (*args, **kwargs) driver.
+    cfg._signature = inspect.signature(type(model).forward.__get__(model))
     cfg.handles.append(model.register_forward_pre_hook(cfg._split_inputs, with_kwargs=True, prepend=True))
     cfg.handles.append(model.register_forward_hook(cfg._gather_outputs, always_call=True))
     return cfg

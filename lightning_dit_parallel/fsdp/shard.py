@@ -189,8 +189,11 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
 
 
 def block_units(blocks: list[tuple[str, nn.ModuleList]]) -> list[nn.Module]:
-    """Each block of the plan's block lists, in execution order."""
-    return [block for _, block_list in blocks for block in block_list]
+    """Each block of the plan's block lists, in execution order.
+
+    Read with ``children()``, not by iterating the list: a pipeline stage changes what iteration yields.
+    """
+    return [block for _, block_list in blocks for block in block_list.children()]
 
 
 def module_units(module: nn.Module) -> list[nn.Module]:
