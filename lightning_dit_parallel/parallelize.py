@@ -15,6 +15,7 @@ from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.pipeline.stages import ReleasedBlock
 from lightning_dit_parallel.plan import DiTPlan, find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
@@ -111,7 +112,8 @@ def _apply_fsdp(
         rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
         return
     for path, dit, plan in planned:
-        blocks = block_units(plan.block_lists(dit))
+        # a pipeline stage has released other stages' blocks: what remains of them (shared modules) goes to the root
+        blocks = [b for b in block_units(plan.block_lists(dit)) if not isinstance(b, ReleasedBlock)]
         if not blocks:
             rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once.")
         result.applied.append(apply_fsdp(dit, [*blocks, dit], fsdp_mesh))

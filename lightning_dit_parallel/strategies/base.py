@@ -25,6 +25,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_dit_parallel.layout import Degree, ParallelLayout
+from lightning_dit_parallel.loading import materialize
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
 from lightning_dit_parallel.utils.environment import restored_environment
@@ -236,13 +237,16 @@ class DiTParallelStrategy(ParallelStrategy):
             self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules,
             pipeline=self._pipeline,
         )
+        # weights deferred with loading.defer_weights: read now, only the parts this rank kept
+        materialize(self.lightning_module, self.root_device)
         self.setup_precision_plugin()
         self.barrier()
 
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        # parameters still on the meta device (deferred loading) get their storage after parallelization
+        self.model._apply(lambda t: t if t.is_meta else t.to(self.root_device))
 
     @override
     def barrier(self, name: str | None = None) -> None:
