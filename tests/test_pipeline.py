@@ -1,0 +1,235 @@
+"""Pipeline parallelism: stage sharding, exact micro-batch pipelining, PipeFusion, and its errors.
+
+Exact methods are compared with the one-process output of the same seeded model (float32, relative 1e-5)
+on every rank. The models here have more blocks than ``tests.models`` builds (4 stages need >= 4 blocks),
+and Flux has two block lists so that stage boundaries fall inside a list and between the two lists.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
+
+from lightning_dit_parallel import PipelineStrategy, plan_for
+from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
+from lightning_dit_parallel.pipeline.stages import ReleasedBlock, count_parameters, stage_sizes
+from tests.distributed import run_on_ranks
+from tests.models import (
+    POOLED_DIM,
+    TEXT_DIM,
+    dit_sampler,
+    flux_sampler,
+    pixart_sampler,
+    randomize_zero_init,
+    requests,
+    sharpen_attention,
+    text_requests,
+)
+from tests.rank_outputs import predict_on_ranks, predict_single
+
+
+def dit(layers: int = 4, seed: int = 0) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def pixart(layers: int = 4, seed: int = 0) -> PixArtTransformer2DModel:
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
+        sample_size=8, patch_size=2, cross_attention_dim=32, caption_channels=16, norm_num_groups=4,
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+def flux(double: int = 2, single: int = 3, seed: int = 0) -> FluxTransformer2DModel:
+    """2 double-stream + 3 single-stream blocks: 2 stages cut inside the single list, 4 stages also between lists."""
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6),
+    )
+    randomize_zero_init(model, seed)
+    return sharpen_attention(model.eval())
+
+
+FAMILIES = {
+    "dit": (lambda: dit_sampler(dit()), lambda: requests(n=2, batch_size=2)),
+    "pixart": (lambda: pixart_sampler(pixart()), lambda: requests(n=2, batch_size=2)),
+    "flux": (lambda: flux_sampler(flux()), lambda: text_requests(n=2, batch_size=2)),
+}
+
+
+def assert_exact(outs: list[torch.Tensor], ref: torch.Tensor) -> None:
+    for rank, out in enumerate(outs):
+        torch.testing.assert_close(
+            out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=lambda m: f"rank {rank}: {m}"
+        )
+
+
+# -- micro-batch pipelining: exact -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("stages", [2, 4])
+def test_microbatch_equals_one_process(family, stages, tmp_path):
+    sampler, loader = FAMILIES[family]
+    ref = predict_single(sampler(), loader())
+    strategy = PipelineStrategy(pp_degree=stages, mode="microbatch", start_method="fork")
+    assert_exact(predict_on_ranks(sampler(), loader(), strategy, stages, tmp_path), ref)
+
+
+def test_microbatch_uneven_microbatches_and_stages(tmp_path):
+    """3 micro-batches of a 4-row (doubled) batch, and stages of 1 and 3 blocks."""
+    ref = predict_single(dit_sampler(dit()), requests(n=2, batch_size=2))
+    strategy = PipelineStrategy(pp_degree=2, num_microbatches=3, layers_per_stage=[1, 3], start_method="fork")
+    assert_exact(predict_on_ranks(dit_sampler(dit()), requests(n=2, batch_size=2), strategy, 2, tmp_path), ref)
+
+
+# -- PipeFusion ------------------------------------------------------------------------------------------
+
+
+def test_pipefusion_all_warmup_is_exact_and_resets_per_batch(tmp_path):
+    """With warm-up = steps nothing is patched, so the output is exact, for each of two batches (which
+    holds only if the step count and caches are reset at each new batch)."""
+    ref = predict_single(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2))
+    strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4, warmup_steps=3, start_method="fork")
+    outs = predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2), strategy, 2, tmp_path)
+    assert_exact(outs, ref)
+
+
+@pytest.mark.parametrize(("stages", "steps", "patches"), [(2, 8, 4), (4, 3, 2)])
+def test_pipefusion_runs_and_stays_close(stages, steps, patches, tmp_path):
+    """More steps than stages and the reverse; stale keys/values change the output a little, not a lot."""
+    ref = predict_single(pixart_sampler(pixart(), steps=steps), requests(n=2, batch_size=2))
+    strategy = PipelineStrategy(
+        pp_degree=stages, mode="pipefusion", num_patches=patches, warmup_steps=1, start_method="fork"
+    )
+    outs = predict_on_ranks(pixart_sampler(pixart(), steps=steps), requests(n=2, batch_size=2), strategy, stages, tmp_path)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)  # every rank returns the same result
+    deviation = (outs[0] - ref).abs()
+    scale = ref.abs().max().item()
+    assert deviation.max().item() > 1e-5 * scale, "PipeFusion after warm-up should differ from the exact run"
+    assert deviation.mean().item() < 0.05 * ref.abs().mean().item(), (deviation.mean().item(), ref.abs().mean().item())
+
+
+def _pipefusion_first_step_differs(rank: int, world_size: int) -> float:
+    model, x, t, c = dit(), *_dit_inputs()
+    with torch.no_grad():
+        exact = model(x, timestep=t, class_labels=c, return_dict=False)[0]
+        apply_pipeline(model, plan_for(model), PipelineOptions("pipefusion", num_patches=4, warmup_steps=0), dist.group.WORLD)
+        patched = model(x, timestep=t, class_labels=c, return_dict=False)[0]
+    return (patched - exact).abs().max().item()
+
+
+def test_pipefusion_without_warmup_attends_to_computed_patches_only():
+    """Without warm-up the first step has no stale keys: patch i sees patches 0..i of this step, so it differs."""
+    for deviation in run_on_ranks(2, _pipefusion_first_step_differs, timeout_s=60):
+        assert deviation > 1e-3
+
+
+# -- stage sharding: memory ------------------------------------------------------------------------------
+
+
+def _held_parameters(rank: int, world_size: int, layers: int) -> dict:
+    model = dit(layers)
+    blocks = model.transformer_blocks
+    block_params = [count_parameters(b) for b in blocks]
+    shared = count_parameters(blocks[0].norm1.emb)
+    total = count_parameters(model)
+    pp = apply_pipeline(model, plan_for(model), PipelineOptions(), dist.group.WORLD)
+    owned = [i for i in range(layers) if not isinstance(model.transformer_blocks[i], ReleasedBlock)]
+    return {
+        "held": count_parameters(model), "total": total, "blocks": sum(block_params), "owned": owned,
+        "owned_params": sum(block_params[i] for i in owned), "shared": shared, "released": len(pp.released),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_rank_holds_its_stage_only(world_size):
+    layers = 8
+    results = run_on_ranks(world_size, _held_parameters, layers, timeout_s=60)
+    owned = [i for r in results for i in r["owned"]]
+    assert owned == list(range(layers)), "every block is held by exactly one rank, in stage order"
+    for rank, r in enumerate(results):
+        outside_blocks = r["total"] - r["blocks"]
+        assert r["released"] == layers - layers // world_size
+        assert r["owned_params"] == r["blocks"] // world_size
+        # Its blocks, the embedding and final layers, and (not owning block 0) the timestep/class embedding the
+        # DiT's final layer borrows from block 0 (the plan's shared_modules).
+        expected = r["owned_params"] + outside_blocks + (r["shared"] if 0 not in r["owned"] else 0)
+        assert r["held"] == expected, (rank, r)
+        assert r["held"] <= r["blocks"] / world_size + outside_blocks + r["shared"]
+
+
+def test_stage_sizes():
+    assert stage_sizes(28, 2) == [14, 14]
+    assert stage_sizes(5, 4) == [2, 1, 1, 1]
+    assert stage_sizes(4, 2, (1, 3)) == [1, 3]
+
+
+# -- errors: same ValueError on every rank before any communication ----------------------------------------
+
+
+def _dit_inputs():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(4, 4, 8, 8, generator=generator), torch.tensor([5, 5, 7, 7]), torch.tensor([1, 2, 3, 9])
+
+
+def _apply_error(rank: int, world_size: int, layers: int, options: PipelineOptions) -> str:
+    model = dit(layers)
+    with pytest.raises(ValueError) as info:
+        apply_pipeline(model, plan_for(model), options, dist.group.WORLD)
+    assert not any(isinstance(b, ReleasedBlock) for b in model.transformer_blocks._modules.values()), "nothing released"
+    return str(info.value)
+
+
+def _forward_error(rank: int, world_size: int, patches: int) -> str:
+    model, x, t, c = dit(), *_dit_inputs()
+    apply_pipeline(model, plan_for(model), PipelineOptions("pipefusion", num_patches=patches, warmup_steps=0), dist.group.WORLD)
+    with pytest.raises(ValueError) as info, torch.no_grad():
+        model(x, timestep=t, class_labels=c, return_dict=False)
+    return str(info.value)
+
+
+def test_more_stages_than_blocks():
+    messages = run_on_ranks(4, _apply_error, 2, PipelineOptions(), timeout_s=60)
+    for message in messages:
+        assert "2 transformer blocks into 4 pipeline stages" in message
+
+
+def test_layers_per_stage_must_sum_to_blocks():
+    messages = run_on_ranks(2, _apply_error, 4, PipelineOptions(layers_per_stage=(1, 2)), timeout_s=60)
+    for message in messages:
+        assert "layers_per_stage=[1, 2]" in message and "4 blocks" in message and "sum to 3" in message
+
+
+def test_patches_must_divide_tokens():
+    messages = run_on_ranks(2, _forward_error, 3, timeout_s=60)  # 16 image tokens, 3 patches
+    for message in messages:
+        assert "16 tokens" in message and "num_patches=3" in message
+
+
+def test_strategy_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match=r"layers_per_stage has 3 entries \[1, 2, 3\] but there are 2"):
+        PipelineStrategy(pp_degree=2, layers_per_stage=[1, 2, 3])
+    with pytest.raises(ValueError, match="mode must be 'microbatch' or 'pipefusion'; got 'gpipe'"):
+        PipelineStrategy(pp_degree=2, mode="gpipe")
+    with pytest.raises(ValueError, match="num_patches must be a positive integer or None; got 0"):
+        PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=0)
+
+
+def test_pipefusion_rejects_joint_attention_plans():
+    model = flux()
+    with pytest.raises(ValueError, match="PipeFusion supports plans with one cut sequence"):
+        check_pipefusion_plan(plan_for(model), model)
