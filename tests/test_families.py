@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_dit_parallel import DiTPlan, SequenceParallelStrategy, plan_for, register_plan, unregister_plan
+from lightning_dit_parallel import DiTPlan, SequenceParallelStrategy, Split, plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
 from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 from tests.distributed import run_on_ranks
 from tests.models import (
     build_cogvideox,
@@ -141,6 +143,56 @@ def test_declared_concatenation_order_matters(references, tmp_path: Path):
         unregister_plan(cls)
     errors = [max_relative_error(out, references(case)) for out in outputs]
     assert min(errors) > 1e-2, f"a wrong concatenation order went unnoticed: errors {errors}"
+
+
+# -- one rank, no process group: every plan's hooks run and change nothing ------------------------------------
+
+
+PADDED_CASES = ("dit-25img", "pixart-25img", "sd3-25img-7txt", "flux-15img-3txt", "wan-27vid", "cogvideox-27vid-7txt")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in PADDED_CASES], ids=lambda c: c.name)
+def test_plan_hooks_on_one_rank_change_nothing(case: Case):
+    """With one sequence-parallel rank every split, gather and attention check of the plan runs (a path, argument
+    or concatenation length the model does not have fails here) and the output is bit-identical."""
+    module = case.module()
+    batch = next(iter(case.loader()))
+    reference = module.sample(batch)
+    handle = apply_sequence_parallel(module.transformer, plan_for(module.transformer), SequenceGroups())
+    try:
+        output = module.sample(batch)
+    finally:
+        handle.remove()
+    assert torch.equal(output, reference)
+
+
+def test_split_module_inputs_are_checked_against_the_model():
+    model = build_wan()
+    base = plan_for(model)
+    with pytest.raises(ValueError, match="split_inputs"):
+        DiTPlan(split_module_inputs={"": {"x": Split("video", 1)}}, gather_outputs=base.gather_outputs,
+                self_attention=base.self_attention)
+    for module_inputs, match in [
+        ({"blocks.0": {"hidden": Split("video", 1)}}, r"\['hidden'\] are not arguments of WanTransformerBlock"),
+        ({"blocks.9": {"hidden_states": Split("video", 1)}}, r"\['blocks.9'\] do not exist"),
+    ]:
+        plan = DiTPlan(split_module_inputs=module_inputs, split_outputs=base.split_outputs,
+                       gather_outputs=base.gather_outputs, self_attention=base.self_attention)
+        with pytest.raises(ValueError, match=match):
+            apply_sequence_parallel(model, plan, SequenceGroups())
+
+
+def test_tuple_split_of_the_wrong_arity_is_an_error():
+    module = wan_sampler(build_wan())
+    base = plan_for(module.transformer)
+    plan = DiTPlan(split_outputs={"rope": (Split("video", 1),)}, split_module_inputs=base.split_module_inputs,
+                   gather_outputs=base.gather_outputs, self_attention=base.self_attention)
+    handle = apply_sequence_parallel(module.transformer, plan, SequenceGroups())
+    try:
+        with pytest.raises(TypeError, match="rope: the plan splits a 1-tuple, got tuple"):
+            module.sample(next(iter(text_requests())))
+    finally:
+        handle.remove()
 
 
 # -- heads that do not split over the Ulysses degree -------------------------------------------------------------
