@@ -1,0 +1,1 @@
+"""Hydra configs of ``ldp-predict`` (a package so that Hydra finds them inside an installed wheel)."""
