@@ -43,6 +43,18 @@ def test_fsdp_with_ulysses_on_two_ranks(family, tmp_path):
     assert_exact(predict_on_ranks(sampler(build()), requests(), strategy, 2, tmp_path), reference)
 
 
+def test_uneven_batches_over_data_parallel_groups_are_a_clear_error(tmp_path):
+    """3 samples in batches of 1 over dp=2 give the groups 2 and 1 batches: the FSDP all-gathers could not pair up."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        strategy=FSDPInferenceStrategy(start_method="fork", timeout=20),
+    )
+    with pytest.raises(Exception, match=r"gives the 2 data-parallel ranks \[2, 1\] batches"):
+        trainer.predict(dit_sampler(build_dit()), requests(3, batch_size=1), return_predictions=False)
+
+
 def _shard_forward_remove(rank: int, world: int) -> dict:
     """Shard a DiT, measure what each rank holds, run it, undo it; returns measurements for the parent."""
     layout = ParallelLayout(ulysses=world, fsdp=True).resolve(world)

@@ -29,6 +29,9 @@ MODEL_PARALLEL_LAYOUTS = {
     "cfg2_ring2": dict(cfg_degree=2, ring_degree=2),
     "fsdp_ulysses4": dict(ulysses_degree=4, fsdp=True),
     "fsdp_cfg2_ulysses2": dict(cfg_degree=2, ulysses_degree=2, fsdp=True),
+    "pp2_ulysses2": dict(pp_degree=2, ulysses_degree=2),
+    "cfg2_pp2": dict(cfg_degree=2, pp_degree=2),
+    "fsdp_pp2_ulysses2": dict(pp_degree=2, ulysses_degree=2, fsdp=True),
 }
 
 
@@ -41,7 +44,10 @@ def test_model_parallel_layouts_on_four_ranks(family, layout, tmp_path):
     assert_exact(predict_on_ranks(sampler(build()), requests(), strategy, 4, tmp_path), reference)
 
 
-@pytest.mark.parametrize("layout", [dict(dp_degree=2, ring_degree=2), dict(dp_degree=2, cfg_degree=2, fsdp=True)])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(dp_degree=2, ring_degree=2), dict(dp_degree=2, cfg_degree=2, fsdp=True), dict(dp_degree=2, pp_degree=2, fsdp=True)],
+)
 def test_data_parallel_groups_with_model_parallel_inside(layout, tmp_path):
     """dp=2: ranks 0,1 form dp group 0 and ranks 2,3 dp group 1; samples are dealt round-robin over the groups."""
     reference = predict_single(dit_sampler(build_dit()), requests(4, batch_size=2))

@@ -24,6 +24,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_dit_parallel.fsdp import check_equal_batch_counts
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import materialize
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
@@ -241,6 +242,13 @@ class DiTParallelStrategy(ParallelStrategy):
         materialize(self.lightning_module, self.root_device)
         self.setup_precision_plugin()
         self.barrier()
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        # FSDP all-gathers over the dp axis too: every data-parallel group must run as many batches.
+        if self._layout is not None and self._layout.fsdp and int(self._layout.dp) > 1:
+            check_equal_batch_counts(dataloader, self.device_mesh.get_group("dp"), self.root_device)
+        return dataloader
 
     @override
     def model_to_device(self) -> None:
