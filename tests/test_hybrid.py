@@ -89,3 +89,19 @@ def test_cfg_with_guidance_off_fails_in_a_hybrid_layout():
     )
     with pytest.raises(Exception, match=r"classifier-free guidance is off in DiffusionSampler"):
         trainer.predict(dit_sampler(build_dit(), guidance_scale=1.0), requests(), return_predictions=False)
+
+
+def test_data_parallel_results_gathered_in_order_by_the_writer(tmp_path):
+    """dp=2 x cfg=2 with FSDP: the writer on rank 0 gets every sample once, in global-index order."""
+    from lightning_dit_parallel.writer import OrderedPredictionWriter
+
+    reference = predict_single(dit_sampler(build_dit()), requests(4, batch_size=1))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=DiTParallelStrategy(dp_degree=2, cfg_degree=2, fsdp=True, start_method="fork"),
+        callbacks=[OrderedPredictionWriter(tmp_path, save_images=False)],
+    )
+    trainer.predict(dit_sampler(build_dit()), requests(4, batch_size=1), return_predictions=False)
+    written = torch.load(tmp_path / "predictions.pt")
+    assert written["index"].tolist() == [0, 1, 2, 3]
+    assert_exact([written["prediction"]], reference)
