@@ -165,13 +165,15 @@ def build_wan(heads: int = 4, seed: int = 0) -> WanTransformer3DModel:
     return sharpen_attention(model.eval())
 
 
-def build_cogvideox(heads: int = 4, seed: int = 0) -> CogVideoXTransformer3DModel:
-    """Video DiT over cat([text, video]) tokens with 3-D rotary embeddings (head dim 16 = t 4 + h 6 + w 6)."""
+def build_cogvideox(heads: int = 4, seed: int = 0, rotary: bool = True, text_tokens: int = 16) -> CogVideoXTransformer3DModel:
+    """Video DiT over cat([text, video]) tokens with 3-D rotary embeddings (head dim 16 = t 4 + h 6 + w 6), or
+    with ``rotary=False`` sine-cosine position embeddings added in the patch embedding (as CogVideoX-2b; then the
+    prompt must have exactly ``text_tokens`` tokens)."""
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
         num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
-        max_text_seq_length=16, use_rotary_positional_embeddings=True,
+        max_text_seq_length=text_tokens, use_rotary_positional_embeddings=rotary,
     )
     randomize_zero_init(model, seed)
     return sharpen_attention(model.eval())

@@ -70,6 +70,10 @@ CASES = [
          lambda: text_requests(text_tokens=8)),
     Case("cogvideox-27vid-7txt", lambda: cogvideox_sampler(build_cogvideox(), frames=3, size=6),
          lambda: text_requests(text_tokens=7)),
+    # CogVideoX-2b style: sine-cosine positions added to the whole sequence before it is cut.
+    Case("cogvideox-sincos-27vid-7txt",
+         lambda: cogvideox_sampler(build_cogvideox(rotary=False, text_tokens=7), frames=3, size=6),
+         lambda: text_requests(text_tokens=7)),
 ]
 
 #: (devices, degrees): Ulysses, Ring on 2 ranks; Ulysses, Ring, USP on 4 ranks.
