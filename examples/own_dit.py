@@ -56,7 +56,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3D) -> (N, T, 3, H, Dh)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (N, T, 3, H, Dh) -> (3, N, H, T, Dh)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, H, T, Dh) -> (N, T, D)
 
@@ -70,7 +71,9 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden_mlp = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"), nn.Linear(hidden_mlp, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"), nn.Linear(hidden_mlp, hidden_size)
+        )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -165,7 +168,8 @@ def make_module(transformer: DiT, steps: int = 4, guidance_scale: float = 4.0) -
 
 
 def requests(n: int, batch_size: int = 2) -> DataLoader:
-    return DataLoader([{"index": torch.tensor(i), "class_label": torch.tensor(i % 10)} for i in range(n)], batch_size=batch_size)
+    items = [{"index": torch.tensor(i), "class_label": torch.tensor(i % 10)} for i in range(n)]
+    return DataLoader(items, batch_size=batch_size)
 
 
 def main() -> None:
@@ -187,7 +191,7 @@ def main() -> None:
         single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
         reference = torch.cat(single.predict(seeded_module(), requests(4)))
         error = ((samples - reference).abs().max() / reference.abs().max()).item()
-        print(f"{tuple(samples.shape)} samples on {args.devices} processes; max relative error vs one process: {error:.1e}")
+        print(f"{tuple(samples.shape)} samples on {args.devices} processes; max relative error vs 1 process: {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ class DiTPlan:
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
         object.__setattr__(self, "shared_modules", tuple(self.shared_modules))
         if "" in self.split_module_inputs:
-            raise ValueError("split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs.")
+            raise ValueError(
+                "split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs."
+            )
         if not self.split_inputs and not self.split_outputs and not self.split_module_inputs:
             raise ValueError(
                 "A DiTPlan needs at least one split point (split_inputs, split_module_inputs or split_outputs)."

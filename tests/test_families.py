@@ -95,7 +95,7 @@ def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor, what: str
     """Every rank's output equals the reference within 1e-5 relative; returns the largest error."""
     errors = []
     for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"{what}, rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        assert out.shape == reference.shape, f"{what}, rank {rank}: shape {tuple(out.shape)} vs {tuple(reference.shape)}"
         torch.testing.assert_close(
             out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item(),
             msg=lambda m, rank=rank: f"{what}, rank {rank}: {m}",
@@ -141,8 +141,8 @@ def test_declared_concatenation_order_matters(references, tmp_path: Path):
     cls = type(model.transformer)
     register_plan(cls, wrong)
     try:
-        outputs = predict_on_ranks(model, case.loader(), SequenceParallelStrategy(ulysses_degree=4, start_method="fork"),
-                                   4, tmp_path)
+        strategy = SequenceParallelStrategy(ulysses_degree=4, start_method="fork")
+        outputs = predict_on_ranks(model, case.loader(), strategy, 4, tmp_path)
     finally:
         unregister_plan(cls)
     errors = [max_relative_error(out, references(case)) for out in outputs]

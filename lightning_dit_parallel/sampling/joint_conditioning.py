@@ -140,7 +140,9 @@ class CogVideoXConditioning:
         )
 
 
-def cogvideox_rotary_embedding(config, frames: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def cogvideox_rotary_embedding(
+    config, frames: int, height: int, width: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """(freqs_cos, freqs_sin), each (F' * H/p * W/p, head_dim), for latents of ``frames`` x ``height`` x ``width``."""
     p, p_t = config.patch_size, config.patch_size_t
     grid_h, grid_w = height // p, width // p
