@@ -7,14 +7,17 @@ With FSDP or pipeline sharding a rank never needs the whole model. The flow:
 2. ``defer_weights(model, "model.safetensors")`` notes where the weights are;
 3. the strategy parallelizes (FSDP turns parameters into Shard(0) DTensors, a pipeline stage releases the
    blocks it does not own) and then calls ``materialize``: every parameter still on the meta device gets
-   storage for this rank's part only, filled from the file with ``safe_open(...).get_slice`` so that no
-   rank reads (or maps) more than its own rows.
+   storage for this rank's part only, and that part is read from the file straight into it (a dim-0 shard
+   is one contiguous byte range of a row-major tensor), so a rank's memory grows by what it keeps and no
+   more: no whole-tensor copy, no mapped file pages. Other regions or a dtype conversion go through
+   ``safe_open(...).get_slice``, which still reads only the region.
 
 Without any parallelism ``materialize`` loads the whole model, so one code path serves one process too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,25 +101,61 @@ def load_local_weights(module: nn.Module, file: str | Path, device: torch.device
     # storage for the local part of each meta tensor only (a DTensor shard keeps its placement)
     module._apply(lambda t: torch.empty_like(t, device=device) if _local(t).is_meta else t)
     params = dict(module.named_parameters())
+    header, data_start = read_header(file)
+    missing = sorted(set(pending) - set(header))
+    if missing:
+        raise KeyError(f"{file} lacks {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}")
     read = 0
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        missing = sorted(set(pending) - keys)
-        if missing:
-            raise KeyError(f"{file} lacks {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}")
+    with open(file, "rb") as raw, safe_open(str(file), framework="pt", device="cpu") as f:
         for name in pending:
-            param = params[name]
-            stored = f.get_slice(name)
-            if tuple(stored.get_shape()) != tuple(param.shape):
-                raise ValueError(f"{file}: {name} is stored with shape {stored.get_shape()}, the model has {tuple(param.shape)}.")
+            param, entry = params[name], header[name]
+            if tuple(entry["shape"]) != tuple(param.shape):
+                raise ValueError(f"{file}: {name} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}.")
             local = _local(param)
             region = _local_region(param)
-            # read only this rank's rows: (n, ...) on disk -> (local n, ...) in memory
-            part = stored[region] if region is not None else stored[:]
+            rows = _row_range(region, param.shape)
             with torch.no_grad():
-                local.copy_(part.reshape(local.shape))
-            read += part.numel() * part.element_size()
+                if rows is not None and _DTYPES.get(entry["dtype"]) == local.dtype and local.is_contiguous() and local.device.type == "cpu":
+                    # this rank's rows [start, stop) of a row-major tensor: one contiguous byte range, read in place
+                    row_bytes = local.element_size() * math.prod(param.shape[1:])
+                    raw.seek(data_start + entry["data_offsets"][0] + rows[0] * row_bytes)
+                    buffer = local.view(-1).view(torch.uint8).numpy()  # (local numel * itemsize,) bytes
+                    if raw.readinto(memoryview(buffer)) != buffer.size:
+                        raise ValueError(f"{file}: {name} is truncated.")
+                    read += buffer.size
+                else:
+                    part = f.get_slice(name)[region] if region is not None else f.get_tensor(name)
+                    local.copy_(part.reshape(local.shape))  # (local shape) from the stored region
+                    read += part.numel() * part.element_size()
     return read
+
+
+#: safetensors dtype names -> torch dtypes, for reading in place.
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_header(file: str | Path) -> tuple[dict, int]:
+    """The safetensors header (name -> dtype, shape, data_offsets) and the byte offset where data starts."""
+    import json
+    import struct
+
+    with open(file, "rb") as raw:
+        (size,) = struct.unpack("<Q", raw.read(8))  # little-endian u64: header length
+        header = json.loads(raw.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _row_range(region: tuple[slice, ...] | None, shape: torch.Size) -> tuple[int, int] | None:
+    """``(start, stop)`` rows when ``region`` cuts dim 0 only (or is the whole tensor), else ``None``."""
+    if region is None:
+        return (0, shape[0]) if len(shape) else (0, 1)
+    if any(s.start != 0 or s.stop != n for s, n in zip(region[1:], shape[1:])):
+        return None
+    return region[0].start, region[0].stop
 
 
 def save_weights(module: nn.Module, file: str | Path) -> None:
