@@ -116,7 +116,9 @@ def _apply_fsdp(
         blocks = [b for b in block_units(plan.block_lists(dit)) if not isinstance(b, ReleasedBlock)]
         if not blocks:
             rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once.")
-        result.applied.append(apply_fsdp(dit, [*blocks, dit], fsdp_mesh))
+        # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
+        shared = [dit.get_submodule(p) for p in plan.shared_modules]
+        result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh))
     for path, sub in extra:
         result.applied.append(apply_fsdp(sub, module_units(sub), fsdp_mesh))
     names = [*result.paths, *(p for p, _ in extra)]

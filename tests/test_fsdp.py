@@ -176,3 +176,35 @@ def test_registered_name_builds_the_fsdp_preset():
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="dit_fsdp", logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy, FSDPInferenceStrategy)
     assert trainer.strategy._requested_layout.fsdp
+
+
+def _undeclared_outside_call(rank: int, world: int) -> float:
+    """The DiT calls ``transformer_blocks[0].norm1.emb`` after its block loop; with a plan that does not declare
+    it in ``shared_modules`` the whole block 0 is gathered around that call instead."""
+    import dataclasses
+
+    from diffusers import DiTTransformer2DModel
+
+    from lightning_dit_parallel import plan_for, register_plan, unregister_plan
+
+    class UndeclaredDiT(DiTTransformer2DModel):
+        pass
+
+    register_plan(UndeclaredDiT, dataclasses.replace(plan_for(DiTTransformer2DModel), shared_modules=()))
+    try:
+        layout = ParallelLayout(dp=world, fsdp=True).resolve(world)
+        sampler = dit_sampler(build_dit())
+        batch = next(iter(requests()))
+        plain = sampler.sample(batch)
+        sampler.transformer.__class__ = UndeclaredDiT
+        handle = parallelize(sampler, layout, layout.build_mesh("cpu"))
+        out = sampler.sample(batch)
+        handle.remove()
+        return ((out - plain).abs().max() / plain.abs().max()).item()
+    finally:
+        unregister_plan(UndeclaredDiT)
+
+
+def test_block_submodule_called_outside_its_block_without_a_declaration():
+    for rank, error in enumerate(run_on_ranks(2, _undeclared_outside_call)):
+        assert error <= 1e-5, f"rank {rank}: relative error {error:.2e}"

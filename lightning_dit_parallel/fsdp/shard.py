@@ -79,13 +79,13 @@ class _OutsideCalls:
         self.borrowers: list[nn.Module] = []
         self.handles: list[RemovableHandle] = []
 
-    def install(self) -> None:
+    def install(self, other_units: set[int]) -> None:
+        """Hook the unit and its submodules, except those inside another (nested) unit, which gathers itself."""
         self.handles.append(self.unit.register_forward_pre_hook(self._enter, prepend=True))
         self.handles.append(self.unit.register_forward_hook(self._leave, always_call=True))
-        for module in self.unit.modules():
-            if module is not self.unit:
-                self.handles.append(module.register_forward_pre_hook(self._borrow, prepend=True))
-                self.handles.append(module.register_forward_hook(self._give_back, always_call=True))
+        for module in _modules_outside(self.unit, other_units):
+            self.handles.append(module.register_forward_pre_hook(self._borrow, prepend=True))
+            self.handles.append(module.register_forward_hook(self._give_back, always_call=True))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -159,7 +159,8 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
 
     Args:
         root: the module that contains every unit (the snapshot for ``remove`` covers its submodules).
-        units: modules to shard, each inner unit before any unit that contains it.
+        units: modules to shard, each inner unit before any unit that contains it (e.g. a block's submodule
+            that the model also calls outside the block, then the blocks, then the root).
         mesh: a 1-D device mesh (see ``shard_mesh``).
 
     Raises:
@@ -181,11 +182,25 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
         for unit in units:
             if unit is not root:
                 sharding.outside_calls.append(_OutsideCalls(unit))
-                sharding.outside_calls[-1].install()
+                sharding.outside_calls[-1].install({id(u) for u in units if u is not unit})
     except BaseException:
         sharding.remove()
         raise
     return sharding
+
+
+def _modules_outside(unit: nn.Module, other_units: set[int]) -> list[nn.Module]:
+    """Submodules of ``unit`` (not ``unit`` itself) that are not inside one of ``other_units``."""
+    found: list[nn.Module] = []
+
+    def walk(parent: nn.Module) -> None:
+        for child in parent.children():
+            if id(child) not in other_units:
+                found.append(child)
+                walk(child)
+
+    walk(unit)
+    return found
 
 
 def block_units(blocks: list[tuple[str, nn.ModuleList]]) -> list[nn.Module]:
