@@ -181,6 +181,12 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
     }
 
 
+def _save_worker(rank: int, world: int, cfg: dict, file: str) -> int:
+    model = build(cfg)
+    save_weights(model, file)
+    return resident_bytes(model, buffers=False)
+
+
 def _load_worker(rank: int, world: int, args: argparse.Namespace, name: str | None, file: str) -> dict:
     """Peak RSS growth while this rank reads its part of the weights (``name=None``: the whole model)."""
     cfg = config(args.tokens, args.load_hidden, args.heads, args.load_layers)
@@ -196,7 +202,8 @@ def _load_worker(rank: int, world: int, args: argparse.Namespace, name: str | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", nargs="+", default=list(DEFAULT_LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="*", default=list(DEFAULT_LAYOUTS), choices=list(LAYOUTS),
+                        help="layouts of the step table (none: loading only)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -244,10 +251,9 @@ def main() -> None:
     load_cfg = config(args.tokens, args.load_hidden, args.heads, args.load_layers)
     with tempfile.TemporaryDirectory() as tmp:
         file = str(Path(tmp) / "dit.safetensors")
-        model = build(load_cfg)
-        save_weights(model, file)
-        total = resident_bytes(model, buffers=False)
-        del model
+        # saved by a child process: memory this process freed would be inherited, already resident, by the
+        # forked loaders and hide their growth
+        total = run_on_ranks(1, _save_worker, load_cfg, file, threads=args.threads, timeout_s=1800)[0]
         print(f"\nloading {total / MiB:.0f} MiB of weights (hidden {args.load_hidden}, {args.load_layers} layers) from"
               " safetensors: peak RSS growth per rank while reading")
         single = run_on_ranks(1, _load_worker, args, None, file, threads=args.threads, timeout_s=1800)[0]
