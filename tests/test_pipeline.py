@@ -120,7 +120,10 @@ def test_pipefusion_runs_and_stays_close(stages, steps, patches, tmp_path):
     deviation = (outs[0] - ref).abs()
     scale = ref.abs().max().item()
     assert deviation.max().item() > 1e-5 * scale, "PipeFusion after warm-up should differ from the exact run"
-    assert deviation.mean().item() < 0.05 * ref.abs().mean().item(), (deviation.mean().item(), ref.abs().mean().item())
+    # Seeded run: about 3% (2 stages, 8 steps) and 2% (4 stages, 3 steps) mean deviation with one warm-up step;
+    # attending to the current step's patches only (no warm-up) gives 5% and 3%.
+    assert deviation.mean().item() < 0.04 * ref.abs().mean().item(), (deviation.mean().item(), ref.abs().mean().item())
+    assert deviation.max().item() < 0.3 * scale, (deviation.max().item(), scale)
 
 
 def _pipefusion_first_step_differs(rank: int, world_size: int) -> float:
