@@ -114,7 +114,8 @@ def test_pipefusion_runs_and_stays_close(stages, steps, patches, tmp_path):
     strategy = PipelineStrategy(
         pp_degree=stages, mode="pipefusion", num_patches=patches, warmup_steps=1, start_method="fork"
     )
-    outs = predict_on_ranks(pixart_sampler(pixart(), steps=steps), requests(n=2, batch_size=2), strategy, stages, tmp_path)
+    sampler = pixart_sampler(pixart(), steps=steps)
+    outs = predict_on_ranks(sampler, requests(n=2, batch_size=2), strategy, stages, tmp_path)
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)  # every rank returns the same result
     deviation = (outs[0] - ref).abs()
@@ -130,7 +131,8 @@ def _pipefusion_first_step_differs(rank: int, world_size: int) -> float:
     model, x, t, c = dit(), *_dit_inputs()
     with torch.no_grad():
         exact = model(x, timestep=t, class_labels=c, return_dict=False)[0]
-        apply_pipeline(model, plan_for(model), PipelineOptions("pipefusion", num_patches=4, warmup_steps=0), dist.group.WORLD)
+        options = PipelineOptions("pipefusion", num_patches=4, warmup_steps=0)
+        apply_pipeline(model, plan_for(model), options, dist.group.WORLD)
         patched = model(x, timestep=t, class_labels=c, return_dict=False)[0]
     return (patched - exact).abs().max().item()
 
@@ -199,7 +201,8 @@ def _apply_error(rank: int, world_size: int, layers: int, options: PipelineOptio
 
 def _forward_error(rank: int, world_size: int, patches: int) -> str:
     model, x, t, c = dit(), *_dit_inputs()
-    apply_pipeline(model, plan_for(model), PipelineOptions("pipefusion", num_patches=patches, warmup_steps=0), dist.group.WORLD)
+    options = PipelineOptions("pipefusion", num_patches=patches, warmup_steps=0)
+    apply_pipeline(model, plan_for(model), options, dist.group.WORLD)
     with pytest.raises(ValueError) as info, torch.no_grad():
         model(x, timestep=t, class_labels=c, return_dict=False)
     return str(info.value)

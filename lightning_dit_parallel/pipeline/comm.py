@@ -50,7 +50,8 @@ class StageLink:
         works = [dist.isend(flags, dst, group=self.group)]
         for tensor, sent in zip(tensors, mask):
             if sent:
-                works.append(dist.isend(tensor.contiguous(), dst, group=self.group))  # same shape as the receiver's template
+                # (shape of this tensor in the call) = the receiver's template of the same call
+                works.append(dist.isend(tensor.contiguous(), dst, group=self.group))
         return works
 
     def recv(self, templates: list[Tensor]) -> list[Tensor]:

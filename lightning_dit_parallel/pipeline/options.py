@@ -35,7 +35,9 @@ class PipelineOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in ("microbatch", "pipefusion"):
-            raise ValueError(f"pipeline mode must be 'microbatch' or 'pipefusion'; got {self.mode!r} ({self.describe()}).")
+            raise ValueError(
+                f"pipeline mode must be 'microbatch' or 'pipefusion'; got {self.mode!r} ({self.describe()})."
+            )
         for name in ("num_patches", "num_microbatches"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):

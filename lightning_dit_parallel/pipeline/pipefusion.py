@@ -56,7 +56,9 @@ class PatchState:
                 )
             self.length = length
         elif length != self.length:
-            raise ValueError(f"{where}: {length} tokens of {split.sequence!r}, but {self.length} were cut earlier in this pass.")
+            raise ValueError(
+                f"{where}: {length} tokens of {split.sequence!r}, but {self.length} were cut earlier in this pass."
+            )
         return x.narrow(dim, self.index * self.local, self.local)
 
 
@@ -173,7 +175,8 @@ class PipeFusionForward:
         for path, split in self.plan.split_outputs.items():
             self.handles.append(modules[path].register_forward_hook(self._split_output_hook(path, split)))
         for path, splits in getattr(self.plan, "split_module_inputs", {}).items():
-            self.handles.append(modules[path].register_forward_pre_hook(self._split_input_hook(path, splits), with_kwargs=True))
+            hook = self._split_input_hook(path, splits)
+            self.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
         if self.link.is_last:
             for path, split in self.plan.gather_outputs.items():
                 self.handles.append(modules[path].register_forward_hook(self._gather_hook(path, split)))
@@ -227,12 +230,14 @@ class PipeFusionForward:
 
         def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
             if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-                raise NotImplementedError(f"{path}: PipeFusion attention does not support masks, dropout, causal or GQA.")
+                raise NotImplementedError(
+                    f"{path}: PipeFusion attention does not support masks, dropout, causal attention or GQA."
+                )
             state = self._require_state(path)
             if state.length is None or key.shape[-2] != state.local:
                 raise RuntimeError(
-                    f"{path}: PipeFusion expects keys of the current patch ({state.local} of {state.length} tokens), got"
-                    f" key {tuple(key.shape)} (B, H, S, D). Check the plan's split points."
+                    f"{path}: PipeFusion expects keys of the current patch ({state.local} of {state.length} tokens),"
+                    f" got key {tuple(key.shape)} (B, H, S, D). Check the plan's split points."
                 )
             cache = self.caches.get(path)
             if cache is None or not cache.matches(key, value, state.length):

@@ -98,7 +98,9 @@ def assign_stages(
     """
     lists = plan.block_lists(model)
     if not lists:
-        raise ValueError(f"The plan of {type(model).__name__} names no block lists (DiTPlan.blocks); pipeline stages are cut from them.")
+        raise ValueError(
+            f"The plan of {type(model).__name__} names no block lists (DiTPlan.blocks); pipeline stages are cut from them."
+        )
     lengths = tuple(len(blocks) for _, blocks in lists)
     sizes = stage_sizes(sum(lengths), stages, layers_per_stage)
     return StageAssignment(tuple(path for path, _ in lists), lengths, tuple(sizes))
@@ -162,7 +164,9 @@ def _shared_by_block(model: nn.Module, plan: DiTPlan, assignment: StageAssignmen
             None,
         )
         if block_path is None:
-            raise ValueError(f"Plan shared_modules entry {entry!r} is not inside a block of {list(assignment.list_paths)}.")
+            raise ValueError(
+                f"Plan shared_modules entry {entry!r} is not inside a block of {list(assignment.list_paths)}."
+            )
         try:
             model.get_submodule(entry)
         except AttributeError as exc:

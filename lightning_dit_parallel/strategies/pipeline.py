@@ -32,7 +32,8 @@ class PipelineStrategy(DiTParallelStrategy):
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``timeout``, ``start_method`` ...).
 
     Example:
-        >>> trainer = L.Trainer(devices=2, strategy=PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4))  # doctest: +SKIP
+        >>> strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4)  # doctest: +SKIP
+        >>> L.Trainer(devices=2, strategy=strategy).predict(module, prompts)  # doctest: +SKIP
     """
 
     strategy_name = "dit_pipeline"
@@ -64,6 +65,5 @@ class PipelineStrategy(DiTParallelStrategy):
         }
         for name, options in entries.items():
             if name not in strategy_registry:
-                strategy_registry.register(
-                    name, cls, description=f"Pipeline-parallel DiT inference over all ranks ({options['mode']})", **options
-                )
+                description = f"Pipeline-parallel DiT inference over all ranks ({options['mode']})"
+                strategy_registry.register(name, cls, description=description, **options)
