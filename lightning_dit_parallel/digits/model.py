@@ -72,14 +72,18 @@ def digits_scheduler(name: SchedulerName = "ddim", schedule: dict[str, Any] | No
     if name == "ddim":
         return DDIMScheduler(**schedule, set_alpha_to_one=False)
     if name == "dpmsolver":
+        # Pixel space: clip the predicted clean sample (thresholding to [-1, 1]) instead of clip_sample; the
+        # cosine schedule needs lambda clipped at its noisy end, or the first data prediction divides by ~0.
         schedule.pop("clip_sample", None)
-        return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler(
+            **schedule, algorithm_type="dpmsolver++", lambda_min_clipped=-5.1, thresholding=True, sample_max_value=1.0
+        )
     raise ValueError(f"scheduler must be 'ddim' or 'dpmsolver', got {name!r}.")
 
 
 def digits_sampler(
     num_inference_steps: int = 25,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 2.0,
     scheduler: SchedulerName = "ddim",
     seed: int = 0,
     weights: str | None = None,
