@@ -8,7 +8,7 @@ batch. Data-parallel layouts give every dp group its own batch; the one-process 
 them in one forward (the same work).
 
 Reported per layout: median step time of each, their ratio, the spread, the output's error against the plain
-model, parameter bytes resident per rank between steps (local shards, each storage once) as a fraction of
+model, the ratio of CPU seconds per step (one process / the busiest rank: the work split, whatever the load), parameter bytes resident per rank between steps (local shards, each storage once) as a fraction of
 the whole model, peak RSS per rank during the steps, and the bytes each rank sent during one step next to the
 figure the table in DESIGN.md predicts. A second table measures loading: the peak RSS growth of a rank while
 it reads the weights from safetensors (model built on the meta device, parallelized, then only what the rank
@@ -45,6 +45,7 @@ LAYOUTS: dict[str, dict] = {
     "pp2": dict(pp=2),
     "cfg2_ulysses2_fsdp": dict(cfg=2, ulysses=2, fsdp=True),
     "cfg2_pp2": dict(cfg=2, pp=2),
+    "ulysses2": dict(ulysses=2),  # for comparison: what FSDP adds to Ulysses
 }
 DEFAULT_LAYOUTS = ("cfg2", "fsdp_ulysses2", "fsdp_dp2", "pp2")
 LOAD_LAYOUTS = ("fsdp_dp2", "pp2")
@@ -144,21 +145,21 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
         with torch.no_grad():
             return model(x[rows], timestep=t[rows], class_labels=labels[rows], return_dict=False)[0]
 
-    def timed_parallel() -> float:
+    def timed_parallel() -> tuple[float, float]:
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         forward(parallel, mine)
-        elapsed = torch.tensor(time.perf_counter() - start)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
-        return elapsed.item()
+        elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - cpu])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time (and CPU time)
+        return elapsed[0].item(), elapsed[1].item()
 
-    def timed_single() -> float:
+    def timed_single() -> tuple[float, float]:
         dist.barrier()
-        elapsed = 0.0
+        elapsed = (0.0, 0.0)
         if rank == 0:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             forward(plain, slice(None))
-            elapsed = time.perf_counter() - start
+            elapsed = (time.perf_counter() - start, time.process_time() - cpu)
         dist.barrier()
         return elapsed
 
@@ -170,12 +171,16 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
     held = resident_bytes(parallel, buffers=False)
     timed_single()  # warm-up of the plain model
     reset_peak_rss()
-    single, par = [], []
+    single, par, single_cpu, par_cpu = [], [], [], []
     for _ in range(args.reps):
-        single.append(timed_single())
-        par.append(timed_parallel())
+        wall, cpu = timed_single()
+        single.append(wall)
+        single_cpu.append(cpu)
+        wall, cpu = timed_parallel()
+        par.append(wall)
+        par_cpu.append(cpu)
     return {
-        "single": single, "parallel": par, "error": error, "bytes": dict(counter.bytes_sent),
+        "single": single, "parallel": par, "single_cpu": single_cpu, "parallel_cpu": par_cpu, "error": error, "bytes": dict(counter.bytes_sent),
         "held": held, "full": full_bytes, "peak_rss": peak_rss(),
         "expected": expected_bytes(layout, cfg, args.tokens, batch, full_bytes),
     }
@@ -221,7 +226,7 @@ def main() -> None:
           f" hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process,"
           f" {args.reps} reps after warm-up, one process and the layout alternating")
     print(f"{'layout':20} {'ranks':>5} {'1 proc s':>9} {'layout s':>9} {'speedup':>8} {'spread s':>12} {'rel err':>8}"
-          f" {'params/rank':>12} {'peak RSS MiB':>13}")
+          f" {'CPU-time ratio':>14} {'params/rank':>12} {'peak RSS MiB':>13}")
     rows = []
     for name in args.layouts:
         layout = ParallelLayout(**LAYOUTS[name])
@@ -231,11 +236,14 @@ def main() -> None:
         single, par = statistics.median(r0["single"]), statistics.median(r0["parallel"])
         held = max(r["held"] for r in results) / r0["full"]
         peak = max(r["peak_rss"] for r in results) / MiB
+        cpu_ratio = statistics.median(r0["single_cpu"]) / statistics.median(r0["parallel_cpu"])
         spread = f"{min(r0['parallel']):.2f}-{max(r0['parallel']):.2f}"
         print(f"{name:20} {world:>5} {single:>9.3f} {par:>9.3f} {single / par:>7.2f}x {spread:>12} {r0['error']:>8.1e}"
-              f" {held:>11.2f}x {peak:>13.0f}")
+              f" {cpu_ratio:>13.2f}x {held:>11.2f}x {peak:>13.0f}")
         rows.append((name, results))
-    print(f"\nparams/rank: the largest parameter bytes any rank holds between steps / the whole model"
+    print("\nCPU-time ratio: the one process's CPU seconds per step / the most CPU seconds any rank spent on the"
+          " step (communication included); unlike the wall-clock speedup it does not depend on free cores")
+    print(f"params/rank: the largest parameter bytes any rank holds between steps / the whole model"
           f" ({rows[0][1][0]['full'] / MiB:.1f} MiB)" if rows else "")
     print("bytes sent per rank per step (measured: the most any rank sent / expected from DESIGN.md):")
     for name, results in rows:
