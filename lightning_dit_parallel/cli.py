@@ -53,7 +53,8 @@ def describe_layout(strategy) -> str:
     layout = getattr(strategy, "_layout", None)
     if layout is not None:
         return f"{layout.describe()} on {strategy.world_size} ranks"
-    return f"{type(strategy).__name__} on {getattr(strategy, 'world_size', 1)} process(es)"
+    processes = getattr(strategy, "world_size", 1)
+    return f"{type(strategy).__name__} on {processes} process{'es' if processes > 1 else ''}"
 
 
 def single_run_argv(argv: list[str], task_overrides: list[str]) -> list[str]:
