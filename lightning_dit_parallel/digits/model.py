@@ -12,8 +12,7 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepSc
 from safetensors.torch import load_file
 
 from lightning_dit_parallel.digits.data import IMAGE_SIZE, NUM_CLASSES
-from lightning_dit_parallel.sampling import ClassConditioning, DiffusionSampler
-from lightning_dit_parallel.sampling.decode import ToUnitRange
+from lightning_dit_parallel.sampling import ClassConditioning, DiffusionSampler, ToUnitRange
 
 #: Architecture of the embedded model: 64 tokens (16x16 pixels, patch 2), 4 heads so Ulysses degrees 2 and 4 work.
 DIGITS_DIT_CONFIG: dict[str, Any] = dict(

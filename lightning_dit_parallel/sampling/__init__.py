@@ -1,6 +1,7 @@
 """A reference LightningModule that samples from a diffusers transformer under ``Trainer.predict``."""
 
 from lightning_dit_parallel.sampling.conditioning import ClassConditioning, Conditioning, TextConditioning
+from lightning_dit_parallel.sampling.decode import ToUnitRange
 from lightning_dit_parallel.sampling.joint_conditioning import (
     CogVideoXConditioning,
     FluxConditioning,
@@ -18,6 +19,7 @@ __all__ = [
     "FluxConditioning",
     "SD3Conditioning",
     "TextConditioning",
+    "ToUnitRange",
     "WanConditioning",
     "sample_noise",
 ]

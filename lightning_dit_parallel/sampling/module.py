@@ -29,7 +29,8 @@ class DiffusionSampler(L.LightningModule):
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance scale; ``1.0`` turns guidance (and the doubled batch) off.
         seed: base seed of the per-sample noise.
-        decode: maps final latents to outputs (a VAE decode); identity by default (pixel-space models).
+        decode: maps final latents to outputs: a VAE decode for latent models, ``ToUnitRange()`` for pixel-space
+            models trained on [-1, 1] (images in [0, 1]); identity by default.
     """
 
     def __init__(
