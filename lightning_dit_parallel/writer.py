@@ -125,6 +125,8 @@ class OrderedPredictionWriter(BasePredictionWriter):
             if gathered is None:
                 return
             indices, outputs = gathered
+        if outputs is None:  # no batch reached this process
+            outputs = torch.empty(0)
         self.indices, self.predictions = order_predictions(indices, outputs, expected)
         if self.output_dir is not None:
             self.files = self.write(self.indices, self.predictions, self.output_dir)
