@@ -81,6 +81,8 @@ def parallelize(
             raise ValueError(f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already.")
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
+    if layout.pp > 1 and layout.sequence_degree > 1:
+        _check_pipeline_with_sequence(planned, layout)
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
@@ -135,6 +137,25 @@ def _apply_pipeline(
     for _, dit, plan in planned:
         result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp")))
     rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
+
+
+def _check_pipeline_with_sequence(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout) -> None:
+    """Pipeline x sequence parallel needs plans that cut tokens at submodule outputs only (pure check, every rank).
+
+    The pipeline replaces the DiT's forward by a ``(*args, **kwargs)`` schedule, so forward arguments named by
+    ``split_inputs`` cannot be found, and a stage that does not own the block named by ``split_module_inputs``
+    never cuts there while the other stages do.
+    """
+    for path, dit, plan in planned:
+        cuts = [f"split_inputs {list(plan.split_inputs)}"] if plan.split_inputs else []
+        cuts += [f"split_module_inputs {list(plan.split_module_inputs)}"] if plan.split_module_inputs else []
+        if cuts:
+            raise ValueError(
+                f"Pipeline (pp={layout.pp}) with sequence parallelism (ring={layout.ring}, ulysses={layout.ulysses})"
+                f" is not supported for {type(dit).__name__} ({path or 'the module'}): its plan cuts tokens at"
+                f" {' and '.join(cuts)}; only cuts at submodule outputs (split_outputs) combine with pipeline stages"
+                " yet. Use pp_degree=1 or ring_degree=ulysses_degree=1 for this model."
+            )
 
 
 def _nested(inner: str, outer: str) -> bool:

@@ -9,7 +9,22 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy
-from tests.models import build_dit, build_pixart, dit_sampler, pixart_sampler, requests
+from tests.models import (
+    build_cogvideox,
+    build_dit,
+    build_flux,
+    build_pixart,
+    build_sd3,
+    build_wan,
+    cogvideox_sampler,
+    dit_sampler,
+    flux_sampler,
+    pixart_sampler,
+    requests,
+    sd3_sampler,
+    text_requests,
+    wan_sampler,
+)
 from tests.rank_outputs import predict_on_ranks, predict_single
 
 FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}
@@ -105,3 +120,37 @@ def test_data_parallel_results_gathered_in_order_by_the_writer(tmp_path):
     written = torch.load(tmp_path / "predictions.pt")
     assert written["index"].tolist() == [0, 1, 2, 3]
     assert_exact([written["prediction"]], reference)
+
+
+#: Text-conditioned families. Flux with 2 x 2 packed latents has 4 image tokens, as many as the doubled batch of
+#: 2 samples: its position ids (4, 3) must not be mistaken for a batch by the CFG split.
+OTHER_FAMILIES = {
+    "sd3": (build_sd3, sd3_sampler),
+    "flux": (build_flux, lambda model: flux_sampler(model, height=2, width=2)),
+    "wan": (build_wan, wan_sampler),
+    "cogvideox": (build_cogvideox, cogvideox_sampler),
+}
+OTHER_LAYOUTS = {
+    "cfg2": (dict(cfg_degree=2), 2),
+    "fsdp_ulysses2": (dict(ulysses_degree=2, fsdp=True), 2),
+    "cfg2_pp2_fsdp": (dict(cfg_degree=2, pp_degree=2, fsdp=True), 4),
+}
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("layout", OTHER_LAYOUTS)
+def test_text_conditioned_families(family, layout, tmp_path):
+    build, sampler = OTHER_FAMILIES[family]
+    degrees, devices = OTHER_LAYOUTS[layout]
+    reference = predict_single(sampler(build()), text_requests())
+    strategy = DiTParallelStrategy(**degrees, start_method="fork")
+    assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, devices, tmp_path), reference)
+
+
+def test_pipeline_with_sequence_parallel_rejects_plans_that_cut_forward_inputs():
+    trainer = L.Trainer(
+        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
+        strategy=DiTParallelStrategy(pp_degree=2, ulysses_degree=2, start_method="fork", timeout=20),
+    )
+    with pytest.raises(Exception, match=r"Pipeline \(pp=2\) with sequence parallelism .* FluxTransformer2DModel"):
+        trainer.predict(flux_sampler(build_flux()), text_requests(), return_predictions=False)
