@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
 
-from lightning_dit_parallel import PipelineStrategy, plan_for
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, plan_for
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock, count_parameters, stage_sizes
@@ -105,6 +107,15 @@ def test_pipefusion_all_warmup_is_exact_and_resets_per_batch(tmp_path):
     strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4, warmup_steps=3, start_method="fork")
     outs = predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2), strategy, 2, tmp_path)
     assert_exact(outs, ref)
+
+
+def test_pipefusion_with_cfg_parallel_all_warmup_is_exact(tmp_path):
+    """cfg 2 x pp 2: each CFG half runs its own PipeFusion pipeline (and its own caches)."""
+    ref = predict_single(dit_sampler(dit(), steps=3), requests(n=2, batch_size=2))
+    strategy = DiTParallelStrategy(
+        cfg_degree=2, pp_degree=2, pp_mode="pipefusion", num_patches=4, warmup_steps=3, start_method="fork"
+    )
+    assert_exact(predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=2, batch_size=2), strategy, 4, tmp_path), ref)
 
 
 @pytest.mark.parametrize(("stages", "steps", "patches"), [(2, 8, 4), (4, 3, 2)])
@@ -233,6 +244,13 @@ def test_strategy_rejects_bad_options_at_construction():
         PipelineStrategy(pp_degree=2, mode="gpipe")
     with pytest.raises(ValueError, match="num_patches must be a positive integer or None; got 0"):
         PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=0)
+
+
+def test_registered_names():
+    for name, mode in (("dit_pipeline", "microbatch"), ("dit_pipefusion", "pipefusion")):
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, PipelineStrategy) and strategy._pipeline.mode == mode
+        assert strategy._requested_layout.pp == "auto" and strategy._requested_layout.dp == 1
 
 
 def test_pipefusion_rejects_joint_attention_plans():
