@@ -8,9 +8,10 @@ batch. Data-parallel layouts give every dp group its own batch; the one-process 
 them in one forward (the same work).
 
 Reported per layout: median step time of each, their ratio, the spread, the output's error against the plain
-model, the ratio of CPU seconds per step (one process / the busiest rank: the work split, whatever the load), parameter bytes resident per rank between steps (local shards, each storage once) as a fraction of
-the whole model, peak RSS per rank during the steps, and the bytes each rank sent during one step next to the
-figure the table in DESIGN.md predicts. A second table measures loading: the peak RSS growth of a rank while
+model, the ratio of CPU seconds per step (one process / the busiest rank: the work split, whatever the load),
+parameter bytes resident per rank between steps (local shards, each storage once) as a fraction of the whole
+model, the peak RSS growth of a step per rank and in one process, and the bytes each rank sent during one step
+next to the figure the table in DESIGN.md predicts. A second table measures loading: the peak RSS growth of a rank while
 it reads the weights from safetensors (model built on the meta device, parallelized, then only what the rank
 keeps read), against one process loading the whole model the same way.
 
@@ -110,7 +111,8 @@ def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, p
     seq = layout.sequence_degree
     per_cfg = batch // int(layout.cfg)
     if int(layout.ulysses) > 1:  # q, k, v, out: each (U-1)/U of the local (p/N x hs) tensor
-        figures["all_to_all"] = layers * 4 * (int(layout.ulysses) - 1) / int(layout.ulysses) * tokens * hidden * 4 * per_cfg / seq
+        ulysses = int(layout.ulysses)
+        figures["all_to_all"] = layers * 4 * (ulysses - 1) / ulysses * tokens * hidden * 4 * per_cfg / seq
     gather = 0.0
     if layout.fsdp:  # each rank sends its 1/N shard of every parameter to the N-1 others
         n = int(layout.dp) * int(layout.cfg) * seq
@@ -125,7 +127,29 @@ def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, p
     return figures
 
 
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once (fixed mmap threshold), so that the peak
+    RSS growth of a step measures what the step allocates rather than how much freed memory it reuses."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and unmapped on free
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def _step_peak(step) -> int:
+    """Peak RSS growth (bytes) of this process while ``step()`` runs."""
+    reset_peak_rss()
+    before = current_rss()
+    step()
+    return peak_rss() - before
+
+
 def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
+    _return_freed_memory()
     cfg = config(args.tokens, args.hidden, args.heads, args.layers)
     layout = ParallelLayout(**LAYOUTS[name]).resolve(world)
     plain = build(cfg)
@@ -170,7 +194,8 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     held = resident_bytes(parallel, buffers=False)
     timed_single()  # warm-up of the plain model
-    reset_peak_rss()
+    par_peak = _step_peak(timed_parallel)
+    single_peak = _step_peak(timed_single)  # rank 0 runs the one-process step, the others wait
     single, par, single_cpu, par_cpu = [], [], [], []
     for _ in range(args.reps):
         wall, cpu = timed_single()
@@ -180,8 +205,9 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
         par.append(wall)
         par_cpu.append(cpu)
     return {
-        "single": single, "parallel": par, "single_cpu": single_cpu, "parallel_cpu": par_cpu, "error": error, "bytes": dict(counter.bytes_sent),
-        "held": held, "full": full_bytes, "peak_rss": peak_rss(),
+        "single": single, "parallel": par, "single_cpu": single_cpu, "parallel_cpu": par_cpu, "error": error,
+        "bytes": dict(counter.bytes_sent),
+        "held": held, "full": full_bytes, "par_peak": par_peak, "single_peak": single_peak,
         "expected": expected_bytes(layout, cfg, args.tokens, batch, full_bytes),
     }
 
@@ -226,7 +252,7 @@ def main() -> None:
           f" hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process,"
           f" {args.reps} reps after warm-up, one process and the layout alternating")
     print(f"{'layout':20} {'ranks':>5} {'1 proc s':>9} {'layout s':>9} {'speedup':>8} {'spread s':>12} {'rel err':>8}"
-          f" {'CPU-time ratio':>14} {'params/rank':>12} {'peak RSS MiB':>13}")
+          f" {'CPU-time ratio':>14} {'params/rank':>12} {'step peak MiB':>14}")
     rows = []
     for name in args.layouts:
         layout = ParallelLayout(**LAYOUTS[name])
@@ -235,14 +261,16 @@ def main() -> None:
         r0 = results[0]
         single, par = statistics.median(r0["single"]), statistics.median(r0["parallel"])
         held = max(r["held"] for r in results) / r0["full"]
-        peak = max(r["peak_rss"] for r in results) / MiB
+        peak = f"{max(r['par_peak'] for r in results) / MiB:.0f} / {r0['single_peak'] / MiB:.0f}"
         cpu_ratio = statistics.median(r0["single_cpu"]) / statistics.median(r0["parallel_cpu"])
         spread = f"{min(r0['parallel']):.2f}-{max(r0['parallel']):.2f}"
         print(f"{name:20} {world:>5} {single:>9.3f} {par:>9.3f} {single / par:>7.2f}x {spread:>12} {r0['error']:>8.1e}"
-              f" {cpu_ratio:>13.2f}x {held:>11.2f}x {peak:>13.0f}")
+              f" {cpu_ratio:>13.2f}x {held:>11.2f}x {peak:>14}")
         rows.append((name, results))
     print("\nCPU-time ratio: the one process's CPU seconds per step / the most CPU seconds any rank spent on the"
           " step (communication included); unlike the wall-clock speedup it does not depend on free cores")
+    print("step peak: peak RSS growth during one step, the busiest rank / one process (activations, gathered"
+          " parameters and communication buffers)")
     print(f"params/rank: the largest parameter bytes any rank holds between steps / the whole model"
           f" ({rows[0][1][0]['full'] / MiB:.1f} MiB)" if rows else "")
     print("bytes sent per rank per step (measured: the most any rank sent / expected from DESIGN.md):")

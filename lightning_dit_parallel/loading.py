@@ -110,12 +110,16 @@ def load_local_weights(module: nn.Module, file: str | Path, device: torch.device
         for name in pending:
             param, entry = params[name], header[name]
             if tuple(entry["shape"]) != tuple(param.shape):
-                raise ValueError(f"{file}: {name} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}.")
+                raise ValueError(
+                    f"{file}: {name} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}."
+                )
             local = _local(param)
             region = _local_region(param)
             rows = _row_range(region, param.shape)
             with torch.no_grad():
-                if rows is not None and _DTYPES.get(entry["dtype"]) == local.dtype and local.is_contiguous() and local.device.type == "cpu":
+                same_dtype = _DTYPES.get(entry["dtype"]) == local.dtype
+                in_place = same_dtype and local.is_contiguous() and local.device.type == "cpu"
+                if rows is not None and in_place:
                     # this rank's rows [start, stop) of a row-major tensor: one contiguous byte range, read in place
                     row_bytes = local.element_size() * math.prod(param.shape[1:])
                     raw.seek(data_start + entry["data_offsets"][0] + rows[0] * row_bytes)

@@ -78,7 +78,9 @@ def parallelize(
     for path in shard_modules:
         overlap = [p for p, _, _ in planned if _nested(p, path) or _nested(path, p)]
         if overlap:
-            raise ValueError(f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already.")
+            raise ValueError(
+                f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already."
+            )
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
     if layout.pp > 1 and layout.sequence_degree > 1:
@@ -117,7 +119,7 @@ def _apply_fsdp(
         # a pipeline stage has released other stages' blocks: what remains of them (shared modules) goes to the root
         blocks = [b for b in block_units(plan.block_lists(dit)) if not isinstance(b, ReleasedBlock)]
         if not blocks:
-            rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once.")
+            rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once")
         # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
         shared = [dit.get_submodule(p) for p in plan.shared_modules]
         result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh))
@@ -167,4 +169,6 @@ def _submodule(module: nn.Module, path: str) -> nn.Module:
         return module.get_submodule(path)
     except AttributeError as exc:
         children = [name for name, _ in module.named_children()]
-        raise ValueError(f"shard_modules names {path!r}, which is not a submodule of {type(module).__name__} (children: {children}).") from exc
+        raise ValueError(
+            f"shard_modules names {path!r}, which is not a submodule of {type(module).__name__} (children: {children})."
+        ) from exc

@@ -86,7 +86,8 @@ def test_split_argument_cuts_batch_tensors_only():
     assert first_batch_size({"timestep": torch.tensor(1.0), "hidden_states": x}) == ("hidden_states", 4)
     assert split_argument(x, batch, 1, 2, None).equal(x[2:])
     cut = split_argument(nested, batch, 0, 2, None)
-    assert cut["resolution"].equal(torch.arange(2)) and cut["scalar"].equal(nested["scalar"]) and cut["one"].equal(nested["one"])
+    assert cut["resolution"].equal(torch.arange(2))
+    assert cut["scalar"].equal(nested["scalar"]) and cut["one"].equal(nested["one"])
     # a plan input cut along dim 0 is a sequence without a batch dim (Flux img_ids (S, 3)): never a batch row
     ids = torch.arange(4 * 3).reshape(4, 3)
     assert split_argument(ids, batch, 1, 2, Split("image", 0)).equal(ids)

@@ -29,7 +29,8 @@ def test_fsdp_alone_is_data_parallel_over_one_sharded_copy(family, tmp_path):
     """dp = world: each rank generates its own samples, all from one copy of the weights sharded over 2 ranks."""
     build, sampler = FAMILIES[family]
     reference = predict_single(sampler(build()), requests(4, batch_size=2))
-    outputs = predict_on_ranks(sampler(build()), requests(4, batch_size=2), FSDPInferenceStrategy(start_method="fork"), 2, tmp_path)
+    strategy = FSDPInferenceStrategy(start_method="fork")
+    outputs = predict_on_ranks(sampler(build()), requests(4, batch_size=2), strategy, 2, tmp_path)
     # the predict sampler deals samples round-robin over the dp ranks
     assert_exact([outputs[0]], reference[0::2])
     assert_exact([outputs[1]], reference[1::2])
@@ -64,7 +65,10 @@ def _shard_forward_remove(rank: int, world: int) -> dict:
     plain = sampler.sample(batch)
     full_blocks = [resident_bytes(b) for b in dit.transformer_blocks]
     full_root = resident_bytes(dit)
-    hooks_before = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in dit.named_modules()}
+    def hook_counts() -> dict:
+        return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in dit.named_modules()}
+
+    hooks_before = hook_counts()
     state_keys = list(dit.state_dict())
     cls = type(dit)
 
@@ -86,7 +90,7 @@ def _shard_forward_remove(rank: int, world: int) -> dict:
         "restored_equal": bool(after.equal(plain)),
         "class_restored": type(dit) is cls,
         "plain_params": not any(is_sharded(p) for p in dit.parameters()),
-        "hooks_restored": {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in dit.named_modules()} == hooks_before,
+        "hooks_restored": hook_counts() == hooks_before,
         "state_keys_restored": list(dit.state_dict()) == state_keys,
     }
 
@@ -100,7 +104,8 @@ def test_fsdp_holds_one_nth_of_each_block_between_uses_and_remove_restores(world
             # dim-0 shards of every parameter: at most ceil(rows/N) rows each; a few rows of slack per tensor
             assert before <= full / world * 1.1, f"rank {rank} block {i}: holds {before} of {full} bytes before use"
             assert between <= full / world * 1.1, f"rank {rank} block {i}: holds {between} of {full} bytes between uses"
-        assert r["root_between_uses"] <= r["full_root"] / world * 1.1, f"rank {rank}: root holds {r['root_between_uses']} of {r['full_root']}"
+        root, full_root = r["root_between_uses"], r["full_root"]
+        assert root <= full_root / world * 1.1, f"rank {rank}: root holds {root} of {full_root}"
         for key in ("restored_equal", "class_restored", "plain_params", "hooks_restored", "state_keys_restored"):
             assert r[key], f"rank {rank}: after remove(), {key} is False"
 
@@ -137,8 +142,11 @@ def _shard_text_encoder(rank: int, world: int) -> dict:
     sharded = all(is_sharded(p) for p in module.text_encoder.parameters())
     out = module.text_encoder(x)
     handle.remove()
-    return {"full": full, "held": held, "sharded": sharded, "equal": bool(torch.allclose(out, plain, rtol=1e-5, atol=1e-6)),
-            "after": bool(module.text_encoder(x).equal(plain))}
+    return {
+        "full": full, "held": held, "sharded": sharded,
+        "equal": bool(torch.allclose(out, plain, rtol=1e-5, atol=1e-6)),
+        "after": bool(module.text_encoder(x).equal(plain)),
+    }
 
 
 def test_shard_modules_shards_a_text_encoder():

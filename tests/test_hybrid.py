@@ -61,7 +61,11 @@ def test_model_parallel_layouts_on_four_ranks(family, layout, tmp_path):
 
 @pytest.mark.parametrize(
     "layout",
-    [dict(dp_degree=2, ring_degree=2), dict(dp_degree=2, cfg_degree=2, fsdp=True), dict(dp_degree=2, pp_degree=2, fsdp=True)],
+    [
+        dict(dp_degree=2, ring_degree=2),
+        dict(dp_degree=2, cfg_degree=2, fsdp=True),
+        dict(dp_degree=2, pp_degree=2, fsdp=True),
+    ],
 )
 def test_data_parallel_groups_with_model_parallel_inside(layout, tmp_path):
     """dp=2: ranks 0,1 form dp group 0 and ranks 2,3 dp group 1; samples are dealt round-robin over the groups."""
@@ -87,14 +91,17 @@ def test_two_strategies_in_a_row_in_one_process(tmp_path):
     env_before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK")}
     module = dit_sampler(build_dit())
     reference = predict_single(dit_sampler(build_dit()), requests())
-    first = predict_on_ranks(module, requests(), FSDPInferenceStrategy(ulysses_degree=2, start_method="fork"), 2, tmp_path / "a")
-    second = predict_on_ranks(module, requests(), DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, start_method="fork"), 4, tmp_path / "b")
+    fsdp = FSDPInferenceStrategy(ulysses_degree=2, start_method="fork")
+    first = predict_on_ranks(module, requests(), fsdp, 2, tmp_path / "a")
+    cfg = DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, start_method="fork")
+    second = predict_on_ranks(module, requests(), cfg, 4, tmp_path / "b")
     assert_exact(first, reference)
     assert_exact(second, reference)
     assert not torch.distributed.is_initialized()
     assert {k: os.environ.get(k) for k in env_before} == env_before
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
-    assert torch.cat(L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(module, requests())).equal(reference)
+    plain = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert torch.cat(plain.predict(module, requests())).equal(reference)
 
 
 def test_cfg_with_guidance_off_fails_in_a_hybrid_layout():

@@ -50,7 +50,8 @@ def test_deferred_weights_through_trainer_equal_single_process(weights, layout, 
     file, config = weights
     reference = predict_single(dit_sampler(build_dit()), requests(2, batch_size=1))
     module = dit_sampler(defer_weights(meta_dit(config), file))
-    outputs = predict_on_ranks(module, requests(2, batch_size=1), DiTParallelStrategy(**layout, start_method="fork"), 2, tmp_path)
+    strategy = DiTParallelStrategy(**layout, start_method="fork")
+    outputs = predict_on_ranks(module, requests(2, batch_size=1), strategy, 2, tmp_path)
     if layout.get("dp_degree") == 2:
         assert_exact([outputs[0]], reference[0::2])
         assert_exact([outputs[1]], reference[1::2])

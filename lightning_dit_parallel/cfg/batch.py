@@ -24,7 +24,8 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, Tensor):
         return fn(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init})
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        return dataclasses.replace(value, **{name: map_tensors(getattr(value, name), fn) for name in fields})
     if isinstance(value, dict):
         return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
     if isinstance(value, (tuple, list)):

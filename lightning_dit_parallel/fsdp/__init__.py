@@ -5,5 +5,12 @@ from lightning_dit_parallel.fsdp.mesh import SHARD_AXES, shard_mesh
 from lightning_dit_parallel.fsdp.shard import FSDPSharding, apply_fsdp, block_units, is_sharded, module_units
 
 __all__ = [
-    "SHARD_AXES", "FSDPSharding", "apply_fsdp", "block_units", "check_equal_batch_counts", "is_sharded", "module_units", "shard_mesh",
+    "SHARD_AXES",
+    "FSDPSharding",
+    "apply_fsdp",
+    "block_units",
+    "check_equal_batch_counts",
+    "is_sharded",
+    "module_units",
+    "shard_mesh",
 ]

@@ -34,7 +34,9 @@ def check_equal_batch_counts(dataloader: object, group: ProcessGroup, device: to
     dist.all_gather(counts, mine, group=group)  # (1,) per rank -> N x (1,)
     values = [int(c.item()) for c in counts]
     if -1 in values:
-        rank_zero_log("FSDP over data-parallel groups: the dataloader has no length, so equal batch counts are not checked.")
+        rank_zero_log(
+            "FSDP over data-parallel groups: the dataloader has no length, so equal batch counts are not checked."
+        )
         return
     if len(set(values)) > 1:
         raise ValueError(

@@ -41,7 +41,8 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
     ) -> None:
         if "fsdp" in kwargs:
             raise TypeError(f"{type(self).__name__} always shards (fsdp=True); use DiTParallelStrategy for fsdp=False.")
-        if "auto" in (ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree")) and dp_degree == "auto":
+        model_parallel = (ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree"))
+        if "auto" in model_parallel and dp_degree == "auto":
             dp_degree = 1
         super().__init__(
             dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, fsdp=True,
