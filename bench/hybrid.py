@@ -129,14 +129,15 @@ def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, p
 
 def _return_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system at once (fixed mmap threshold), so that the peak
-    RSS growth of a step measures what the step allocates rather than how much freed memory it reuses."""
+    RSS growth of a step measures what the step allocates rather than how much freed memory it reuses. Only in
+    the memory run: unmapping every large block on free costs page faults, which would distort the timings."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and unmapped on free
         libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
+    except (OSError, AttributeError):
         pass
 
 
@@ -148,8 +149,10 @@ def _step_peak(step) -> int:
     return peak_rss() - before
 
 
-def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
-    _return_freed_memory()
+def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, memory_run: bool = False) -> dict:
+    """Times the layout against one process; with ``memory_run``, measures the peak RSS growth of a step instead."""
+    if memory_run:
+        _return_freed_memory()
     cfg = config(args.tokens, args.hidden, args.heads, args.layers)
     layout = ParallelLayout(**LAYOUTS[name]).resolve(world)
     plain = build(cfg)
@@ -194,8 +197,8 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     held = resident_bytes(parallel, buffers=False)
     timed_single()  # warm-up of the plain model
-    par_peak = _step_peak(timed_parallel)
-    single_peak = _step_peak(timed_single)  # rank 0 runs the one-process step, the others wait
+    if memory_run:
+        return {"par_peak": _step_peak(timed_parallel), "single_peak": _step_peak(timed_single)}
     single, par, single_cpu, par_cpu = [], [], [], []
     for _ in range(args.reps):
         wall, cpu = timed_single()
@@ -207,7 +210,7 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str) -> 
     return {
         "single": single, "parallel": par, "single_cpu": single_cpu, "parallel_cpu": par_cpu, "error": error,
         "bytes": dict(counter.bytes_sent),
-        "held": held, "full": full_bytes, "par_peak": par_peak, "single_peak": single_peak,
+        "held": held, "full": full_bytes,
         "expected": expected_bytes(layout, cfg, args.tokens, batch, full_bytes),
     }
 
@@ -258,10 +261,11 @@ def main() -> None:
         layout = ParallelLayout(**LAYOUTS[name])
         world = _world(layout)
         results = run_on_ranks(world, _step_worker, args, name, threads=args.threads, timeout_s=1800)
+        memory = run_on_ranks(world, _step_worker, args, name, True, threads=args.threads, timeout_s=1800)
         r0 = results[0]
         single, par = statistics.median(r0["single"]), statistics.median(r0["parallel"])
         held = max(r["held"] for r in results) / r0["full"]
-        peak = f"{max(r['par_peak'] for r in results) / MiB:.0f} / {r0['single_peak'] / MiB:.0f}"
+        peak = f"{max(r['par_peak'] for r in memory) / MiB:.0f} / {memory[0]['single_peak'] / MiB:.0f}"
         cpu_ratio = statistics.median(r0["single_cpu"]) / statistics.median(r0["parallel_cpu"])
         spread = f"{min(r0['parallel']):.2f}-{max(r0['parallel']):.2f}"
         print(f"{name:20} {world:>5} {single:>9.3f} {par:>9.3f} {single / par:>7.2f}x {spread:>12} {r0['error']:>8.1e}"
@@ -270,7 +274,7 @@ def main() -> None:
     print("\nCPU-time ratio: the one process's CPU seconds per step / the most CPU seconds any rank spent on the"
           " step (communication included); unlike the wall-clock speedup it does not depend on free cores")
     print("step peak: peak RSS growth during one step, the busiest rank / one process (activations, gathered"
-          " parameters and communication buffers)")
+          " parameters and communication buffers; measured in a separate run with large blocks unmapped on free)")
     print(f"params/rank: the largest parameter bytes any rank holds between steps / the whole model"
           f" ({rows[0][1][0]['full'] / MiB:.1f} MiB)" if rows else "")
     print("bytes sent per rank per step (measured: the most any rank sent / expected from DESIGN.md):")
