@@ -142,21 +142,19 @@ def _apply_pipeline(
 
 
 def _check_pipeline_with_sequence(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout) -> None:
-    """Pipeline x sequence parallel needs plans that cut tokens at submodule outputs only (pure check, every rank).
+    """Pipeline x sequence parallel needs plans that do not cut tokens at a block's inputs (pure check, every rank).
 
-    The pipeline replaces the DiT's forward by a ``(*args, **kwargs)`` schedule, so forward arguments named by
-    ``split_inputs`` cannot be found, and a stage that does not own the block named by ``split_module_inputs``
-    never cuts there while the other stages do.
+    A stage that does not own the block named by ``split_module_inputs`` never cuts there while the other stages
+    do. Cuts at forward arguments (``split_inputs``: the sequence-parallel pre-hook sees the DiT's own signature
+    through the pipeline's forward) and at submodule outputs (``split_outputs``) combine.
     """
     for path, dit, plan in planned:
-        cuts = [f"split_inputs {list(plan.split_inputs)}"] if plan.split_inputs else []
-        cuts += [f"split_module_inputs {list(plan.split_module_inputs)}"] if plan.split_module_inputs else []
-        if cuts:
+        if plan.split_module_inputs:
             raise ValueError(
                 f"Pipeline (pp={layout.pp}) with sequence parallelism (ring={layout.ring}, ulysses={layout.ulysses})"
                 f" is not supported for {type(dit).__name__} ({path or 'the module'}): its plan cuts tokens at"
-                f" {' and '.join(cuts)}; only cuts at submodule outputs (split_outputs) combine with pipeline stages"
-                " yet. Use pp_degree=1 or ring_degree=ulysses_degree=1 for this model."
+                f" split_module_inputs {list(plan.split_module_inputs)}, which only the stage owning that block"
+                " runs. Use pp_degree=1 or ring_degree=ulysses_degree=1 for this model."
             )
 
 

@@ -154,10 +154,10 @@ def test_text_conditioned_families(family, layout, tmp_path):
     assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, devices, tmp_path), reference)
 
 
-def test_pipeline_with_sequence_parallel_rejects_plans_that_cut_forward_inputs():
+def test_pipeline_with_sequence_parallel_rejects_plans_that_cut_block_inputs():
     trainer = L.Trainer(
         accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
         strategy=DiTParallelStrategy(pp_degree=2, ulysses_degree=2, start_method="fork", timeout=20),
     )
-    with pytest.raises(Exception, match=r"Pipeline \(pp=2\) with sequence parallelism .* FluxTransformer2DModel"):
-        trainer.predict(flux_sampler(build_flux()), text_requests(), return_predictions=False)
+    with pytest.raises(Exception, match=r"Pipeline \(pp=2\) with sequence parallelism .* WanTransformer3DModel"):
+        trainer.predict(wan_sampler(build_wan()), text_requests(), return_predictions=False)

@@ -90,6 +90,15 @@ def test_microbatch_equals_one_process(family, stages, tmp_path):
     assert_exact(predict_on_ranks(sampler(), loader(), strategy, stages, tmp_path), ref)
 
 
+@pytest.mark.parametrize("sequence", [dict(ulysses_degree=2), dict(ring_degree=2)])
+def test_microbatch_with_sequence_parallel_flux(sequence, tmp_path):
+    """pp 2 x Ulysses 2 / Ring 2 for Flux, whose plan cuts forward arguments (latents, text, position ids).
+    The text position ids (7, 3), cut to (4, 3), have as many rows as the doubled batch: they must go whole."""
+    ref = predict_single(flux_sampler(flux()), text_requests(n=2, batch_size=2))
+    strategy = DiTParallelStrategy(pp_degree=2, start_method="fork", **sequence)
+    assert_exact(predict_on_ranks(flux_sampler(flux()), text_requests(n=2, batch_size=2), strategy, 4, tmp_path), ref)
+
+
 def test_microbatch_uneven_microbatches_and_stages(tmp_path):
     """3 micro-batches of a 4-row (doubled) batch, and stages of 1 and 3 blocks."""
     ref = predict_single(dit_sampler(dit()), requests(n=2, batch_size=2))

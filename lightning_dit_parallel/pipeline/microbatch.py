@@ -6,14 +6,16 @@ The last stage runs the final layers, concatenates the micro-batch outputs and b
 rank returns the whole batch's output.
 
 Which arguments are cut: every tensor (also inside tuples, lists and dicts) whose dim 0 has the batch size,
-the batch size being dim 0 of the forward's first argument (the latents). Other tensors (e.g. Flux's
-position ids, shape (S, 3)) and non-tensors go whole to every micro-batch.
+the batch size being dim 0 of the forward's first argument (the latents), except the arguments whose dim 0
+the plan declares a token dim (``split_inputs`` cutting dim 0, e.g. Flux's position ids of shape (S, 3): they
+go whole even when S happens to equal the batch size). Other tensors and non-tensors go whole to every
+micro-batch.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
+from lightning_dit_parallel.plan import Split, SplitSpec
 
 
 class MicroBatchForward:
@@ -31,14 +34,21 @@ class MicroBatchForward:
         loop: this rank's stage loop, installed on the DiT's block lists.
         link: this rank's place in the pipeline group.
         num_microbatches: micro-batches per call (capped at the batch size); ``None``: one per stage.
+        token_inputs: the plan's ``split_inputs``: arguments cut along a token dim.
     """
 
-    def __init__(self, forward: Callable, loop: StageLoop, link: StageLink, num_microbatches: int | None) -> None:
+    def __init__(
+        self, forward: Callable, loop: StageLoop, link: StageLink, num_microbatches: int | None,
+        token_inputs: Mapping[str, SplitSpec] | None = None,
+    ) -> None:
         self.forward = forward
+        self.__wrapped__ = forward  # inspect.signature(dit.forward) still shows the DiT's own arguments
         self.loop = loop
         self.link = link
         self.num_microbatches = num_microbatches or link.num_stages
-        self._first_arg = next(iter(inspect.signature(forward).parameters))
+        self.token_inputs = dict(token_inputs or {})
+        self._signature = inspect.signature(forward)
+        self._first_arg = next(iter(self._signature.parameters))
 
     def __call__(self, *args, **kwargs):
         latents = args[0] if args else kwargs.get(self._first_arg)
@@ -48,19 +58,33 @@ class MicroBatchForward:
                 f" ({self._first_arg!r}), which must be a batched tensor; got {type(latents).__name__}."
             )
         batch = latents.shape[0]
-        chunks = split_batch((args, kwargs), batch, min(self.num_microbatches, batch))
+        bound = self._signature.bind(*args, **kwargs)
+        whole = {name: value for name, value in bound.arguments.items() if self._tokens_first(name, value)}
+        batched = {name: value for name, value in bound.arguments.items() if name not in whole}
         outputs = []
         try:
-            for chunk_args, chunk_kwargs in chunks:
+            for chunk in split_batch(batched, batch, min(self.num_microbatches, batch)):
                 self.loop.begin()
+                bound.arguments.update(chunk)
                 try:
-                    outputs.append(self.forward(*chunk_args, **chunk_kwargs))
+                    outputs.append(self.forward(*bound.args, **bound.kwargs))
                 except StageDone:
                     pass
         finally:
             self.loop.wait()
         merged = merge_batches(outputs) if self.link.is_last else None
         return self.link.broadcast_from_last(merged, latents.device)
+
+    def _tokens_first(self, name: str, value) -> bool:
+        """Whether the plan cuts argument ``name`` along its dim 0 as tokens (so dim 0 is not the batch)."""
+        spec = self.token_inputs.get(name)
+        specs, values = ((spec,), (value,)) if isinstance(spec, Split) else (spec or (), value)
+        if not isinstance(values, (tuple, list)):
+            return False
+        return any(
+            isinstance(s, Split) and isinstance(v, Tensor) and v.ndim >= 1 and s.dim % v.ndim == 0
+            for s, v in zip(specs, values)
+        )
 
 
 def split_batch(inputs, batch: int, parts: int) -> list:

@@ -89,7 +89,9 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
     previous = model.__dict__.get("forward", _MISSING)
     forward = model.forward
     if options.mode == "microbatch":
-        driver: MicroBatchForward | PipeFusionForward = MicroBatchForward(forward, loop, link, options.num_microbatches)
+        driver: MicroBatchForward | PipeFusionForward = MicroBatchForward(
+            forward, loop, link, options.num_microbatches, plan.split_inputs
+        )
     else:
         driver = PipeFusionForward(
             forward, model, plan, loop, link, options.num_patches or stages, options.warmup_steps

@@ -115,6 +115,7 @@ class PipeFusionForward:
 
     def __post_init__(self) -> None:
         self._signature = inspect.signature(self.forward)
+        self.__wrapped__ = self.forward  # inspect.signature(dit.forward) still shows the DiT's own arguments
 
     def begin_batch(self) -> None:
         """Forget the caches and the step count: the next call is the first step of a new batch."""
