@@ -116,7 +116,11 @@ class ReleasedBlock(nn.Module):
         self._owner_note = owner_note
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self._released_path} was released on this rank ({self._owner_note}); it cannot run here.")
+        raise RuntimeError(
+            f"{self._released_path} was released on this rank ({self._owner_note}); it cannot run here. Pipeline"
+            " stages see only their own blocks when the DiT's forward iterates a block list (`for block in"
+            " self.blocks`); a forward that indexes the list instead is not supported."
+        )
 
     def __getattr__(self, name: str):
         try:
