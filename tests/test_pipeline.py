@@ -71,10 +71,12 @@ FAMILIES = {
 }
 
 
-def assert_exact(outs: list[torch.Tensor], ref: torch.Tensor) -> None:
+def assert_exact(outs: list[torch.Tensor], ref: torch.Tensor | None, refs: list[torch.Tensor] | None = None) -> None:
+    """Every rank's output equals the reference (``refs``: one reference per rank)."""
     for rank, out in enumerate(outs):
+        expected = ref if refs is None else refs[rank]
         torch.testing.assert_close(
-            out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=lambda m: f"rank {rank}: {m}"
+            out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=lambda m: f"rank {rank}: {m}"
         )
 
 
@@ -125,6 +127,19 @@ def test_pipefusion_with_cfg_parallel_all_warmup_is_exact(tmp_path):
         cfg_degree=2, pp_degree=2, pp_mode="pipefusion", num_patches=4, warmup_steps=3, start_method="fork"
     )
     assert_exact(predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=2, batch_size=2), strategy, 4, tmp_path), ref)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_pipefusion_with_data_parallel_all_warmup_is_exact(fsdp, tmp_path):
+    """dp 2 x pp 2 (with FSDP over dp): each data-parallel group pipelines its own samples."""
+    ref = predict_single(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2))
+    strategy = DiTParallelStrategy(
+        dp_degree=2, pp_degree=2, fsdp=fsdp, pp_mode="pipefusion", num_patches=2, warmup_steps=3, start_method="fork"
+    )
+    outs = predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2), strategy, 4, tmp_path)
+    # the distributed sampler gives dp group 0 the requests 0 and 2, group 1 the requests 1 and 3
+    groups = {0: [0, 2], 1: [0, 2], 2: [1, 3], 3: [1, 3]}
+    assert_exact(outs, None, [ref[groups[rank]] for rank in range(4)])
 
 
 @pytest.mark.parametrize(("stages", "steps", "patches"), [(2, 8, 4), (4, 3, 2)])
