@@ -283,10 +283,14 @@ class DiTParallelStrategy(ParallelStrategy):
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        # Stateful parallelizers (PipeFusion's key/value caches) start afresh with every batch.
+        self.begin_batch()
+        return super().predict_step(*args, **kwargs)
+
+    def begin_batch(self) -> None:
+        """Stateful parallelizers (PipeFusion's key/value caches and step count) start afresh. Called before every
+        ``predict_step``; call it between denoising loops that one ``predict_step`` runs on equally shaped inputs."""
         if self._parallelized is not None:
             self._parallelized.begin_batch()
-        return super().predict_step(*args, **kwargs)
 
     @override
     def teardown(self) -> None:
