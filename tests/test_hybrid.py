@@ -161,3 +161,11 @@ def test_pipeline_with_sequence_parallel_rejects_plans_that_cut_block_inputs():
     )
     with pytest.raises(Exception, match=r"Pipeline \(pp=2\) with sequence parallelism .* WanTransformer3DModel"):
         trainer.predict(wan_sampler(build_wan()), text_requests(), return_predictions=False)
+
+
+def test_flux_fsdp_pipeline_and_ulysses_on_four_ranks(tmp_path):
+    """FSDP over the Ulysses pair of each of two pipeline stages, on a plan that cuts forward arguments."""
+    build, sampler = OTHER_FAMILIES["flux"]
+    reference = predict_single(sampler(build()), text_requests())
+    strategy = DiTParallelStrategy(pp_degree=2, ulysses_degree=2, fsdp=True, start_method="fork")
+    assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, 4, tmp_path), reference)
