@@ -4,7 +4,9 @@ A rank stands for a device: every process runs with the same number of threads (
 started once; inside them, alternating, rank 0 times the plain model alone (the one-process figure, the
 other ranks wait at a barrier) and then all ranks time the parallelized copy of the same seeded model.
 Reported: median time of each, their ratio, the spread, and the bytes each rank sent during one parallel
-forward next to the figure the table in DESIGN.md predicts.
+forward next to the figure the table in DESIGN.md predicts. The "ceiling" column is the speedup a perfect
+split would reach on this machine: N times the one-process time over the time of N processes each running
+the whole forward at once (shared caches, memory bandwidth and neighbours slow concurrent processes down).
 
     python bench/sequence_parallel.py                      # ulysses and ring on 2 ranks, usp on 4
     python bench/sequence_parallel.py --methods ring --tokens 1024 --reps 3
@@ -73,6 +75,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace, method: str) -> dic
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the latency
         return elapsed.item()
 
+    def timed_concurrent() -> float:
+        """Every rank runs the whole plain forward at once: how much the ranks slow each other down."""
+        dist.barrier()
+        start = time.perf_counter()
+        forward(plain)
+        elapsed = torch.tensor(time.perf_counter() - start)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return elapsed.item()
+
     def timed_single() -> float:
         dist.barrier()
         elapsed = 0.0
@@ -87,11 +98,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, method: str) -> dic
     with CommCounter() as counter:
         out = forward(parallel)
     error = ((out - reference).abs().max() / reference.abs().max()).item()
-    single, par = [], []
+    single, par, concurrent = [], [], []
     for _ in range(args.reps):
         single.append(timed_single())
         par.append(timed_parallel())
-    return {"single": single, "parallel": par, "bytes": dict(counter.bytes_sent), "error": error}
+        concurrent.append(timed_concurrent())
+    return {
+        "single": single, "parallel": par, "concurrent": concurrent, "bytes": dict(counter.bytes_sent), "error": error
+    }
 
 
 def main() -> None:
@@ -107,7 +121,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"DiT forward, {args.tokens} tokens, hidden {args.hidden}, {args.heads} heads, {args.layers} layers,"
           f" batch {args.batch}, {args.threads} thread(s) per process, {args.reps} reps after warm-up")
-    header = f"{'method':8} {'ranks':>5} {'1 proc s':>9} {'N ranks s':>10} {'speedup':>8} {'spread':>14} {'rel err':>8}"
+    header = (
+        f"{'method':8} {'ranks':>5} {'1 proc s':>9} {'N ranks s':>10} {'speedup':>8} {'ceiling':>8} {'spread':>14}"
+        f" {'rel err':>8}"
+    )
     print(header)
     rows = []
     for method in args.methods:
@@ -116,8 +133,12 @@ def main() -> None:
         results = run_on_ranks(world, _worker, args, method, threads=args.threads, timeout_s=1200)
         single = statistics.median(results[0]["single"])
         par = statistics.median(results[0]["parallel"])
+        ceiling = world * single / statistics.median(results[0]["concurrent"])
         spread = f"{min(results[0]['parallel']):.3f}-{max(results[0]['parallel']):.3f}"
-        print(f"{method:8} {world:>5} {single:>9.3f} {par:>10.3f} {single / par:>7.2f}x {spread:>14} {results[0]['error']:>8.1e}")
+        print(
+            f"{method:8} {world:>5} {single:>9.3f} {par:>10.3f} {single / par:>7.2f}x {ceiling:>7.2f}x {spread:>14}"
+            f" {results[0]['error']:>8.1e}"
+        )
         rows.append((method, world, results))
     print("\nbytes sent per rank per forward (measured on rank 0 / expected from DESIGN.md):")
     for method, world, results in rows:

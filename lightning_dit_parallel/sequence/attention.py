@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.ring import ring_attention
-from lightning_dit_parallel.sequence.ulysses import check_heads, heads_to_sequence, sequence_to_heads
+from lightning_dit_parallel.sequence.ulysses import check_heads, heads_to_sequence, qkv_sequence_to_heads
 
 #: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
 local_sdpa = F.scaled_dot_product_attention
@@ -40,7 +40,9 @@ def sequence_parallel_attention(
     """
     u, r = groups.ulysses_size, groups.ring_size
     check_heads(q.shape[1], u, groups.size, where)
-    q, k, v = (sequence_to_heads(t, groups.ulysses) for t in (q, k, v))  # (B, H, S/N, D) -> (B, H/U, S*U/N, D)
+    if not q.shape == k.shape == v.shape:
+        raise NotImplementedError(f"{where}: sequence-parallel self-attention needs q, k, v of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    q, k, v = qkv_sequence_to_heads(q, k, v, groups.ulysses)  # 3 x (B, H, S/N, D) -> 3 x (B, H/U, S*U/N, D)
 
     def ring_block_valid(block: int) -> Tensor | None:
         return key_valid([block * u + i for i in range(u)])

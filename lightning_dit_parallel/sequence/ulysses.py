@@ -7,6 +7,7 @@ Per layer and rank this moves 4/U of the q, k, v and output activations, split a
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -26,15 +27,18 @@ def check_heads(num_heads: int, ulysses: int, sequence_degree: int, where: str) 
     )
 
 
-def sequence_to_heads(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """(B, H, S/U, D) with all heads -> (B, H/U, S, D) with this rank's heads; shards in rank order."""
+def qkv_sequence_to_heads(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One all-to-all for queries, keys and values: 3 x (B, H, S/U, D) with all heads -> 3 x (B, H/U, S, D)
+    with this rank's heads, shards in rank order."""
     u = group_size(group)
     if u == 1:
-        return x
-    b, h, s, d = x.shape
-    x = x.reshape(b, u, h // u, s, d).permute(1, 0, 2, 3, 4)  # (B, H, S/U, D) -> (U, B, H/U, S/U, D)
+        return q, k, v
+    b, h, s, d = q.shape
+    x = torch.stack([q, k, v])  # 3 x (B, H, S/U, D) -> (3, B, H, S/U, D)
+    x = x.reshape(3, b, u, h // u, s, d).permute(2, 0, 1, 3, 4, 5)  # -> (U, 3, B, H/U, S/U, D)
     x = all_to_all_dim0(x, group)  # head chunk i to rank i; x[j] is now rank j's sequence shard
-    return x.permute(1, 2, 0, 3, 4).reshape(b, h // u, u * s, d)  # (U, B, H/U, S/U, D) -> (B, H/U, S, D)
+    x = x.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // u, u * s, d)  # (U, 3, B, H/U, S/U, D) -> (3, B, H/U, S, D)
+    return x[0], x[1], x[2]
 
 
 def heads_to_sequence(x: Tensor, group: ProcessGroup | None) -> Tensor:
