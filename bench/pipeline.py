@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=8, help="blocks of the timed DiTs")
-    parser.add_argument("--tokens", type=int, default=256, help="image tokens per sample, micro-batch run")
+    parser.add_argument("--tokens", type=int, default=1024, help="image tokens per sample (1024: a 512 px DiT-XL/2 image), micro-batch run")
     parser.add_argument("--batch", type=int, default=8, help="samples per DiT call, micro-batch run")
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--fusion-tokens", type=int, default=4096, help="image tokens, PipeFusion run (one image)")
