@@ -153,7 +153,7 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     """Times the layout against one process; with ``memory_run``, measures the peak RSS growth of a step instead."""
     if memory_run:
         _return_freed_memory()
-    cfg = config(args.tokens, args.hidden, args.heads, args.layers)
+    config(args.tokens, args.hidden, args.heads, args.layers)  # rejects a --tokens that is not square, before any launch
     layout = ParallelLayout(**LAYOUTS[name]).resolve(world)
     plain = build(cfg)
     full_bytes = resident_bytes(plain, buffers=False)
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
 
-    cfg = config(args.tokens, args.hidden, args.heads, args.layers)
+    config(args.tokens, args.hidden, args.heads, args.layers)  # rejects a --tokens that is not square, before any launch
     print(f"one step = DiT forward over the doubled batch ({2 * args.batch} rows per dp group), {args.tokens} tokens,"
           f" hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process,"
           f" {args.reps} reps after warm-up, one process and the layout alternating")

@@ -238,3 +238,7 @@ class TextRequests(Dataset):
 
 def text_requests(n: int = 2, batch_size: int = 2, text_tokens: int = 7) -> DataLoader:
     return DataLoader(TextRequests(n, text_tokens), batch_size=batch_size)
+
+
+#: The two families every parallelizer is tested on first (self-attention only; plus cross-attention).
+FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}

@@ -47,3 +47,12 @@ def predict_single(module: L.LightningModule, loader) -> torch.Tensor:
     """The one-process reference output."""
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     return torch.cat(trainer.predict(module, loader))
+
+
+def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
+    """Every rank's output equals the one-process reference: float32, max error <= 1e-5 of its largest value."""
+    scale = reference.abs().max().item()
+    for rank, out in enumerate(outputs):
+        assert out.shape == reference.shape, f"rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        err = (out - reference).abs().max().item() / scale
+        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"

@@ -10,19 +10,8 @@ from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, P
 from lightning_dit_parallel.fsdp import is_sharded, module_units
 from lightning_dit_parallel.utils.memory import resident_bytes
 from tests.distributed import run_on_ranks
-from tests.models import build_dit, build_pixart, dit_sampler, pixart_sampler, requests
-from tests.rank_outputs import predict_on_ranks, predict_single
-
-FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}
-
-
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
-        err = (out - reference).abs().max().item() / scale
-        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
-
+from tests.models import FAMILIES, build_dit, dit_sampler, requests
+from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fsdp_alone_is_data_parallel_over_one_sharded_copy(family, tmp_path):

@@ -10,33 +10,21 @@ import torch
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy
 from tests.models import (
+    FAMILIES,
     build_cogvideox,
     build_dit,
     build_flux,
-    build_pixart,
     build_sd3,
     build_wan,
     cogvideox_sampler,
     dit_sampler,
     flux_sampler,
-    pixart_sampler,
     requests,
     sd3_sampler,
     text_requests,
     wan_sampler,
 )
-from tests.rank_outputs import predict_on_ranks, predict_single
-
-FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}
-
-
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
-        err = (out - reference).abs().max().item() / scale
-        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
-
+from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 #: Layouts whose 4 ranks all work on the same batch (dp = 1).
 MODEL_PARALLEL_LAYOUTS = {

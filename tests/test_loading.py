@@ -11,15 +11,7 @@ from lightning_dit_parallel.loading import build_on_meta, defer_weights, load_lo
 from lightning_dit_parallel.utils.memory import resident_bytes
 from tests.distributed import run_on_ranks
 from tests.models import build_dit, dit_sampler, requests
-from tests.rank_outputs import predict_on_ranks, predict_single
-
-
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape
-        err = (out - reference).abs().max().item() / scale
-        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
+from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 
 def meta_dit(config) -> DiTTransformer2DModel:

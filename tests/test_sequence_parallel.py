@@ -15,17 +15,8 @@ from torch import nn
 
 from lightning_dit_parallel import DiTParallelStrategy, SequenceParallelStrategy
 from tests.distributed import run_on_ranks
-from tests.models import build_dit, build_pixart, dit_sampler, pixart_sampler, requests
-from tests.rank_outputs import SaveRankOutputs, load_rank_outputs, predict_on_ranks, predict_single
-
-FAMILIES = {"dit": (build_dit, dit_sampler), "pixart": (build_pixart, pixart_sampler)}
-
-
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    for rank, out in enumerate(outputs):
-        err = (out - reference).abs().max().item() / scale
-        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
+from tests.models import FAMILIES, build_dit, dit_sampler, requests
+from tests.rank_outputs import SaveRankOutputs, assert_exact, load_rank_outputs, predict_on_ranks, predict_single
 
 
 @pytest.mark.parametrize("family", FAMILIES)
