@@ -68,37 +68,6 @@ def build(cfg: dict) -> DiTTransformer2DModel:
     return DiTTransformer2DModel(**cfg).eval()
 
 
-class _ExtraCounts:
-    """Adds to a ``CommCounter`` what it does not wrap: ``dist.all_gather_single`` (FSDP2's parameter all-gather
-    in torch >= 2.13) and, when ``count_isend``, ``dist.isend`` (the pipeline's activations). ``dist.isend`` is
-    not wrapped where ring attention runs: its ``P2POp``s accept only the original function."""
-
-    def __init__(self, counter: CommCounter, count_isend: bool) -> None:
-        self.counter = counter
-        self.names = ["all_gather_single"] + (["isend"] if count_isend else [])
-        self.originals = {name: getattr(dist, name) for name in self.names if hasattr(dist, name)}
-
-    def __enter__(self) -> None:
-        counter = self.counter.bytes_sent
-        originals = self.originals
-
-        def all_gather_single(output, input, group=None, **kwargs):
-            counter["all_gather"] += input.numel() * input.element_size() * (dist.get_world_size(group) - 1)
-            return originals["all_gather_single"](output, input, group=group, **kwargs)
-
-        def isend(tensor, *args, **kwargs):
-            counter["p2p"] += tensor.numel() * tensor.element_size()
-            return originals["isend"](tensor, *args, **kwargs)
-
-        for name, fn in (("all_gather_single", all_gather_single), ("isend", isend)):
-            if name in originals:
-                setattr(dist, name, fn)
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self.originals.items():
-            setattr(dist, name, fn)
-
-
 def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, param_bytes: int) -> dict[str, float]:
     """Bytes one rank sends in one step, from the DESIGN.md table (float32), for the parts the table covers.
 
@@ -153,7 +122,7 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     """Times the layout against one process; with ``memory_run``, measures the peak RSS growth of a step instead."""
     if memory_run:
         _return_freed_memory()
-    config(args.tokens, args.hidden, args.heads, args.layers)  # rejects a --tokens that is not square, before any launch
+    cfg = config(args.tokens, args.hidden, args.heads, args.layers)
     layout = ParallelLayout(**LAYOUTS[name]).resolve(world)
     plain = build(cfg)
     full_bytes = resident_bytes(plain, buffers=False)
@@ -191,8 +160,9 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
         return elapsed
 
     reference = forward(plain, mine)
-    counter = CommCounter()
-    with counter, _ExtraCounts(counter, count_isend=int(layout.ring) == 1):
+    # isend is wrapped for the pipeline's transfers, except where ring attention's P2POps need the original
+    counter = CommCounter(count_isend=int(layout.ring) == 1)
+    with counter:
         out = forward(parallel, mine)  # also the warm-up
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     held = resident_bytes(parallel, buffers=False)

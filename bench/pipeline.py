@@ -4,7 +4,7 @@ A rank stands for a device: every process runs with the same number of threads (
 started once per measurement; inside them, alternating, rank 0 times the plain model alone (the
 one-process figure; the other ranks wait at a barrier) and then all ranks time the pipelined copy of the
 same seeded model. Reported: medians after one warm-up, their ratio, the spread, and the bytes each rank
-sent (``dist.isend``, ``dist.broadcast`` and ``dist.broadcast_object_list`` are wrapped to count them)
+sent (counted by ``CommCounter``, which wraps ``dist.isend``, ``dist.broadcast`` and the other calls)
 next to the DESIGN.md table.
 
     python bench/pipeline.py                     # everything, defaults below
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -27,44 +25,10 @@ from diffusers import DiTTransformer2DModel
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import count_parameters
 from lightning_dit_parallel.plan import plan_for
+from lightning_dit_parallel.utils.comm_counter import CommCounter
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 PARTS = ("params", "microbatch", "pipefusion")
-
-
-class ByteCounter:
-    """Counts bytes this rank sends with ``dist.isend`` / ``dist.broadcast`` / ``dist.broadcast_object_list``."""
-
-    NAMES = ("isend", "broadcast", "broadcast_object_list")
-
-    def __init__(self) -> None:
-        self.sent: dict[str, int] = defaultdict(int)
-        self._saved: dict[str, object] = {}
-
-    def __enter__(self) -> ByteCounter:
-        self._saved = {name: getattr(dist, name) for name in self.NAMES}
-        saved, sent = self._saved, self.sent
-
-        def isend(tensor, dst=None, group=None, *args, **kwargs):
-            sent["p2p"] += tensor.numel() * tensor.element_size()
-            return saved["isend"](tensor, dst, group, *args, **kwargs)
-
-        def broadcast(tensor, src=None, group=None, *args, **kwargs):
-            if dist.get_rank() == src:
-                sent["broadcast"] += tensor.numel() * tensor.element_size() * (dist.get_world_size(group) - 1)
-            return saved["broadcast"](tensor, src, group, *args, **kwargs)
-
-        def broadcast_object_list(objects, src=None, group=None, *args, **kwargs):
-            if dist.get_rank() == src:  # pickled size (plus the size tensor), to every other rank
-                sent["broadcast"] += (len(pickle.dumps(objects)) + 8) * (dist.get_world_size(group) - 1)
-            return saved["broadcast_object_list"](objects, src, group, *args, **kwargs)
-
-        dist.isend, dist.broadcast, dist.broadcast_object_list = isend, broadcast, broadcast_object_list
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
 
 
 def build(tokens: int, hidden: int, heads: int, layers: int, classes: int = 10, device: str = "cpu") -> DiTTransformer2DModel:
@@ -136,13 +100,13 @@ def _timing_worker(rank: int, world: int, args: argparse.Namespace, mode: str) -
     reference = forward(plain)
     out = forward(piped)  # warm-up; for PipeFusion the unpatched warm-up step that fills the caches
     error = ((out - reference).abs().max() / reference.abs().max()).item()
-    with ByteCounter() as counter:
+    with CommCounter(count_isend=True) as counter:
         out = forward(piped)  # one (patched, for PipeFusion) step
     plain_s, piped_s = [], []
     for _ in range(args.reps):
         plain_s.append(timed_plain())
         piped_s.append(timed_piped())
-    return {"plain": plain_s, "piped": piped_s, "bytes": dict(counter.sent), "error": error, "load": os.getloadavg()[0]}
+    return {"plain": plain_s, "piped": piped_s, "bytes": dict(counter.bytes_sent), "error": error, "load": os.getloadavg()[0]}
 
 
 def _report_timing(name: str, world: int, results: list[dict], unit: str, per: float) -> None:
