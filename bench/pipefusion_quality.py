@@ -73,8 +73,9 @@ def main() -> None:
     torch.set_num_threads(1)
     labels = request_batch(args.samples)["class_label"]
     configs = list(itertools.product(args.patches, args.warmup, args.steps))
+    guidance = digits_sampler(weights=args.weights).guidance_scale
     print(f"digits DiT (64 tokens, 4 blocks), PipeFusion on {args.stages} stages vs exact one-process sampling,"
-          f" {args.samples} images, DDIM, guidance 3.0\n")
+          f" {args.samples} images, DDIM, guidance {guidance} (the default sampler)\n")
     exact = {steps: exact_images(steps, args.samples, args.weights) for steps in args.steps}
     ranks = run_on_ranks(args.stages, _pipefusion_worker, configs, args.samples, args.weights, timeout_s=3600)
     print("| patches M | warm-up W | steps | max abs diff | mean abs diff | PSNR dB | class acc. PipeFusion | class acc. exact |")
