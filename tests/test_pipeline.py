@@ -22,6 +22,7 @@ from tests.distributed import run_on_ranks
 from tests.models import (
     POOLED_DIM,
     TEXT_DIM,
+    build_wan,
     dit_sampler,
     flux_sampler,
     pixart_sampler,
@@ -280,4 +281,11 @@ def test_registered_names():
 def test_pipefusion_rejects_joint_attention_plans():
     model = flux()
     with pytest.raises(ValueError, match="PipeFusion supports plans with one cut sequence"):
+        check_pipefusion_plan(plan_for(model), model)
+
+
+def test_pipefusion_rejects_plans_that_cut_block_inputs():
+    """Wan cuts its video tokens where blocks.0 receives them: a stage without that block would not cut."""
+    model = build_wan()
+    with pytest.raises(ValueError, match=r"cuts tokens at the inputs of blocks \['blocks.0'\]"):
         check_pipefusion_plan(plan_for(model), model)

@@ -71,7 +71,8 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
 
     Raises:
         ValueError: for more stages than blocks, ``layers_per_stage`` that do not fit, a ``shared_modules``
-            entry that is not inside a block, or PipeFusion on a plan with several sequences.
+            entry that is not inside a block, or PipeFusion on a plan it does not
+            support (see ``check_pipefusion_plan``).
     """
     stages = dist.get_world_size(group)
     options.check_stages(stages)

@@ -175,7 +175,7 @@ class PipeFusionForward:
         """Hooks at the plan's split and gather points and around this stage's self-attention modules."""
         for path, split in self.plan.split_outputs.items():
             self.handles.append(modules[path].register_forward_hook(self._split_output_hook(path, split)))
-        for path, splits in getattr(self.plan, "split_module_inputs", {}).items():
+        for path, splits in self.plan.split_module_inputs.items():
             hook = self._split_input_hook(path, splits)
             self.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
         if self.link.is_last:
@@ -262,10 +262,14 @@ class PipeFusionForward:
 
 
 def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
-    """PipeFusion needs one cut sequence that every self-attention attends over.
+    """PipeFusion needs one cut sequence that every self-attention attends over, cut where every stage cuts it.
+
+    Pure computation: every rank of the pipeline reaches the same verdict before any communication.
 
     Raises:
-        ValueError: for plans with several sequences (e.g. joint text-image attention in Flux or SD3).
+        ValueError: for plans with several sequences (e.g. joint text-image attention in Flux or SD3), and for
+            plans that cut tokens at the inputs of a block (e.g. Wan's ``blocks.0``): only the stage owning that
+            block would cut there, and the others would exchange whole sequences for patches.
     """
     sequences = plan.sequences
     orders = set(plan.self_attention.values())
@@ -273,6 +277,13 @@ def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
         raise ValueError(
             f"PipeFusion supports plans with one cut sequence that self-attention attends over; the plan of"
             f" {type(model).__name__} cuts {list(sequences)} and its self-attention runs over {sorted(orders)}."
+            " Use pipeline mode 'microbatch' for this model."
+        )
+    in_blocks = [p for p in plan.split_module_inputs if any(p.startswith(f"{blocks}.") for blocks in plan.blocks)]
+    if in_blocks:
+        raise ValueError(
+            f"PipeFusion does not support the plan of {type(model).__name__}: it cuts tokens at the inputs of"
+            f" blocks {in_blocks} (split_module_inputs), which only the pipeline stage owning them runs."
             " Use pipeline mode 'microbatch' for this model."
         )
 
