@@ -34,8 +34,16 @@ class Parallelized:
     applied: list[Removable] = field(default_factory=list)
 
     def remove(self) -> None:
+        """Remove every parallelizer, last applied first; one that fails does not keep the others' hooks on the
+        model (the first error is raised after all were tried)."""
+        error: BaseException | None = None
         while self.applied:
-            self.applied.pop().remove()
+            try:
+                self.applied.pop().remove()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def begin_batch(self) -> None:
         """A new batch starts: parallelizers that keep state across DiT calls (PipeFusion) reset it."""

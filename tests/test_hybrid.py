@@ -157,3 +157,23 @@ def test_flux_fsdp_pipeline_and_ulysses_on_four_ranks(tmp_path):
     reference = predict_single(sampler(build()), text_requests())
     strategy = DiTParallelStrategy(pp_degree=2, ulysses_degree=2, fsdp=True, start_method="fork")
     assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, 4, tmp_path), reference)
+
+
+def test_parallelized_remove_tries_every_parallelizer_and_raises_the_first_error():
+    from lightning_dit_parallel.parallelize import Parallelized
+
+    removed: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, fails: bool) -> None:
+            self.name, self.fails = name, fails
+
+        def remove(self) -> None:
+            removed.append(self.name)
+            if self.fails:
+                raise RuntimeError(f"{self.name} failed")
+
+    handle = Parallelized(applied=[Part("first", False), Part("second", True), Part("third", True)])
+    with pytest.raises(RuntimeError, match="third failed"):
+        handle.remove()
+    assert removed == ["third", "second", "first"] and not handle.applied

@@ -294,14 +294,18 @@ class DiTParallelStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._parallelized is not None:
-            self._parallelized.remove()
-            self._parallelized = None
-        self._mesh = None
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_process_group = False
-        super().teardown()
+        # The process group and Lightning's state go even when removing the parallelizers fails (FSDP's removal
+        # all-gathers: a dead peer makes it raise), so that another predict can follow in this process.
+        try:
+            if self._parallelized is not None:
+                parallelized, self._parallelized = self._parallelized, None
+                parallelized.remove()
+        finally:
+            self._mesh = None
+            if self._owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+            self._owns_process_group = False
+            super().teardown()
 
     @classmethod
     @override
