@@ -40,19 +40,17 @@ class StageLink:
     def global_rank(self, stage: int) -> int:
         return dist.get_global_rank(self.group, stage)
 
-    def send(self, tensors: list[Tensor], mask: list[bool]) -> list:
+    def send(self, tensors: list[Tensor], mask: list[bool]) -> tuple[list[dist.Work], list[Tensor]]:
         """Post non-blocking sends of ``mask`` and of the tensors it marks to the next stage.
 
-        Returns the pending works; they (and the tensors) must be kept alive until waited on.
+        Returns the pending works and the buffers they send (the flags and contiguous copies included); the
+        caller keeps both alive until the works are waited on.
         """
         dst = self.global_rank(self.stage + 1)
         flags = torch.tensor(mask, dtype=torch.uint8, device=tensors[0].device)  # (n,) one flag per tensor
-        works = [dist.isend(flags, dst, group=self.group)]
-        for tensor, sent in zip(tensors, mask):
-            if sent:
-                # (shape of this tensor in the call) = the receiver's template of the same call
-                works.append(dist.isend(tensor.contiguous(), dst, group=self.group))
-        return works
+        # (shape of each marked tensor in the call) = the receiver's template of the same call
+        buffers = [flags, *(tensor.contiguous() for tensor, sent in zip(tensors, mask) if sent)]
+        return [dist.isend(buffer, dst, group=self.group) for buffer in buffers], buffers
 
     def recv(self, templates: list[Tensor]) -> list[Tensor]:
         """Receive from the previous stage: the templates that the sender marked are replaced by received tensors.

@@ -21,6 +21,7 @@ indices counted from this stage's first block.
 
 from __future__ import annotations
 
+import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -59,7 +60,7 @@ class StageLoop:
         self._handles: list[RemovableHandle] = []
         self._classes: list[type] = []
         self.first_inputs: list[Tensor] = []
-        self.pending: list = []
+        self.pending: list[dist.Work] = []
         self._in_flight: list[list[Tensor]] = []
 
     def install(self) -> StageLoop:
@@ -107,8 +108,9 @@ class StageLoop:
         if not tensors:
             raise RuntimeError("The next stage's first block is called without any tensor; nothing to pipeline.")
         mask = [not any(t is f for f in self.first_inputs) for t in tensors]
-        self.pending.extend(self.link.send(tensors, mask))
-        self._in_flight.append(tensors)  # keep the buffers alive until the sends complete
+        works, buffers = self.link.send(tensors, mask)
+        self.pending.extend(works)
+        self._in_flight.append(buffers)  # keep the buffers alive until the sends complete
 
 
 class _SendToNextStage(nn.Module):
