@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.ring import ring_attention
-from lightning_dit_parallel.sequence.ulysses import check_heads, heads_to_sequence, qkv_sequence_to_heads
+from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads, check_heads, ulysses_attention
 
 #: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
 local_sdpa = F.scaled_dot_product_attention
@@ -41,20 +41,20 @@ def sequence_parallel_attention(
     u, r = groups.ulysses_size, groups.ring_size
     check_heads(q.shape[1], u, groups.size, where)
     if not q.shape == k.shape == v.shape:
-        raise NotImplementedError(f"{where}: sequence-parallel self-attention needs q, k, v of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
-    q, k, v = qkv_sequence_to_heads(q, k, v, groups.ulysses)  # 3 x (B, H, S/N, D) -> 3 x (B, H/U, S*U/N, D)
+        raise NotImplementedError(
+            f"{where}: sequence-parallel self-attention needs q, k, v of one shape; got {tuple(q.shape)},"
+            f" {tuple(k.shape)}, {tuple(v.shape)}."
+        )
 
     def ring_block_valid(block: int) -> Tensor | None:
         return key_valid([block * u + i for i in range(u)])
 
     if r == 1:
-        valid = ring_block_valid(0)
-        mask = None if valid is None else valid.view(1, 1, 1, -1)  # (Sk,) -> (1, 1, 1, Sk)
-        out = local_sdpa(q, k, v, attn_mask=mask, scale=scale)
-    else:
-        assert groups.ring is not None
-        out = ring_attention(q, k, v, groups.ring, ring_block_valid, scale)
-    return heads_to_sequence(out, groups.ulysses)  # (B, H/U, S*U/N, D) -> (B, H, S/N, D)
+        return ulysses_attention(q, k, v, groups.ulysses, ring_block_valid(0), scale, attention=local_sdpa)
+    assert groups.ring is not None
+    q, k, v = QKVToHeads(q, k, v, groups.ulysses).wait()  # 3 x (B, H, S/N, D) -> 3 x (B, H/U, S*U/N, D)
+    out = ring_attention(q, k, v, groups.ring, ring_block_valid, scale)
+    return HeadsToSequence(out, groups.ulysses).wait()  # (B, H/U, S*U/N, D) -> (B, H, S/N, D)
 
 
 def unsupported_sdpa_arguments(attn_mask, dropout_p, is_causal, enable_gqa) -> list[str]:

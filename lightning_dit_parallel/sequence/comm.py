@@ -20,20 +20,29 @@ def group_rank(group: ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def all_to_all_dim0(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Send ``x[i]`` to rank ``i`` of ``group``; return ``y`` with ``y[i]`` received from rank ``i``.
+class PendingAllToAll:
+    """A non-blocking ``all_to_all_dim0`` in flight; ``wait()`` returns what was received.
 
-    ``x``: (N, ...) with N the group size -> (N, ...).
+    ``x``: (N, ...) with N the group size; ``x[i]`` goes to rank ``i``, and after ``wait()`` row ``i`` of the
+    result came from rank ``i``. With a group of size 1 nothing is sent and ``wait()`` returns ``x``.
     """
-    n = group_size(group)
-    if n == 1:
-        return x
-    if x.shape[0] != n:
-        raise ValueError(f"all_to_all_dim0 needs dim 0 of size {n} (the group size); got shape {tuple(x.shape)}.")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+
+    def __init__(self, x: Tensor, group: ProcessGroup | None) -> None:
+        n = group_size(group)
+        if n > 1 and x.shape[0] != n:
+            raise ValueError(f"all-to-all needs dim 0 of size {n} (the group size); got shape {tuple(x.shape)}.")
+        self._work = None
+        self._out = x
+        if n > 1:
+            x = x.contiguous()
+            self._out = torch.empty_like(x)
+            self._work = dist.all_to_all_single(self._out, x, group=group, async_op=True)
+
+    def wait(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._out
 
 
 def all_gather_dim(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:

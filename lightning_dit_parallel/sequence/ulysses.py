@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_dit_parallel.sequence.comm import all_to_all_dim0, group_size
+from lightning_dit_parallel.sequence.comm import PendingAllToAll, group_size
 
 
 def check_heads(num_heads: int, ulysses: int, sequence_degree: int, where: str) -> None:
@@ -27,26 +27,84 @@ def check_heads(num_heads: int, ulysses: int, sequence_degree: int, where: str) 
     )
 
 
-def qkv_sequence_to_heads(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One all-to-all for queries, keys and values: 3 x (B, H, S/U, D) with all heads -> 3 x (B, H/U, S, D)
-    with this rank's heads, shards in rank order."""
-    u = group_size(group)
-    if u == 1:
-        return q, k, v
-    b, h, s, d = q.shape
-    x = torch.stack([q, k, v])  # 3 x (B, H, S/U, D) -> (3, B, H, S/U, D)
-    x = x.reshape(3, b, u, h // u, s, d).permute(2, 0, 1, 3, 4, 5)  # -> (U, 3, B, H/U, S/U, D)
-    x = all_to_all_dim0(x, group)  # head chunk i to rank i; x[j] is now rank j's sequence shard
-    x = x.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // u, u * s, d)  # (U, 3, B, H/U, S/U, D) -> (3, B, H/U, S, D)
-    return x[0], x[1], x[2]
+class QKVToHeads:
+    """Start the all-to-all of queries, keys and values (one message); ``wait()`` returns them re-laid out.
+
+    3 x (B, H, S/U, D) with all heads of this rank's shard -> 3 x (B, H/U, S, D) with this rank's heads of the
+    whole sequence, shards in rank order.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> None:
+        self.u = group_size(group)
+        self.shape = q.shape
+        if self.u == 1:
+            self._pending = None
+            self._qkv = (q, k, v)
+            return
+        b, h, s, d = q.shape
+        x = torch.stack([q, k, v])  # 3 x (B, H, S/U, D) -> (3, B, H, S/U, D)
+        x = x.reshape(3, b, self.u, h // self.u, s, d).permute(2, 0, 1, 3, 4, 5)  # -> (U, 3, B, H/U, S/U, D)
+        self._pending = PendingAllToAll(x, group)  # head chunk i to rank i; row j comes from rank j's shard
+
+    def wait(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._pending is None:
+            return self._qkv
+        b, h, s, d = self.shape
+        x = self._pending.wait()  # (U, 3, B, H/U, S/U, D)
+        x = x.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // self.u, self.u * s, d)  # -> (3, B, H/U, S, D)
+        return x[0], x[1], x[2]
 
 
-def heads_to_sequence(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """(B, H/U, S, D) with this rank's heads -> (B, H, S/U, D) with all heads of this rank's shard."""
+class HeadsToSequence:
+    """Start the inverse all-to-all; ``wait()`` returns (B, H, S/U, D): all heads of this rank's shard.
+
+    Input: (B, H/U, S, D), this rank's heads of the whole sequence.
+    """
+
+    def __init__(self, x: Tensor, group: ProcessGroup | None) -> None:
+        self.u = group_size(group)
+        self.shape = x.shape
+        b, hu, s, d = x.shape
+        if self.u > 1:
+            x = x.reshape(b, hu, self.u, s // self.u, d).permute(2, 0, 1, 3, 4)  # -> (U, B, H/U, S/U, D)
+        self._pending = PendingAllToAll(x, group)  # sequence shard j to rank j; row i is rank i's head chunk
+
+    def wait(self) -> Tensor:
+        x = self._pending.wait()
+        if self.u == 1:
+            return x
+        b, hu, s, d = self.shape
+        return x.permute(1, 0, 2, 3, 4).reshape(b, self.u * hu, s // self.u, d)  # (U, B, H/U, S/U, D) -> (B, H, S/U, D)
+
+
+def ulysses_attention(
+    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, key_valid: Tensor | None, scale: float | None,
+    attention=None,
+) -> Tensor:
+    """Ulysses attention with communication overlapped: heads are processed in two halves when they split so,
+    the all-to-all of one half travelling while the other half's attention runs.
+
+    Args:
+        q, k, v: (B, H, S/U, D) this rank's shard, all heads.
+        group: the Ulysses group.
+        key_valid: (S,) bool mask of the real keys of the whole sequence (shards in rank order), or ``None``.
+        scale: softmax scale.
+        attention: the local attention kernel (``F.scaled_dot_product_attention``'s signature).
+
+    Returns:
+        (B, H, S/U, D).
+    """
+    attention = torch.nn.functional.scaled_dot_product_attention if attention is None else attention
     u = group_size(group)
-    if u == 1:
-        return x
-    b, hu, s, d = x.shape
-    x = x.reshape(b, hu, u, s // u, d).permute(2, 0, 1, 3, 4)  # (B, H/U, S, D) -> (U, B, H/U, S/U, D)
-    x = all_to_all_dim0(x, group)  # sequence shard j to rank j; x[i] is now rank i's head chunk
-    return x.permute(1, 0, 2, 3, 4).reshape(b, u * hu, s // u, d)  # (U, B, H/U, S/U, D) -> (B, H, S/U, D)
+    chunks = 2 if q.shape[1] % (2 * u) == 0 else 1
+    mask = None if key_valid is None else key_valid.view(1, 1, 1, -1)  # (S,) -> (1, 1, 1, S)
+    halves = list(zip(q.chunk(chunks, dim=1), k.chunk(chunks, dim=1), v.chunk(chunks, dim=1)))  # heads split
+    incoming = QKVToHeads(*halves[0], group)
+    outgoing: list[HeadsToSequence] = []
+    for i in range(chunks):
+        qi, ki, vi = incoming.wait()  # 3 x (B, H/(c*U), S, D)
+        if i + 1 < chunks:
+            incoming = QKVToHeads(*halves[i + 1], group)  # travels while this half's attention runs
+        out = attention(qi, ki, vi, attn_mask=mask, scale=scale)  # (B, H/(c*U), S, D)
+        outgoing.append(HeadsToSequence(out, group))
+    return torch.cat([o.wait() for o in outgoing], dim=1)  # c x (B, H/c, S/U, D) -> (B, H, S/U, D)
