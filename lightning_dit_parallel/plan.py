@@ -57,8 +57,8 @@ class DiTPlan:
             ``{"transformer_blocks.*.attn1": ("image",)}`` or, for joint attention over text and image
             tokens concatenated text first, ``{"transformer_blocks.*.attn": ("text", "image")}``.
         cross_attention: patterns of attention modules whose keys and values are replicated context (text);
-            their queries stay sharded and they need no communication. Listed so the plan is complete and
-            checked.
+            their queries stay sharded and they need no communication. Listed so the plan is complete; sequence
+            parallelism checks that every pattern matches a module and none is also self-attention.
         shared_modules: submodules inside blocks that the DiT also calls outside its block loop, e.g. DiT's
             final layer reuses ``transformer_blocks.0.norm1.emb``; a pipeline stage that does not own the
             block keeps these (and only these) parts of it.

@@ -83,3 +83,23 @@ def test_register_plan_type_checks():
         register_plan(object, PLAN)
     with pytest.raises(TypeError):
         register_plan(TinyDiT, {"split_outputs": {}})
+
+
+@pytest.mark.parametrize(
+    "cross, match",
+    [
+        (("transformer_blocks.*.attn3",), r"cross_attention patterns \['transformer_blocks.\*.attn3'\] match no module"),
+        (("transformer_blocks.*.attn*",), r"\['transformer_blocks.0.attn1', .*\] .* both self-attention and cross"),
+    ],
+)
+def test_cross_attention_patterns_are_checked(cross, match):
+    from dataclasses import replace
+
+    from lightning_dit_parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+
+    model = build_pixart()
+    plan = replace(plan_for(model), cross_attention=cross)
+    with pytest.raises(ValueError, match=match):
+        apply_sequence_parallel(model, plan, SequenceGroups())  # one rank: the checks need no process group
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "nothing installed"

@@ -26,8 +26,3 @@ def builtin_plan(cls: type) -> DiTPlan | None:
     if not cls.__module__.startswith("diffusers.") or cls.__name__ not in _BUILTIN:
         return None
     return importlib.import_module(_BUILTIN[cls.__name__]).PLAN
-
-
-def builtin_plan_classes() -> tuple[str, ...]:
-    """Names of the diffusers classes that have a shipped plan."""
-    return tuple(_BUILTIN)

@@ -12,6 +12,7 @@ The DiT's own forward is not changed. Hooks:
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,11 +136,13 @@ class SequenceParallel:
 def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGroups) -> SequenceParallel:
     """Install the plan's split, gather and attention hooks on ``model``.
 
-    Checks the plan against the model (every path exists, attention heads split over the Ulysses degree)
+    Checks the plan against the model (every path and attention pattern matches, heads split over the
+    Ulysses degree)
     before anything is installed; every rank runs the same checks, so a bad plan fails on all of them.
 
     Raises:
-        ValueError: for a path or pattern that matches nothing, or heads that do not split.
+        ValueError: for a path or pattern that matches nothing, a module listed as both self- and
+            cross-attention, or heads that do not split.
     """
     sp = SequenceParallel(model, plan, groups)
     sp._signature = inspect.signature(model.forward)
@@ -161,6 +164,13 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     attention = list(plan.self_attention_modules(model))
     if not attention:
         raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
+    cross = {path for path, _ in plan.cross_attention_modules(model)}
+    unmatched = [p for p in plan.cross_attention if not any(fnmatch.fnmatchcase(path, p) for path in cross)]
+    if unmatched:
+        raise ValueError(f"Plan cross_attention patterns {unmatched} match no module of {type(model).__name__}.")
+    both = sorted(cross & {path for path, _, _ in attention})
+    if both:
+        raise ValueError(f"Plan lists {both} of {type(model).__name__} as both self-attention and cross-attention.")
     for path, module, _ in attention:
         heads = getattr(module, "heads", getattr(module, "num_heads", None))  # diffusers / timm-style names
         if isinstance(heads, int):
