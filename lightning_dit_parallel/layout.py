@@ -18,9 +18,6 @@ Degree = Union[int, Literal["auto"]]
 #: bandwidth-hungry collective; neighbouring ranks (same node, NVLink) should carry it.
 MESH_AXES: tuple[str, ...] = ("dp", "cfg", "pp", "ring", "ulysses")
 
-#: The mesh axes over which the ranks hold the same weights and see the same samples.
-SEQUENCE_AXES: tuple[str, ...] = ("ring", "ulysses")
-
 
 @dataclass(frozen=True)
 class ParallelLayout:

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lightning_dit_parallel.utils.memory import local_tensor
+
 M = TypeVar("M", bound=nn.Module)
 
 #: Instance attribute that ``defer_weights`` sets on a module.
@@ -95,11 +97,11 @@ def load_local_weights(module: nn.Module, file: str | Path, device: torch.device
         ValueError: when a stored tensor's shape differs from the parameter's.
     """
     device = torch.device(device)
-    pending = {name: p for name, p in module.named_parameters() if _local(p).is_meta}
+    pending = {name: p for name, p in module.named_parameters() if local_tensor(p).is_meta}
     if not pending:
         return 0
     # storage for the local part of each meta tensor only (a DTensor shard keeps its placement)
-    module._apply(lambda t: torch.empty_like(t, device=device) if _local(t).is_meta else t)
+    module._apply(lambda t: torch.empty_like(t, device=device) if local_tensor(t).is_meta else t)
     params = dict(module.named_parameters())
     header, data_start = read_header(file)
     missing = sorted(set(pending) - set(header))
@@ -113,7 +115,7 @@ def load_local_weights(module: nn.Module, file: str | Path, device: torch.device
                 raise ValueError(
                     f"{file}: {name} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}."
                 )
-            local = _local(param)
+            local = local_tensor(param)
             region = _local_region(param)
             rows = _row_range(region, param.shape)
             with torch.no_grad():
@@ -168,11 +170,6 @@ def save_weights(module: nn.Module, file: str | Path) -> None:
 
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(file))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _local_region(param: torch.Tensor) -> tuple[slice, ...] | None:

@@ -16,7 +16,7 @@ from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, mod
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock
-from lightning_dit_parallel.plan import DiTPlan, find_planned_modules
+from lightning_dit_parallel.plan import DiTPlan, find_planned_modules, is_within
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.utils.logging import rank_zero_log
@@ -84,7 +84,7 @@ def parallelize(
     planned = find_planned_modules(module)
     extra = [(path, _submodule(module, path)) for path in shard_modules]
     for path in shard_modules:
-        overlap = [p for p, _, _ in planned if _nested(p, path) or _nested(path, p)]
+        overlap = [p for p, _, _ in planned if is_within(p, path) or is_within(path, p)]
         if overlap:
             raise ValueError(
                 f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already."
@@ -164,10 +164,6 @@ def _check_pipeline_with_sequence(planned: list[tuple[str, nn.Module, DiTPlan]],
                 f" split_module_inputs {list(plan.split_module_inputs)}, which only the stage owning that block"
                 " runs. Use pp_degree=1 or ring_degree=ulysses_degree=1 for this model."
             )
-
-
-def _nested(inner: str, outer: str) -> bool:
-    return outer == "" or inner == outer or inner.startswith(outer + ".")
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

@@ -192,6 +192,11 @@ HOW_TO_DECLARE = (
 )
 
 
+def is_within(path: str, outer: str) -> bool:
+    """Whether the module at ``path`` is the one at ``outer`` or inside it (``""``, the root, contains every path)."""
+    return outer == "" or path == outer or path.startswith(outer + ".")
+
+
 def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]]:
     """Every outermost submodule of ``root`` (``root`` included) whose class has a plan.
 
@@ -201,7 +206,7 @@ def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]
     found: list[tuple[str, nn.Module, DiTPlan]] = []
     claimed: list[str] = []
     for path, module in root.named_modules():
-        if any(path == c or path.startswith(c + ".") for c in claimed if c) or (claimed and claimed[0] == ""):
+        if any(is_within(path, c) for c in claimed):
             continue
         plan = plan_for(module)
         if plan is not None:

@@ -2,9 +2,9 @@
 
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
 from lightning_dit_parallel.pipeline.parallelize import PipelineParallel, apply_pipeline
-from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, parameter_bytes, stage_sizes
+from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, stage_sizes
 
 __all__ = [
     "PipelineMode", "PipelineOptions", "PipelineParallel", "StageAssignment", "apply_pipeline", "assign_stages",
-    "parameter_bytes", "stage_sizes",
+    "stage_sizes",
 ]

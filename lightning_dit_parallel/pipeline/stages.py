@@ -190,26 +190,11 @@ def _attach(stub: nn.Module, relative: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers ``module`` holds, each storage counted once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        storage = local.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter elements ``module`` holds (shared parameters counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 __all__ = [
-    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "parameter_bytes", "release_blocks",
-    "stage_sizes",
+    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "release_blocks", "stage_sizes",
 ]
