@@ -25,6 +25,22 @@ def _first(output) -> Tensor:
     return output.sample if hasattr(output, "sample") else output[0]
 
 
+def guided_pair(batch: dict, key: str, negative_key: str, like: Tensor, guided: bool) -> Tensor:
+    """``batch[key]`` on ``like``'s device and dtype, preceded by its unconditional counterpart when guided.
+
+    Returns:
+        (B, ...) or, with ``guided``, (2B, ...) = cat([negative or zeros, conditional]).
+    """
+    if key not in batch:
+        raise ValueError(f"The batch has no {key!r} (keys: {sorted(batch)}); this conditioning needs it.")
+    cond = batch[key].to(device=like.device, dtype=like.dtype)
+    if not guided:
+        return cond
+    uncond = batch.get(negative_key)
+    uncond = torch.zeros_like(cond) if uncond is None else uncond.to(cond)
+    return torch.cat([uncond, cond])  # (B, ...) -> (2B, ...)
+
+
 class ClassConditioning:
     """Class-conditional models (diffusers ``DiTTransformer2DModel``): ``batch["class_label"]`` (B,).
 
@@ -60,13 +76,12 @@ class TextConditioning:
         self.out_channels = out_channels
 
     def __call__(self, transformer: nn.Module, latents: Tensor, timestep: Tensor, batch: dict, guided: bool) -> Tensor:
-        cond = batch["prompt_embeds"].to(device=latents.device, dtype=latents.dtype)
-        if guided:
-            uncond = batch.get("negative_embeds")
-            uncond = torch.zeros_like(cond) if uncond is None else uncond.to(cond)
-            cond = torch.cat([uncond, cond])  # (B, T, C) -> (2B, T, C)
+        cond = guided_pair(batch, "prompt_embeds", "negative_embeds", latents, guided)  # (B or 2B, T, C)
         t = timestep.expand(latents.shape[0])
         out = _first(
-            transformer(latents, encoder_hidden_states=cond, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+            transformer(
+                latents, encoder_hidden_states=cond, timestep=t,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+            )
         )
         return out[:, : self.out_channels]

@@ -12,23 +12,7 @@ import torch
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from torch import Tensor, nn
 
-from lightning_dit_parallel.sampling.conditioning import _first
-
-
-def guided_pair(batch: dict, key: str, negative_key: str, like: Tensor, guided: bool) -> Tensor:
-    """``batch[key]`` on ``like``'s device and dtype, preceded by its unconditional counterpart when guided.
-
-    Returns:
-        (B, ...) or, with ``guided``, (2B, ...) = cat([negative or zeros, conditional]).
-    """
-    if key not in batch:
-        raise ValueError(f"The batch has no {key!r} (keys: {sorted(batch)}); this conditioning needs it.")
-    cond = batch[key].to(device=like.device, dtype=like.dtype)
-    if not guided:
-        return cond
-    uncond = batch.get(negative_key)
-    uncond = torch.zeros_like(cond) if uncond is None else uncond.to(cond)
-    return torch.cat([uncond, cond])  # (B, ...) -> (2B, ...)
+from lightning_dit_parallel.sampling.conditioning import _first, guided_pair
 
 
 class SD3Conditioning:
