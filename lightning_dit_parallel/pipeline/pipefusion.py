@@ -16,18 +16,20 @@ is reset for each new batch, so any number of steps runs on any number of stages
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
+from lightning_dit_parallel.sequence.attention import local_sdpa
+from lightning_dit_parallel.splits import cut_arguments, cut_value
+from lightning_dit_parallel.utils.sdpa import swap_sdpa_during_forward
 
 
 @dataclass
@@ -146,23 +148,9 @@ class PipeFusionForward:
         return self.link.broadcast_from_last(result if self.link.is_last else None, device)
 
     def _run(self, args: tuple, kwargs: dict):
-        if self.plan.split_inputs:
-            bound = self._signature.bind(*args, **kwargs)
-            for name, split in self.plan.split_inputs.items():
-                if name in bound.arguments:
-                    bound.arguments[name] = self._cut(bound.arguments[name], split, f"forward({name}=...)")
-            args, kwargs = bound.args, bound.kwargs
+        cut = self._require_state("forward").cut
+        args, kwargs = cut_arguments(self._signature, self.plan.split_inputs, args, kwargs, cut, "forward")
         return self.forward(*args, **kwargs)
-
-    def _cut(self, value, split, where: str):
-        state = self._require_state(where)
-        if isinstance(split, Split):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{where}: the plan cuts this value, but it is a {type(value).__name__}, not a Tensor.")
-            return state.cut(value, split, where)
-        if not isinstance(value, (tuple, list)) or len(value) != len(split):
-            raise TypeError(f"{where}: the plan cuts a {len(split)}-tuple, got {type(value).__name__}.")
-        return type(value)(v if s is None else state.cut(v, s, where) for v, s in zip(value, split))
 
     def _require_state(self, where: str) -> PatchState:
         if self.state is None:
@@ -182,9 +170,7 @@ class PipeFusionForward:
             for path, split in self.plan.gather_outputs.items():
                 self.handles.append(modules[path].register_forward_hook(self._gather_hook(path, split)))
         for path, module, _ in self.plan.self_attention_modules(self.model):
-            pre_hook, restore_hook = self._attention_hooks(path)
-            self.handles.append(module.register_forward_pre_hook(pre_hook))
-            self.handles.append(module.register_forward_hook(restore_hook, always_call=True))
+            self.handles.extend(swap_sdpa_during_forward(module, self._attention_kernel(path)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -192,21 +178,17 @@ class PipeFusionForward:
         self.handles.clear()
         self.begin_batch()
 
-    def _split_output_hook(self, path: str, split):
+    def _split_output_hook(self, path: str, split: SplitSpec):
         def hook(module: nn.Module, args: tuple, output):
-            return self._cut(output, split, path)
+            return cut_value(output, split, self._require_state(path).cut, path)
 
         return hook
 
-    def _split_input_hook(self, path: str, splits):
+    def _split_input_hook(self, path: str, splits: Mapping[str, SplitSpec]):
         signature = inspect.signature(self.model.get_submodule(path).forward)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            bound = signature.bind(*args, **kwargs)
-            for name, split in splits.items():
-                if name in bound.arguments:
-                    bound.arguments[name] = self._cut(bound.arguments[name], split, f"{path}({name}=...)")
-            return bound.args, bound.kwargs
+            return cut_arguments(signature, splits, args, kwargs, self._require_state(path).cut, path)
 
         return hook
 
@@ -226,8 +208,8 @@ class PipeFusionForward:
 
         return hook
 
-    def _attention_hooks(self, path: str):
-        saved: list = []
+    def _attention_kernel(self, path: str) -> Callable:
+        """Attention of the current patch's queries over the cached keys and values of the whole sequence."""
 
         def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
             if attn_mask is not None or dropout_p or is_causal or enable_gqa:
@@ -248,17 +230,9 @@ class PipeFusionForward:
             cache.value[..., rows, :] = value
             cache.filled[rows] = True
             mask = None if bool(cache.filled.all()) else cache.filled.view(1, -1)  # (1, S) broadcasts to (B, H, S/M, S)
-            return saved[-1](query, cache.key, cache.value, attn_mask=mask, scale=scale)
+            return local_sdpa(query, cache.key, cache.value, attn_mask=mask, scale=scale)
 
-        def pre_hook(module: nn.Module, args: tuple):
-            saved.append(F.scaled_dot_product_attention)
-            F.scaled_dot_product_attention = kernel
-
-        def restore_hook(module: nn.Module, args: tuple, output):
-            F.scaled_dot_product_attention = saved.pop()  # runs on exceptions too (always_call)
-            return output
-
-        return pre_hook, restore_hook
+        return kernel
 
 
 def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:

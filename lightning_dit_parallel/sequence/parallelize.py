@@ -17,8 +17,7 @@ import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
@@ -26,6 +25,8 @@ from lightning_dit_parallel.sequence.attention import sequence_parallel_attentio
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.ulysses import check_heads
+from lightning_dit_parallel.splits import as_tensor, cut_arguments, cut_value
+from lightning_dit_parallel.utils.sdpa import swap_sdpa_during_forward
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SequenceParallel:
     model: nn.Module
     plan: DiTPlan
     groups: SequenceGroups
+    signature: inspect.Signature
     handles: list[RemovableHandle] = field(default_factory=list)
     state: ShardingState | None = None
 
@@ -48,7 +50,7 @@ class SequenceParallel:
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.state = ShardingState(self.groups)
-        return self._split_arguments(type(module).__name__, self._signature, self.plan.split_inputs, args, kwargs)
+        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, self.state.split, type(module).__name__)
 
     def _end_forward(self, module: nn.Module, args: tuple, output):
         self.state = None
@@ -56,39 +58,24 @@ class SequenceParallel:
 
     def _split_module_inputs(self, path: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            self._require_state(path)
-            return self._split_arguments(path, signature, specs, args, kwargs)
+            return cut_arguments(signature, specs, args, kwargs, self._require_state(path).split, path)
 
         return hook
 
-    def _split_arguments(
-        self, where: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec], args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict]:
-        """Cut the named forward arguments; arguments that are ``None`` or absent are left alone."""
-        if not specs:
-            return args, kwargs
-        bound = signature.bind(*args, **kwargs)
-        for name, spec in specs.items():
-            value = bound.arguments.get(name)
-            if value is not None:
-                bound.arguments[name] = _split_value(self._require_state(where), value, spec, f"{where}({name}=...)")
-        return bound.args, bound.kwargs
-
     def _split_output(self, path: str, spec: SplitSpec):
         def hook(module: nn.Module, args: tuple, output):
-            return _split_value(self._require_state(path), output, spec, path)
+            return cut_value(output, spec, self._require_state(path).split, path)
 
         return hook
 
     def _gather_output(self, path: str, split: Split):
         def hook(module: nn.Module, args: tuple, output):
-            return self._require_state(path).gather(_as_tensor(output, path), split, path)
+            return self._require_state(path).gather(as_tensor(output, path), split, path)
 
         return hook
 
     def _attention_hooks(self, path: str, order: tuple[str, ...]):
-        """Hooks that swap in the sequence-parallel kernel around one attention module."""
-        saved: list = []
+        """The sequence-parallel kernel for one attention module, and hooks that count and check its calls."""
         calls = [0]
 
         def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -107,14 +94,8 @@ class SequenceParallel:
                 query, key, value, self.groups, lambda shards: state.key_valid(order, shards, query.device), scale, path
             )
 
-        def pre_hook(module: nn.Module, args: tuple):
-            saved.append(F.scaled_dot_product_attention)
+        def reset_hook(module: nn.Module, args: tuple) -> None:
             calls[0] = 0
-            F.scaled_dot_product_attention = kernel
-
-        def restore_hook(module: nn.Module, args: tuple, output):
-            F.scaled_dot_product_attention = saved.pop()  # runs on exceptions too (always_call)
-            return output
 
         def check_hook(module: nn.Module, args: tuple, output):
             if calls[0] == 0:
@@ -125,7 +106,7 @@ class SequenceParallel:
                 )
             return output
 
-        return pre_hook, restore_hook, check_hook
+        return kernel, reset_hook, check_hook
 
     def _require_state(self, path: str) -> ShardingState:
         if self.state is None:
@@ -137,16 +118,15 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     """Install the plan's split, gather and attention hooks on ``model``.
 
     Checks the plan against the model (every path and attention pattern matches, heads split over the
-    Ulysses degree)
-    before anything is installed; every rank runs the same checks, so a bad plan fails on all of them.
+    Ulysses degree) before anything is installed; every rank runs the same checks, so a bad plan fails on all
+    of them.
 
     Raises:
         ValueError: for a path or pattern that matches nothing, a module listed as both self- and
             cross-attention, or heads that do not split.
     """
-    sp = SequenceParallel(model, plan, groups)
-    sp._signature = inspect.signature(model.forward)
-    missing_inputs = [n for n in plan.split_inputs if n not in sp._signature.parameters]
+    sp = SequenceParallel(model, plan, groups, inspect.signature(model.forward))
+    missing_inputs = [n for n in plan.split_inputs if n not in sp.signature.parameters]
     if missing_inputs:
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
     modules = dict(model.named_modules())
@@ -186,24 +166,9 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     for path, split in plan.gather_outputs.items():
         sp.handles.append(modules[path].register_forward_hook(sp._gather_output(path, split)))
     for path, module, order in attention:
-        pre_hook, restore_hook, check_hook = sp._attention_hooks(path, order)
-        sp.handles.append(module.register_forward_pre_hook(pre_hook))
-        sp.handles.append(module.register_forward_hook(restore_hook, always_call=True))
+        kernel, reset_hook, check_hook = sp._attention_hooks(path, order)
+        sp.handles.append(module.register_forward_pre_hook(reset_hook))
+        sp.handles.extend(swap_sdpa_during_forward(module, kernel))
         sp.handles.append(module.register_forward_hook(check_hook))
     return sp
 
-
-def _split_value(state: ShardingState, value, spec: SplitSpec, where: str):
-    """Cut a tensor with a ``Split``, or a tuple of tensors element-wise with a tuple of splits."""
-    if isinstance(spec, Split):
-        return state.split(_as_tensor(value, where), spec, where)
-    if not isinstance(value, (tuple, list)) or len(value) != len(spec):
-        raise TypeError(f"{where}: the plan splits a {len(spec)}-tuple, got {type(value).__name__}.")
-    parts = [x if s is None else state.split(_as_tensor(x, where), s, where) for x, s in zip(value, spec)]
-    return type(value)(parts)
-
-
-def _as_tensor(x, path: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{path}: the plan cuts or gathers this output, but it is a {type(x).__name__}, not a Tensor.")
-    return x
