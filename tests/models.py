@@ -59,20 +59,20 @@ def sharpen_attention(model: nn.Module, factor: float = SHARPNESS) -> nn.Module:
     return model
 
 
-def build_dit(sample_size: int = 8, heads: int = 4, seed: int = 0) -> DiTTransformer2DModel:
+def build_dit(sample_size: int = 8, heads: int = 4, seed: int = 0, layers: int = 2) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=heads, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
         sample_size=sample_size, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
     )
     randomize_zero_init(model, seed)
     return sharpen_attention(model.eval())
 
 
-def build_pixart(sample_size: int = 8, heads: int = 4, seed: int = 0) -> PixArtTransformer2DModel:
+def build_pixart(sample_size: int = 8, heads: int = 4, seed: int = 0, layers: int = 2) -> PixArtTransformer2DModel:
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=heads, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
         sample_size=sample_size, patch_size=2, cross_attention_dim=32, caption_channels=16, norm_num_groups=4,
     )
     randomize_zero_init(model, seed)

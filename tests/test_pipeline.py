@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
-
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, plan_for
@@ -22,6 +21,8 @@ from tests.distributed import run_on_ranks
 from tests.models import (
     POOLED_DIM,
     TEXT_DIM,
+    build_dit,
+    build_pixart,
     build_wan,
     dit_sampler,
     flux_sampler,
@@ -31,27 +32,15 @@ from tests.models import (
     sharpen_attention,
     text_requests,
 )
-from tests.rank_outputs import predict_on_ranks, predict_single
+from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 
-def dit(layers: int = 4, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
-    )
-    randomize_zero_init(model, seed)
-    return sharpen_attention(model.eval())
+def dit(layers: int = 4) -> DiTTransformer2DModel:
+    return build_dit(layers=layers)
 
 
-def pixart(layers: int = 4, seed: int = 0) -> PixArtTransformer2DModel:
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
-        sample_size=8, patch_size=2, cross_attention_dim=32, caption_channels=16, norm_num_groups=4,
-    )
-    randomize_zero_init(model, seed)
-    return sharpen_attention(model.eval())
+def pixart(layers: int = 4) -> PixArtTransformer2DModel:
+    return build_pixart(layers=layers)
 
 
 def flux(double: int = 2, single: int = 3, seed: int = 0) -> FluxTransformer2DModel:
@@ -70,15 +59,6 @@ FAMILIES = {
     "pixart": (lambda: pixart_sampler(pixart()), lambda: requests(n=2, batch_size=2)),
     "flux": (lambda: flux_sampler(flux()), lambda: text_requests(n=2, batch_size=2)),
 }
-
-
-def assert_exact(outs: list[torch.Tensor], ref: torch.Tensor | None, refs: list[torch.Tensor] | None = None) -> None:
-    """Every rank's output equals the reference (``refs``: one reference per rank)."""
-    for rank, out in enumerate(outs):
-        expected = ref if refs is None else refs[rank]
-        torch.testing.assert_close(
-            out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=lambda m: f"rank {rank}: {m}"
-        )
 
 
 # -- micro-batch pipelining: exact -----------------------------------------------------------------------
@@ -140,7 +120,8 @@ def test_pipefusion_with_data_parallel_all_warmup_is_exact(fsdp, tmp_path):
     outs = predict_on_ranks(dit_sampler(dit(), steps=3), requests(n=4, batch_size=2), strategy, 4, tmp_path)
     # the distributed sampler gives dp group 0 the requests 0 and 2, group 1 the requests 1 and 3
     groups = {0: [0, 2], 1: [0, 2], 2: [1, 3], 3: [1, 3]}
-    assert_exact(outs, None, [ref[groups[rank]] for rank in range(4)])
+    for rank in range(4):
+        assert_exact([outs[rank]], ref[groups[rank]])
 
 
 @pytest.mark.parametrize(("stages", "steps", "patches"), [(2, 8, 4), (4, 3, 2)])
