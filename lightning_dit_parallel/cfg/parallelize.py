@@ -29,6 +29,7 @@ class CFGParallel:
     model: nn.Module
     plan: DiTPlan
     group: ProcessGroup
+    signature: inspect.Signature
     handles: list[RemovableHandle] = field(default_factory=list)
     local_batch: int | None = None
 
@@ -43,7 +44,7 @@ class CFGParallel:
         self.local_batch = None
 
     def _split_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        bound = self._signature.bind(*args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs)
         found = first_batch_size(bound.arguments)
         where = f"{type(module).__name__}.forward"
         # Local checks only: every cfg rank sees the same batch, so all of them raise here, before any collective.
@@ -99,9 +100,8 @@ def apply_cfg_parallel(model: nn.Module, plan: DiTPlan, group: ProcessGroup) -> 
     The split runs before the DiT's other pre-hooks (sequence parallel cuts dim 1 afterwards; FSDP's
     parameter all-gather is independent of the batch).
     """
-    cfg = CFGParallel(model, plan, group)
     # The class's forward, bound: a pipeline may have replaced ``model.forward`` by a (*args, **kwargs) driver.
-    cfg._signature = inspect.signature(type(model).forward.__get__(model))
+    cfg = CFGParallel(model, plan, group, inspect.signature(type(model).forward.__get__(model)))
     cfg.handles.append(model.register_forward_pre_hook(cfg._split_inputs, with_kwargs=True, prepend=True))
     cfg.handles.append(model.register_forward_hook(cfg._gather_outputs, always_call=True))
     return cfg

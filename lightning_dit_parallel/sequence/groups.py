@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_dit_parallel.sequence.comm import group_rank, group_size
 
@@ -36,7 +37,7 @@ class SequenceGroups:
         return group_rank(self.ring) * self.ulysses_size + group_rank(self.ulysses)
 
     @classmethod
-    def from_mesh(cls, mesh) -> SequenceGroups:
+    def from_mesh(cls, mesh: DeviceMesh) -> SequenceGroups:
         """Groups of the ``ulysses`` and ``ring`` axes of a mesh built by ``ParallelLayout.build_mesh``."""
         def axis_group(axis: str) -> ProcessGroup | None:
             return mesh.get_group(axis) if mesh[axis].size() > 1 else None
