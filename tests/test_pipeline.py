@@ -250,6 +250,13 @@ def test_strategy_rejects_bad_options_at_construction():
         PipelineStrategy(pp_degree=2, mode="gpipe")
     with pytest.raises(ValueError, match="num_patches must be a positive integer or None; got 0"):
         PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=0)
+    # options of the other mode, or without pipeline stages, would be ignored: rejected instead
+    with pytest.raises(ValueError, match="num_patches is a PipeFusion option, but mode='microbatch'"):
+        PipelineStrategy(pp_degree=2, num_patches=4)
+    with pytest.raises(ValueError, match="num_microbatches is a micro-batch option, but mode='pipefusion'"):
+        PipelineStrategy(pp_degree=2, mode="pipefusion", num_microbatches=2)
+    with pytest.raises(ValueError, match="Pipeline options need pp_degree > 1; got pp_degree=1 with mode=pipefusion"):
+        DiTParallelStrategy(ulysses_degree=2, pp_mode="pipefusion")
 
 
 def test_registered_names():

@@ -24,7 +24,8 @@ class PipelineOptions:
             Capped at the batch size of each call (a micro-batch holds at least one row).
 
     Raises:
-        ValueError: for an unknown mode or a count that is not a positive integer (``warmup_steps`` may be 0).
+        ValueError: for an unknown mode, a count that is not a positive integer (``warmup_steps`` may be 0), or
+            ``num_patches`` / ``num_microbatches`` given for the other mode (it would be ignored).
     """
 
     mode: PipelineMode = "microbatch"
@@ -42,6 +43,14 @@ class PipelineOptions:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer or None; got {value!r} ({self.describe()}).")
+        if self.mode == "microbatch" and self.num_patches is not None:
+            raise ValueError(
+                f"num_patches is a PipeFusion option, but mode='microbatch' (use num_microbatches) ({self.describe()})."
+            )
+        if self.mode == "pipefusion" and self.num_microbatches is not None:
+            raise ValueError(
+                f"num_microbatches is a micro-batch option, but mode='pipefusion' (use num_patches) ({self.describe()})."
+            )
         if not (_int(self.warmup_steps) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r} ({self.describe()}).")
         if self.layers_per_stage is not None:

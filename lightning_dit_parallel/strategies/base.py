@@ -126,6 +126,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipeline = PipelineOptions(
             pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches
         )
+        if pp_degree == 1 and self._pipeline != PipelineOptions():
+            raise ValueError(f"Pipeline options need pp_degree > 1; got pp_degree=1 with {self._pipeline.describe()}.")
         if isinstance(pp_degree, int):
             self._pipeline.check_stages(pp_degree)
         self._shard_modules = tuple(shard_modules or ())
