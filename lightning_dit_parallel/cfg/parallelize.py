@@ -1,6 +1,6 @@
 """CFG parallel: the doubled (unconditional, conditional) batch reaching the DiT is split over the cfg ranks.
 
-A pre-hook on the DiT's forward cuts dim 0 of every batch-carrying argument (see ``cfg.batch``): cfg rank
+A pre-hook on the DiT's forward cuts dim 0 of every batch-carrying argument (see ``lightning_dit_parallel.batch``): cfg rank
 ``r`` of ``n`` computes rows ``[r*B/n, (r+1)*B/n)``, with ``n = 2`` the unconditional half on rank 0 and the
 conditional half on rank 1. A forward hook all-gathers the output's batch tensors back, in cfg-rank
 order, so every rank returns the whole (B, ...) output. Rows of a batch do not interact in a DiT, so the
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dit_parallel.cfg.batch import first_batch_size, map_tensors, split_argument
+from lightning_dit_parallel.batch import first_batch_size, map_tensors, split_argument
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.sequence.comm import all_gather_dim
 

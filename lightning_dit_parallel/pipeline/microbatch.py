@@ -5,25 +5,26 @@ waiting for it to be received and goes on with micro-batch ``i + 1`` while stage
 The last stage runs the final layers, concatenates the micro-batch outputs and broadcasts them, so every
 rank returns the whole batch's output.
 
-Which arguments are cut: every tensor (also inside tuples, lists and dicts) whose dim 0 has the batch size,
-the batch size being dim 0 of the forward's first argument (the latents), except the arguments whose dim 0
-the plan declares a token dim (``split_inputs`` cutting dim 0, e.g. Flux's position ids of shape (S, 3): they
-go whole even when S happens to equal the batch size). Other tensors and non-tensors go whole to every
-micro-batch.
+Which arguments are cut: the batch tensors as CFG parallel finds them (see ``lightning_dit_parallel.batch``),
+the batch size being dim 0 of the forward's first argument (the latents). Tensors whose dim 0 the plan declares
+a token dim (``split_inputs`` cutting dim 0, e.g. Flux's position ids of shape (S, 3)) go whole even when S
+happens to equal the batch size; other tensors and non-tensors go whole to every micro-batch.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from lightning_dit_parallel.batch import map_batch
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
-from lightning_dit_parallel.plan import Split, SplitSpec
+from lightning_dit_parallel.plan import SplitSpec
 
 
 class MicroBatchForward:
@@ -59,13 +60,13 @@ class MicroBatchForward:
             )
         batch = latents.shape[0]
         bound = self._signature.bind(*args, **kwargs)
-        whole = {name: value for name, value in bound.arguments.items() if self._tokens_first(name, value)}
-        batched = {name: value for name, value in bound.arguments.items() if name not in whole}
+        arguments = dict(bound.arguments)
+        parts = min(self.num_microbatches, batch)
         outputs = []
         try:
-            for chunk in split_batch(batched, batch, min(self.num_microbatches, batch)):
+            for index in range(parts):
                 self.loop.begin()
-                bound.arguments.update(chunk)
+                bound.arguments.update(microbatch_arguments(arguments, batch, parts, index, self.token_inputs))
                 try:
                     outputs.append(self.forward(*bound.args, **bound.kwargs))
                 except StageDone:
@@ -75,32 +76,18 @@ class MicroBatchForward:
         merged = merge_batches(outputs) if self.link.is_last else None
         return self.link.broadcast_from_last(merged, latents.device)
 
-    def _tokens_first(self, name: str, value) -> bool:
-        """Whether the plan cuts argument ``name`` along its dim 0 as tokens (so dim 0 is not the batch)."""
-        spec = self.token_inputs.get(name)
-        specs, values = ((spec,), (value,)) if isinstance(spec, Split) else (spec or (), value)
-        if not isinstance(values, (tuple, list)):
-            return False
-        return any(
-            isinstance(s, Split) and isinstance(v, Tensor) and v.ndim >= 1 and s.dim % v.ndim == 0
-            for s, v in zip(specs, values)
-        )
 
+def microbatch_arguments(
+    arguments: Mapping[str, Any], batch: int, parts: int, index: int, token_inputs: Mapping[str, SplitSpec]
+) -> dict[str, Any]:
+    """Micro-batch ``index`` of ``parts`` of the forward arguments: batch tensors (B, ...) -> (about B/parts, ...).
 
-def split_batch(inputs, batch: int, parts: int) -> list:
-    """Cut every tensor leaf of ``inputs`` whose dim 0 is ``batch`` into ``parts`` micro-batches.
-
-    (B, ...) -> parts x (about B/parts, ...); other leaves are repeated in every micro-batch.
+    ``token_inputs``: the plan's ``split_inputs``, so that a tensor whose dim 0 holds tokens is not taken for a batch.
     """
-    leaves, spec = pytree.tree_flatten(inputs)
-    pieces = [
-        leaf.tensor_split(parts) if isinstance(leaf, Tensor) and leaf.ndim >= 1 and leaf.shape[0] == batch else None
-        for leaf in leaves
-    ]
-    return [
-        pytree.tree_unflatten([leaf if piece is None else piece[i] for leaf, piece in zip(leaves, pieces)], spec)
-        for i in range(parts)
-    ]
+    return {
+        name: map_batch(value, batch, token_inputs.get(name), lambda x: x.tensor_split(parts)[index])
+        for name, value in arguments.items()
+    }
 
 
 def merge_batches(outputs: list):

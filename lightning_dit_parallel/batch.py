@@ -1,11 +1,10 @@
-"""Cutting the doubled classifier-free-guidance batch into per-rank halves and putting outputs back together.
+"""Which forward arguments of a DiT carry the batch, and cutting them along dim 0 (CFG parallel, micro-batches).
 
-Which forward arguments carry the batch is decided by their shapes: the batch size is dim 0 of the first
-tensor argument (``hidden_states`` in every diffusers DiT), and every tensor argument, nested in tuples,
-lists and dicts too (``added_cond_kwargs``), whose dim 0 has that size is cut along dim 0. Anything else
-(scalars, a ``(1,)`` timestep, a rotary table) reaches every rank whole. A plan input split along dim 0
-(a sequence without a batch dim, e.g. Flux's ``img_ids`` of shape (S, 3)) is never cut here, even when
-its length happens to equal the batch size.
+Decided by shapes: given the batch size (dim 0 of ``hidden_states`` in every diffusers DiT), every tensor
+argument, nested in tuples, lists, dicts (``added_cond_kwargs``) and dataclasses too, whose dim 0 has that size
+is cut along dim 0. Anything else (scalars, a ``(1,)`` timestep, a rotary table) goes whole. A plan input split
+along dim 0 (a sequence without a batch dim, e.g. Flux's ``img_ids`` of shape (S, 3)) is never cut here, even
+when its length happens to equal the batch size.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dit_parallel.plan import Split
+from lightning_dit_parallel.plan import Split, SplitSpec
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -49,17 +48,18 @@ def has_batch_dim(x: Tensor, batch: int, split: Split | None) -> bool:
     return split is None or split.dim % x.dim() != 0
 
 
-def split_argument(value: Any, batch: int, rank: int, size: int, spec: Split | tuple | None) -> Any:
-    """This rank's part of one forward argument: (batch, ...) -> (batch/size, ...) for batch tensors.
+def map_batch(value: Any, batch: int, spec: SplitSpec | None, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of one forward argument whose dim 0 is the batch; leave the others alone.
 
     ``spec`` is the plan's ``split_inputs`` entry for the argument (a Split, a tuple of them, or ``None``).
     """
-    local = batch // size
     if isinstance(value, tuple) and isinstance(spec, tuple) and len(spec) == len(value):
-        return type(value)(split_argument(v, batch, rank, size, s) for v, s in zip(value, spec))
+        return type(value)(map_batch(v, batch, s, fn) for v, s in zip(value, spec))
     split = spec if isinstance(spec, Split) else None
+    return map_tensors(value, lambda x: fn(x) if has_batch_dim(x, batch, split) else x)
 
-    def cut(x: Tensor) -> Tensor:
-        return x.narrow(0, rank * local, local) if has_batch_dim(x, batch, split) else x  # (B, ...) -> (B/size, ...)
 
-    return map_tensors(value, cut)
+def split_argument(value: Any, batch: int, rank: int, size: int, spec: SplitSpec | None) -> Any:
+    """This rank's part of one forward argument: (batch, ...) -> (batch/size, ...) for batch tensors."""
+    local = batch // size
+    return map_batch(value, batch, spec, lambda x: x.narrow(0, rank * local, local))  # (B, ...) -> (B/size, ...)
