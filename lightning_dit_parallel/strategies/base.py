@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
@@ -33,6 +34,7 @@ from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+TBroadcast = TypeVar("TBroadcast")
 
 #: Default time a collective may wait for a peer before every rank fails with an error.
 DEFAULT_TIMEOUT = timedelta(minutes=5)
@@ -268,7 +270,7 @@ class DiTParallelStrategy(ParallelStrategy):
             dist.barrier()
 
     @override
-    def broadcast(self, obj, src: int = 0):
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
         if not dist.is_initialized():
             return obj
         box = [obj]
@@ -276,7 +278,7 @@ class DiTParallelStrategy(ParallelStrategy):
         return box[0]
 
     @override
-    def reduce(self, tensor, group: Any | None = None, reduce_op: Any | None = "mean"):
+    def reduce(self, tensor: torch.Tensor | Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         from lightning.fabric.utilities.distributed import _sync_ddp_if_available
 
         if isinstance(tensor, torch.Tensor):
@@ -310,8 +312,16 @@ class DiTParallelStrategy(ParallelStrategy):
             super().teardown()
 
     @classmethod
+    def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The names this class registers for ``Trainer(strategy="...")``: name -> (description, arguments).
+
+        The hybrid strategy registers ``strategy_name``; presets override this with their own names.
+        """
+        return {cls.strategy_name: (cls.__doc__.splitlines()[0], {})}
+
+    @classmethod
     @override
-    def register_strategies(cls, strategy_registry) -> None:
-        """Register the hybrid strategy under ``strategy_name``; presets register their own names."""
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(cls.strategy_name, cls, description=cls.__doc__.splitlines()[0])
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, (description, arguments) in cls.registered_names().items():
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **arguments)

@@ -51,8 +51,5 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name, cls, description="FSDP inference of a DiT (parameters sharded per block)"
-            )
+    def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {cls.strategy_name: ("FSDP inference of a DiT (parameters sharded per block)", {})}

@@ -58,12 +58,8 @@ class PipelineStrategy(DiTParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry) -> None:
-        entries = {
-            "dit_pipeline": dict(mode="microbatch"),
-            "dit_pipefusion": dict(mode="pipefusion"),
+    def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {
+            name: (f"Pipeline-parallel DiT inference over all ranks ({mode})", {"mode": mode})
+            for name, mode in (("dit_pipeline", "microbatch"), ("dit_pipefusion", "pipefusion"))
         }
-        for name, options in entries.items():
-            if name not in strategy_registry:
-                description = f"Pipeline-parallel DiT inference over all ranks ({options['mode']})"
-                strategy_registry.register(name, cls, description=description, **options)

@@ -32,13 +32,13 @@ class SequenceParallelStrategy(DiTParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry) -> None:
-        entries = {
-            "dit_ulysses": dict(ulysses_degree="auto"),
-            "dit_ring": dict(ring_degree="auto"),
-            "dit_usp": dict(ring_degree=2, ulysses_degree="auto"),
+    def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
+        entries: dict[str, dict[str, Any]] = {
+            "dit_ulysses": {"ulysses_degree": "auto"},
+            "dit_ring": {"ring_degree": "auto"},
+            "dit_usp": {"ring_degree": 2, "ulysses_degree": "auto"},
         }
-        for name, degrees in entries.items():
-            if name not in strategy_registry:
-                described = ", ".join(f"{k}={v}" for k, v in degrees.items())
-                strategy_registry.register(name, cls, description=f"Sequence parallel DiT inference ({described})", **degrees)
+        return {
+            name: (f"Sequence parallel DiT inference ({', '.join(f'{k}={v}' for k, v in degrees.items())})", degrees)
+            for name, degrees in entries.items()
+        }
