@@ -59,13 +59,13 @@ class StageLink:
         """
         src = self.global_rank(self.stage - 1)
         flags = torch.empty(len(templates), dtype=torch.uint8, device=templates[0].device)  # (n,)
-        dist.recv(flags, src, group=self.group)
+        dist.recv(flags, src, group=self.group)  # (n,) which templates the sender replaces
         out = list(templates)
         works, buffers = [], []
         for i, (template, sent) in enumerate(zip(templates, flags.tolist())):
             if sent:
                 buffer = torch.empty_like(template, memory_format=torch.contiguous_format)
-                works.append(dist.irecv(buffer, src, group=self.group))
+                works.append(dist.irecv(buffer, src, group=self.group))  # (shape of the template)
                 buffers.append((i, buffer))
         for work in works:
             work.wait()
@@ -82,7 +82,7 @@ class StageLink:
         if self.is_last:
             output = pytree.tree_map(lambda leaf: leaf.contiguous() if isinstance(leaf, Tensor) else leaf, output)
         box = [pytree.tree_map(_describe, output) if self.is_last else None]
-        dist.broadcast_object_list(box, src, group=self.group)
+        dist.broadcast_object_list(box, src, group=self.group)  # [pytree of _TensorMeta] from the last stage
         result = output if self.is_last else pytree.tree_map(lambda leaf: _allocate(leaf, device), box[0])
         for leaf in pytree.tree_leaves(result):
             if isinstance(leaf, Tensor):

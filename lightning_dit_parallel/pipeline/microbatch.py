@@ -95,6 +95,7 @@ def merge_batches(outputs: list):
     flat = [pytree.tree_flatten(out) for out in outputs]
     spec = flat[0][1]
     merged = [
+        # parts x (b, ...) -> (B, ...)
         torch.cat(group) if isinstance(group[0], Tensor) and group[0].ndim >= 1 else group[0]
         for group in zip(*(leaves for leaves, _ in flat))
     ]

@@ -49,7 +49,8 @@ class PipelineOptions:
             )
         if self.mode == "pipefusion" and self.num_microbatches is not None:
             raise ValueError(
-                f"num_microbatches is a micro-batch option, but mode='pipefusion' (use num_patches) ({self.describe()})."
+                f"num_microbatches is a micro-batch option, but mode='pipefusion' (use num_patches)"
+                f" ({self.describe()})."
             )
         if not (_int(self.warmup_steps) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r} ({self.describe()}).")

@@ -61,7 +61,7 @@ class PatchState:
             raise ValueError(
                 f"{where}: {length} tokens of {split.sequence!r}, but {self.length} were cut earlier in this pass."
             )
-        return x.narrow(dim, self.index * self.local, self.local)
+        return x.narrow(dim, self.index * self.local, self.local)  # (..., S, ...) -> (..., S/M, ...)
 
 
 @dataclass

@@ -20,4 +20,4 @@ def sample_noise(indices: Tensor, shape: tuple[int, ...], seed: int, device: tor
     for index in indices.tolist():
         generator = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
         samples.append(torch.randn(shape, generator=generator))
-    return torch.stack(samples).to(device=device, dtype=dtype)
+    return torch.stack(samples).to(device=device, dtype=dtype)  # B x (*shape) -> (B, *shape)

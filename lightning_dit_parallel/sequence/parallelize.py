@@ -50,7 +50,8 @@ class SequenceParallel:
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.state = ShardingState(self.groups)
-        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, self.state.split, type(module).__name__)
+        where = type(module).__name__
+        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, self.state.split, where)
 
     def _end_forward(self, module: nn.Module, args: tuple, output):
         self.state = None

@@ -59,6 +59,7 @@ class ShardingState:
             pad_shape = list(x.shape)
             pad_shape[dim] = seq.local * seq.shards - seq.length
             x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)  # (..., S, ...) -> (..., N*local, ...)
+        # (..., N*local, ...) -> (..., local, ...): this rank's shard
         return x.narrow(dim, self.groups.rank * seq.local, seq.local).contiguous()
 
     def gather(self, x: Tensor, split: Split, where: str) -> Tensor:
@@ -76,7 +77,7 @@ class ShardingState:
         # sequence-parallel rank order (ring_rank * ulysses + ulysses_rank).
         x = all_gather_dim(x, dim, self.groups.ulysses)  # (..., local, ...) -> (..., U*local, ...)
         x = all_gather_dim(x, dim, self.groups.ring)  # (..., U*local, ...) -> (..., N*local, ...)
-        return x.narrow(dim, 0, seq.length)
+        return x.narrow(dim, 0, seq.length)  # (..., N*local, ...) -> (..., S, ...): padding dropped
 
     def local_length(self, order: tuple[str, ...]) -> int:
         """Tokens one rank passes to an attention call whose sequence is ``order`` concatenated."""
@@ -96,7 +97,7 @@ class ShardingState:
                 part = torch.zeros(seq.local, dtype=torch.bool, device=device)
                 part[: seq.valid_in(shard)] = True
                 parts.append(part)
-        return torch.cat(parts)
+        return torch.cat(parts)  # len(shards) * len(order) x (local,) -> (len(shards) * local_length(order),)
 
     def _sequence(self, name: str) -> ShardedSequence:
         if name not in self.sequences:
