@@ -49,10 +49,20 @@ def predict_single(module: L.LightningModule, loader) -> torch.Tensor:
     return torch.cat(trainer.predict(module, loader))
 
 
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor) -> None:
-    """Every rank's output equals the one-process reference: float32, max error <= 1e-5 of its largest value."""
-    scale = reference.abs().max().item()
+def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |output - reference| / max |reference|."""
+    return ((output - reference).abs().max() / reference.abs().max()).item()
+
+
+def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor, what: str = "") -> float:
+    """Every rank's output equals the one-process reference: float32, max error <= 1e-5 of its largest value.
+
+    Returns the largest relative error; ``what`` prefixes the failure messages.
+    """
+    prefix = f"{what}, " if what else ""
+    errors = []
     for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
-        err = (out - reference).abs().max().item() / scale
-        assert err <= 1e-5, f"rank {rank}: max relative error {err:.2e}"
+        assert out.shape == reference.shape, f"{prefix}rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        errors.append(max_relative_error(out, reference))
+        assert errors[-1] <= 1e-5, f"{prefix}rank {rank}: max relative error {errors[-1]:.2e}"
+    return max(errors)

@@ -39,7 +39,7 @@ from tests.models import (
     text_requests,
     wan_sampler,
 )
-from tests.rank_outputs import predict_on_ranks, predict_single
+from tests.rank_outputs import assert_exact, max_relative_error, predict_on_ranks, predict_single
 
 
 @dataclass(frozen=True)
@@ -84,24 +84,6 @@ LAYOUTS = {
     "ring4": (4, dict(ring_degree=4)),
     "usp2x2": (4, dict(ulysses_degree=2, ring_degree=2)),
 }
-
-
-def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |output - reference| / max |reference|."""
-    return ((output - reference).abs().max() / reference.abs().max()).item()
-
-
-def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor, what: str) -> float:
-    """Every rank's output equals the reference within 1e-5 relative; returns the largest error."""
-    errors = []
-    for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"{what}, rank {rank}: shape {tuple(out.shape)} vs {tuple(reference.shape)}"
-        torch.testing.assert_close(
-            out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item(),
-            msg=lambda m, rank=rank: f"{what}, rank {rank}: {m}",
-        )
-        errors.append(max_relative_error(out, reference))
-    return max(errors)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from lightning_dit_parallel.parallelize import parallelize
 from lightning_dit_parallel.sampling import DiffusionSampler
 from tests.distributed import run_on_ranks
 from tests.models import sharpen_attention
-from tests.rank_outputs import predict_on_ranks, predict_single
-from tests.test_families import LAYOUTS, assert_exact
+from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
+from tests.test_families import LAYOUTS
 
 
 def own_dit_module(size: int, num_heads: int = 4) -> DiffusionSampler:
