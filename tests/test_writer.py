@@ -11,7 +11,7 @@ import torch
 from lightning_dit_parallel import DiTParallelStrategy
 from lightning_dit_parallel.writer import OrderedPredictionWriter, contributors, order_predictions
 from tests.models import build_dit, dit_sampler, requests
-from tests.rank_outputs import predict_single
+from tests.rank_outputs import assert_exact, predict_single
 
 
 def run_with_writer(strategy, devices: int, n: int, batch_size: int, out: Path) -> dict:
@@ -37,7 +37,7 @@ def test_every_sample_once_in_order_and_equal_to_one_process(tmp_path, degrees, 
     reference = predict_single(dit_sampler(build_dit(), steps=2), requests(n, batch_size))
     written = run_with_writer(DiTParallelStrategy(**degrees, start_method="fork"), devices, n, batch_size, tmp_path)
     assert written["index"].tolist() == list(range(n))
-    torch.testing.assert_close(written["prediction"], reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    assert_exact([written["prediction"]], reference)
 
 
 def test_one_process(tmp_path):
