@@ -7,13 +7,15 @@ and Flux has two block lists so that stage boundaries fall inside a list and bet
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, plan_for
+from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, Split, plan_for
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock, count_parameters, stage_sizes
@@ -223,6 +225,20 @@ def _forward_error(rank: int, world_size: int, patches: int) -> str:
     with pytest.raises(ValueError) as info, torch.no_grad():
         model(x, timestep=t, class_labels=c, return_dict=False)
     return str(info.value)
+
+
+def _unknown_module_input(rank: int, world_size: int) -> str:
+    model = dit()
+    plan = dataclasses.replace(plan_for(model), split_module_inputs={"proj_in": {"x": Split("image", 1)}})
+    with pytest.raises(ValueError) as info:
+        apply_pipeline(model, plan, PipelineOptions(), dist.group.WORLD)
+    assert not any(isinstance(b, ReleasedBlock) for b in model.transformer_blocks._modules.values()), "nothing released"
+    return str(info.value)
+
+
+def test_plan_paths_are_checked_before_anything_is_released():
+    for message in run_on_ranks(2, _unknown_module_input, timeout_s=60):
+        assert "Plan module paths ['proj_in'] do not exist in DiTTransformer2DModel" in message
 
 
 def test_more_stages_than_blocks():

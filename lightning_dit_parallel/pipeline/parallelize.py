@@ -80,7 +80,7 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
     if options.mode == "pipefusion":
         check_pipefusion_plan(plan, model)
     modules = dict(model.named_modules())
-    missing = [p for p in (*plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    missing = [p for p in (*plan.split_module_inputs, *plan.split_outputs, *plan.gather_outputs) if p not in modules]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
     link = StageLink.from_group(group)
