@@ -62,10 +62,11 @@ class FluxConditioning:
                 f"FluxConditioning(height={self.height}, width={self.width}) expects {self.height * self.width} packed"
                 f" tokens, got latents {tuple(latents.shape)} (B, S, C)."
             )
-        if getattr(transformer.config, "guidance_embeds", False) != (self.embedded_guidance is not None):
+        embeds = getattr(transformer.config, "guidance_embeds", False)
+        if embeds != (self.embedded_guidance is not None):
             raise ValueError(
-                f"guidance_embeds={transformer.config.guidance_embeds} needs embedded_guidance to be set exactly when"
-                f" the model embeds guidance; got embedded_guidance={self.embedded_guidance}."
+                f"guidance_embeds={embeds} needs embedded_guidance to be set exactly when the model embeds guidance;"
+                f" got embedded_guidance={self.embedded_guidance}."
             )
         text = guided_pair(batch, "prompt_embeds", "negative_embeds", latents, guided)
         batch_size = latents.shape[0]
