@@ -35,12 +35,16 @@ class PipelineParallel:
 
     model: nn.Module
     assignment: StageAssignment
-    stage: int
     released: list[str]
     loop: StageLoop
     driver: MicroBatchForward | PipeFusionForward
     previous_forward: object = _MISSING
     removed: bool = field(default=False)
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.loop.link.stage
 
     def begin_batch(self) -> None:
         """A new batch starts (PipeFusion forgets its key/value caches and its step count)."""
@@ -99,4 +103,4 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
         )
         driver.install(dict(model.named_modules()))
     model.forward = driver
-    return PipelineParallel(model, assignment, link.stage, released, loop, driver, previous)
+    return PipelineParallel(model, assignment, released, loop, driver, previous)
