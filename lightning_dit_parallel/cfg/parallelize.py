@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dit_parallel.batch import first_batch_size, map_tensors, split_argument
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.sequence.comm import all_gather_dim
+from lightning_dit_parallel.utils.hooks import remove_handles
 
 
 @dataclass
@@ -38,9 +39,7 @@ class CFGParallel:
         return dist.get_world_size(self.group)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        remove_handles(self.handles)
         self.local_batch = None
 
     def _split_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

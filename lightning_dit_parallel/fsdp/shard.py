@@ -28,6 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dit_parallel.utils.hooks import remove_handles
+
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -88,9 +90,7 @@ class _OutsideCalls:
             self.handles.append(module.register_forward_hook(self._give_back, always_call=True))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        remove_handles(self.handles)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self.depth += 1

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.stages import StageAssignment
+from lightning_dit_parallel.utils.hooks import remove_handles
 
 
 class StageDone(Exception):
@@ -72,9 +73,7 @@ class StageLoop:
         return self
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        remove_handles(self._handles)
         for (_, blocks), cls in zip(self.lists, self._classes):
             blocks.__class__ = cls
             del blocks._pipeline_items

@@ -29,7 +29,7 @@ from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
 from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
 from lightning_dit_parallel.sequence.attention import local_sdpa
 from lightning_dit_parallel.splits import cut_arguments, cut_value
-from lightning_dit_parallel.utils.sdpa import swap_sdpa_during_forward
+from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
 
 
 @dataclass
@@ -173,9 +173,7 @@ class PipeFusionForward:
             self.handles.extend(swap_sdpa_during_forward(module, self._attention_kernel(path)))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        remove_handles(self.handles)
         self.begin_batch()
 
     def _split_output_hook(self, path: str, split: SplitSpec):

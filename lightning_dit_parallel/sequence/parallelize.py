@@ -26,7 +26,7 @@ from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.ulysses import check_heads
 from lightning_dit_parallel.splits import as_tensor, cut_arguments, cut_value
-from lightning_dit_parallel.utils.sdpa import swap_sdpa_during_forward
+from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
 
 
 @dataclass
@@ -41,9 +41,7 @@ class SequenceParallel:
     state: ShardingState | None = None
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        remove_handles(self.handles)
         self.state = None
 
     # -- hooks ------------------------------------------------------------------------------------------

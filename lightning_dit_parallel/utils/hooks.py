@@ -1,4 +1,5 @@
-"""Swapping ``F.scaled_dot_product_attention`` for another kernel while one module's forward runs."""
+"""Forward-hook helpers shared by the parallelizers: removing installed hooks, and swapping
+``F.scaled_dot_product_attention`` for another kernel while one module's forward runs."""
 
 from __future__ import annotations
 
@@ -26,3 +27,10 @@ def swap_sdpa_during_forward(module: nn.Module, kernel: Callable) -> list[Remova
             F.scaled_dot_product_attention = saved.pop()
 
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove every hook in ``handles`` and empty the list (so a second call does nothing)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
