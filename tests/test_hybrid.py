@@ -177,3 +177,26 @@ def test_parallelized_remove_tries_every_parallelizer_and_raises_the_first_error
     with pytest.raises(RuntimeError, match="third failed"):
         handle.remove()
     assert removed == ["third", "second", "first"] and not handle.applied
+
+
+@pytest.mark.parametrize("step", ["predict_step", "validation_step", "test_step"])
+def test_every_supported_step_starts_stateful_parallelizers_afresh(step, monkeypatch):
+    """PipeFusion's caches and step count must not leak from one batch into the next, in validate and test too."""
+    from lightning.pytorch.strategies.parallel import ParallelStrategy
+
+    from lightning_dit_parallel.parallelize import Parallelized
+
+    began: list[int] = []
+
+    class Stateful:
+        def begin_batch(self) -> None:
+            began.append(1)
+
+        def remove(self) -> None:
+            pass
+
+    monkeypatch.setattr(ParallelStrategy, step, lambda self, *args, **kwargs: "out")
+    strategy = DiTParallelStrategy(ulysses_degree=2)
+    strategy._parallelized = Parallelized(applied=[Stateful()])
+    assert getattr(strategy, step)({"index": 0}, 0) == "out"
+    assert began == [1]

@@ -290,9 +290,20 @@ class DiTParallelStrategy(ParallelStrategy):
         self.begin_batch()
         return super().predict_step(*args, **kwargs)
 
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.begin_batch()
+        return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.begin_batch()
+        return super().test_step(*args, **kwargs)
+
     def begin_batch(self) -> None:
         """Stateful parallelizers (PipeFusion's key/value caches and step count) start afresh. Called before every
-        ``predict_step``; call it between denoising loops that one ``predict_step`` runs on equally shaped inputs."""
+        predict, validation and test step; call it between denoising loops that one step runs on equally shaped
+        inputs."""
         if self._parallelized is not None:
             self._parallelized.begin_batch()
 
