@@ -85,8 +85,8 @@ class DiTParallelStrategy(ParallelStrategy):
             command line), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
     Raises:
-        ValueError: for invalid degrees (at construction) or degrees that do not multiply to the world size
-            (in ``setup_environment``, on every rank, before any collective).
+        ValueError: for invalid degrees or pipeline options that would be ignored (at construction), or degrees
+            that do not multiply to the world size (in ``setup_environment``, on every rank, before any collective).
     """
 
     strategy_name = "dit_hybrid"
