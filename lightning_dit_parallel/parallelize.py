@@ -40,7 +40,7 @@ class Parallelized:
         while self.applied:
             try:
                 self.applied.pop().remove()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others are removed
                 error = error or exc
         if error is not None:
             raise error
