@@ -4,7 +4,8 @@ A rank stands for a device: every process runs with the same number of threads (
 started once; inside them, alternating, rank 0 times the plain model alone (the one-process figure, the
 other ranks wait at a barrier) and then all ranks time the parallelized copy of the same seeded model.
 Reported: median time of each, their ratio, the spread, and the bytes each rank sent during one parallel
-forward next to the figure the table in DESIGN.md predicts. The "ceiling" column is the speedup a perfect
+forward next to the figure the table in DESIGN.md predicts. Speedup and ceiling are medians of the ratios of
+adjacent measurements (one repetition each), so that the machine's drift between repetitions cancels. The "ceiling" column is the speedup a perfect
 split would reach on this machine: N times the one-process time over the time of N processes each running
 the whole forward at once (shared caches, memory bandwidth and neighbours slow concurrent processes down).
 
@@ -133,10 +134,13 @@ def main() -> None:
         results = run_on_ranks(world, _worker, args, method, threads=args.threads, timeout_s=1200)
         single = statistics.median(results[0]["single"])
         par = statistics.median(results[0]["parallel"])
-        ceiling = world * single / statistics.median(results[0]["concurrent"])
+        r = results[0]
+        # ratios of adjacent measurements: the machine's drift between repetitions cancels
+        speedup = statistics.median(s / p for s, p in zip(r["single"], r["parallel"]))
+        ceiling = statistics.median(world * s / c for s, c in zip(r["single"], r["concurrent"]))
         spread = f"{min(results[0]['parallel']):.3f}-{max(results[0]['parallel']):.3f}"
         print(
-            f"{method:8} {world:>5} {single:>9.3f} {par:>10.3f} {single / par:>7.2f}x {ceiling:>7.2f}x {spread:>14}"
+            f"{method:8} {world:>5} {single:>9.3f} {par:>10.3f} {speedup:>7.2f}x {ceiling:>7.2f}x {spread:>14}"
             f" {results[0]['error']:>8.1e}"
         )
         rows.append((method, world, results))
