@@ -23,7 +23,7 @@ class SequenceParallelStrategy(DiTParallelStrategy):
         >>> trainer = L.Trainer(devices=4, strategy=SequenceParallelStrategy(ulysses_degree=2, ring_degree=2))  # doctest: +SKIP
     """
 
-    strategy_name = "dit_sequence"
+    strategy_name = "dit_ulysses"  # the first of the names it registers
 
     def __init__(self, ulysses_degree: Degree = 1, ring_degree: Degree = 1, dp_degree: Degree = "auto", **kwargs: Any) -> None:
         if "auto" in (ulysses_degree, ring_degree) and dp_degree == "auto":
