@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize, save_weights
 from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
@@ -141,24 +140,6 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
         with torch.no_grad():
             return model(x[rows], timestep=t[rows], class_labels=labels[rows], return_dict=False)[0]
 
-    def timed_parallel() -> tuple[float, float]:
-        dist.barrier()
-        start, cpu = time.perf_counter(), time.process_time()
-        forward(parallel, mine)
-        elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - cpu])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time (and CPU time)
-        return elapsed[0].item(), elapsed[1].item()
-
-    def timed_single() -> tuple[float, float]:
-        dist.barrier()
-        elapsed = (0.0, 0.0)
-        if rank == 0:
-            start, cpu = time.perf_counter(), time.process_time()
-            forward(plain, slice(None))
-            elapsed = (time.perf_counter() - start, time.process_time() - cpu)
-        dist.barrier()
-        return elapsed
-
     reference = forward(plain, mine)
     # isend is wrapped for the pipeline's transfers, except where ring attention's P2POps need the original
     counter = CommCounter(count_isend=int(layout.ring) == 1)
@@ -166,15 +147,18 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
         out = forward(parallel, mine)  # also the warm-up
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     held = resident_bytes(parallel, buffers=False)
-    timed_single()  # warm-up of the plain model
+    time_rank_zero(lambda: forward(plain, slice(None)))  # warm-up of the plain model
     if memory_run:
-        return {"par_peak": _step_peak(timed_parallel), "single_peak": _step_peak(timed_single)}
+        return {
+            "par_peak": _step_peak(lambda: time_all_ranks(lambda: forward(parallel, mine))),
+            "single_peak": _step_peak(lambda: time_rank_zero(lambda: forward(plain, slice(None)))),
+        }
     single, par, single_cpu, par_cpu = [], [], [], []
     for _ in range(args.reps):
-        wall, cpu = timed_single()
+        wall, cpu = time_rank_zero(lambda: forward(plain, slice(None)))
         single.append(wall)
         single_cpu.append(cpu)
-        wall, cpu = timed_parallel()
+        wall, cpu = time_all_ranks(lambda: forward(parallel, mine))
         par.append(wall)
         par_cpu.append(cpu)
     return {

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +25,7 @@ from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import count_parameters
 from lightning_dit_parallel.plan import plan_for
 from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 PARTS = ("params", "microbatch", "pipefusion")
@@ -79,24 +79,6 @@ def _timing_worker(rank: int, world: int, args: argparse.Namespace, mode: str) -
         with torch.no_grad():
             return model(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
-    def timed_piped() -> tuple[float, float]:
-        dist.barrier()
-        start, cpu = time.perf_counter(), time.process_time()
-        forward(piped)
-        elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - cpu])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the time (wall and CPU)
-        return elapsed[0].item(), elapsed[1].item()
-
-    def timed_plain() -> tuple[float, float]:
-        dist.barrier()
-        elapsed = (0.0, 0.0)
-        if rank == 0:
-            start, cpu = time.perf_counter(), time.process_time()
-            forward(plain)
-            elapsed = (time.perf_counter() - start, time.process_time() - cpu)
-        dist.barrier()
-        return elapsed
-
     reference = forward(plain)
     out = forward(piped)  # warm-up; for PipeFusion the unpatched warm-up step that fills the caches
     error = ((out - reference).abs().max() / reference.abs().max()).item()
@@ -104,8 +86,8 @@ def _timing_worker(rank: int, world: int, args: argparse.Namespace, mode: str) -
         out = forward(piped)  # one (patched, for PipeFusion) step
     plain_s, piped_s = [], []
     for _ in range(args.reps):
-        plain_s.append(timed_plain())
-        piped_s.append(timed_piped())
+        plain_s.append(time_rank_zero(lambda: forward(plain)))
+        piped_s.append(time_all_ranks(lambda: forward(piped)))
     return {"plain": plain_s, "piped": piped_s, "bytes": dict(counter.bytes_sent), "error": error, "load": os.getloadavg()[0]}
 
 

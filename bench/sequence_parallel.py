@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-import torch.distributed as dist
 from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.utils.comm_counter import CommCounter
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
+from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 METHODS = {"ulysses": (2, 1), "ring": (1, 2), "usp": (2, 2)}  # (ulysses, ring)
 
@@ -68,42 +67,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace, method: str) -> dic
         with torch.no_grad():
             return model(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
-    def timed_parallel() -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        forward(parallel)
-        elapsed = torch.tensor(time.perf_counter() - start)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the latency
-        return elapsed.item()
-
-    def timed_concurrent() -> float:
-        """Every rank runs the whole plain forward at once: how much the ranks slow each other down."""
-        dist.barrier()
-        start = time.perf_counter()
-        forward(plain)
-        elapsed = torch.tensor(time.perf_counter() - start)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        return elapsed.item()
-
-    def timed_single() -> float:
-        dist.barrier()
-        elapsed = 0.0
-        if rank == 0:
-            start = time.perf_counter()
-            forward(plain)
-            elapsed = time.perf_counter() - start
-        dist.barrier()
-        return elapsed
-
     reference = forward(plain)
     with CommCounter() as counter:
         out = forward(parallel)
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     single, par, concurrent = [], [], []
     for _ in range(args.reps):
-        single.append(timed_single())
-        par.append(timed_parallel())
-        concurrent.append(timed_concurrent())
+        single.append(time_rank_zero(lambda: forward(plain))[0])
+        par.append(time_all_ranks(lambda: forward(parallel))[0])
+        concurrent.append(time_all_ranks(lambda: forward(plain))[0])  # every rank runs the whole model at once
     return {
         "single": single, "parallel": par, "concurrent": concurrent, "bytes": dict(counter.bytes_sent), "error": error
     }
