@@ -24,7 +24,7 @@ from lightning_dit_parallel.digits.data import DigitRequests
 from lightning_dit_parallel.digits.model import digits_sampler
 from lightning_dit_parallel.digits.quality import class_accuracy
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.plan import plan_for
+from lightning_dit_parallel.registry import plan_for
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 

@@ -6,7 +6,8 @@ Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring`
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import DiTPlan, Split, plan_for, register_plan, unregister_plan
+from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,

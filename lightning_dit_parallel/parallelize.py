@@ -16,7 +16,8 @@ from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, mod
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock
-from lightning_dit_parallel.plan import DiTPlan, find_planned_modules, is_within
+from lightning_dit_parallel.plan import DiTPlan, is_within
+from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.utils.logging import rank_zero_log

@@ -1,8 +1,8 @@
 """Plans: the data that says how one DiT class is parallelized.
 
 A plan is the only model-specific thing in the package. It names module paths and forward arguments;
-it contains no code. Plans are found by class: a ``dit_plan`` class attribute, a call to
-``register_plan(cls, plan)``, or one of the plans that ship for diffusers families.
+it contains no code. Plans are found by class in ``registry.py``: a ``dit_plan`` class attribute, a call to
+``register_plan(cls, plan)``, or one of the plans that ship for diffusers families (``plans/``).
 """
 
 from __future__ import annotations
@@ -147,74 +147,6 @@ def _iter_splits(*groups) -> Iterator[Split]:
                 yield from (s for s in item if s is not None)
 
 
-_REGISTRY: dict[type, DiTPlan] = {}
-
-
-def register_plan(cls: type[nn.Module], plan: DiTPlan) -> None:
-    """Declare the plan of a DiT class (and of its subclasses, unless they have their own).
-
-    Example:
-        >>> register_plan(MyDiT, DiTPlan(split_outputs={"x_embedder": Split("image", 1)}, ...))  # doctest: +SKIP
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_plan expects an nn.Module subclass, got {cls!r}.")
-    if not isinstance(plan, DiTPlan):
-        raise TypeError(f"register_plan expects a DiTPlan, got {type(plan).__name__}.")
-    _REGISTRY[cls] = plan
-
-
-def unregister_plan(cls: type[nn.Module]) -> None:
-    """Remove a plan declared with ``register_plan`` (no-op if none)."""
-    _REGISTRY.pop(cls, None)
-
-
-def plan_for(module: nn.Module | type) -> DiTPlan | None:
-    """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
-    that ship for diffusers families; ``None`` when there is none."""
-    from lightning_dit_parallel.plans import builtin_plan
-
-    cls = module if isinstance(module, type) else type(module)
-    for klass in cls.__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-        attr = klass.__dict__.get("dit_plan")
-        if isinstance(attr, DiTPlan):
-            return attr
-        plan = builtin_plan(klass)
-        if plan is not None:
-            return plan
-    return None
-
-
-HOW_TO_DECLARE = (
-    "Declare a plan for your DiT class with `lightning_dit_parallel.register_plan(MyDiT, DiTPlan(...))` or a"
-    " `dit_plan = DiTPlan(...)` class attribute (see the README section 'Bring your own DiT')."
-)
-
-
 def is_within(path: str, outer: str) -> bool:
     """Whether the module at ``path`` is the one at ``outer`` or inside it (``""``, the root, contains every path)."""
     return outer == "" or path == outer or path.startswith(outer + ".")
-
-
-def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]]:
-    """Every outermost submodule of ``root`` (``root`` included) whose class has a plan.
-
-    Raises:
-        ValueError: when there is none; the message says how to declare a plan.
-    """
-    found: list[tuple[str, nn.Module, DiTPlan]] = []
-    claimed: list[str] = []
-    for path, module in root.named_modules():
-        if any(is_within(path, c) for c in claimed):
-            continue
-        plan = plan_for(module)
-        if plan is not None:
-            found.append((path, module, plan))
-            claimed.append(path)
-    if not found:
-        classes = sorted({type(m).__name__ for _, m in root.named_children()}) or [type(root).__name__]
-        raise ValueError(
-            f"No submodule of {type(root).__name__} has a parallel plan (children: {classes}). {HOW_TO_DECLARE}"
-        )
-    return found

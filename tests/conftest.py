@@ -16,3 +16,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", default="", help="comma-separated zoo families for tests/test_zoo.py (default: all)")

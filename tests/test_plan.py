@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from lightning_dit_parallel import DiTPlan, Split, plan_for, register_plan, unregister_plan
-from lightning_dit_parallel.plan import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from tests.models import build_dit, build_pixart
 
 

@@ -1,28 +1,43 @@
 """Plans that ship for diffusers transformer families, found by class name.
 
-Each family's plan lives in its own module; this index maps diffusers class names to them so that
-importing the package does not import every diffusers model.
+Every module in this package is one family and defines ``PLANS``: a mapping from diffusers class names to
+their ``DiTPlan``. Adding a family is adding one file. Plan modules import only ``lightning_dit_parallel.plan``
+(plans are data), so the index is built by importing them all once, on first use, without importing any
+diffusers model.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
+from collections.abc import Mapping
 
 from lightning_dit_parallel.plan import DiTPlan
 
-#: diffusers class name -> module (in this package) that defines ``PLAN`` for it.
-_BUILTIN: dict[str, str] = {
-    "DiTTransformer2DModel": "lightning_dit_parallel.plans.dit",
-    "PixArtTransformer2DModel": "lightning_dit_parallel.plans.pixart",
-    "SD3Transformer2DModel": "lightning_dit_parallel.plans.sd3",
-    "FluxTransformer2DModel": "lightning_dit_parallel.plans.flux",
-    "WanTransformer3DModel": "lightning_dit_parallel.plans.wan",
-    "CogVideoXTransformer3DModel": "lightning_dit_parallel.plans.cogvideox",
-}
+
+@functools.cache
+def builtin_plans() -> Mapping[str, DiTPlan]:
+    """diffusers class name -> shipped plan, over every family module of this package."""
+    index: dict[str, DiTPlan] = {}
+    owner: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        plans = getattr(module, "PLANS", None)
+        if not isinstance(plans, Mapping):
+            raise TypeError(f"{module.__name__} must define PLANS, a mapping of diffusers class names to DiTPlans.")
+        for class_name, plan in plans.items():
+            if class_name in index:
+                raise ValueError(f"{class_name} has plans in both {owner[class_name]} and {module.__name__}.")
+            if not isinstance(plan, DiTPlan):
+                raise TypeError(f"{module.__name__}.PLANS[{class_name!r}] is a {type(plan).__name__}, not a DiTPlan.")
+            index[class_name] = plan
+            owner[class_name] = module.__name__
+    return index
 
 
 def builtin_plan(cls: type) -> DiTPlan | None:
     """The plan shipped for a diffusers class, or ``None``."""
-    if not cls.__module__.startswith("diffusers.") or cls.__name__ not in _BUILTIN:
+    if not cls.__module__.startswith("diffusers."):
         return None
-    return importlib.import_module(_BUILTIN[cls.__name__]).PLAN
+    return builtin_plans().get(cls.__name__)

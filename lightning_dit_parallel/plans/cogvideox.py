@@ -16,3 +16,5 @@ PLAN = DiTPlan(
     # CogVideoXAttnProcessor2_0 concatenates text first: cat([encoder_hidden_states, hidden_states], dim=1).
     self_attention={"transformer_blocks.*.attn1": ("text", "video")},
 )
+
+PLANS = {"CogVideoXTransformer3DModel": PLAN}

@@ -12,3 +12,5 @@ PLAN = DiTPlan(
     # The final layer calls transformer_blocks[0].norm1.emb (timestep + class embedding) after the loop.
     shared_modules=("transformer_blocks.0.norm1.emb",),
 )
+
+PLANS = {"DiTTransformer2DModel": PLAN}

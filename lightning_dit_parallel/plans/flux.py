@@ -22,3 +22,5 @@ PLAN = DiTPlan(
         "single_transformer_blocks.*.attn": ("text", "image"),
     },
 )
+
+PLANS = {"FluxTransformer2DModel": PLAN}

@@ -12,3 +12,5 @@ PLAN = DiTPlan(
     # attn2 attends from the sharded image queries to the replicated caption: no communication.
     cross_attention=("transformer_blocks.*.attn2",),
 )
+
+PLANS = {"PixArtTransformer2DModel": PLAN}

@@ -16,3 +16,5 @@ PLAN = DiTPlan(
         "transformer_blocks.*.attn2": ("image",),
     },
 )
+
+PLANS = {"SD3Transformer2DModel": PLAN}

@@ -17,3 +17,5 @@ PLAN = DiTPlan(
     # attn2 attends from the sharded video queries to the replicated text (and image) context.
     cross_attention=("blocks.*.attn2",),
 )
+
+PLANS = {"WanTransformer3DModel": PLAN}

@@ -1,0 +1,78 @@
+"""Finding the plan of a DiT class: plans registered at run time, ``dit_plan`` class attributes, and the plans
+that ship for diffusers families (``plans/``).
+
+``plan.py`` holds the plan's data types only; this module is the one place that knows where plans come from,
+so ``plan.py`` and ``plans/`` never import each other in a circle.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_dit_parallel.plan import DiTPlan, is_within
+from lightning_dit_parallel.plans import builtin_plan
+
+_REGISTRY: dict[type, DiTPlan] = {}
+
+
+def register_plan(cls: type[nn.Module], plan: DiTPlan) -> None:
+    """Declare the plan of a DiT class (and of its subclasses, unless they have their own).
+
+    Example:
+        >>> register_plan(MyDiT, DiTPlan(split_outputs={"x_embedder": Split("image", 1)}, ...))  # doctest: +SKIP
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_plan expects an nn.Module subclass, got {cls!r}.")
+    if not isinstance(plan, DiTPlan):
+        raise TypeError(f"register_plan expects a DiTPlan, got {type(plan).__name__}.")
+    _REGISTRY[cls] = plan
+
+
+def unregister_plan(cls: type[nn.Module]) -> None:
+    """Remove a plan declared with ``register_plan`` (no-op if none)."""
+    _REGISTRY.pop(cls, None)
+
+
+def plan_for(module: nn.Module | type) -> DiTPlan | None:
+    """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
+    that ship for diffusers families; ``None`` when there is none."""
+    cls = module if isinstance(module, type) else type(module)
+    for klass in cls.__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+        attr = klass.__dict__.get("dit_plan")
+        if isinstance(attr, DiTPlan):
+            return attr
+        plan = builtin_plan(klass)
+        if plan is not None:
+            return plan
+    return None
+
+
+HOW_TO_DECLARE = (
+    "Declare a plan for your DiT class with `lightning_dit_parallel.register_plan(MyDiT, DiTPlan(...))` or a"
+    " `dit_plan = DiTPlan(...)` class attribute (see the README section 'Bring your own DiT')."
+)
+
+
+def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]]:
+    """Every outermost submodule of ``root`` (``root`` included) whose class has a plan.
+
+    Raises:
+        ValueError: when there is none; the message says how to declare a plan.
+    """
+    found: list[tuple[str, nn.Module, DiTPlan]] = []
+    claimed: list[str] = []
+    for path, module in root.named_modules():
+        if any(is_within(path, c) for c in claimed):
+            continue
+        plan = plan_for(module)
+        if plan is not None:
+            found.append((path, module, plan))
+            claimed.append(path)
+    if not found:
+        classes = sorted({type(m).__name__ for _, m in root.named_children()}) or [type(root).__name__]
+        raise ValueError(
+            f"No submodule of {type(root).__name__} has a parallel plan (children: {classes}). {HOW_TO_DECLARE}"
+        )
+    return found
