@@ -15,6 +15,7 @@ from lightning_dit_parallel.plan import Split
 from lightning_dit_parallel.sequence.attention import sequence_parallel_attention
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.local_attention import attention_with_lse, attention_with_lse_math, merge_partial
+from lightning_dit_parallel.sequence.masks import local_key_mask, shard_key_masks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from tests.distributed import run_on_ranks
 
@@ -56,6 +57,50 @@ def _sharded_attention(groups: SequenceGroups, names: tuple[str, ...], seq_lens:
     return torch.cat([state.gather(p, Split(n, 2), "test") for p, n in zip(pieces, names)], dim=2)
 
 
+def _model_mask(kind: str, token_valid: torch.Tensor) -> torch.Tensor:
+    """A mask as a model builds it from a (B, S) token mask: bool key mask, bool outer product, or additive float."""
+    if kind == "bool-keys":
+        return token_valid[:, None, None, :]  # (B, 1, 1, S)
+    if kind == "bool-outer":
+        return token_valid[:, None, :, None] & token_valid[:, None, None, :]  # (B, 1, S, S)
+    return torch.zeros(token_valid.shape).masked_fill(~token_valid, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
+
+
+def _masked_sharded_attention(groups, names, seq_lens, q, k, v, token_valid, kind):
+    """Like ``_sharded_attention``, with the model's own mask built from this rank's cut token mask."""
+    state = ShardingState(groups)
+
+    def shard(t, dim):  # the tokens of each named sequence cut separately, concatenated in the order of names
+        parts = torch.split(t, list(seq_lens), dim=dim)
+        return torch.cat([state.split(p, Split(n, dim), "test") for p, n in zip(parts, names)], dim=dim)
+
+    ql, kl, vl = shard(q, 2), shard(k, 2), shard(v, 2)
+    local_valid = shard(token_valid.long(), 1).bool()  # (B, local tokens); sharding pads with 0 = masked
+    key_valid = shard_key_masks(state, names, _model_mask(kind, local_valid), q.device, "test")
+    out = sequence_parallel_attention(ql, kl, vl, groups, key_valid, None, "test")
+    pieces = torch.split(out, [state.sequences[n].local for n in names], dim=2)
+    return torch.cat([state.gather(p, Split(n, 2), "test") for p, n in zip(pieces, names)], dim=2)
+
+
+def _masked_cases(rank: int, world: int) -> dict[str, float]:
+    """Joint attention over (text, image) with the first sample's text partly padded, every mask kind."""
+    errors = {}
+    for ulysses in [u for u in (1, 2, 4) if world % u == 0]:
+        groups = _groups(rank, world, ulysses)
+        for lens, text_valid in [((7, 10), (7, 4)), ((3, 13), (1, 3)), ((8, 8), (8, 2))]:
+            q, k, v = _qkv(lens)
+            token_valid = torch.ones(2, sum(lens), dtype=torch.bool)
+            token_valid[0, text_valid[0]:lens[0]] = False
+            token_valid[1, text_valid[1]:lens[0]] = False
+            for kind in ("bool-keys", "bool-outer", "float-keys"):
+                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_model_mask(kind, token_valid))
+                out = _masked_sharded_attention(groups, ("text", "image"), lens, q, k, v, token_valid, kind)
+                rows = token_valid[:, None, :, None]  # compare real queries only (padded ones are never read)
+                diff = ((out - ref) * rows).abs().max() / ref.abs().max()
+                errors[f"ulysses={ulysses} ring={world // ulysses} {lens} valid={text_valid} {kind}"] = diff.item()
+    return errors
+
+
 def _all_cases(rank: int, world: int) -> dict[str, float]:
     errors = {}
     for ulysses in [u for u in (1, 2, 4) if world % u == 0]:
@@ -80,6 +125,26 @@ def test_kernels_match_sdpa(world):
         bad = {k: e for k, e in rank_errors.items() if not e <= RTOL}
         assert not bad, bad
         assert len(rank_errors) == 4 * len([u for u in (1, 2, 4) if world % u == 0])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_kernels_with_model_masks_match_sdpa(world):
+    """A model's key-padding mask (bool, outer-product bool, additive float) over joint text+image attention."""
+    for rank_errors in run_on_ranks(world, _masked_cases):
+        bad = {k: e for k, e in rank_errors.items() if not e <= RTOL}
+        assert not bad, bad
+        assert len(rank_errors) == 9 * len([u for u in (1, 2, 4) if world % u == 0])
+
+
+def test_query_dependent_masks_are_rejected():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match="key-padding masks only"):
+        local_key_mask(causal, 6, "blocks.0.attn")
+    per_head = torch.ones(1, 2, 1, 6, dtype=torch.bool)
+    per_head[0, 1, 0, 0] = False
+    with pytest.raises(NotImplementedError, match="per-head"):
+        local_key_mask(per_head, 6, "blocks.0.attn")
+    assert local_key_mask(torch.ones(6, dtype=torch.bool), 6, "x").shape == (1, 6)
 
 
 def test_merge_partial_equals_full_softmax_and_naive_average_does_not():

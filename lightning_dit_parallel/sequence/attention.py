@@ -19,7 +19,8 @@ from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads,
 #: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
 local_sdpa = F.scaled_dot_product_attention
 
-#: key_valid(shards) -> (len(shards) * local tokens,) bool mask, or None when nothing is padded.
+#: key_valid(shards) -> (Bm, len(shards) * local tokens) key mask (bool or additive, see ``masks.py``), or None
+#: when every key is valid.
 ShardMaskFn = Callable[[list[int]], "Tensor | None"]
 
 
@@ -57,11 +58,10 @@ def sequence_parallel_attention(
     return HeadsToSequence(out, groups.ulysses).wait()  # (B, H/U, S*U/N, D) -> (B, H, S/N, D)
 
 
-def unsupported_sdpa_arguments(attn_mask, dropout_p, is_causal, enable_gqa) -> list[str]:
-    """Arguments of an intercepted attention call that sequence parallelism cannot honour exactly."""
+def unsupported_sdpa_arguments(dropout_p, is_causal, enable_gqa) -> list[str]:
+    """Arguments of an intercepted attention call that sequence parallelism cannot honour exactly (an ``attn_mask``
+    is checked by ``masks.local_key_mask``)."""
     problems = []
-    if attn_mask is not None:
-        problems.append("attn_mask (a mask over the sharded sequence)")
     if dropout_p:
         problems.append(f"dropout_p={dropout_p}")
     if is_causal:

@@ -6,7 +6,8 @@ The DiT's own forward is not changed. Hooks:
 * pre-hooks on submodules cut the plan's ``split_module_inputs``;
 * forward hooks cut the outputs of ``split_outputs`` modules and gather those of ``gather_outputs``;
 * around every self-attention module of the plan, ``F.scaled_dot_product_attention`` is replaced by the
-  sequence-parallel kernel for the duration of that module's forward only. Cross-attention modules keep
+  sequence-parallel kernel for the duration of that module's forward only (a key-padding ``attn_mask`` the model
+  passes is gathered over the shards, see ``masks.py``). Cross-attention modules keep
   the local kernel: their queries are sharded, their keys and values (text) are replicated.
 """
 
@@ -23,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
 from lightning_dit_parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
 from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.masks import shard_key_masks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.ulysses import check_heads
 from lightning_dit_parallel.splits import as_tensor, cut_arguments, cut_value
@@ -79,7 +81,7 @@ class SequenceParallel:
 
         def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
             state = self._require_state(path)
-            problems = unsupported_sdpa_arguments(attn_mask, dropout_p, is_causal, enable_gqa)
+            problems = unsupported_sdpa_arguments(dropout_p, is_causal, enable_gqa)
             if problems:
                 raise NotImplementedError(f"{path}: sequence-parallel attention does not support {', '.join(problems)}.")
             expected = state.local_length(order)
@@ -88,10 +90,9 @@ class SequenceParallel:
                     f"{path}: the plan says this attention runs over {order} with {expected} local tokens, but it got"
                     f" query {tuple(query.shape)} and key {tuple(key.shape)} (B, H, S, D). Check the plan."
                 )
+            key_valid = shard_key_masks(state, order, attn_mask, query.device, path)
             calls[0] += 1
-            return sequence_parallel_attention(
-                query, key, value, self.groups, lambda shards: state.key_valid(order, shards, query.device), scale, path
-            )
+            return sequence_parallel_attention(query, key, value, self.groups, key_valid, scale, path)
 
         def reset_hook(module: nn.Module, args: tuple) -> None:
             calls[0] = 0

@@ -15,8 +15,10 @@ from torch.distributed import ProcessGroup
 
 from lightning_dit_parallel.sequence.comm import RingExchange, group_rank, group_size
 from lightning_dit_parallel.sequence.local_attention import attention_with_lse, merge_partial
+from lightning_dit_parallel.sequence.masks import has_keys
 
-#: key_valid(block) -> (Sk,) bool mask of the keys of ring block ``block``, or None if none is padded.
+#: key_valid(block) -> (Bm, Sk) mask of the keys of ring block ``block`` (bool or additive, see ``masks.py``), or
+#: None when every key is valid.
 KeyValidFn = Callable[[int], "Tensor | None"]
 
 
@@ -46,7 +48,7 @@ def ring_attention(
             exchange.start(kv)  # kv goes to rank+1 while we compute on it
         block = (rank - step) % size  # the ring rank this kv block started on
         valid = key_valid(block)
-        if valid is None or bool(valid.any()):
+        if has_keys(valid):
             block_out, block_lse = attention_with_lse(q, kv[0], kv[1], valid, scale)
             if out is None:
                 out, lse = block_out.float(), block_lse
