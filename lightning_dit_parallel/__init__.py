@@ -6,7 +6,7 @@ Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring`
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import Concat, DiTPlan, Split, TokenGrid
 from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
@@ -19,6 +19,7 @@ from lightning_dit_parallel.strategies import (
 register_all()
 
 __all__ = [
+    "Concat",
     "DiTParallelStrategy",
     "DiTPlan",
     "FSDPInferenceStrategy",
@@ -26,6 +27,7 @@ __all__ = [
     "ParallelLayout",
     "SequenceParallelStrategy",
     "Split",
+    "TokenGrid",
     "parallelize",
     "plan_for",
     "register_plan",

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dit_parallel.plan import Split, SplitSpec
+from lightning_dit_parallel.plan import Concat, Split, SplitSpec
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -41,10 +41,12 @@ def first_batch_size(arguments: dict[str, Any]) -> tuple[str, int] | None:
     return None
 
 
-def has_batch_dim(x: Tensor, batch: int, split: Split | None) -> bool:
+def has_batch_dim(x: Tensor, batch: int, split: Split | Concat | None) -> bool:
     """Whether dim 0 of ``x`` is the batch: it has the batch size and the plan does not cut a sequence there."""
     if x.dim() == 0 or x.shape[0] != batch:
         return False
+    if isinstance(split, Split) and split.ndim is not None and x.dim() != split.ndim:
+        return True  # the plan cuts tensors of another rank only, e.g. a (B, S) timestep and not a (B,) one
     return split is None or split.dim % x.dim() != 0
 
 
@@ -55,7 +57,7 @@ def map_batch(value: Any, batch: int, spec: SplitSpec | None, fn: Callable[[Tens
     """
     if isinstance(value, tuple) and isinstance(spec, tuple) and len(spec) == len(value):
         return type(value)(map_batch(v, batch, s, fn) for v, s in zip(value, spec))
-    split = spec if isinstance(spec, Split) else None
+    split = spec if isinstance(spec, (Split, Concat)) else None
     return map_tensors(value, lambda x: fn(x) if has_batch_dim(x, batch, split) else x)
 
 

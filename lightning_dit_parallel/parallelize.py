@@ -13,9 +13,10 @@ from torch import nn
 
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
+from lightning_dit_parallel.guard import apply_input_guard, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.pipeline.stages import ReleasedBlock
+from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages
 from lightning_dit_parallel.plan import DiTPlan, is_within
 from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
@@ -56,14 +57,15 @@ class Parallelized:
 
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
-    pipeline: PipelineOptions | None = None,
+    pipeline: PipelineOptions | None = None, check_inputs: bool = True,
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
     Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
     stages and pipeline the forward, FSDP shards the parameters a rank computes
     with, sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
-    doubled batch (its pre-hook runs first in each DiT forward).
+    doubled batch, and the replicated-input guard (``check_inputs``) checks the uncut arguments (its pre-hook
+    runs first in each DiT forward, then CFG's).
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
@@ -72,6 +74,8 @@ def parallelize(
         shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
             e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
+        check_inputs: with model parallelism (cfg, pp, ring or ulysses > 1), check in every DiT forward that the
+            ranks of each model-parallel group pass identical arguments (see ``lightning_dit_parallel.guard``).
 
     Raises:
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
@@ -93,7 +97,7 @@ def parallelize(
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
     if layout.pp > 1 and layout.sequence_degree > 1:
-        _check_pipeline_with_sequence(planned, layout)
+        _check_pipeline_with_sequence(planned, layout, pipeline or PipelineOptions())
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
@@ -109,6 +113,10 @@ def parallelize(
             for _, dit, plan in planned:
                 result.applied.append(apply_cfg_parallel(dit, plan, mesh.get_group("cfg")))
             rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
+        if check_inputs and layout.model_parallel_degree > 1:
+            group = replicated_group(mesh)
+            for _, dit, _ in planned:  # last applied, so its pre-hook runs first and sees the uncut arguments
+                result.applied.append(apply_input_guard(dit, group))
     except BaseException:
         result.remove()
         raise
@@ -150,21 +158,40 @@ def _apply_pipeline(
     rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
 
 
-def _check_pipeline_with_sequence(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout) -> None:
-    """Pipeline x sequence parallel needs plans that do not cut tokens at a block's inputs (pure check, every rank).
+def _check_pipeline_with_sequence(
+    planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, options: PipelineOptions
+) -> None:
+    """Pipeline x sequence parallel: every stage must make the plan's cuts (pure check, the same on every rank).
 
-    A stage that does not own the block named by ``split_module_inputs`` never cuts there while the other stages
-    do. Cuts at forward arguments (``split_inputs``: the sequence-parallel pre-hook sees the DiT's own signature
-    through the pipeline's forward) and at submodule outputs (``split_outputs``) combine.
+    Cuts at forward arguments (``split_inputs``) and at submodule outputs outside the blocks (``split_outputs``) run
+    on every stage. A cut at a block's inputs (``split_module_inputs`` on ``blocks.i``) is made by each stage's
+    first block of that list from index ``i`` on, so every stage must own one; a cut inside a block runs on the
+    owning stage only and is not supported.
     """
     for path, dit, plan in planned:
-        if plan.split_module_inputs:
+        name = f"{type(dit).__name__} ({path or 'the module'})"
+        inside = [p for p in (*plan.split_module_inputs, *plan.split_outputs)
+                  if plan.block_position(p) is None and any(p.startswith(f"{b}.") for b in plan.blocks)]
+        if inside:
             raise ValueError(
-                f"Pipeline (pp={layout.pp}) with sequence parallelism (ring={layout.ring}, ulysses={layout.ulysses})"
-                f" is not supported for {type(dit).__name__} ({path or 'the module'}): its plan cuts tokens at"
-                f" split_module_inputs {list(plan.split_module_inputs)}, which only the stage owning that block"
-                " runs. Use pp_degree=1 or ring_degree=ulysses_degree=1 for this model."
+                f"Pipeline (pp={layout.pp}) with sequence parallelism is not supported for {name}: its plan cuts tokens"
+                f" inside blocks at {inside}, which only the stage owning that block runs."
             )
+        assignment = assign_stages(dit, plan, int(layout.pp), options.layers_per_stage)
+        for cut in plan.split_module_inputs:
+            position = plan.block_position(cut)
+            if position is None:
+                continue
+            list_index = assignment.list_paths.index(position[0])
+            for stage in range(assignment.num_stages):
+                if not any(assignment.locate(b)[0] == list_index and assignment.locate(b)[1] >= position[1]
+                           for b in assignment.owned(stage)):
+                    raise ValueError(
+                        f"Pipeline (pp={layout.pp}) with sequence parallelism: {name} cuts tokens at the inputs of"
+                        f" {cut!r}, but {assignment.describe(stage)}, none of them in {position[0]!r} from index"
+                        f" {position[1]} on, so that stage would never cut. Choose layers_per_stage so that every stage"
+                        f" owns a block of {position[0]!r}, or use pp_degree=1."
+                    )
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

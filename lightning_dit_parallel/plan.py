@@ -23,14 +23,96 @@ class Split:
         sequence: name of the token sequence, e.g. ``"image"`` or ``"text"``. Tensors that carry the same
             sequence (hidden states and their rotary angles) are cut the same way.
         dim: the tensor dim that holds the tokens (negative values count from the end).
+        ndim: when set, only a tensor with this many dims carries the sequence; one with another number of dims is
+            left whole. For values that come per token or per sample, e.g. a ``(B, S)`` per-token timestep
+            (cut) where most pipelines pass a ``(B,)`` one (left alone).
+        folded: the dim holds the sequence once per group, ``G * S`` entries with the tokens inner (a per-token copy
+            of per-sample values made by ``repeat_interleave(S, dim=0)``, e.g. the timestep embedding that Latte gives
+            its temporal blocks as ``(B * S, C)``, one row per spatial position). Each group is cut like the
+            sequence: ``(G * S, ...) -> (G * ceil(S/N), ...)``. The sequence must have been cut earlier in the same
+            forward (its length gives ``G``); a folded split cannot be gathered.
     """
 
     sequence: str = "image"
     dim: int = 1
+    ndim: int | None = None
+    folded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ndim is not None and not -self.ndim <= self.dim < self.ndim:
+            raise ValueError(
+                f"Split({self.sequence!r}, dim={self.dim}, ndim={self.ndim}): a tensor of {self.ndim} dims has no dim"
+                f" {self.dim}."
+            )
 
 
-#: A tensor's split, or a tuple's element-wise splits (``None`` leaves an element alone).
-SplitSpec = Split | tuple[Split | None, ...]
+@dataclass(frozen=True)
+class Concat:
+    """Several token sequences one after another along one dim of a tensor, e.g. a mask over ``[text, image]``
+    tokens or position ids of ``[image, text]``, that a DiT receives or builds as one tensor.
+
+    Every named part is a whole sequence, cut like that sequence; the parts' shards are concatenated in the same
+    order: (..., T + S, ...) -> (..., T/N + S/N, ...). The parts' lengths are those of the sequences, so each named
+    sequence must have been cut earlier in the same forward (earlier in ``split_inputs``, or at a module that ran
+    before).
+
+    Args:
+        sequences: the parts in the order the tensor holds them. At most one part may be ``None``: tokens left as
+            they are (e.g. the part of a stream the forward built from tensors that were cut already); it is what
+            remains of the dim.
+        dim: the tensor dim that holds the tokens (negative values count from the end).
+    """
+
+    sequences: tuple[str | None, ...]
+    dim: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sequences", tuple(self.sequences))
+        names = [s for s in self.sequences if s is not None]
+        if not names or len(self.sequences) - len(names) > 1:
+            raise ValueError(
+                f"Concat{self.sequences} needs at least one sequence name and at most one None (tokens left alone)."
+            )
+
+    @property
+    def splits(self) -> tuple[Split, ...]:
+        """The named parts as ``Split``s along ``dim``."""
+        return tuple(Split(s, self.dim) for s in self.sequences if s is not None)
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A module that runs on a sharded token sequence laid out as a grid and mixes neighbouring tokens, e.g. the
+    convolutional feed-forward of Sana (3x3 over ``(height, width)``) or Sana-Video (also 3 over frames).
+
+    The module's caller (its parent module) reshapes the tokens with grid sizes it receives as arguments. Under
+    sequence parallelism the caller receives ``(1, ..., 1, local tokens)`` instead, so its reshape gives this rank's
+    tokens as a strip; the module then runs on a window of whole outermost slices (its tokens plus ``halo`` slices on
+    each side, fetched point-to-point from the ranks holding them) and keeps the outputs of its own tokens. Exact
+    when every output depends only on inputs within ``halo`` outermost slices and the module keeps the grid shape.
+
+    Args:
+        sequence: the sharded sequence the grid holds, e.g. ``"image"``.
+        sizes: arguments of the caller that give the grid sizes, outermost first, e.g. ``("height", "width")``; the
+            caller uses them only to lay out these tokens.
+        dim: the first grid dim of the module's input (its first argument) and output; the grid dims follow it.
+        halo: how many outermost slices on each side an output depends on (1 for a 3x3 convolution).
+    """
+
+    sequence: str = "image"
+    sizes: tuple[str, ...] = ("height", "width")
+    dim: int = 1
+    halo: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if not self.sizes or self.halo < 0:
+            raise ValueError(f"TokenGrid needs at least one size argument and halo >= 0; got {self}.")
+
+
+#: A tensor's split (one sequence, or a ``Concat`` of several), or a tuple's element-wise splits (``None`` leaves an
+#: element alone).
+SplitSpec = Split | Concat | tuple[Split | Concat | None, ...]
 
 
 @dataclass(frozen=True)
@@ -41,27 +123,58 @@ class DiTPlan:
         split_inputs: forward arguments of the DiT that carry a token sequence, cut across sequence-parallel
             ranks before the forward runs, e.g. ``{"hidden_states": Split("image", 1)}``. A tuple argument (e.g.
             rotary ``(cos, sin)``) is cut element-wise with a tuple of splits (``None`` leaves an element alone).
+            A tensor holding several sequences one after another (e.g. a ``[text, image]`` mask) is cut with a
+            ``Concat``; entries are cut in order, so list the sequences it names before it.
         split_module_inputs: forward arguments of submodules, cut before the submodule runs, by module path,
             e.g. ``{"blocks.0": {"hidden_states": Split("video", 1)}}``, for a sequence that only exists as one
             tensor between modules (after a reshape or slice inside the DiT's forward). Tuples as in
-            ``split_inputs``. The submodule must run once per forward.
+            ``split_inputs``. The submodule must run once per forward. When the path is a block of a ``blocks``
+            list (e.g. ``"blocks.0"``), the cut happens at the first block of that list, from that index on, that
+            runs on the rank: the same block without a pipeline, a pipeline stage's first block with one.
         split_outputs: submodules whose output carries a token sequence, cut right after they run, e.g.
             ``{"pos_embed": Split("image", 1)}``. A tuple output is cut element-wise with a tuple of splits
             (``None`` leaves an element alone).
         gather_outputs: submodules whose output is gathered back into the whole sequence (padding removed),
-            e.g. ``{"proj_out": Split("image", 1)}``; typically the last layer before unpatchify.
+            e.g. ``{"proj_out": Split("image", 1)}``; typically the last layer before unpatchify. Here and in
+            ``split_outputs`` a path may count from the end of a block list (``"noise_refiner.-1"``: the output of
+            its last block, whatever the number of blocks) or be a pattern naming the outermost matching modules
+            (``"final_layers.*"``: every final layer, not their submodules); see ``module_paths``.
         blocks: paths of the ``nn.ModuleList``s holding the transformer blocks, in execution order
             (pipeline stages and FSDP units are cut from these).
         self_attention: patterns of attention modules whose ``F.scaled_dot_product_attention`` call attends
             over the sharded sequence, mapped to the order of the named sequences inside that call, e.g.
             ``{"transformer_blocks.*.attn1": ("image",)}`` or, for joint attention over text and image
             tokens concatenated text first, ``{"transformer_blocks.*.attn": ("text", "image")}``.
+        linear_attention: patterns of linear-attention modules (outputs depend on the keys and values only through
+            sums over key tokens, e.g. Sana's ``phi(k) v^T`` and ``phi(k)``) over the sharded sequence, mapped to the
+            order of the named sequences in their token dim, e.g. ``{"transformer_blocks.*.attn1": ("image",)}``. The
+            sums are all-reduced over the sequence-parallel ranks (``sequence/linear_attention.py``); no token moves.
+        token_grids: patterns of modules that mix neighbouring tokens of a sharded sequence laid out as a grid
+            (convolutions), e.g. ``{"transformer_blocks.*.ff": TokenGrid("image", ("height", "width"), dim=2)}``;
+            see ``TokenGrid``.
         cross_attention: patterns of attention modules whose keys and values are replicated context (text);
             their queries stay sharded and they need no communication. Listed so the plan is complete; sequence
             parallelism checks that every pattern matches a module and none is also self-attention.
         shared_modules: submodules inside blocks that the DiT also calls outside its block loop, e.g. DiT's
             final layer reuses ``transformer_blocks.0.norm1.emb``; a pipeline stage that does not own the
             block keeps these (and only these) parts of it.
+        split_module_inputs_each_call: forward arguments of submodules, by pattern, cut at every call of every
+            matching module, for a per-token tensor that the DiT's forward passes whole to each block, e.g. Cosmos'
+            per-frame timestep embedding expanded to ``(B, S, C)``: ``{"transformer_blocks.*.norm[123]":
+            {"temb": Split("video", 1, ndim=3)}}``. Every matching module must take the named arguments. A
+            pattern names the outermost matching modules (``"transformer_blocks.*"``: every block, not the blocks'
+            submodules; see ``module_paths``), here and in ``gather_module_inputs``.
+        gather_module_inputs: forward arguments of submodules, by pattern, gathered back into the whole sequence
+            (padding removed) at every call of every matching module, e.g. the keys and values of an attention from
+            one cut sequence to another (LTX-2's audio-to-video attention:
+            ``{"transformer_blocks.*.audio_to_video_attn": {"encoder_hidden_states": Split("audio", 1)}}``); the
+            module then attends as cross-attention (list it in ``cross_attention``). Tuples as in ``split_inputs``.
+        replicated_tail_attention: patterns of attention modules whose ``F.scaled_dot_product_attention`` call
+            attends over the named cut sequences followed by a tail of tokens that every rank holds whole and whose
+            number is only known at the call, mapped to the order of the cut sequences, e.g. Mochi's joint attention
+            over its video tokens and the text tokens that each sample's mask keeps (the plan leaves the text whole):
+            ``{"transformer_blocks.*.attn1": ("video",)}``. The tail is cut per call and its output rows gathered
+            back (``sequence/replicated_tail.py``).
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -70,14 +183,24 @@ class DiTPlan:
     gather_outputs: Mapping[str, Split] = field(default_factory=dict)
     blocks: tuple[str, ...] = ()
     self_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    linear_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    token_grids: Mapping[str, TokenGrid] = field(default_factory=dict)
     cross_attention: tuple[str, ...] = ()
     shared_modules: tuple[str, ...] = ()
+    split_module_inputs_each_call: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
+    gather_module_inputs: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
+    replicated_tail_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention"):
+        for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention",
+                     "token_grids"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         module_inputs = {path: MappingProxyType(dict(args)) for path, args in self.split_module_inputs.items()}
         object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
+        for name in ("split_module_inputs_each_call", "gather_module_inputs"):
+            frozen = {path: MappingProxyType(dict(args)) for path, args in getattr(self, name).items()}
+            object.__setattr__(self, name, MappingProxyType(frozen))
+        object.__setattr__(self, "replicated_tail_attention", MappingProxyType(dict(self.replicated_tail_attention)))
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
         object.__setattr__(self, "shared_modules", tuple(self.shared_modules))
@@ -91,14 +214,26 @@ class DiTPlan:
             )
         if not self.gather_outputs:
             raise ValueError("A DiTPlan needs at least one gather point (gather_outputs).")
-        if not self.self_attention:
-            raise ValueError("A DiTPlan needs at least one self_attention pattern.")
+        folded = [path for path, split in self.gather_outputs.items() if getattr(split, "folded", False)]
+        if folded:
+            raise ValueError(f"gather_outputs {folded} are folded splits, which cut per group and cannot be gathered.")
+        if not self.self_attention and not self.linear_attention and not self.replicated_tail_attention:
+            raise ValueError(
+                "A DiTPlan needs at least one self_attention (or linear_attention, replicated_tail_attention) pattern."
+            )
         split_sequences = {s.sequence for s in self._all_splits()}
-        for pattern, order in self.self_attention.items():
-            if not order or set(order) - split_sequences:
+        for kind in ("self_attention", "linear_attention", "replicated_tail_attention"):
+            for pattern, order in getattr(self, kind).items():
+                if not order or set(order) - split_sequences:
+                    raise ValueError(
+                        f"{kind}[{pattern!r}] = {order} must name sequences that are split; split sequences:"
+                        f" {sorted(split_sequences)}."
+                    )
+        for pattern, grid in self.token_grids.items():
+            if not isinstance(grid, TokenGrid) or grid.sequence not in split_sequences:
                 raise ValueError(
-                    f"self_attention[{pattern!r}] = {order} must name sequences that are split; split sequences:"
-                    f" {sorted(split_sequences)}."
+                    f"token_grids[{pattern!r}] = {grid!r} must be a TokenGrid of a sequence that is split; split"
+                    f" sequences: {sorted(split_sequences)}."
                 )
 
     @property
@@ -110,7 +245,12 @@ class DiTPlan:
         return tuple(seen)
 
     def _all_splits(self) -> Iterator[Split]:
-        module_inputs = [spec for args in self.split_module_inputs.values() for spec in args.values()]
+        module_inputs = [
+            spec
+            for inputs in (self.split_module_inputs, self.split_module_inputs_each_call)
+            for args in inputs.values()
+            for spec in args.values()
+        ]
         return _iter_splits(self.split_inputs.values(), module_inputs, self.split_outputs.values())
 
     def self_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
@@ -121,11 +261,35 @@ class DiTPlan:
                     yield path, module, order
                     break
 
+    def replicated_tail_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
+        """Yield ``(path, module, sequence order)`` for every submodule matching a replicated-tail attention pattern."""
+        for path, module in model.named_modules():
+            for pattern, order in self.replicated_tail_attention.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    yield path, module, order
+                    break
+
+    def linear_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
+        """Yield ``(path, module, sequence order)`` for every submodule matching a linear-attention pattern."""
+        return _matching(model, self.linear_attention)
+
+    def token_grid_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, TokenGrid]]:
+        """Yield ``(path, module, grid)`` for every submodule matching a token-grid pattern."""
+        return _matching(model, self.token_grids)
+
     def cross_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         """Yield ``(path, module)`` for every submodule matching a cross-attention pattern."""
         for path, module in model.named_modules():
             if any(fnmatch.fnmatchcase(path, p) for p in self.cross_attention):
                 yield path, module
+
+    def block_position(self, path: str) -> tuple[str, int] | None:
+        """``(block list path, index)`` when ``path`` is a block of one of the plan's block lists, else ``None``."""
+        for list_path in self.blocks:
+            head, _, index = path.rpartition(".")
+            if head == list_path and index.isdigit():
+                return list_path, int(index)
+        return None
 
     def block_lists(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         """The block ``ModuleList``s named by the plan, checked to exist."""
@@ -138,15 +302,49 @@ class DiTPlan:
         return lists
 
 
+def _matching(model: nn.Module, patterns: Mapping[str, object]) -> Iterator[tuple[str, nn.Module, object]]:
+    for path, module in model.named_modules():
+        for pattern, value in patterns.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                yield path, module, value
+                break
+
+
 def _iter_splits(*groups) -> Iterator[Split]:
     for group in groups:
         for item in group:
-            if isinstance(item, Split):
-                yield item
-            elif item is not None:
-                yield from (s for s in item if s is not None)
+            for spec in item if isinstance(item, tuple) else (item,):
+                if isinstance(spec, Split):
+                    yield spec
+                elif isinstance(spec, Concat):
+                    yield from spec.splits
 
 
 def is_within(path: str, outer: str) -> bool:
     """Whether the module at ``path`` is the one at ``outer`` or inside it (``""``, the root, contains every path)."""
     return outer == "" or path == outer or path.startswith(outer + ".")
+
+
+def module_paths(modules: Mapping[str, nn.Module], path: str) -> list[str]:
+    """The paths of the modules that a plan's module path names, given ``dict(model.named_modules())``.
+
+    A plain path names its module. A path segment that is a negative index counts from the end of the
+    ``nn.ModuleList`` (or ``nn.Sequential``) before it: ``"noise_refiner.-1"`` is the last block, for any number of
+    blocks. A path with ``fnmatch`` wildcards names the outermost matching modules: ``"all_final_layer.*"`` is every
+    entry of that ``ModuleDict``, not the entries' own submodules. Returns ``[]`` when nothing matches.
+    """
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("-") and part[1:].isdigit():
+            container = modules.get(".".join(parts[:i]))
+            if not isinstance(container, (nn.ModuleList, nn.Sequential)) or not 0 <= len(container) + int(part):
+                return []
+            parts[i] = str(len(container) + int(part))
+    path = ".".join(parts)
+    if not any(c in path for c in "*?["):
+        return [path] if path in modules else []
+    found: list[str] = []
+    for name in modules:
+        if name and fnmatch.fnmatchcase(name, path) and not any(is_within(name, outer) for outer in found):
+            found.append(name)  # named_modules() lists a module before its submodules
+    return found

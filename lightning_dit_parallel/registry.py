@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_dit_parallel.cp_plan import has_cp_plan, translate_cp_plan
 from lightning_dit_parallel.plan import DiTPlan, is_within
-from lightning_dit_parallel.plans import builtin_plan
+from lightning_dit_parallel.plans import builtin_plan, unsupported_reason
 
 _REGISTRY: dict[type, DiTPlan] = {}
 
@@ -35,7 +36,12 @@ def unregister_plan(cls: type[nn.Module]) -> None:
 
 def plan_for(module: nn.Module | type) -> DiTPlan | None:
     """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
-    that ship for diffusers families; ``None`` when there is none."""
+    that ship for diffusers families, then (for a module, not a class) the translation of diffusers' own
+    ``_cp_plan`` of its class (``cp_plan.py``, which reads the rest from the module); ``None`` when there is none.
+
+    Raises:
+        ValueError: for a ``_cp_plan`` that cannot be translated into an exact plan (the message says why).
+    """
     cls = module if isinstance(module, type) else type(module)
     for klass in cls.__mro__:
         if klass in _REGISTRY:
@@ -46,12 +52,16 @@ def plan_for(module: nn.Module | type) -> DiTPlan | None:
         plan = builtin_plan(klass)
         if plan is not None:
             return plan
+    if not isinstance(module, type) and has_cp_plan(module):
+        return translate_cp_plan(module)
     return None
 
 
 HOW_TO_DECLARE = (
     "Declare a plan for your DiT class with `lightning_dit_parallel.register_plan(MyDiT, DiTPlan(...))` or a"
-    " `dit_plan = DiTPlan(...)` class attribute (see the README section 'Bring your own DiT')."
+    " `dit_plan = DiTPlan(...)` class attribute (see the README section 'Bring your own DiT'), then check it"
+    " against one process with `lightning_dit_parallel.check_plan(model, inputs)` or"
+    " `ldp-check-plan MODULE:FACTORY`."
 )
 
 
@@ -59,7 +69,8 @@ def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]
     """Every outermost submodule of ``root`` (``root`` included) whose class has a plan.
 
     Raises:
-        ValueError: when there is none; the message says how to declare a plan.
+        ValueError: when there is none (the message says how to declare a plan), or when a submodule outside them
+            is a diffusers class known to have no exact plan (the message gives the reason).
     """
     found: list[tuple[str, nn.Module, DiTPlan]] = []
     claimed: list[str] = []
@@ -70,6 +81,13 @@ def find_planned_modules(root: nn.Module) -> list[tuple[str, nn.Module, DiTPlan]
         if plan is not None:
             found.append((path, module, plan))
             claimed.append(path)
+            continue
+        reason = unsupported_reason(type(module))
+        if reason is not None:
+            raise ValueError(
+                f"{type(module).__name__} ({path or 'the module'}) cannot be parallelized exactly: {reason} Run it"
+                " with data parallelism only (every model-parallel degree 1)."
+            )
     if not found:
         classes = sorted({type(m).__name__ for _, m in root.named_children()}) or [type(root).__name__]
         raise ValueError(

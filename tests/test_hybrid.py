@@ -142,13 +142,33 @@ def test_text_conditioned_families(family, layout, tmp_path):
     assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, devices, tmp_path), reference)
 
 
-def test_pipeline_with_sequence_parallel_rejects_plans_that_cut_block_inputs():
-    trainer = L.Trainer(
-        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
-        strategy=DiTParallelStrategy(pp_degree=2, ulysses_degree=2, start_method="fork", timeout=20),
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+@pytest.mark.parametrize("degrees", [dict(pp_degree=2, ulysses_degree=2), dict(pp_degree=2, ring_degree=2)],
+                         ids=["pp2_ulysses2", "pp2_ring2"])
+def test_pipeline_with_sequence_parallel_on_plans_that_cut_block_inputs(family, degrees, tmp_path):
+    """Wan and CogVideoX cut their tokens at the first block's inputs; stage 1 cuts at its own first block."""
+    build, sampler = OTHER_FAMILIES[family]
+    reference = predict_single(sampler(build()), text_requests())
+    strategy = DiTParallelStrategy(**degrees, start_method="fork")
+    assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, 4, tmp_path), reference)
+
+
+def test_pipeline_with_sequence_parallel_needs_every_stage_to_cut():
+    """A cut at the first list's blocks with a stage that owns only blocks of the second list is a ValueError."""
+    from lightning_dit_parallel import ParallelLayout
+    from lightning_dit_parallel.parallelize import _check_pipeline_with_sequence
+    from lightning_dit_parallel.pipeline import PipelineOptions
+    from lightning_dit_parallel.plan import DiTPlan, Split
+
+    model = build_flux()  # one double-stream block, one single-stream block
+    plan = DiTPlan(
+        split_module_inputs={"transformer_blocks.0": {"hidden_states": Split("image", 1)}},
+        gather_outputs={"proj_out": Split("image", 1)}, blocks=("transformer_blocks", "single_transformer_blocks"),
+        self_attention={"transformer_blocks.*.attn": ("image",)},
     )
-    with pytest.raises(Exception, match=r"Pipeline \(pp=2\) with sequence parallelism .* WanTransformer3DModel"):
-        trainer.predict(wan_sampler(build_wan()), text_requests(), return_predictions=False)
+    layout = ParallelLayout(pp=2, ulysses=2).resolve(4)
+    with pytest.raises(ValueError, match=r"stage 1/2 owns blocks 1..1 of 2, none of them in 'transformer_blocks'"):
+        _check_pipeline_with_sequence([("", model, plan)], layout, PipelineOptions())
 
 
 def test_flux_fsdp_pipeline_and_ulysses_on_four_ranks(tmp_path):

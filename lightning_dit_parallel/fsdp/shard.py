@@ -14,8 +14,9 @@ would meet sharded parameters, so every submodule of a unit gets a pre-hook that
 in the same order on every rank) and set back as an ordinary ``nn.Parameter``, FSDP's hooks and
 per-module state are deleted and each module gets its own class back. FSDP2 has no public "unshard
 for good" call, so the undo is by difference: what FSDP added to a module since ``apply`` is what
-``remove`` takes away. Parallelizers are removed last-applied first, so no other parallelizer's hooks
-are in the difference.
+``remove`` takes away, including the entry that ``fully_shard`` makes for every unit in torch's
+process-wide map of composable-API states (a module with an entry there cannot be sharded again).
+Parallelizers are removed last-applied first, so no other parallelizer's hooks are in the difference.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed import _composable_state
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
@@ -48,19 +50,25 @@ _HOOK_DICTS = (
 
 @dataclass
 class _ModuleSnapshot:
-    """A module's class, hook ids and instance attribute names before FSDP was applied."""
+    """A module's class, hook ids, instance attribute names and composable-API state before FSDP was applied."""
 
     cls: type
     hooks: dict[str, set]
     attributes: set[str]
+    had_state: bool  # whether torch's composable-state map already had an entry for the module
 
     @classmethod
     def take(cls, module: nn.Module) -> _ModuleSnapshot:
         hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
-        return cls(type(module), hooks, set(module.__dict__))
+        return cls(type(module), hooks, set(module.__dict__), module in _composable_state._module_state_mapping)
 
     def restore(self, module: nn.Module) -> None:
-        """Drop the hooks and attributes added since the snapshot and give the module its class back."""
+        """Drop the hooks, attributes and composable-API state added since the snapshot and give the module its
+        class back."""
+        if not self.had_state:
+            # fully_shard registers every unit in a process-wide weak map; an entry left there makes the next
+            # fully_shard of this module fail with "Inserting <module> more than once"
+            _composable_state._module_state_mapping.pop(module, None)
         for name, before in self.hooks.items():
             hooks = getattr(module, name, None)
             if hooks is None:

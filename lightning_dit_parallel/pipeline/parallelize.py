@@ -4,6 +4,7 @@ Steps, all on every rank of the pipeline group: check everything (pure computati
 configuration raises the same ``ValueError`` everywhere before any communication), release the blocks of
 other stages, install the stage loop on the block lists, and replace the DiT's ``forward`` (an instance
 attribute over the class's forward, which itself is not changed) by the micro-batch or PipeFusion schedule.
+``remove()`` undoes all of it: the released blocks come back with their weights broadcast from their stages.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from lightning_dit_parallel.pipeline.loop import StageLoop
 from lightning_dit_parallel.pipeline.microbatch import MicroBatchForward
 from lightning_dit_parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.pipeline.pipefusion import PipeFusionForward, check_pipefusion_plan
-from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, release_blocks
-from lightning_dit_parallel.plan import DiTPlan
+from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, release_blocks, restore_blocks
+from lightning_dit_parallel.plan import DiTPlan, module_paths
 
 _MISSING = object()
 
@@ -29,11 +30,14 @@ _MISSING = object()
 class PipelineParallel:
     """Pipeline parallelism installed on one DiT.
 
-    ``remove()`` takes the hooks and the forward replacement away; the blocks of other stages stay released
-    (their memory is freed, which is the point), so the DiT then holds only this rank's stage.
+    While installed, the blocks of other stages are released (their memory is freed, which is the point).
+    ``remove()`` takes the hooks and the forward replacement away and puts the released blocks back, their
+    weights broadcast from the stages that own them (a collective over the pipeline group): the DiT is the
+    plain, whole model again on every rank, for a plain forward or another strategy.
     """
 
     model: nn.Module
+    plan: DiTPlan
     assignment: StageAssignment
     released: list[str]
     loop: StageLoop
@@ -62,6 +66,7 @@ class PipelineParallel:
         else:
             self.model.forward = self.previous_forward
         self.removed = True
+        restore_blocks(self.model, self.plan, self.assignment, self.loop.link.group)
 
 
 def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, group: ProcessGroup) -> PipelineParallel:
@@ -84,7 +89,8 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
     if options.mode == "pipefusion":
         check_pipefusion_plan(plan, model)
     modules = dict(model.named_modules())
-    missing = [p for p in (*plan.split_module_inputs, *plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    missing = [p for p in plan.split_module_inputs if p not in modules]
+    missing += [p for p in (*plan.split_outputs, *plan.gather_outputs) if not module_paths(modules, p)]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
     link = StageLink.from_group(group)
@@ -103,4 +109,4 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
         )
         driver.install(dict(model.named_modules()))
     model.forward = driver
-    return PipelineParallel(model, assignment, released, loop, driver, previous)
+    return PipelineParallel(model, plan, assignment, released, loop, driver, previous)

@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
-from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
+from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec, module_paths
 from lightning_dit_parallel.sequence.attention import local_sdpa
 from lightning_dit_parallel.splits import cut_arguments, cut_value
 from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
@@ -161,14 +161,16 @@ class PipeFusionForward:
 
     def install(self, modules: dict[str, nn.Module]) -> None:
         """Hooks at the plan's split and gather points and around this stage's self-attention modules."""
-        for path, split in self.plan.split_outputs.items():
-            self.handles.append(modules[path].register_forward_hook(self._split_output_hook(path, split)))
+        for key, split in self.plan.split_outputs.items():
+            for path in module_paths(modules, key):
+                self.handles.append(modules[path].register_forward_hook(self._split_output_hook(path, split)))
         for path, splits in self.plan.split_module_inputs.items():
             hook = self._split_input_hook(path, splits)
             self.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
         if self.link.is_last:
-            for path, split in self.plan.gather_outputs.items():
-                self.handles.append(modules[path].register_forward_hook(self._gather_hook(path, split)))
+            for key, split in self.plan.gather_outputs.items():
+                for path in module_paths(modules, key):
+                    self.handles.append(modules[path].register_forward_hook(self._gather_hook(path, split)))
         for path, module, _ in self.plan.self_attention_modules(self.model):
             self.handles.extend(swap_sdpa_during_forward(module, self._attention_kernel(path)))
 
@@ -257,6 +259,13 @@ def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
             f"PipeFusion does not support the plan of {type(model).__name__}: it cuts tokens at the inputs of"
             f" blocks {in_blocks} (split_module_inputs), which only the pipeline stage owning them runs."
             " Use pipeline mode 'microbatch' for this model."
+        )
+    per_call = [name for name in ("split_module_inputs_each_call", "gather_module_inputs", "replicated_tail_attention")
+                if getattr(plan, name)]
+    if per_call:
+        raise ValueError(
+            f"PipeFusion does not support the plan of {type(model).__name__}: it has {per_call}, which PipeFusion"
+            " does not apply. Use pipeline mode 'microbatch' for this model."
         )
 
 

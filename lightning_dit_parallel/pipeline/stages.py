@@ -3,14 +3,19 @@
 The blocks of all the plan's ``blocks`` lists, concatenated in order, are numbered ``0 .. L-1`` (Flux: the
 double-stream blocks, then the single-stream ones). Stage ``s`` owns a contiguous range of them. A rank keeps
 its own blocks and everything outside the block lists (embeddings, final layer); every other block is
-replaced in its ``ModuleList`` by an empty ``ReleasedBlock`` so that its parameters are freed.
+replaced in its ``ModuleList`` by an empty ``ReleasedBlock`` so that its parameters are freed. The stub keeps
+the released block's structure with its tensors on the meta device (no storage), so that ``restore_blocks`` can
+put it back with the weights broadcast from the stage that owns it: the plain model again on every rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from lightning_dit_parallel.plan import DiTPlan
 
@@ -110,10 +115,15 @@ class ReleasedBlock(nn.Module):
     """Stands in for a block that another pipeline stage owns. It holds no parameters except the plan's
     ``shared_modules`` inside the block, which keep their attribute paths (e.g. ``norm1.emb``)."""
 
-    def __init__(self, path: str, owner_note: str) -> None:
+    #: read by parallelizers that hook a block's inputs (sequence parallel's ``split_module_inputs``)
+    runs_on_this_rank = False
+
+    def __init__(self, path: str, owner_note: str, original: nn.Module | None = None) -> None:
         super().__init__()
         self._released_path = path
         self._owner_note = owner_note
+        # the released block with its tensors on the meta device, in a list so that it is not a submodule
+        self._original = [] if original is None else [original]
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(
@@ -145,18 +155,120 @@ def release_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment,
     owned = assignment.owned(stage)
     shared = _shared_by_block(model, plan, assignment)
     released = []
+    originals = []
     for list_index, (path, blocks) in enumerate(plan.block_lists(model)):
         for index in range(len(blocks)):
             if assignment.global_index(list_index, index) in owned or isinstance(blocks[index], ReleasedBlock):
                 continue
             block_path = f"{path}.{index}"
             owner = assignment.owner(assignment.global_index(list_index, index))
-            stub = ReleasedBlock(block_path, f"pipeline stage {owner} owns it, this rank is stage {stage}")
+            original = blocks[index]
+            stub = ReleasedBlock(block_path, f"pipeline stage {owner} owns it, this rank is stage {stage}", original)
             for relative in shared.get(block_path, []):
-                _attach(stub, relative, blocks[index].get_submodule(relative))
+                _attach(stub, relative, original.get_submodule(relative))
             blocks[index] = stub
             released.append(block_path)
+            originals.append(original)
+    # what the rank still holds (shared modules, tensors tied to kept modules) keeps its storage; the rest goes
+    kept = {id(t) for t in (*model.parameters(), *model.buffers())}
+    for original in originals:
+        _to_meta(original, kept)
     return released
+
+
+def restore_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment, group: ProcessGroup) -> list[str]:
+    """Put every released block back, its tensors broadcast from the stage that owns it: the undo of
+    ``release_blocks``.
+
+    A collective over the pipeline ``group`` (stage = rank in the group): every rank calls it, and all of them
+    walk every block of every stage in the same order, so the broadcasts pair up. Tensors of the plan's
+    ``shared_modules`` are held by every rank and are not sent.
+
+    Returns:
+        The paths of the blocks put back on this rank.
+    """
+    stage = dist.get_rank(group)
+    shared = _shared_by_block(model, plan, assignment)
+    device = _device_of(model)
+    restored = []
+    for list_index, (path, blocks) in enumerate(plan.block_lists(model)):
+        for index in range(len(blocks)):
+            block_path = f"{path}.{index}"
+            owner = assignment.owner(assignment.global_index(list_index, index))
+            here = blocks[index]
+            if owner != stage and not (isinstance(here, ReleasedBlock) and here._original):
+                raise RuntimeError(f"{block_path} was released without its structure; it cannot be restored.")
+            block = here if owner == stage else here._original[0]
+            source = dist.get_global_rank(group, owner)
+            received: dict[int, torch.Tensor] = {}  # id of a meta tensor -> its storage
+            for tensor in _block_tensors(block, shared.get(block_path, [])):
+                if owner == stage:
+                    dist.broadcast(tensor.detach().contiguous(), source, group=group)  # (shape) -> every stage
+                    continue
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                dist.broadcast(buffer, source, group=group)  # (shape) from the owning stage
+                if tensor.is_meta:
+                    received[id(tensor)] = buffer
+            if owner != stage:
+                _fill(block, received)
+                blocks[index] = block
+                restored.append(block_path)
+    return restored
+
+
+def _to_meta(block: nn.Module, kept: set[int]) -> None:
+    """Replace every parameter and buffer of ``block`` that is not in ``kept`` by a meta tensor (ties kept)."""
+    replaced: dict[int, torch.Tensor] = {}
+    for module in block.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None or id(tensor) in kept or tensor.is_meta:
+                    continue
+                if id(tensor) not in replaced:
+                    meta = torch.empty_like(tensor, device="meta")
+                    if isinstance(tensor, nn.Parameter):
+                        meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                    replaced[id(tensor)] = meta
+                store[name] = replaced[id(tensor)]
+
+
+def _block_tensors(block: nn.Module, shared: list[str]) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``block`` outside its ``shared`` submodules, each tied tensor once, in
+    ``named_modules`` order (the same on every rank)."""
+    found, seen = [], set()
+    for path, module in block.named_modules():
+        if any(path == s or path.startswith(f"{s}.") for s in shared):
+            continue
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    found.append(tensor)
+    return found
+
+
+def _fill(block: nn.Module, received: dict[int, torch.Tensor]) -> None:
+    """Replace each meta tensor of ``block`` by the storage received for it (tied places get the same one)."""
+    made: dict[int, torch.Tensor] = {}
+    for module in block.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None or id(tensor) not in received:
+                    continue
+                if id(tensor) not in made:
+                    value = received[id(tensor)]
+                    made[id(tensor)] = (
+                        nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
+                    )
+                store[name] = made[id(tensor)]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the rank keeps the model: the device of its first tensor with storage."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _shared_by_block(model: nn.Module, plan: DiTPlan, assignment: StageAssignment) -> dict[str, list[str]]:
@@ -196,5 +308,6 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "release_blocks", "stage_sizes",
+    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "release_blocks", "restore_blocks",
+    "stage_sizes",
 ]

@@ -3,12 +3,16 @@
 from lightning_dit_parallel.plan import DiTPlan, Split
 
 PLAN = DiTPlan(
+    # Wan 2.2 TI2V gives every video token its own timestep, a (B, F*H*W) ``timestep``: it is cut along tokens,
+    # (B, S) -> (B, S/N), so the condition embedder computes this rank's per-token modulation, (B, S/N, 6, hidden)
+    # for the blocks and (B, S/N, hidden) for the output norm. A (B,) timestep (Wan 2.1, Wan 2.2 T2V/I2V) is left
+    # whole.
+    split_inputs={"timestep": Split("video", 1, ndim=2)},
     # rope returns (freqs_cos, freqs_sin), each (1, F*H*W, 1, D): cut along tokens so every rank rotates its own
     # queries and keys with their own positions.
     split_outputs={"rope": (Split("video", 1), Split("video", 1))},
     # The patch embedding is flattened to (B, F*H*W, hidden) inside the forward (no module returns the token
-    # sequence), so the tokens are cut where the first block receives them. Per-token timesteps (Wan 2.2 TI2V,
-    # a 2-D ``timestep``) are not cut and are not supported.
+    # sequence), so the tokens are cut where the first block receives them.
     split_module_inputs={"blocks.0": {"hidden_states": Split("video", 1)}},
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.
     gather_outputs={"proj_out": Split("video", 1)},

@@ -5,10 +5,14 @@ The DiT's own forward is not changed. Hooks:
 * a pre-hook on the DiT starts a fresh ``ShardingState`` and cuts the plan's ``split_inputs``;
 * pre-hooks on submodules cut the plan's ``split_module_inputs``;
 * forward hooks cut the outputs of ``split_outputs`` modules and gather those of ``gather_outputs``;
+* pre-hooks at every call cut ``split_module_inputs_each_call`` and gather ``gather_module_inputs``
+  (``module_inputs.py``); replicated-tail attention modules get the kernel of ``replicated_tail.py``;
 * around every self-attention module of the plan, ``F.scaled_dot_product_attention`` is replaced by the
   sequence-parallel kernel for the duration of that module's forward only (a key-padding ``attn_mask`` the model
   passes is gathered over the shards, see ``masks.py``). Cross-attention modules keep
-  the local kernel: their queries are sharded, their keys and values (text) are replicated.
+  the local kernel: their queries are sharded, their keys and values (text) are replicated;
+* around every linear-attention module, its sums over key tokens are all-reduced (``linear_attention.py``);
+* token-grid modules (convolutions over the sharded tokens) run on a window with a halo (``token_grid.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec
+from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec, module_paths
 from lightning_dit_parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
 from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.linear_attention import install_linear_attention
 from lightning_dit_parallel.sequence.masks import shard_key_masks
+from lightning_dit_parallel.sequence.module_inputs import install_module_input_hooks, module_input_hooks
+from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_hooks
 from lightning_dit_parallel.sequence.sharding import ShardingState
+from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers
 from lightning_dit_parallel.sequence.ulysses import check_heads
-from lightning_dit_parallel.splits import as_tensor, cut_arguments, cut_value
+from lightning_dit_parallel.splits import LengthFn, as_tensor, cut_arguments, cut_value
 from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
 
 
@@ -51,7 +59,8 @@ class SequenceParallel:
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.state = ShardingState(self.groups)
         where = type(module).__name__
-        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, self.state.split, where)
+        state = self.state
+        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, state.split, where, lengths(state))
 
     def _end_forward(self, module: nn.Module, args: tuple, output):
         self.state = None
@@ -59,13 +68,15 @@ class SequenceParallel:
 
     def _split_module_inputs(self, path: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return cut_arguments(signature, specs, args, kwargs, self._require_state(path).split, path)
+            state = self._require_state(path)
+            return cut_arguments(signature, specs, args, kwargs, state.split, path, lengths(state))
 
         return hook
 
     def _split_output(self, path: str, spec: SplitSpec):
         def hook(module: nn.Module, args: tuple, output):
-            return cut_value(output, spec, self._require_state(path).split, path)
+            state = self._require_state(path)
+            return cut_value(output, spec, state.split, path, lengths(state))
 
         return hook
 
@@ -114,6 +125,30 @@ class SequenceParallel:
         return self.state
 
 
+def lengths(state: ShardingState) -> LengthFn:
+    """Whole lengths of the sequences cut so far in this forward (what a ``Concat`` split needs)."""
+    return lambda name: state.sequences[name].length if name in state.sequences else None
+
+
+def split_target(plan: DiTPlan, modules: Mapping[str, nn.Module], path: str) -> str:
+    """The module that makes the cut of ``split_module_inputs[path]`` on this rank: the module itself or, for a
+    block of a plan block list, the first block of the list from that index on that runs here. With a pipeline,
+    that is the stage's first block of the list, which gets the loop's inputs exactly as the planned block would
+    (blocks other stages own are stand-ins whose ``runs_on_this_rank`` is False).
+
+    Raises:
+        ValueError: when no block of the list from that index on runs on this rank.
+    """
+    position = plan.block_position(path)
+    if position is None:
+        return path
+    list_path, index = position
+    for i in range(index, len(modules[list_path])):
+        if getattr(modules[f"{list_path}.{i}"], "runs_on_this_rank", True):
+            return f"{list_path}.{i}"
+    raise ValueError(f"Plan split_module_inputs[{path!r}]: no block of {list_path!r} from index {index} on runs on this rank.")
+
+
 def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGroups) -> SequenceParallel:
     """Install the plan's split, gather and attention hooks on ``model``.
 
@@ -130,28 +165,49 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     if missing_inputs:
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
     modules = dict(model.named_modules())
-    missing = [p for p in (*plan.split_module_inputs, *plan.split_outputs, *plan.gather_outputs) if p not in modules]
+    outputs = {p: module_paths(modules, p) for p in (*plan.split_outputs, *plan.gather_outputs)}  # p -> module paths
+    missing = [p for p in plan.split_module_inputs if p not in modules] + [p for p, found in outputs.items() if not found]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
-    module_signatures = {path: inspect.signature(modules[path].forward) for path in plan.split_module_inputs}
+    targets = {path: split_target(plan, modules, path) for path in plan.split_module_inputs}
     for path, specs in plan.split_module_inputs.items():
-        unknown = [n for n in specs if n not in module_signatures[path].parameters]
+        unknown = [n for n in specs if n not in inspect.signature(modules[targets[path]].forward).parameters]
         if unknown:
             raise ValueError(
                 f"Plan split_module_inputs[{path!r}] {unknown} are not arguments of"
-                f" {type(modules[path]).__name__}.forward."
+                f" {type(modules[targets[path]]).__name__}.forward" + ("." if targets[path] == path else f" (at {targets[path]!r}).")
             )
     attention = list(plan.self_attention_modules(model))
-    if not attention:
+    tails = list(plan.replicated_tail_modules(model))
+    if plan.replicated_tail_attention and not tails:
+        raise ValueError(
+            f"Plan replicated_tail_attention patterns {list(plan.replicated_tail_attention)} match no module of"
+            f" {type(model).__name__}."
+        )
+    if plan.self_attention and not attention:
         raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
     cross = {path for path, _ in plan.cross_attention_modules(model)}
     unmatched = [p for p in plan.cross_attention if not any(fnmatch.fnmatchcase(path, p) for path in cross)]
     if unmatched:
         raise ValueError(f"Plan cross_attention patterns {unmatched} match no module of {type(model).__name__}.")
-    both = sorted(cross & {path for path, _, _ in attention})
+    both = sorted(cross & {path for path, _, _ in (*attention, *tails)})
     if both:
         raise ValueError(f"Plan lists {both} of {type(model).__name__} as both self-attention and cross-attention.")
-    for path, module, _ in attention:
+    both = sorted({path for path, _, _ in attention} & {path for path, _, _ in tails})
+    if both:
+        raise ValueError(f"Plan lists {both} of {type(model).__name__} as both self- and replicated-tail attention.")
+    linear = list(plan.linear_attention_modules(model))
+    if plan.linear_attention and not linear:
+        raise ValueError(f"Plan linear_attention patterns {list(plan.linear_attention)} match no module of {type(model).__name__}.")
+    also_linear = sorted({path for path, _, _ in linear} & (cross | {path for path, _, _ in (*attention, *tails)}))
+    if also_linear:
+        raise ValueError(f"Plan lists {also_linear} of {type(model).__name__} as linear attention and as another kind.")
+    grids = [(path, grid) for path, _, grid in plan.token_grid_modules(model)]
+    if plan.token_grids and not grids:
+        raise ValueError(f"Plan token_grids patterns {list(plan.token_grids)} match no module of {type(model).__name__}.")
+    check_callers(modules, grids)
+    input_hooks = module_input_hooks(plan, model)
+    for path, module, _ in (*attention, *tails):
         heads = getattr(module, "heads", getattr(module, "num_heads", None))  # diffusers / timm-style names
         if isinstance(heads, int):
             check_heads(heads, groups.ulysses_size, groups.size, path)
@@ -159,16 +215,32 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
     sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
     sp.handles.append(model.register_forward_hook(sp._end_forward, always_call=True))
     for path, specs in plan.split_module_inputs.items():
-        hook = sp._split_module_inputs(path, module_signatures[path], specs)
-        sp.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
-    for path, spec in plan.split_outputs.items():
-        sp.handles.append(modules[path].register_forward_hook(sp._split_output(path, spec)))
-    for path, split in plan.gather_outputs.items():
-        sp.handles.append(modules[path].register_forward_hook(sp._gather_output(path, split)))
+        target = modules[targets[path]]
+        hook = sp._split_module_inputs(path, inspect.signature(target.forward), specs)
+        # first of the module's pre-hooks: a pipeline stage then receives into tensors of the cut shape
+        sp.handles.append(target.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+    for key, spec in plan.split_outputs.items():
+        for path in outputs[key]:
+            sp.handles.append(modules[path].register_forward_hook(sp._split_output(path, spec)))
+    for key, split in plan.gather_outputs.items():
+        for path in outputs[key]:
+            sp.handles.append(modules[path].register_forward_hook(sp._gather_output(path, split)))
     for path, module, order in attention:
         kernel, reset_hook, check_hook = sp._attention_hooks(path, order)
         sp.handles.append(module.register_forward_pre_hook(reset_hook))
         sp.handles.extend(swap_sdpa_during_forward(module, kernel))
         sp.handles.append(module.register_forward_hook(check_hook))
+    for path, module, order in tails:
+        kernel, reset_hook, check_hook = replicated_tail_hooks(path, order, sp._require_state)
+        sp.handles.append(module.register_forward_pre_hook(reset_hook))
+        sp.handles.extend(swap_sdpa_during_forward(module, kernel))
+        sp.handles.append(module.register_forward_hook(check_hook))
+    sp.handles.extend(install_module_input_hooks(input_hooks, sp._require_state))
+    for path, module, order in linear:
+        sp.handles.extend(install_linear_attention(module, path, order, groups, sp._require_state))
+    if grids:
+        grid_hooks = TokenGridHooks(groups, sp._require_state)
+        grid_hooks.install(modules, grids)
+        sp.handles.extend(grid_hooks.handles)
     return sp
 

@@ -8,7 +8,7 @@ process. The named strategies (``SequenceParallelStrategy`` ...) are presets of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -30,6 +30,8 @@ from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import materialize
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
+from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
+from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
 
@@ -78,6 +80,9 @@ class DiTParallelStrategy(ParallelStrategy):
         num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
         shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
             ``["text_encoder"]``. They must run on every rank of the shard group in step.
+        check_inputs: check in every DiT forward that the ranks of each model-parallel group (cfg, pp, ring and
+            ulysses axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank when they do
+            not (e.g. noise drawn from a rank-dependent random state). One small all-gather per DiT call.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: nccl on CUDA, gloo on CPU.
         timeout: how long a collective waits for a peer before raising; a rank that dies makes the others
             fail within this time instead of hanging.
@@ -101,6 +106,7 @@ class DiTParallelStrategy(ParallelStrategy):
         fsdp: bool = False,
         *,
         shard_modules: Sequence[str] | None = None,
+        check_inputs: bool = True,
         pp_mode: PipelineMode = "microbatch",
         num_patches: int | None = None,
         warmup_steps: int = 1,
@@ -138,13 +144,18 @@ class DiTParallelStrategy(ParallelStrategy):
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"check_inputs must be a bool; got {check_inputs!r}.")
+        self._check_inputs = check_inputs
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._num_nodes = 1
         self._layout: ParallelLayout | None = None
         self._mesh = None
         self._parallelized: Parallelized | None = None
+        self._pipelines: AttachedPipelines | None = None
         self._owns_process_group = False
+        self._undo_sample_check: Callable[[], None] = lambda: None
 
     # -- layout and mesh ----------------------------------------------------------------------------------
 
@@ -235,17 +246,33 @@ class DiTParallelStrategy(ParallelStrategy):
                 f"{type(self).__name__} supports inference (predict, validate, test), not {trainer.state.fn.value}."
             )
         assert self.model is not None and self.accelerator is not None
+        self._check_sample_count(trainer)
         self.accelerator.setup(trainer)
+        # diffusers pipelines held as attributes join the module tree until teardown (see pipelines.py)
+        self._pipelines = attach_pipelines(self.lightning_module, show_progress=self.global_rank == 0)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules,
-            pipeline=self._pipeline,
+            pipeline=self._pipeline, check_inputs=self._check_inputs,
         )
         # weights deferred with loading.defer_weights: read now, only the parts this rank kept
         materialize(self.lightning_module, self.root_device)
         self.setup_precision_plugin()
         self.barrier()
+
+    def _check_sample_count(self, trainer: pl.Trainer) -> None:
+        """Once Lightning has requested the predict dataloaders (before it builds their sampler and before any
+        collective), require a sample for every data-parallel group; see ``strategies.samples``."""
+        dp = int(self.layout.dp)
+        sharded = getattr(trainer._accelerator_connector, "use_distributed_sampler", True)
+        if dp == 1 or trainer.state.fn != TrainerFn.PREDICTING or not sharded:
+            return
+        describe = self.layout.describe()
+        self._undo_sample_check = checked_source(
+            getattr(trainer.predict_loop, "_data_source", None),
+            lambda loaders: check_samples_cover_groups(loaders, dp, describe),
+        )
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -316,6 +343,11 @@ class DiTParallelStrategy(ParallelStrategy):
                 parallelized, self._parallelized = self._parallelized, None
                 parallelized.remove()
         finally:
+            self._undo_sample_check()
+            self._undo_sample_check = lambda: None
+            if self._pipelines is not None:
+                self._pipelines.detach()
+                self._pipelines = None
             self._mesh = None
             if self._owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()

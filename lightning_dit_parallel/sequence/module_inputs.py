@@ -1,0 +1,91 @@
+"""Cuts and gathers of submodule arguments at every call of every module a plan pattern matches.
+
+``split_module_inputs`` cuts a sequence once per forward, where it first appears as one tensor. Two things need a
+hook at every call instead:
+
+* ``split_module_inputs_each_call``: a per-token tensor the DiT's forward keeps whole and passes to every block
+  (e.g. Cosmos' per-frame timestep embedding expanded over the tokens); each call gets this rank's shard of it.
+* ``gather_module_inputs``: a cut sequence that a module needs whole, e.g. the keys and values of LTX-2's attention
+  from video to audio tokens, both cut: the audio shards are all-gathered before the module runs, which then attends
+  as cross-attention with the local kernel. Every rank runs the same modules in the same order, so every rank
+  reaches every gather.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.plan import DiTPlan, SplitSpec, module_paths
+from lightning_dit_parallel.sequence.sharding import ShardingState
+from lightning_dit_parallel.splits import cut_arguments
+
+#: require_state(where) -> the sharding state of the forward in progress (raises outside one).
+StateFn = Callable[[str], ShardingState]
+
+
+@dataclass(frozen=True)
+class ModuleInputHook:
+    """One matched module: cut (``"split"``) or gather (``"gather"``) the named arguments at every call."""
+
+    kind: Literal["split", "gather"]
+    pattern: str
+    path: str
+    module: nn.Module
+    specs: Mapping[str, SplitSpec]
+
+
+def module_input_hooks(plan: DiTPlan, model: nn.Module) -> list[ModuleInputHook]:
+    """The modules matched by ``split_module_inputs_each_call`` and ``gather_module_inputs``, checked.
+
+    Pure computation: every rank reaches the same verdict before any communication.
+
+    Raises:
+        ValueError: for a pattern that matches no module, or a matched module whose forward lacks a named argument.
+    """
+    hooks = []
+    modules = dict(model.named_modules())
+    for kind, field in (("split", "split_module_inputs_each_call"), ("gather", "gather_module_inputs")):
+        for pattern, specs in getattr(plan, field).items():
+            matched = [(p, modules[p]) for p in module_paths(modules, pattern)]  # outermost matches
+            if not matched:
+                raise ValueError(f"Plan {field}[{pattern!r}] matches no module of {type(model).__name__}.")
+            for path, module in matched:
+                unknown = [n for n in specs if n not in inspect.signature(module.forward).parameters]
+                if unknown:
+                    raise ValueError(
+                        f"Plan {field}[{pattern!r}] {unknown} are not arguments of {type(module).__name__}.forward"
+                        f" (at {path!r})."
+                    )
+                hooks.append(ModuleInputHook(kind, pattern, path, module, specs))
+    return hooks
+
+
+def install_module_input_hooks(hooks: list[ModuleInputHook], require_state: StateFn) -> list[RemovableHandle]:
+    """Pre-hooks that cut or gather the arguments of every module in ``hooks`` at each of its calls."""
+    handles = []
+    for hook in hooks:
+        handles.append(hook.module.register_forward_pre_hook(_pre_hook(hook, require_state), with_kwargs=True))
+    return handles
+
+
+def _pre_hook(hook: ModuleInputHook, require_state: StateFn):
+    signature = inspect.signature(hook.module.forward)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state = require_state(hook.path)
+        if hook.kind == "gather":  # (..., ceil(S/N), ...) -> (..., S, ...)
+            return cut_arguments(signature, hook.specs, args, kwargs, state.gather, hook.path)
+
+        def length(name: str) -> int | None:  # whole lengths, for a Concat split
+            return state.sequences[name].length if name in state.sequences else None
+
+        # (..., S, ...) -> (..., ceil(S/N), ...)
+        return cut_arguments(signature, hook.specs, args, kwargs, state.split, hook.path, length)
+
+    return pre_hook

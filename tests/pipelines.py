@@ -1,0 +1,66 @@
+"""Tiny diffusers pipelines built offline: seeded components from small configs, a word-level tokenizer built
+with the ``tokenizers`` library, and transformers' T5 encoder; ``save_pretrained`` writes them to a folder."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from tests.models import randomize_zero_init, sharpen_attention
+
+WORDS = ["a", "red", "blue", "green", "cat", "dog", "bird", "on", "the", "grass", "sky", "big", "small"]
+TEXT_TOKENS = 9
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``WORDS`` (unknown words map to <unk>), padded with <pad> = id 0."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=TEXT_TOKENS
+    )
+
+
+def t5_encoder(d_model: int = 16, seed: int = 0) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
+    """PixArt-Sigma at latent 8 x 8 (image 16 x 16 after the 2x VAE), 4 heads, caption dim 16."""
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=32, caption_channels=16, norm_num_groups=4, interpolation_scale=1,
+    )
+    randomize_zero_init(transformer, seed)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=word_tokenizer(), text_encoder=t5_encoder(seed=seed), vae=tiny_vae(seed),
+        transformer=sharpen_attention(transformer.eval()), scheduler=DDIMScheduler(num_train_timesteps=100),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Call arguments for the tiny PixArt-Sigma pipeline: 16 x 16 images (8 x 8 latents, 16 image tokens).
+PIXART_CALL = dict(
+    height=16, width=16, num_inference_steps=2, guidance_scale=4.0, use_resolution_binning=False,
+    max_sequence_length=TEXT_TOKENS, clean_caption=False, output_type="pt",
+)

@@ -1,0 +1,114 @@
+"""Two ``trainer.predict`` calls in a row with every strategy preset, in one process, on one module object.
+
+Each rank runs every preset twice on the same LightningModule (DiT: its final layer calls a submodule of block 0,
+the shared-module case; PixArt; Flux), then a plain forward: every output equals the one-process output (float32,
+relative 1e-5) and after every teardown the module is the plain model again (no hooks, no FSDP state, no
+released blocks, no process group). One launch per family and world size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed import _composable_state
+
+from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel.fsdp import is_sharded
+from lightning_dit_parallel.pipeline.stages import ReleasedBlock
+from tests.distributed import free_port, run_on_ranks
+from tests.in_process import external_launch, predict_here
+from tests.models import build_dit, build_flux, build_pixart, dit_sampler, flux_sampler, pixart_sampler, requests, text_requests
+
+STEPS = 3
+
+FAMILIES = {
+    "dit": (lambda: dit_sampler(build_dit(), steps=STEPS), requests),
+    "pixart": (lambda: pixart_sampler(build_pixart(), steps=STEPS), requests),
+    "flux": (lambda: flux_sampler(build_flux(), steps=STEPS), text_requests),
+}
+
+#: Every preset and registered name, with the degrees that fit the world size. PipeFusion warms up for all steps,
+#: so it is exact.
+PRESETS = {
+    2: {
+        "ulysses": lambda: SequenceParallelStrategy(ulysses_degree="auto"),
+        "ring": lambda: SequenceParallelStrategy(ring_degree="auto"),
+        "pipeline": lambda: PipelineStrategy(),
+        "pipefusion": lambda: PipelineStrategy(mode="pipefusion", warmup_steps=STEPS),
+        "fsdp": lambda: FSDPInferenceStrategy(),
+        "fsdp_ulysses": lambda: FSDPInferenceStrategy(ulysses_degree=2),
+        "cfg": lambda: DiTParallelStrategy(cfg_degree=2, dp_degree="auto"),
+        "registered_ulysses": lambda: "dit_ulysses",
+    },
+    4: {
+        "usp": lambda: SequenceParallelStrategy(ring_degree=2, ulysses_degree="auto"),
+        "hybrid": lambda: DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, fsdp=True),
+        "registered_hybrid_pp": lambda: DiTParallelStrategy(pp_degree=2, ulysses_degree=2, fsdp=True),
+    },
+}
+
+#: (family, preset) -> the ValueError that preset gives for that family (every rank, at setup), twice in a row.
+EXPECTED_ERRORS = {("flux", "pipefusion"): "PipeFusion supports plans with one cut sequence"}
+
+
+def _plain_state(module) -> list[str]:
+    """What a parallelizer left on the module (empty when it is the plain model again)."""
+    problems = []
+    for name, m in module.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            problems.append(f"{name}: hooks")
+        if m in _composable_state._module_state_mapping:
+            problems.append(f"{name}: FSDP state")
+        if isinstance(m, ReleasedBlock):
+            problems.append(f"{name}: released")
+        if "forward" in m.__dict__:
+            problems.append(f"{name}: forward replaced")
+    problems += [f"{n}: sharded" for n, p in module.named_parameters() if is_sharded(p) or p.is_meta]
+    if torch.distributed.is_initialized():
+        problems.append("process group left behind")
+    return problems
+
+
+def _every_preset_twice(rank: int, world: int, family: str, ports: tuple[int, int]) -> list[str]:
+    build, data = FAMILIES[family]
+    module = build()
+    batch = next(iter(data()))
+    reference = module.sample(batch)  # the one-process output: a plain forward before any strategy
+    parameters = sum(p.numel() for p in module.parameters())
+    failures = []
+    with external_launch(rank, world, *ports):
+        for name, make in PRESETS[world].items():
+            for attempt in ("first", "second"):
+                what = f"{family} {name} ({attempt} predict), rank {rank}"
+                strategy = make()
+                expected_error = EXPECTED_ERRORS.get((family, name))
+                try:
+                    out = predict_here(module, data(), strategy, world)
+                except ValueError as err:
+                    if expected_error is None or expected_error not in str(err):
+                        raise
+                    continue
+                if expected_error is not None:
+                    failures.append(f"{what}: expected a ValueError ({expected_error})")
+                    continue
+                layout = strategy.layout if not isinstance(strategy, str) else None
+                dp, dp_rank = (int(layout.dp), layout.coordinates(rank)["dp"]) if layout else (1, 0)
+                expected = reference[dp_rank::dp]  # the predict sampler deals samples round-robin over the dp groups
+                error = ((out - expected).abs().max() / expected.abs().max()).item()
+                if out.shape != expected.shape or not error <= 1e-5:
+                    failures.append(f"{what}: output {tuple(out.shape)}, relative error {error:.2e}")
+            failures += [f"{family} after {name}, rank {rank}: {p}" for p in _plain_state(module)]
+            if sum(p.numel() for p in module.parameters()) != parameters:
+                failures.append(f"{family} after {name}, rank {rank}: parameter count changed")
+            plain = module.sample(batch)
+            if not torch.equal(plain, reference):
+                failures.append(f"{family} plain forward after {name}, rank {rank}: differs from before")
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_preset_twice_in_a_row_then_a_plain_forward(family, world):
+    results = run_on_ranks(world, _every_preset_twice, family, (free_port(), free_port()), timeout_s=300)
+    failures = [f for rank_failures in results for f in rank_failures]
+    assert not failures, "\n".join(failures)
