@@ -172,6 +172,15 @@ def requests(n: int, batch_size: int = 2) -> DataLoader:
     return DataLoader(items, batch_size=batch_size)
 
 
+def check_plan_factory() -> tuple[DiT, dict[str, Tensor]]:
+    """``ldp-check-plan examples/own_dit.py:check_plan_factory``: a small seeded DiT and one forward's inputs, the
+    doubled CFG batch on 10x10 latents (25 tokens: padded shards on 2 and 4 ranks)."""
+    torch.manual_seed(0)
+    model = DiT(input_size=10, hidden_size=48)
+    latents = torch.randn(1, 4, 10, 10).repeat(2, 1, 1, 1)  # the same latents, unconditional and conditional
+    return model, {"x": latents, "t": torch.tensor([50, 50]), "y": torch.tensor([model.num_classes, 3])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)

@@ -6,7 +6,8 @@ Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring`
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import Concat, DiTPlan, Split, TokenGrid
+from lightning_dit_parallel.plan import Concat, DiTPlan, PrefixCount, Split, TokenGrid
+from lightning_dit_parallel.plan_check import PlanCheck, check_plan
 from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
@@ -25,9 +26,12 @@ __all__ = [
     "FSDPInferenceStrategy",
     "PipelineStrategy",
     "ParallelLayout",
+    "PlanCheck",
+    "PrefixCount",
     "SequenceParallelStrategy",
     "Split",
     "TokenGrid",
+    "check_plan",
     "parallelize",
     "plan_for",
     "register_plan",

@@ -99,9 +99,20 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict | None:
         return None
     summary = {"layout": describe_layout(trainer.strategy), "samples": len(writer.indices), "seconds": timer.seconds,
                "total_seconds": total, "grid": str(output_dir / "grid.png")}
-    if cfg.get("score") is not None:
+    if cfg.get("score") is not None and _requests_have(loader.dataset, cfg.score.get("label_key")):
         summary["score"] = instantiate(cfg.score)(writer.predictions, loader.dataset, writer.indices)
     return summary
+
+
+def _requests_have(dataset, key: str | None) -> bool:
+    """Whether the requests carry ``key`` (the digits score needs class labels; prompt requests have none, so
+    ``ldp-predict model=pipeline`` reports no score)."""
+    if key is None:
+        return True
+    try:
+        return key in dataset[0]
+    except (TypeError, IndexError, KeyError):
+        return False
 
 
 @hydra.main(config_path="conf", config_name="predict", version_base="1.3")

@@ -27,7 +27,9 @@ is left whole, as diffusers does); a ``ContextParallelOutput`` becomes a ``gathe
 
 A sequence the ``_cp_plan`` cuts but no self-attention attends over (LTX's text, which only cross-attention reads,
 relying on diffusers' attention backend to gather its keys) is left whole: cross-attention here reads replicated
-context, which is exact. What a translated plan cannot make exact raises a ``ValueError`` naming what is missing.
+context, which is exact. An attention module over whole sequences only runs as it is on every rank. What a
+translated plan cannot make exact (attention over cut and whole sequences together, cross-attention whose keys are
+a cut sequence, as LTX-2's video-to-audio attention) raises a ``ValueError`` naming what is missing.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ LATENT, TEXT, AUDIO = "latent", "text", "audio"
 #: Words of a diffusers name that mark the text stream, and the audio stream; any other name is the latent stream.
 TEXT_WORDS = frozenset({"encoder", "txt", "text", "context", "prompt", "caption"})
 AUDIO_WORDS = frozenset({"audio"})
-#: diffusers' name of the context argument of an attention module.
+#: diffusers' name of the context argument of an attention module, and the role's context when it gets none.
 CONTEXT_ARGUMENT = "encoder_hidden_states"
+NO_CONTEXT, UNREADABLE_CONTEXT = "", "?"
 _CONCAT_FUNCTIONS = frozenset({"cat", "concat", "concatenate"})
 
 
@@ -79,12 +82,15 @@ class AttentionRole:
         path: module path in the model.
         kind: ``"self"`` (attends over cut sequences) or ``"cross"`` (keys and values are context).
         order: for self-attention, the sequences in the order its ``F.scaled_dot_product_attention`` call holds them.
+        context: the sequence its caller passes as ``encoder_hidden_states``: ``NO_CONTEXT`` for none,
+            ``UNREADABLE_CONTEXT`` for an expression without a name, ``None`` when the calls do not say.
         reason: how the role was read from the model, for messages.
     """
 
     path: str
     kind: Literal["self", "cross"]
     order: tuple[str, ...] = ()
+    context: str | None = None
     reason: str = ""
 
 
@@ -119,9 +125,9 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
     Raises:
         ValueError: when the class has no ``_cp_plan``, when an entry names no module or uses a form this package
             cannot honour (a gathered tuple output, an output index without ``split_output``), when diffusers' own
-            context parallelism is enabled on the model, or when the result would not be exact (a self-attention
-            over a sequence the ``_cp_plan`` leaves whole, cross-attention to a cut and gathered sequence); the
-            message names the class, the entry and what is missing.
+            context parallelism is enabled on the model, or when the result would not be exact (an attention over
+            cut and whole sequences together, cross-attention to a cut sequence, a gather of a sequence nothing
+            cuts); the message names the class, the entry and what is missing.
     """
     cls = type(model)
     where = f"{cls.__name__}._cp_plan"
@@ -137,34 +143,45 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
         )
     cuts = _read_cp_plan(model, cp_plan, where)
     roles = attention_roles(model)
-    attending = [r for r in roles if r.kind == "self"]
-    if not attending:
-        raise ValueError(
-            f"{where}: {cls.__name__} has no self-attention module (diffusers Attention or AttentionModuleMixin) over"
-            f" the cut sequence; attention modules found: {[(r.path, r.kind) for r in roles]}. Declare a plan with"
-            " register_plan."
-        )
     cut = cuts.sequences()
-    for role in attending:
-        missing = [s for s in role.order if s not in cut]
-        if missing:
-            raise ValueError(
-                f"{where} cannot be translated exactly: {role.path} attends over {role.order} ({role.reason}), but the"
-                f" _cp_plan cuts only {sorted(cut)} and leaves {missing} whole, for diffusers' attention backend to"
-                f" handle. Declare a plan that also cuts {missing} with register_plan."
+
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{where} cannot be translated exactly: {what} Declare a plan with register_plan.")
+
+    attending = []  # self-attention over cut sequences; one over whole sequences only runs as it is, on every rank
+    for role in (r for r in roles if r.kind == "self"):
+        whole = [s for s in role.order if s not in cut]
+        if whole and len(whole) < len(role.order):
+            raise fail(
+                f"{role.path} attends over {role.order} ({role.reason}), but the _cp_plan cuts only {sorted(cut)} and"
+                f" leaves {whole} whole, for diffusers' attention backend to handle."
             )
+        if not whole:
+            attending.append(role)
+    if not attending:
+        raise fail(
+            f"no attention module of {cls.__name__} (diffusers Attention or AttentionModuleMixin) attends over the cut"
+            f" sequences {sorted(cut)}; found {[(r.path, r.kind, r.order) for r in roles]}."
+        )
+    gathered = {split.sequence: path for path, split in cuts.gather_outputs.items()}
+    never_cut = {s: path for s, path in gathered.items() if s not in cut}
+    if never_cut:
+        raise fail(
+            f"it gathers {never_cut} (sequence: module), which no entry cuts (sequence names are read from diffusers'"
+            " names of the arguments and modules)."
+        )
+    # a cut sequence no self-attention attends over (text that only cross-attention reads) is left whole
     attended = {s for role in attending for s in role.order}
-    gathered = {split.sequence for split in cuts.gather_outputs.values()}
-    cross = [r.path for r in roles if r.kind == "cross"]
-    unattended = sorted(cut - attended)
-    for sequence in unattended:
-        if sequence in gathered and cross:
-            raise ValueError(
-                f"{where} cannot be translated exactly: it cuts and gathers {sequence!r}, which no self-attention"
-                f" attends over, so cross-attention ({cross[:3]}) may read it cut, which needs diffusers' attention"
-                " backend. Declare a plan with register_plan."
+    cuts.leave_whole({s for s in cut - attended if s not in gathered})
+    cut = cuts.sequences()
+    cross = [r for r in roles if r.kind == "cross"]
+    for role in cross:
+        if role.context in cut or (role.context in (None, UNREADABLE_CONTEXT) and cut - attended):
+            context = repr(role.context) if role.context in cut else "a context it cannot read"
+            raise fail(
+                f"cross-attention {role.path} reads {context} as keys and values while the _cp_plan cuts"
+                f" {sorted(cut)}; gathering them for every call needs diffusers' attention backend."
             )
-    cuts.leave_whole({s for s in unattended if s not in gathered})
     blocks = block_lists(model)
     paths = [p for p, _ in model.named_modules()]
     return DiTPlan(
@@ -175,7 +192,7 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
         gather_outputs=cuts.gather_outputs,
         blocks=blocks,
         self_attention=_patterns({r.path: r.order for r in attending}, paths, blocks),
-        cross_attention=tuple(_patterns({p: () for p in cross}, paths, blocks)),
+        cross_attention=tuple(_patterns({r.path: () for r in cross}, paths, blocks)),
     )
 
 
@@ -240,11 +257,13 @@ def _read_cp_plan(model: nn.Module, cp_plan: Mapping[str, Any], where: str) -> _
                     for path in paths:
                         outputs.setdefault(path, {})[key] = items[0]
                     continue
-                if any(s.split_output for s in items):
-                    raise ValueError(f"{where}[{module_id!r}][{key!r}]: split_output=True needs an output index.")
                 sequence = sequence_named(key)
-                split = (tuple(_split(sequence, s) for s in items) if isinstance(spec, (list, tuple))
-                         else _split(sequence, spec))
+                if isinstance(spec, (list, tuple)):  # a tuple argument; diffusers leaves split_output elements alone
+                    split = tuple(None if s.split_output else _split(sequence, s) for s in items)
+                elif spec.split_output:
+                    raise ValueError(f"{where}[{module_id!r}][{key!r}]: split_output=True needs an output index.")
+                else:
+                    split = _split(sequence, spec)
                 if module_id == "":
                     cuts.split_inputs[key] = split
                     continue
@@ -254,11 +273,14 @@ def _read_cp_plan(model: nn.Module, cp_plan: Mapping[str, Any], where: str) -> _
         else:
             gathers = tuple(entry) if isinstance(entry, (list, tuple)) else (entry,)
             if not all(isinstance(g, ContextParallelOutput) for g in gathers):
-                raise ValueError(f"{where}[{module_id!r}] = {entry!r} is neither a dict of inputs nor a ContextParallelOutput.")
-            if len(gathers) != 1 or module_id == "":
                 raise ValueError(
-                    f"{where}[{module_id!r}] = {entry!r}: gathering {'the model output' if not module_id else 'a tuple output'}"
-                    " is not supported; gather the one tensor a submodule returns."
+                    f"{where}[{module_id!r}] = {entry!r} is neither a dict of inputs nor a ContextParallelOutput."
+                )
+            if len(gathers) != 1 or module_id == "":
+                what = "a tuple output" if module_id else "the model's own output"
+                raise ValueError(
+                    f"{where}[{module_id!r}] = {entry!r}: gathering {what} is not supported; gather the one tensor a"
+                    " submodule returns."
                 )
             for path in paths:
                 cuts.gather_outputs[path] = Split(sequence_named(path.rsplit(".", 1)[-1]), gathers[0].gather_dim)
@@ -318,14 +340,15 @@ def _is_attention(module: nn.Module) -> bool:
 
 def _role(model: nn.Module, path: str, module: nn.Module) -> AttentionRole:
     parent_path, _, attribute = path.rpartition(".")
-    caller = type(model.get_submodule(parent_path))
-    context = _passes_context(caller.forward, attribute, module)
+    parent = model.get_submodule(parent_path)
+    caller = type(parent)
+    query, context = _call_arguments(caller.forward, attribute, module)
     joint = getattr(module, "added_kv_proj_dim", None) is not None
     if getattr(module, "is_cross_attention", None) is True:
-        return AttentionRole(path, "cross", reason="is_cross_attention")
-    if context and not joint:
-        return AttentionRole(path, "cross", reason=f"{caller.__name__}.forward passes it {CONTEXT_ARGUMENT}")
-    if joint and context is not False:
+        return AttentionRole(path, "cross", context=context, reason="is_cross_attention")
+    if context not in (None, NO_CONTEXT) and not joint:
+        return AttentionRole(path, "cross", context=context, reason=f"{caller.__name__}.forward passes it a context")
+    if joint and context != NO_CONTEXT:
         processor = type(getattr(module, "processor", None))
         call = processor.forward if processor.__call__ is nn.Module.__call__ else processor.__call__
         orders = concat_orders(call)
@@ -335,16 +358,19 @@ def _role(model: nn.Module, path: str, module: nn.Module) -> AttentionRole:
                 f" which {processor.__name__} concatenates text and latent tokens cannot be read from its code (found"
                 f" {list(orders)}). Declare a plan with register_plan."
             )
-        return AttentionRole(path, "self", orders[0], f"joint attention, {processor.__name__} concatenates {orders[0]}")
-    orders = concat_orders(caller.forward)
+        return AttentionRole(path, "self", orders[0], reason=f"joint attention; {processor.__name__} concatenates"
+                                                            f" {orders[0]}")
+    # a single-stream block (one attention module) may concatenate the streams before its attention
+    orders = concat_orders(caller.forward) if sum(map(_is_attention, parent.children())) == 1 else ()
     if len(orders) > 1:
         raise ValueError(
             f"{caller.__name__}.forward concatenates tokens in several orders {list(orders)}; which one {path} attends"
             " over cannot be read. Declare a plan with register_plan."
         )
     if orders:
-        return AttentionRole(path, "self", orders[0], f"{caller.__name__}.forward concatenates {orders[0]}")
-    return AttentionRole(path, "self", (LATENT,), "self-attention over the latent tokens")
+        return AttentionRole(path, "self", orders[0], reason=f"{caller.__name__}.forward concatenates {orders[0]}")
+    sequence = query or sequence_named(attribute)
+    return AttentionRole(path, "self", (sequence,), reason=f"self-attention over the {sequence} tokens")
 
 
 @functools.cache
@@ -376,8 +402,8 @@ def concat_orders(function: Callable) -> tuple[tuple[str, ...], ...]:
     tree = _syntax(function)
     found: list[tuple[int, int, tuple[str, ...]]] = []
     for node in ast.walk(tree) if tree is not None else ():
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in _CONCAT_FUNCTIONS and node.args and isinstance(node.args[0], (ast.List, ast.Tuple))):
+        concat = isinstance(node, ast.Call) and getattr(node.func, "attr", None) in _CONCAT_FUNCTIONS
+        if not (concat and node.args and isinstance(node.args[0], (ast.List, ast.Tuple))):
             continue
         names = [_base_name(e) for e in node.args[0].elts]
         if None in names:
@@ -406,30 +432,45 @@ def returned_sequences(function: Callable, length: int) -> tuple[str, ...]:
     return readings.pop() if len(readings) == 1 else (LATENT,) * length
 
 
-def _passes_context(forward: Callable, attribute: str, module: nn.Module) -> bool | None:
-    """Whether ``forward`` calls ``self.<attribute>(...)`` with a context (``encoder_hidden_states`` not ``None``);
-    ``None`` when it has no such call."""
+def _call_arguments(forward: Callable, attribute: str, module: nn.Module) -> tuple[str | None, str | None]:
+    """The sequences of the query input and of the context (``encoder_hidden_states``) that ``forward`` passes in
+    its calls ``self.<attribute>(...)``. The query's is ``None`` when unreadable; the context's is a sequence name,
+    ``NO_CONTEXT`` (absent or ``None``), ``UNREADABLE_CONTEXT`` (an expression without a name) or ``None`` (no
+    call, or ``**kwargs`` that may carry it)."""
     parameters = list(inspect.signature(module.forward).parameters)
-    index = parameters.index(CONTEXT_ARGUMENT) if CONTEXT_ARGUMENT in parameters else None
     tree = _syntax(forward)
     calls = [
         node for node in (ast.walk(tree) if tree is not None else ())
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute
         and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
     ]
-    if not calls:
-        return None
 
-    def given(node: ast.AST) -> bool:
-        return not (isinstance(node, ast.Constant) and node.value is None)
-
-    for call in calls:
+    def argument(call: ast.Call, name: str) -> ast.AST | None:
         keywords = {k.arg: k.value for k in call.keywords if k.arg is not None}
-        if CONTEXT_ARGUMENT in keywords and given(keywords[CONTEXT_ARGUMENT]):
-            return True
-        if index is not None and index < len(call.args) and given(call.args[index]):
-            return True
-    return False
+        if name in keywords:
+            return keywords[name]
+        index = parameters.index(name) if name in parameters else len(call.args)
+        return call.args[index] if index < len(call.args) and not isinstance(call.args[index], ast.Starred) else None
+
+    def sequence(node: ast.AST) -> str:
+        name = _base_name(node)
+        return sequence_named(name) if name else UNREADABLE_CONTEXT
+
+    queries = {sequence(node) for call in calls if (node := argument(call, "hidden_states")) is not None}
+    queries.discard(UNREADABLE_CONTEXT)
+    contexts: set[str | None] = set()
+    for call in calls:
+        node = argument(call, CONTEXT_ARGUMENT)
+        if node is None and any(k.arg is None for k in call.keywords):
+            contexts.add(None)  # **kwargs may carry it
+        elif node is None or (isinstance(node, ast.Constant) and node.value is None):
+            contexts.add(NO_CONTEXT)
+        else:
+            contexts.add(sequence(node))
+    query = queries.pop() if len(queries) == 1 else None
+    given = contexts - {NO_CONTEXT}
+    context = (given.pop() if len(given) == 1 else None) if given else (NO_CONTEXT if contexts else None)
+    return query, context
 
 
 def _patterns(values: Mapping[str, Any], paths: list[str], blocks: tuple[str, ...]) -> dict[str, Any]:

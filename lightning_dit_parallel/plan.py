@@ -110,9 +110,23 @@ class TokenGrid:
             raise ValueError(f"TokenGrid needs at least one size argument and halo >= 0; got {self}.")
 
 
-#: A tensor's split (one sequence, or a ``Concat`` of several), or a tuple's element-wise splits (``None`` leaves an
-#: element alone).
-SplitSpec = Split | Concat | tuple[Split | Concat | None, ...]
+@dataclass(frozen=True)
+class PrefixCount:
+    """An integer argument that counts the leading tokens of a sequence, e.g. HunyuanVideo's first-frame token count
+    (its I2V blocks modulate ``x[:, :n]`` and ``x[:, n:]`` differently). A rank's (or patch's) tokens are a run of
+    the sequence, so the counted tokens it holds are the leading ones of its part: the count is cut to their number,
+    ``n -> min(max(n - start, 0), local)``. The sequence must have been cut earlier in the same forward.
+
+    Args:
+        sequence: the sequence whose leading tokens the argument counts, e.g. ``"video"``.
+    """
+
+    sequence: str = "image"
+
+
+#: A tensor's split (one sequence, or a ``Concat`` of several), a count of leading tokens (``PrefixCount``), or a
+#: tuple's element-wise splits (``None`` leaves an element alone).
+SplitSpec = Split | Concat | PrefixCount | tuple[Split | Concat | PrefixCount | None, ...]
 
 
 @dataclass(frozen=True)
@@ -159,11 +173,12 @@ class DiTPlan:
             final layer reuses ``transformer_blocks.0.norm1.emb``; a pipeline stage that does not own the
             block keeps these (and only these) parts of it.
         split_module_inputs_each_call: forward arguments of submodules, by pattern, cut at every call of every
-            matching module, for a per-token tensor that the DiT's forward passes whole to each block, e.g. Cosmos'
-            per-frame timestep embedding expanded to ``(B, S, C)``: ``{"transformer_blocks.*.norm[123]":
-            {"temb": Split("video", 1, ndim=3)}}``. Every matching module must take the named arguments. A
-            pattern names the outermost matching modules (``"transformer_blocks.*"``: every block, not the blocks'
-            submodules; see ``module_paths``), here and in ``gather_module_inputs``.
+            matching module, for a per-token tensor (or a count of leading tokens, ``PrefixCount``) that the DiT's
+            forward passes whole to each block, e.g. Cosmos' per-frame timestep embedding expanded to ``(B, S, C)``:
+            ``{"transformer_blocks.*": {"temb": Split("video", 1, ndim=3)}}``. Every matching module must
+            take the named arguments (one that takes ``*args`` instead, a variant of the block that ignores an
+            argument, leaves it alone). A pattern names the outermost matching modules (``"transformer_blocks.*"``:
+            every block, not the blocks' submodules; see ``module_paths``), here and in ``gather_module_inputs``.
         gather_module_inputs: forward arguments of submodules, by pattern, gathered back into the whole sequence
             (padding removed) at every call of every matching module, e.g. the keys and values of an attention from
             one cut sequence to another (LTX-2's audio-to-video attention:
@@ -175,6 +190,11 @@ class DiTPlan:
             over its video tokens and the text tokens that each sample's mask keeps (the plan leaves the text whole):
             ``{"transformer_blocks.*.attn1": ("video",)}``. The tail is cut per call and its output rows gathered
             back (``sequence/replicated_tail.py``).
+        pipeline_unsupported: why the DiT's blocks cannot be cut into pipeline stages, for a forward that does not
+            run its block lists one after another with everything a block needs in its arguments (e.g. Latte zips
+            its spatial and temporal lists; Wan VACE adds hints from a list by the block's index); pipeline
+            parallelism then raises a ``ValueError`` with this reason. Empty: stages can be cut. FSDP units are cut
+            from ``blocks`` either way.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -190,6 +210,7 @@ class DiTPlan:
     split_module_inputs_each_call: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
     gather_module_inputs: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
     replicated_tail_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    pipeline_unsupported: str = ""
 
     def __post_init__(self) -> None:
         for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention",
@@ -229,6 +250,13 @@ class DiTPlan:
                         f"{kind}[{pattern!r}] = {order} must name sequences that are split; split sequences:"
                         f" {sorted(split_sequences)}."
                     )
+        counts = [spec for spec in self._all_specs() if isinstance(spec, PrefixCount)]
+        uncut = sorted({c.sequence for c in counts} - split_sequences)
+        if uncut:
+            raise ValueError(
+                f"PrefixCount of {uncut} must count tokens of sequences that are split; split sequences:"
+                f" {sorted(split_sequences)}."
+            )
         for pattern, grid in self.token_grids.items():
             if not isinstance(grid, TokenGrid) or grid.sequence not in split_sequences:
                 raise ValueError(
@@ -244,14 +272,23 @@ class DiTPlan:
             seen.setdefault(split.sequence)
         return tuple(seen)
 
-    def _all_splits(self) -> Iterator[Split]:
+    def _all_specs(self) -> Iterator[object]:
+        """Every split spec of the plan's cut points, (nested) tuples flattened."""
         module_inputs = [
             spec
             for inputs in (self.split_module_inputs, self.split_module_inputs_each_call)
             for args in inputs.values()
             for spec in args.values()
         ]
-        return _iter_splits(self.split_inputs.values(), module_inputs, self.split_outputs.values())
+        for spec in (*self.split_inputs.values(), *module_inputs, *self.split_outputs.values()):
+            yield from _leaves(spec)
+
+    def _all_splits(self) -> Iterator[Split]:
+        for spec in self._all_specs():
+            if isinstance(spec, Split):
+                yield spec
+            elif isinstance(spec, Concat):
+                yield from spec.splits
 
     def self_attention_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[str, ...]]]:
         """Yield ``(path, module, sequence order)`` for every submodule matching a self-attention pattern."""
@@ -310,14 +347,12 @@ def _matching(model: nn.Module, patterns: Mapping[str, object]) -> Iterator[tupl
                 break
 
 
-def _iter_splits(*groups) -> Iterator[Split]:
-    for group in groups:
-        for item in group:
-            for spec in item if isinstance(item, tuple) else (item,):
-                if isinstance(spec, Split):
-                    yield spec
-                elif isinstance(spec, Concat):
-                    yield from spec.splits
+def _leaves(spec: object) -> Iterator[object]:
+    if isinstance(spec, tuple):
+        for item in spec:
+            yield from _leaves(item)
+    else:
+        yield spec
 
 
 def is_within(path: str, outer: str) -> bool:

@@ -31,7 +31,7 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +64,12 @@ class LayoutCheck:
         max_relative_error: max over ranks of max |output - reference| / max |reference|; ``None`` when the run
             failed.
         sharded_attention: attention modules whose sequence-parallel kernel was called (on rank 0).
-        silent_attention: planned self-attention modules that ran without calling ``F.scaled_dot_product_attention``.
+        silent_attention: planned self-attention modules that ran without calling ``F.scaled_dot_product_attention``
+            (found on one process, the same for every layout).
         uncut_arguments: ``"module(argument): ..."`` for tensors reaching the DiT, a block or a planned attention
-            module uncut although a dim has the length of a cut sequence (block indices shown as ``*``).
+            module uncut although a dim has the length of a cut sequence (block indices shown as ``*``; on rank 0).
         error: the exception of a failed run (``"TypeError: ..."``), else ``None``.
+        tolerance: the largest relative error that passes.
     """
 
     layout: str
@@ -204,7 +206,9 @@ def parse_layout(name: str) -> tuple[int, int]:
     """
     match = re.fullmatch(r"(?:(ulysses)(\d+)|(ring)(\d+)|usp(\d+)x(\d+))", name)
     if match is None:
-        raise ValueError(f"Unknown layout {name!r}: use 'ulyssesN', 'ringN' or 'uspUxR' (e.g. {list(DEFAULT_LAYOUTS)}).")
+        raise ValueError(
+            f"Unknown layout {name!r}: use 'ulyssesN', 'ringN' or 'uspUxR' (e.g. {list(DEFAULT_LAYOUTS)})."
+        )
     u, r = (int(match[2]), 1) if match[1] else (1, int(match[4])) if match[3] else (int(match[5]), int(match[6]))
     if u < 1 or r < 1:
         raise ValueError(f"Layout {name!r} has a degree below 1.")
@@ -269,10 +273,13 @@ class _Probe:
 
     def _root(self, sp):
         signature = inspect.signature(sp.model.forward)
+        # an argument the plan cuts by name somewhere (e.g. at the first block) is whole in the DiT's forward
+        cut_later = {name for kind in ("split_module_inputs", "split_module_inputs_each_call")
+                     for args in getattr(sp.plan, kind, {}).values() for name in args}
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.state = sp.state
-            self._record("forward", signature, args, kwargs)
+            self._record("forward", signature, args, kwargs, skip=cut_later)
 
         return hook
 
@@ -296,12 +303,16 @@ class _Probe:
 
         return hook
 
-    def _record(self, where: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    def _record(
+        self, where: str, signature: inspect.Signature, args: tuple, kwargs: dict, skip: Collection[str] = ()
+    ) -> None:
         try:
             bound = signature.bind(*args, **kwargs).arguments
         except TypeError:
             bound = {**{str(i): a for i, a in enumerate(args)}, **kwargs}
         for name, value in bound.items():
+            if name in skip:
+                continue
             items = value if isinstance(value, (tuple, list)) else (value,)
             for i, item in enumerate(items):
                 if isinstance(item, Tensor) and item.dim() > 0:
@@ -400,7 +411,9 @@ def load_factory(spec: str) -> Callable[[], Any]:
     """
     module_name, sep, attribute = spec.rpartition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"Expected MODULE:FACTORY (e.g. my_package.my_dit:make or examples/own_dit.py:make), got {spec!r}.")
+        raise ValueError(
+            f"Expected MODULE:FACTORY (e.g. my_package.my_dit:make or examples/own_dit.py:make), got {spec!r}."
+        )
     if module_name.endswith(".py") or os.sep in module_name:
         path = Path(module_name).resolve()
         loader_spec = importlib.util.spec_from_file_location(path.stem, path)

@@ -37,7 +37,8 @@ def unregister_plan(cls: type[nn.Module]) -> None:
 def plan_for(module: nn.Module | type) -> DiTPlan | None:
     """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
     that ship for diffusers families, then (for a module, not a class) the translation of diffusers' own
-    ``_cp_plan`` of its class (``cp_plan.py``, which reads the rest from the module); ``None`` when there is none.
+    ``_cp_plan`` of its class (``cp_plan.py``, which reads the rest from the module) unless the class is known to
+    have no exact plan; ``None`` when there is none.
 
     Raises:
         ValueError: for a ``_cp_plan`` that cannot be translated into an exact plan (the message says why).
@@ -52,7 +53,7 @@ def plan_for(module: nn.Module | type) -> DiTPlan | None:
         plan = builtin_plan(klass)
         if plan is not None:
             return plan
-    if not isinstance(module, type) and has_cp_plan(module):
+    if not isinstance(module, type) and has_cp_plan(module) and unsupported_reason(cls) is None:
         return translate_cp_plan(module)
     return None
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dit_parallel.plan import Concat, Split, SplitSpec
+from lightning_dit_parallel.plan import Concat, PrefixCount, Split, SplitSpec
 
 #: cut(tensor, split, where) -> the part of ``tensor`` along ``split.dim`` that this rank or pass keeps.
 CutFn = Callable[[Tensor, Split, str], Tensor]
@@ -32,8 +32,9 @@ def as_tensor(x: Any, where: str) -> Tensor:
 
 
 def cut_value(value: Any, spec: SplitSpec, cut: CutFn, where: str, length: LengthFn | None = None) -> Any:
-    """``cut`` a tensor with a ``Split`` or a ``Concat``, or a tuple (list) of tensors element-wise with a tuple of
-    splits, where ``None`` leaves an element alone. ``length`` gives the lengths a ``Concat`` needs.
+    """``cut`` a tensor with a ``Split`` or a ``Concat``, an integer with a ``PrefixCount``, or a tuple (list) of
+    tensors element-wise with a tuple of splits, where ``None`` leaves an element alone. ``length`` gives the
+    lengths a ``Concat`` and a ``PrefixCount`` need.
 
     Raises:
         TypeError: for a value that is not a tensor, or not a tuple of the spec's length.
@@ -45,6 +46,8 @@ def cut_value(value: Any, spec: SplitSpec, cut: CutFn, where: str, length: Lengt
         return cut_folded(x, spec, cut, length, where) if spec.folded else cut(x, spec, where)
     if isinstance(spec, Concat):
         return cut_concat(as_tensor(value, where), spec, cut, length, where)
+    if isinstance(spec, PrefixCount):
+        return cut_prefix_count(value, spec, cut, length, where)
     if not isinstance(value, (tuple, list)) or len(value) != len(spec):
         got = f"{type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else type(value).__name__
         raise TypeError(f"{where}: the plan splits a {len(spec)}-tuple, got {got}.")
@@ -113,6 +116,36 @@ def cut_concat(x: Tensor, concat: Concat, cut: CutFn, length: LengthFn | None, w
         part if name is None else cut(part, Split(name, concat.dim), where) for part, name in zip(parts, concat.sequences)
     ]
     return torch.cat(cut_parts, dim=dim)  # k x (..., cut(L_i), ...) -> (..., sum of cut(L_i), ...)
+
+
+def cut_prefix_count(count: Any, spec: PrefixCount, cut: CutFn, length: LengthFn | None, where: str) -> int:
+    """How many of the first ``count`` tokens of a sequence this rank's (or pass's) part holds.
+
+    A part is a run of the sequence, so they are the leading tokens of the part: a mask of the counted tokens is cut
+    like the sequence and summed, (S,) -> (local,) -> int (padding is cut as False).
+
+    Raises:
+        NotImplementedError: when the caller cannot say the sequence's length (``length`` is ``None``).
+        RuntimeError: for a sequence not cut earlier in this forward.
+        TypeError: for a count that is not an integer.
+        ValueError: for a count outside ``[0, S]``.
+    """
+    if length is None:
+        raise NotImplementedError(f"{where}: this parallelizer does not cut token counts ({spec}).")
+    if isinstance(count, Tensor) and count.dim() == 0 and not count.is_floating_point():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{where}: the plan cuts a count of {spec.sequence!r} tokens, got a {type(count).__name__}.")
+    tokens = length(spec.sequence)
+    if tokens is None:
+        raise RuntimeError(
+            f"{where}: the plan cuts a count of {spec.sequence!r} tokens, which were not cut earlier in this forward,"
+            " so their length is unknown; cut them at an earlier split point of the plan."
+        )
+    if not 0 <= count <= tokens:
+        raise ValueError(f"{where}: a count of {count} leading tokens of {spec.sequence!r}, which has {tokens}.")
+    counted = torch.arange(tokens) < count  # (S,): True for the counted tokens
+    return int(cut(counted, Split(spec.sequence, 0), where).sum())  # (S,) -> (local,) -> how many are here
 
 
 def cut_arguments(

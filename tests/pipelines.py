@@ -64,3 +64,48 @@ PIXART_CALL = dict(
     height=16, width=16, num_inference_steps=2, guidance_scale=4.0, use_resolution_binning=False,
     max_sequence_length=TEXT_TOKENS, clean_caption=False, output_type="pt",
 )
+
+
+def umt5_encoder(d_model: int = 16, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_wan_vae(seed: int = 0):
+    """Causal 3-D VAE: 4 latent channels, 8x spatial and 4x temporal compression, no attention."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+
+
+def wan_pipeline(seed: int = 0):
+    """Wan text-to-video: latents (4, F, H/8, W/8), patch (1, 2, 2), 4 heads, text dim 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    )
+    randomize_zero_init(transformer, seed)
+    pipe = WanPipeline(
+        tokenizer=word_tokenizer(), text_encoder=umt5_encoder(seed=seed), vae=tiny_wan_vae(seed),
+        transformer=sharpen_attention(transformer.eval()), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Wan: 5 frames of 32 x 32 (latents 2 x 4 x 4: 8 video tokens), 2 steps.
+WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
+                max_sequence_length=TEXT_TOKENS, output_type="pt")

@@ -103,3 +103,56 @@ def test_cross_attention_patterns_are_checked(cross, match):
     with pytest.raises(ValueError, match=match):
         apply_sequence_parallel(model, plan, SequenceGroups())  # one rank: the checks need no process group
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "nothing installed"
+
+
+def test_module_paths_count_from_the_end_and_name_outermost_matches():
+    from lightning_dit_parallel.plan import module_paths
+
+    modules = dict(build_dit(layers=2).named_modules())
+    assert module_paths(modules, "transformer_blocks.-1") == ["transformer_blocks.1"]
+    assert module_paths(modules, "transformer_blocks.-2.attn1") == ["transformer_blocks.0.attn1"]
+    assert module_paths(modules, "transformer_blocks.-3") == []
+    assert module_paths(modules, "proj_out_2.-1") == []  # not a block list
+    assert module_paths(modules, "transformer_blocks.*") == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert module_paths(modules, "transformer_blocks.*.attn1") == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert module_paths(modules, "proj_out_2") == ["proj_out_2"]
+    assert module_paths(modules, "missing.*") == []
+
+
+def test_gather_paths_from_the_end_are_checked():
+    from dataclasses import replace
+
+    from lightning_dit_parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+
+    model = build_dit(layers=2)
+    plan = replace(plan_for(model), gather_outputs={"transformer_blocks.-3": Split("image", 1)})
+    with pytest.raises(ValueError, match=r"Plan module paths \['transformer_blocks.-3'\] do not exist"):
+        apply_sequence_parallel(model, plan, SequenceGroups())
+    plan = replace(plan_for(model), gather_outputs={"transformer_blocks.-1": Split("image", 1)})
+    apply_sequence_parallel(model, plan, SequenceGroups()).remove()
+
+
+def test_each_call_patterns_name_the_outermost_modules():
+    """``transformer_blocks.*`` is each block; the blocks' attention modules also take ``attention_mask`` and the
+    norms do not, but neither is matched."""
+    from dataclasses import replace
+
+    from lightning_dit_parallel.sequence.module_inputs import module_input_hooks
+
+    model = build_dit(layers=2)
+    plan = replace(plan_for(model), split_module_inputs_each_call={"transformer_blocks.*": {"attention_mask": Split()}})
+    assert [hook.path for hook in module_input_hooks(plan, model)] == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+def test_class_without_an_exact_plan_fails_with_the_reason():
+    from diffusers import QwenImage21Transformer2DModel
+
+    model = QwenImage21Transformer2DModel(
+        in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, context_in_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    assert plan_for(model) is None
+    match = r"QwenImage21Transformer2DModel \(transformer\) cannot be parallelized exactly: its attention is block-causal"
+    with pytest.raises(ValueError, match=match):
+        find_planned_modules(nn.ModuleDict({"text_encoder": nn.Linear(2, 2), "transformer": model}))

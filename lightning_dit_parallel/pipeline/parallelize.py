@@ -79,10 +79,16 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
         group: the pipeline group (the ``pp`` axis of the mesh); stage = rank in this group.
 
     Raises:
-        ValueError: for more stages than blocks, ``layers_per_stage`` that do not fit, a ``shared_modules``
+        ValueError: for a plan whose blocks cannot be staged (``pipeline_unsupported``), more stages than blocks,
+            ``layers_per_stage`` that do not fit, a ``shared_modules``
             entry that is not inside a block, or PipeFusion on a plan it does not
             support (see ``check_pipefusion_plan``).
     """
+    if plan.pipeline_unsupported:
+        raise ValueError(
+            f"{type(model).__name__} cannot be cut into pipeline stages: {plan.pipeline_unsupported} Use pp_degree=1"
+            " for this model."
+        )
     stages = dist.get_world_size(group)
     options.check_stages(stages)
     assignment = assign_stages(model, plan, stages, options.layers_per_stage)

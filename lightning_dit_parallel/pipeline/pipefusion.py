@@ -245,6 +245,13 @@ def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
             plans that cut tokens at the inputs of a block (e.g. Wan's ``blocks.0``): only the stage owning that
             block would cut there, and the others would exchange whole sequences for patches.
     """
+    not_applied = [name for name in ("linear_attention", "token_grids") if getattr(plan, name)]
+    if not_applied:
+        raise ValueError(
+            f"PipeFusion does not support the plan of {type(model).__name__}: it has {not_applied} (sums over all"
+            " tokens, convolutions over the token grid), which PipeFusion does not apply to patches. Use pipeline"
+            " mode 'microbatch' for this model."
+        )
     sequences = plan.sequences
     orders = set(plan.self_attention.values())
     if len(sequences) != 1 or orders != {sequences}:

@@ -13,9 +13,9 @@ PLAN = DiTPlan(
     split_module_inputs={"transformer_blocks.0": {"hidden_states": Split("video", 1)}},
     # rope: (cos, sin), each (F*H*W, D); learnable_pos_embed: (B, F*H*W, C).
     split_outputs={"rope": (Split("video", 0), Split("video", 0)), "learnable_pos_embed": Split("video", 1)},
-    # The forward passes the timestep embeddings whole to every block's norms and to norm_out.
+    # The forward passes the timestep embeddings whole to every block and to norm_out.
     split_module_inputs_each_call={
-        "transformer_blocks.*.norm[123]": {"embedded_timestep": PER_TOKEN, "temb": PER_TOKEN},
+        "transformer_blocks.*": {"embedded_timestep": PER_TOKEN, "temb": PER_TOKEN},
         "norm_out": {"embedded_timestep": PER_TOKEN, "temb": PER_TOKEN},
     },
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.

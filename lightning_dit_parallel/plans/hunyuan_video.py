@@ -1,7 +1,7 @@
 """Plan for diffusers' ``HunyuanVideoTransformer3DModel`` (dual-stream then single-stream blocks with joint
 attention over video then text tokens, a text mask, a text token refiner, 3-D rotary)."""
 
-from lightning_dit_parallel.plan import Concat, DiTPlan, Split
+from lightning_dit_parallel.plan import Concat, DiTPlan, PrefixCount, Split
 
 PLAN = DiTPlan(
     # x_embedder: (B, C, F, H, W) -> (B, F*H*W, hidden); rope returns (freqs_cos, freqs_sin), each (F*H*W, D), for
@@ -11,8 +11,13 @@ PLAN = DiTPlan(
     # it, so the text (B, T, hidden) is cut where the first block receives it.
     split_module_inputs={"transformer_blocks.0": {"encoder_hidden_states": Split("text", 1)}},
     # The forward builds one key mask (B, 1, 1, S/N + T) over [cut video tokens, whole text] and passes it to every
-    # block: its text part is cut where each block's attention receives it, giving (B, 1, 1, S/N + T/N).
+    # block: its text part is cut where each block's attention receives it, giving (B, 1, 1, S/N + T/N). The I2V
+    # blocks (image_condition_type="token_replace") modulate the first frame's tokens, x[:, :num_tokens], on their
+    # own: the first-frame token count every block receives is cut to the number of those tokens on this rank (the
+    # other blocks take it among their *args and ignore it).
     split_module_inputs_each_call={
+        "transformer_blocks.*": {"num_tokens": PrefixCount("video")},
+        "single_transformer_blocks.*": {"num_tokens": PrefixCount("video")},
         "transformer_blocks.*.attn": {"attention_mask": Concat((None, "text"), -1)},
         "single_transformer_blocks.*.attn": {"attention_mask": Concat((None, "text"), -1)},
     },

@@ -13,9 +13,11 @@ PLAN = DiTPlan(
     # The forward unflattens the tokens to (B, F, H, W, hidden) right after the last video block:
     # (B, F*H*W/N, hidden) -> (B, F*H*W, hidden) there.
     gather_outputs={"visual_transformer_blocks.-1": Split("video", 1)},
-    blocks=("text_transformer_blocks", "visual_transformer_blocks"),
-    # The text blocks attend over the whole (replicated) text with the local kernel, like a token refiner. Sparse
-    # (nabla) attention, ``sparse_params``, passes a block mask over the whole sequence and is not supported.
+    # The text blocks refine the text that every video block receives, like a token refiner: they run on every rank
+    # and every pipeline stage (not listed as blocks) and attend over the whole text with the local kernel.
+    blocks=("visual_transformer_blocks",),
+    # Sparse (nabla) attention, ``sparse_params``, attends under a flex-attention block mask estimated from the
+    # whole sequence instead of a key mask: not covered.
     self_attention={"visual_transformer_blocks.*.self_attention": ("video",)},
     # cross_attention attends from the cut video queries to the replicated text.
     cross_attention=("visual_transformer_blocks.*.cross_attention",),

@@ -13,8 +13,9 @@ PLAN = DiTPlan(
     split_module_inputs_each_call={"temporal_transformer_blocks.*": {"timestep": Split("image", 0, folded=True)}},
     # proj_out: (B*F, P/N, p*p*C) -> (B*F, P, p*p*C) before unpatchify.
     gather_outputs={"proj_out": Split("image", 1)},
-    # The forward runs the two lists in lockstep: zip(transformer_blocks, temporal_transformer_blocks).
     blocks=("transformer_blocks", "temporal_transformer_blocks"),
+    pipeline_unsupported="its forward runs the two block lists in lockstep, zip(transformer_blocks,"
+    " temporal_transformer_blocks), so a stage cannot hold a run of consecutive blocks.",
     # Spatial self-attention runs over the cut positions of each frame (batch B*F).
     self_attention={"transformer_blocks.*.attn1": ("image",)},
     # The spatial blocks' attn2 attends to the replicated text, repeated per frame (B*F, T, hidden). The temporal

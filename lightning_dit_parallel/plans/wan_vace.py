@@ -20,6 +20,8 @@ PLAN = DiTPlan(
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.
     gather_outputs={"proj_out": Split("video", 1)},
     blocks=("vace_blocks", "blocks"),
+    pipeline_unsupported="its main blocks add the VACE blocks' hints, kept in a list outside the blocks' arguments,"
+    " by the block's index in the loop.",
     self_attention={"blocks.*.attn1": ("video",), "vace_blocks.*.attn1": ("video",)},
     # attn2 attends from the cut video (or control) queries to the replicated text (and image) context.
     cross_attention=("blocks.*.attn2", "vace_blocks.*.attn2"),

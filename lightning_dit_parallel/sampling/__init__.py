@@ -1,4 +1,5 @@
-"""A reference LightningModule that samples from a diffusers transformer under ``Trainer.predict``."""
+"""LightningModules that sample under ``Trainer.predict``: ``DiffusionSampler`` over a diffusers transformer, and
+``PipelineSampler`` over a whole diffusers pipeline."""
 
 from lightning_dit_parallel.sampling.conditioning import ClassConditioning, Conditioning, TextConditioning
 from lightning_dit_parallel.sampling.decode import ToUnitRange
@@ -10,6 +11,7 @@ from lightning_dit_parallel.sampling.joint_conditioning import (
 )
 from lightning_dit_parallel.sampling.module import DiffusionSampler
 from lightning_dit_parallel.sampling.noise import sample_noise
+from lightning_dit_parallel.sampling.pipeline_sampler import PipelineSampler, load_pipeline
 
 __all__ = [
     "ClassConditioning",
@@ -17,9 +19,11 @@ __all__ = [
     "Conditioning",
     "DiffusionSampler",
     "FluxConditioning",
+    "PipelineSampler",
     "SD3Conditioning",
     "TextConditioning",
     "ToUnitRange",
     "WanConditioning",
+    "load_pipeline",
     "sample_noise",
 ]

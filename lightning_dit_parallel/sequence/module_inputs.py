@@ -46,7 +46,8 @@ def module_input_hooks(plan: DiTPlan, model: nn.Module) -> list[ModuleInputHook]
     Pure computation: every rank reaches the same verdict before any communication.
 
     Raises:
-        ValueError: for a pattern that matches no module, or a matched module whose forward lacks a named argument.
+        ValueError: for a pattern that matches no module, or a matched module whose forward lacks a named argument
+            (and takes no ``*args``).
     """
     hooks = []
     modules = dict(model.named_modules())
@@ -56,8 +57,11 @@ def module_input_hooks(plan: DiTPlan, model: nn.Module) -> list[ModuleInputHook]
             if not matched:
                 raise ValueError(f"Plan {field}[{pattern!r}] matches no module of {type(model).__name__}.")
             for path, module in matched:
-                unknown = [n for n in specs if n not in inspect.signature(module.forward).parameters]
-                if unknown:
+                parameters = inspect.signature(module.forward).parameters
+                unknown = [n for n in specs if n not in parameters]
+                # A forward that takes *args without naming an argument is a variant of the block that ignores it
+                # (e.g. HunyuanVideo's blocks without first-frame modulation): the argument is left alone there.
+                if unknown and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values()):
                     raise ValueError(
                         f"Plan {field}[{pattern!r}] {unknown} are not arguments of {type(module).__name__}.forward"
                         f" (at {path!r})."

@@ -7,7 +7,8 @@ for the block's duration and records, by kind, what leaves this rank:
 * ``all_gather``: ``all_gather``, ``all_gather_into_tensor`` and ``all_gather_single`` (FSDP2's parameter
   all-gather): this rank's tensor once per peer, ``(N-1)`` times;
 * ``p2p``: every tensor sent by ``send``, by ``batch_isend_irecv``, and, with ``count_isend``, by ``isend``;
-* ``broadcast``: ``broadcast`` and ``broadcast_object_list`` (pickled size) times ``(N-1)`` on the source.
+* ``broadcast``: ``broadcast`` and ``broadcast_object_list`` (pickled size) times ``(N-1)`` on the source;
+* ``all_reduce``: ``all_reduce``'s tensor times ``2(N-1)/N``, what a ring all-reduce sends from each rank.
 
 ``isend`` is only wrapped with ``count_isend=True``: a ``P2POp`` (ring attention's transfers) accepts only
 the original function, so leave it off where ring attention runs; those sends are counted in
@@ -59,7 +60,7 @@ class CommCounter:
         counter = self.bytes_sent
         original = {name: getattr(dist, name, None) for name in (
             "all_to_all_single", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
-            "broadcast_object_list", "batch_isend_irecv", "send", "isend",
+            "broadcast_object_list", "batch_isend_irecv", "send", "isend", "all_reduce",
         )}
 
         def peers(group) -> int:
@@ -92,6 +93,11 @@ class CommCounter:
                 counter["broadcast"] += (len(pickle.dumps(objects)) + 8) * peers(group)
             return original["broadcast_object_list"](objects, src, group=group, **kwargs)
 
+        def all_reduce(tensor, *args, group=None, **kwargs):
+            n = dist.get_world_size(group)
+            counter["all_reduce"] += _nbytes(tensor) * 2 * (n - 1) // n
+            return original["all_reduce"](tensor, *args, group=group, **kwargs)
+
         def batch_isend_irecv(ops):
             for op in ops:
                 if getattr(op.op, "__name__", "") == "isend":
@@ -110,7 +116,7 @@ class CommCounter:
             "all_to_all_single": all_to_all_single, "all_gather": all_gather,
             "all_gather_into_tensor": all_gather_into_tensor, "all_gather_single": all_gather_single,
             "broadcast": broadcast, "broadcast_object_list": broadcast_object_list,
-            "batch_isend_irecv": batch_isend_irecv, "send": send,
+            "batch_isend_irecv": batch_isend_irecv, "send": send, "all_reduce": all_reduce,
         }
         if self.count_isend:
             wrappers["isend"] = isend

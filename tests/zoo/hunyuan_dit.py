@@ -1,5 +1,5 @@
-"""HunyuanDiT (self-attention with 2-D rotary, cross-attention to CLIP + T5 text, long skip connections: 6 blocks,
-the outputs of blocks 0 and 1 go into blocks 5 and 4)."""
+"""HunyuanDiT (self-attention with 2-D rotary, cross-attention to CLIP + T5 text, long skip connections: 4 blocks,
+the output of block 0 goes into block 3)."""
 
 import torch
 from diffusers import HunyuanDiT2DModel
@@ -8,15 +8,19 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from tests.zoo import ZooCase, randn, seeded_model, text_mask
 
 CLIP_DIM, T5_DIM, HEADS, HEAD_DIM = 16, 16, 4, 8
+#: q/k scale: 8 sharp attentions in a row (self and cross per block, after q/k LayerNorms) make the model chaotic at
+#: the default 6 (a 1e-7 input change moves the output by 1e-3); at 3 a query still puts about 0.85 of its weight
+#: on one key.
+SHARPNESS = 3.0
 
 
 def build(clip: int, t5: int, meta: bool):
     def factory() -> HunyuanDiT2DModel:
         return seeded_model(lambda: HunyuanDiT2DModel(
             num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, patch_size=2, sample_size=8,
-            hidden_size=HEADS * HEAD_DIM, num_layers=6, cross_attention_dim=CLIP_DIM, cross_attention_dim_t5=T5_DIM,
+            hidden_size=HEADS * HEAD_DIM, num_layers=4, cross_attention_dim=CLIP_DIM, cross_attention_dim_t5=T5_DIM,
             pooled_projection_dim=16, text_len=clip, text_len_t5=t5, use_style_cond_and_image_meta_size=meta,
-        ))
+        ), sharpness=SHARPNESS)
 
     return factory
 
