@@ -1,19 +1,21 @@
 """Parallel inference for Diffusion Transformers inside a Lightning ``Trainer.predict``.
 
 Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring``, ``dit_usp``,
-``dit_fsdp``, ``dit_pipeline``, ``dit_pipefusion``, ``dit_hybrid``) with Lightning.
+``dit_fsdp``, ``dit_pipeline``, ``dit_pipefusion``, ``dit_tp``, ``dit_hybrid``, ``dit_auto``) with Lightning.
 """
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import Concat, DiTPlan, PrefixCount, Split, TokenGrid
+from lightning_dit_parallel.plan import Concat, DiTPlan, Packed, PrefixCount, Split, TokenGrid
 from lightning_dit_parallel.plan_check import PlanCheck, check_plan
+from lightning_dit_parallel.planner import plan_layouts
 from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,
     PipelineStrategy,
     SequenceParallelStrategy,
+    TensorParallelStrategy,
     register_all,
 )
 
@@ -23,6 +25,7 @@ __all__ = [
     "Concat",
     "DiTParallelStrategy",
     "DiTPlan",
+    "Packed",
     "FSDPInferenceStrategy",
     "PipelineStrategy",
     "ParallelLayout",
@@ -30,9 +33,11 @@ __all__ = [
     "PrefixCount",
     "SequenceParallelStrategy",
     "Split",
+    "TensorParallelStrategy",
     "TokenGrid",
     "check_plan",
     "parallelize",
+    "plan_layouts",
     "plan_for",
     "register_plan",
     "unregister_plan",

@@ -1,6 +1,6 @@
 """Replicated-input guard: the ranks of a model-parallel group must call the DiT with identical inputs.
 
-Every rank of a model-parallel group (the cfg, pp, ring and ulysses axes: the ranks that work on one batch
+Every rank of a model-parallel group (the cfg, pp, ring, ulysses and tp axes: the ranks that work on one batch
 together) runs the same ``predict_step`` and must pass the DiT the same arguments; each parallelizer then cuts
 its own part out of them. A ``predict_step`` that draws its noise from a rank-dependent random state (no
 ``seed_everything``, or a seed derived from the rank) would not fail: every rank would cut a different latent
@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dit_parallel.utils.hooks import remove_handles
 
 #: Mesh axes whose ranks feed the DiT identical inputs (all but ``dp``).
-REPLICATED_AXES: tuple[str, ...] = ("cfg", "pp", "ring", "ulysses")
+REPLICATED_AXES: tuple[str, ...] = ("cfg", "pp", "ring", "ulysses", "tp")
 
 #: Sums that differ by less than this fraction of their scale count as equal (float rounding, not other data).
 RELATIVE_TOLERANCE = 1e-6

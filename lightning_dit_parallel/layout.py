@@ -9,14 +9,17 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Literal, Union
 
+from lightning_dit_parallel.nodes import axes_across_nodes, describe_nodes
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 Degree = Union[int, Literal["auto"]]
 
-#: Mesh axes from outermost to innermost. Ulysses is innermost because its all-to-all is the most
-#: bandwidth-hungry collective; neighbouring ranks (same node, NVLink) should carry it.
-MESH_AXES: tuple[str, ...] = ("dp", "cfg", "pp", "ring", "ulysses")
+#: Mesh axes from outermost to innermost. Ulysses and tensor parallel are innermost because their collectives
+#: (an all-to-all, two all-reduces per layer) are the most bandwidth-hungry; neighbouring ranks (same node, NVLink)
+#: should carry them. Tensor parallel is innermost: it splits the heads first, Ulysses splits each rank's heads.
+MESH_AXES: tuple[str, ...] = ("dp", "cfg", "pp", "ring", "ulysses", "tp")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class ParallelLayout:
         pp: pipeline degree: number of stages the transformer blocks are split into.
         ring: ring-attention degree (sequence parallel, point-to-point key/value exchange).
         ulysses: Ulysses degree (sequence parallel, all-to-all between the sequence and the heads).
+        tp: tensor-parallel degree: the attention heads and MLP features of every block are split over this many
+            ranks (torch DTensor column-/row-wise sharding); two all-reduces per block.
         fsdp: shard parameters over the ranks that compute with the same weights.
 
     Raises:
@@ -42,6 +47,7 @@ class ParallelLayout:
     pp: Degree = 1
     ring: Degree = 1
     ulysses: Degree = 1
+    tp: Degree = 1
     fsdp: bool = False
 
     def __post_init__(self) -> None:
@@ -63,9 +69,24 @@ class ParallelLayout:
         """The degrees by mesh axis name, outermost axis first."""
         return {axis: getattr(self, axis) for axis in MESH_AXES}
 
-    def describe(self) -> str:
-        """One line naming every value, e.g. ``dp=1 cfg=1 pp=1 ring=2 ulysses=2 fsdp=False``."""
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+    def describe(self, ranks_per_node: int | None = None) -> str:
+        """One line naming every value, e.g. ``dp=1 cfg=1 pp=1 ring=2 ulysses=2 fsdp=False``.
+
+        Args:
+            ranks_per_node: with the processes per node (of a resolved layout), the line also says which axes
+                have groups that cross nodes, e.g. ``... fsdp=False | 2 nodes x 2 ranks, across nodes: ring``.
+        """
+        values = " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        if ranks_per_node is None:
+            return values
+        self._require_resolved()
+        return f"{values} | {describe_nodes({a: int(d) for a, d in self.degrees().items()}, ranks_per_node)}"
+
+    def axes_across_nodes(self, ranks_per_node: int) -> tuple[str, ...]:
+        """The mesh axes with a group whose ranks lie on more than one node, for ranks numbered node by node with
+        ``ranks_per_node`` processes per node (see ``nodes.py``). Pure computation; the layout must be resolved."""
+        self._require_resolved()
+        return axes_across_nodes({a: int(d) for a, d in self.degrees().items()}, ranks_per_node)
 
     def resolve(self, world_size: int) -> ParallelLayout:
         """Fill in ``"auto"`` and check that the degrees multiply to ``world_size``.
@@ -89,7 +110,7 @@ class ParallelLayout:
         if fixed != world_size:
             raise ValueError(
                 f"The parallel degrees multiply to {fixed} but the world size is {world_size} ({self.describe()})."
-                " Their product dp*cfg*pp*ring*ulysses must equal the number of processes (devices x nodes)."
+                " Their product dp*cfg*pp*ring*ulysses*tp must equal the number of processes (devices x nodes)."
             )
         return self
 
@@ -101,9 +122,9 @@ class ParallelLayout:
 
     @property
     def model_parallel_degree(self) -> int:
-        """Ranks that work on the same batch: ``cfg * pp * ring * ulysses``."""
+        """Ranks that work on the same batch: ``cfg * pp * ring * ulysses * tp``."""
         self._require_resolved()
-        return int(self.cfg) * int(self.pp) * self.sequence_degree
+        return int(self.cfg) * int(self.pp) * self.sequence_degree * int(self.tp)
 
     def _require_resolved(self) -> None:
         if "auto" in self.degrees().values():
@@ -123,7 +144,7 @@ class ParallelLayout:
     def coordinates(self, rank: int) -> dict[str, int]:
         """The mesh coordinate of a global rank along every axis, without building a mesh.
 
-        Ranks are laid out row-major over ``MESH_AXES`` (ulysses varies fastest), as ``build_mesh`` does.
+        Ranks are laid out row-major over ``MESH_AXES`` (tp varies fastest), as ``build_mesh`` does.
         """
         self._require_resolved()
         degrees = [int(v) for v in self.degrees().values()]

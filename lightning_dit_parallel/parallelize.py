@@ -21,7 +21,9 @@ from lightning_dit_parallel.plan import DiTPlan, is_within
 from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.tensor import TensorParallelLayout, apply_tensor_parallel, check_layout, resolve_layout
 from lightning_dit_parallel.utils.logging import rank_zero_log
+from lightning_dit_parallel.vae import VaeCut, apply_parallel_vae, find_vaes
 
 
 class Removable(Protocol):
@@ -57,15 +59,15 @@ class Parallelized:
 
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
-    pipeline: PipelineOptions | None = None, check_inputs: bool = True,
+    pipeline: PipelineOptions | None = None, check_inputs: bool = True, parallel_vae: bool = False,
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
     Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
-    stages and pipeline the forward, FSDP shards the parameters a rank computes
-    with, sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
-    doubled batch, and the replicated-input guard (``check_inputs``) checks the uncut arguments (its pre-hook
-    runs first in each DiT forward, then CFG's).
+    stages and pipeline the forward, tensor parallelism (``tp``) splits the heads and MLP features of the blocks a
+    rank holds (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
+    doubled batch, the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, and the replicated-input
+    guard (``check_inputs``) checks the uncut arguments (its pre-hook runs first in each DiT forward, then CFG's).
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
@@ -74,17 +76,23 @@ def parallelize(
         shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
             e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
-        check_inputs: with model parallelism (cfg, pp, ring or ulysses > 1), check in every DiT forward that the
+        check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check in every DiT forward that the
             ranks of each model-parallel group pass identical arguments (see ``lightning_dit_parallel.guard``).
+        parallel_vae: decode the latents of every VAE found by its cut (``lightning_dit_parallel.vae``) in bands along
+            the height over each model-parallel group (exact; the encoder stays whole). With model parallelism 1
+            there is nothing to band; the VAEs are still looked for, so a module without one fails the same way.
 
     Raises:
+        ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
+            cannot be banded exactly.
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
             or ``shard_modules`` names a module that does not exist.
     """
     result = Parallelized()
     if shard_modules and not layout.fsdp:
         raise ValueError(f"shard_modules={list(shard_modules)} needs fsdp=True ({layout.describe()}).")
-    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1:
+    vaes = find_vaes(module) if parallel_vae else []
+    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1:
         return result
     planned = find_planned_modules(module)
     extra = [(path, _submodule(module, path)) for path in shard_modules]
@@ -98,10 +106,15 @@ def parallelize(
         check_guided(module, int(layout.cfg))
     if layout.pp > 1 and layout.sequence_degree > 1:
         _check_pipeline_with_sequence(planned, layout, pipeline or PipelineOptions())
+    tp_layouts = _resolve_tensor_parallel(planned, layout) if layout.tp > 1 else []  # checked before any collective
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
             _apply_pipeline(result, planned, layout, mesh, pipeline or PipelineOptions())
+        if layout.tp > 1:
+            for (_, dit, _), tp_layout in zip(planned, tp_layouts):
+                result.applied.append(apply_tensor_parallel(dit, tp_layout, mesh["tp"]))
+            rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {', '.join(t.source for t in tp_layouts)}")
         if layout.fsdp:
             _apply_fsdp(result, module, planned, extra, mesh)
         if layout.sequence_degree > 1:
@@ -113,6 +126,8 @@ def parallelize(
             for _, dit, plan in planned:
                 result.applied.append(apply_cfg_parallel(dit, plan, mesh.get_group("cfg")))
             rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
+        if vaes and layout.model_parallel_degree > 1:
+            _apply_parallel_vae(result, vaes, mesh)
         if check_inputs and layout.model_parallel_degree > 1:
             group = replicated_group(mesh)
             for _, dit, _ in planned:  # last applied, so its pre-hook runs first and sees the uncut arguments
@@ -121,6 +136,15 @@ def parallelize(
         result.remove()
         raise
     return result
+
+
+def _resolve_tensor_parallel(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout) -> list[TensorParallelLayout]:
+    """Each DiT's tensor-parallel layout, checked against the degrees (pure: the same ValueError on every rank)."""
+    layouts = []
+    for _, dit, plan in planned:
+        layouts.append(resolve_layout(dit, plan))
+        check_layout(dit, plan, layouts[-1], layout)
+    return layouts
 
 
 def _apply_fsdp(
@@ -144,6 +168,15 @@ def _apply_fsdp(
         result.applied.append(apply_fsdp(sub, module_units(sub), fsdp_mesh))
     names = [*result.paths, *(p for p, _ in extra)]
     rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {names}")
+
+
+def _apply_parallel_vae(result: Parallelized, vaes: list[tuple[str, nn.Module, VaeCut]], mesh) -> None:
+    """Banded decode of every VAE over the model-parallel group of this rank's data-parallel index."""
+    group = replicated_group(mesh)
+    for _, vae, cut in vaes:
+        result.applied.append(apply_parallel_vae(vae, cut, group))
+    names = [path or type(vae).__name__ for path, vae, _ in vaes]
+    rank_zero_log(f"parallel VAE decode over {group.size()} ranks on {names}")
 
 
 def _apply_pipeline(

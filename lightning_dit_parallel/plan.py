@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
 from torch import nn
 
@@ -128,6 +129,44 @@ class PrefixCount:
 #: tuple's element-wise splits (``None`` leaves an element alone).
 SplitSpec = Split | Concat | PrefixCount | tuple[Split | Concat | PrefixCount | None, ...]
 
+#: How tensor parallelism shards one module inside a block (``DiTPlan.tensor_parallel``):
+#:
+#: * ``"colwise"``: an ``nn.Linear`` whose output features are split over the tp ranks (an attention projection:
+#:   each rank computes its own heads); its output stays split.
+#: * ``"rowwise"``: an ``nn.Linear`` whose input features arrive split (the attention output projection, the MLP's
+#:   down projection); the partial outputs are all-reduced, so every rank holds the whole output.
+#: * ``"colwise_gather"``: output features split, then all-gathered: for per-sample modulation (adaLN) linears whose
+#:   output the block indexes over the whole hidden size; (B, k * hidden) moves, not (B, tokens, hidden).
+#: * ``"sharded_norm"``: a normalisation over the whole split feature dim (a q/k ``RMSNorm`` across heads, as in
+#:   Wan): its weight is split like the features and its statistics are all-reduced over the tp ranks.
+TensorParallelStyle = Literal["colwise", "rowwise", "colwise_gather", "sharded_norm"]
+
+TENSOR_PARALLEL_STYLES: tuple[str, ...] = ("colwise", "rowwise", "colwise_gather", "sharded_norm")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A fused ``nn.Linear`` whose output (``"colwise"``) or input (``"rowwise"``) features are several parts one
+    after another, each split over the tp ranks on its own: e.g. a fused ``to_qkv`` (``Packed("colwise", (1, 1, 1))``)
+    or Flux's single-stream ``proj_out`` over ``cat([attention, mlp])`` (``Packed("rowwise", (3072, 12288))``).
+
+    Args:
+        style: ``"colwise"`` or ``"rowwise"``.
+        blocks: the parts' sizes, proportional (they must divide the feature count); ``None``: read from the
+            Linear's ``_tp_packed_col_blocks`` / ``_tp_packed_row_blocks`` attribute (diffusers sets them).
+    """
+
+    style: Literal["colwise", "rowwise"]
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in ("colwise", "rowwise"):
+            raise ValueError(f"Packed style must be 'colwise' or 'rowwise'; got {self.style!r}.")
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+            if not self.blocks or any(not isinstance(b, int) or b < 1 for b in self.blocks):
+                raise ValueError(f"Packed blocks must be positive integers; got {self.blocks!r}.")
+
 
 @dataclass(frozen=True)
 class DiTPlan:
@@ -195,6 +234,13 @@ class DiTPlan:
             its spatial and temporal lists; Wan VACE adds hints from a list by the block's index); pipeline
             parallelism then raises a ``ValueError`` with this reason. Empty: stages can be cut. FSDP units are cut
             from ``blocks`` either way.
+        tensor_parallel: how tensor parallelism shards the modules of the blocks: patterns (``fnmatch``, relative to
+            the DiT, naming modules inside the ``blocks`` lists) mapped to a ``TensorParallelStyle`` or ``Packed``,
+            e.g. ``{"blocks.*.attn.to_q": "colwise", "blocks.*.attn.to_out.0": "rowwise"}`` (the format of diffusers'
+            ``_tp_plan``). Empty (the default): the class's diffusers ``_tp_plan`` where it has one, else a layout
+            derived from the diffusers ``Attention`` / ``FeedForward`` / adaLN modules inside the blocks (see
+            ``tensor/default.py``). Attention modules whose projections are split get their local head count while
+            tensor parallelism is applied, and q/k normalisations over all heads become ``"sharded_norm"``.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -211,6 +257,7 @@ class DiTPlan:
     gather_module_inputs: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
     replicated_tail_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     pipeline_unsupported: str = ""
+    tensor_parallel: Mapping[str, TensorParallelStyle | Packed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention",
@@ -222,6 +269,12 @@ class DiTPlan:
             frozen = {path: MappingProxyType(dict(args)) for path, args in getattr(self, name).items()}
             object.__setattr__(self, name, MappingProxyType(frozen))
         object.__setattr__(self, "replicated_tail_attention", MappingProxyType(dict(self.replicated_tail_attention)))
+        object.__setattr__(self, "tensor_parallel", MappingProxyType(dict(self.tensor_parallel)))
+        bad = {p: s for p, s in self.tensor_parallel.items() if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
+        if bad:
+            raise ValueError(
+                f"tensor_parallel styles must be one of {list(TENSOR_PARALLEL_STYLES)} or a Packed(...); got {bad}."
+            )
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
         object.__setattr__(self, "shared_modules", tuple(self.shared_modules))

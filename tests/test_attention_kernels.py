@@ -50,7 +50,7 @@ def _sharded_attention(groups: SequenceGroups, names: tuple[str, ...], seq_lens:
 
     ql, kl, vl = shard(q), shard(k), shard(v)
     out = sequence_parallel_attention(
-        ql, kl, vl, groups, lambda shards: state.key_valid(names, shards, q.device), None, "test"
+        ql, kl, vl, groups, lambda shards, query_shards=None: state.key_valid(names, shards, q.device), None, "test"
     )
     locals_ = [state.sequences[n].local for n in names]
     pieces = torch.split(out, locals_, dim=2)
@@ -63,6 +63,12 @@ def _model_mask(kind: str, token_valid: torch.Tensor) -> torch.Tensor:
         return token_valid[:, None, None, :]  # (B, 1, 1, S)
     if kind == "bool-outer":
         return token_valid[:, None, :, None] & token_valid[:, None, None, :]  # (B, 1, S, S)
+    if kind == "float-outer":  # diffusers' Chroma / CogView4: a 0/1 token mask times itself, added to the logits
+        m = token_valid.float()
+        return m[:, None, None, :] * m[:, None, :, None]  # (B, 1, S, S)
+    if kind == "float-outer-inf":  # padded query rows fully masked, real rows a key mask
+        return torch.zeros(token_valid.shape).masked_fill(~token_valid, float("-inf"))[:, None, None, :].expand(
+            -1, -1, token_valid.shape[1], -1).masked_fill(~token_valid[:, None, :, None], float("-inf"))
     return torch.zeros(token_valid.shape).masked_fill(~token_valid, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
 
 
@@ -92,11 +98,13 @@ def _masked_cases(rank: int, world: int) -> dict[str, float]:
             token_valid = torch.ones(2, sum(lens), dtype=torch.bool)
             token_valid[0, text_valid[0]:lens[0]] = False
             token_valid[1, text_valid[1]:lens[0]] = False
-            for kind in ("bool-keys", "bool-outer", "float-keys"):
+            for kind in ("bool-keys", "bool-outer", "float-keys", "float-outer", "float-outer-inf"):
                 ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_model_mask(kind, token_valid))
                 out = _masked_sharded_attention(groups, ("text", "image"), lens, q, k, v, token_valid, kind)
-                rows = token_valid[:, None, :, None]  # compare real queries only (padded ones are never read)
-                diff = ((out - ref) * rows).abs().max() / ref.abs().max()
+                # compare real queries only (padded ones are never read), except for the additive 0/1 product, where
+                # padded queries attend to everything and are read by the real ones: every row must be exact
+                rows = token_valid[:, None, :, None] | (kind == "float-outer")
+                diff = torch.where(rows, (out - ref).abs(), 0.0).max() / torch.where(rows, ref.abs(), 0.0).max()
                 errors[f"ulysses={ulysses} ring={world // ulysses} {lens} valid={text_valid} {kind}"] = diff.item()
     return errors
 
@@ -133,18 +141,39 @@ def test_kernels_with_model_masks_match_sdpa(world):
     for rank_errors in run_on_ranks(world, _masked_cases):
         bad = {k: e for k, e in rank_errors.items() if not e <= RTOL}
         assert not bad, bad
-        assert len(rank_errors) == 9 * len([u for u in (1, 2, 4) if world % u == 0])
+        assert len(rank_errors) == 15 * len([u for u in (1, 2, 4) if world % u == 0])
 
 
-def test_query_dependent_masks_are_rejected():
+def test_query_dependent_masks_are_reported():
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    with pytest.raises(NotImplementedError, match="key-padding masks only"):
-        local_key_mask(causal, 6, "blocks.0.attn")
+    assert "query-dependent" in local_key_mask(causal, 6, "blocks.0.attn").problem
     per_head = torch.ones(1, 2, 1, 6, dtype=torch.bool)
     per_head[0, 1, 0, 0] = False
-    with pytest.raises(NotImplementedError, match="per-head"):
-        local_key_mask(per_head, 6, "blocks.0.attn")
-    assert local_key_mask(torch.ones(6, dtype=torch.bool), 6, "x").shape == (1, 6)
+    assert "per-head" in local_key_mask(per_head, 6, "blocks.0.attn").problem
+    read = local_key_mask(torch.ones(6, dtype=torch.bool), 6, "x")
+    assert read.keys.shape == (1, 6) and read.rows is None and read.problem is None
+    not_rank_one = torch.ones(1, 1, 6, 6)
+    not_rank_one[0, 0, 1, 2] = 2.0
+    read = local_key_mask(not_rank_one, 6, "blocks.0.attn")
+    assert "query-dependent" in read.problem and "query-dependent" in read.rank_one_problem
+    with pytest.raises(NotImplementedError, match="over the 6 local keys"):
+        local_key_mask(torch.ones(1, 1, 6, 5, dtype=torch.bool), 6, "blocks.0.attn")
+
+
+def _causal_error(rank: int, world: int) -> str:
+    """A causal mask on 2 ranks: rank 0's local block is causal, rank 1's too; both raise after one gather."""
+    state = ShardingState(_groups(rank, world, world))
+    state.split(torch.zeros(1, 8, 1), Split("image", 1), "test")
+    try:
+        shard_key_masks(state, ("image",), torch.ones(4, 4, dtype=torch.bool).tril(), torch.device("cpu"), "attn")
+    except NotImplementedError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_query_dependent_mask_fails_on_every_rank():
+    for message in run_on_ranks(2, _causal_error, timeout_s=60):
+        assert "attn: sequence-parallel attention supports key-padding masks" in message, message
 
 
 def test_merge_partial_equals_full_softmax_and_naive_average_does_not():
@@ -185,7 +214,7 @@ def _heads_error(rank: int, world: int) -> str:
     groups = _groups(rank, world, world)
     q = torch.randn(1, 3, 4, 8)  # 3 heads over ulysses=world
     try:
-        sequence_parallel_attention(q, q, q, groups, lambda shards: None, None, "blocks.0.attn")
+        sequence_parallel_attention(q, q, q, groups, lambda shards, query_shards=None: None, None, "blocks.0.attn")
     except ValueError as err:
         return str(err)
     return "no error"

@@ -115,3 +115,13 @@ def test_ambiguous_contraction_is_refused():
         torch.randn(2, 5) @ torch.randn(5, 5)  # (X, T) @ (T, T): which 5 is the tokens?
     with TokenSums(5, None, SequenceGroups(), "attn"):
         assert (torch.randn(3, 4) @ torch.randn(4, 5)).shape == (3, 5)  # over features: local, unchanged
+
+
+def test_pipefusion_refuses_linear_attention_plans():
+    from lightning_dit_parallel import plan_for
+    from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
+    from tests.zoo.sana import build
+
+    model = build()
+    with pytest.raises(ValueError, match=r"\['linear_attention', 'token_grids'\].*microbatch"):
+        check_pipefusion_plan(plan_for(model), model)

@@ -81,6 +81,7 @@ def _every_preset_twice(rank: int, world: int, family: str, ports: tuple[int, in
             for attempt in ("first", "second"):
                 what = f"{family} {name} ({attempt} predict), rank {rank}"
                 strategy = make()
+                import sys, time; print(f"[{time.time():.1f}] {what}", file=sys.stderr, flush=True)  # DEBUG
                 expected_error = EXPECTED_ERRORS.get((family, name))
                 try:
                     out = predict_here(module, data(), strategy, world)

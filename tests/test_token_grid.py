@@ -32,7 +32,9 @@ def _groups(rank: int, world: int, ulysses: int) -> SequenceGroups:
     ring = world // ulysses
     uly = [dist.new_group([r * ulysses + u for u in range(ulysses)]) for r in range(ring)]
     rng = [dist.new_group([r * ulysses + u for r in range(ring)]) for u in range(ulysses)]
-    return SequenceGroups(ulysses=uly[rank // ulysses] if ulysses > 1 else None, ring=rng[rank % ulysses] if ring > 1 else None)
+    return SequenceGroups(
+        ulysses=uly[rank // ulysses] if ulysses > 1 else None, ring=rng[rank % ulysses] if ring > 1 else None
+    )
 
 
 def _run(rank: int, world: int, ulysses: int, height: int, width: int, halo: int) -> dict:
@@ -53,7 +55,8 @@ def _run(rank: int, world: int, ulysses: int, height: int, width: int, halo: int
     for handle in hooks.handles:
         handle.remove()
     whole = state.gather(out, Split("image", 1), "test")
-    return {"error": ((whole - reference).abs().max() / reference.abs().max()).item(), "bytes": dict(counter.bytes_sent)}
+    error = ((whole - reference).abs().max() / reference.abs().max()).item()
+    return {"error": error, "bytes": dict(counter.bytes_sent)}
 
 
 @pytest.mark.parametrize(
@@ -90,3 +93,14 @@ def test_callers_must_take_the_size_arguments():
     block = Block()
     with pytest.raises(ValueError, match=r"\['rows'\] are not arguments of Block.forward"):
         check_callers({"block": block, "block.ff": block.ff}, [("block.ff", TokenGrid("image", ("rows", "width")))])
+
+
+def test_plan_fields_name_split_sequences():
+    from lightning_dit_parallel.plan import DiTPlan
+
+    base = dict(split_outputs={"a": Split("image", 1)}, gather_outputs={"b": Split("image", 1)})
+    DiTPlan(**base, linear_attention={"c": ("image",)}, token_grids={"d.ff": TokenGrid("image")})  # no softmax needed
+    with pytest.raises(ValueError, match="linear_attention"):
+        DiTPlan(**base, linear_attention={"c": ("video",)})
+    with pytest.raises(ValueError, match="token_grids"):
+        DiTPlan(**base, self_attention={"c": ("image",)}, token_grids={"d.ff": TokenGrid("video")})

@@ -6,7 +6,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 #: Ranks along these axes hold the same weights and run every block's forward in step: data-parallel
 #: groups (their samples differ, their weights do not), the two cfg halves and the sequence-parallel ranks.
-#: Pipeline stages hold different blocks, so ``pp`` is the one axis FSDP does not shard over.
+#: Pipeline stages hold different blocks, so FSDP does not shard over ``pp``; tensor-parallel ranks hold different
+#: slices of the blocks (DTensors on the ``tp`` axis), which FSDP2 shards further over these axes (a 2-D layout).
 SHARD_AXES: tuple[str, ...] = ("dp", "cfg", "ring", "ulysses")
 
 

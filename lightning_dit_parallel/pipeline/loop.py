@@ -58,6 +58,9 @@ class StageLoop:
             self._items[list_index].append(_SendToNextStage(self))
         first_list, first_index = assignment.locate(owned.start)
         self._first_block = lists[first_list][1][first_index]
+        last_list, last_index = assignment.locate(owned.stop - 1)
+        self._last_block = lists[last_list][1][last_index]
+        self.last_block_entered = False  # in this pass (PipeFusion gathers only after it)
         self._handles: list[RemovableHandle] = []
         self._classes: list[type] = []
         self.first_inputs: list[Tensor] = []
@@ -70,6 +73,7 @@ class StageLoop:
             blocks.__class__ = _stage_blocks_class(type(blocks))
             blocks._pipeline_items = self._items[list_index]
         self._handles.append(self._first_block.register_forward_pre_hook(self._enter_stage, with_kwargs=True))
+        self._handles.append(self._last_block.register_forward_pre_hook(self._enter_last_block))
         return self
 
     def remove(self) -> None:
@@ -83,6 +87,7 @@ class StageLoop:
     def begin(self) -> None:
         """Start one pass (a micro-batch or a patch) through the DiT's forward."""
         self.first_inputs = []
+        self.last_block_entered = False
 
     def wait(self) -> None:
         """Wait until every posted send has completed (then its tensors may be freed)."""
@@ -101,6 +106,9 @@ class StageLoop:
         for i, tensor in zip(positions, received):
             leaves[i] = tensor
         return pytree.tree_unflatten(leaves, spec)
+
+    def _enter_last_block(self, module: nn.Module, args: tuple) -> None:
+        self.last_block_entered = True
 
     def _send(self, args: tuple, kwargs: dict) -> None:
         tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]

@@ -7,6 +7,16 @@ from typing import Literal
 
 PipelineMode = Literal["microbatch", "pipefusion"]
 
+#: What PipeFusion does, after warm-up, with the cut sequences that the plan does not gather (the text of joint
+#: attention): ``"every_patch"``: they go whole with every patch (recomputed M times per step, attending to the
+#: freshest image keys); ``"per_step"``: they are cut into patches like the image (each token computed once per
+#: step, the previous step's keys and values for the other patches).
+TextTokens = Literal["every_patch", "per_step"]
+
+#: PipeFusion's default for ``text_tokens`` (see the README's measurements): no more compute per step than the exact
+#: forward, and a deviation of the same size.
+DEFAULT_TEXT_TOKENS: TextTokens = "per_step"
+
 
 @dataclass(frozen=True)
 class PipelineOptions:
@@ -16,12 +26,15 @@ class PipelineOptions:
         mode: ``"microbatch"`` (exact: the batch reaching the DiT is cut into micro-batches that flow through
             the stages) or ``"pipefusion"`` (approximate: the token sequence is cut into patches that flow
             through the stages; attention uses the previous step's keys/values for patches not yet computed).
-        num_patches: PipeFusion patches per step; ``None``: as many as stages. The token count must divide by it.
+        num_patches: PipeFusion patches per step; ``None``: as many as stages. At most the token count of every
+            patched sequence (patches need not divide it: the first ones take one token more).
         warmup_steps: PipeFusion steps per batch that run unpatched (exact) and fill the key/value caches.
         layers_per_stage: blocks per stage, in stage order; ``None`` splits the blocks evenly (earlier stages take
             one more when the count does not divide). Must sum to the number of blocks of the plan.
         num_microbatches: micro-batches per DiT call in ``"microbatch"`` mode; ``None``: as many as stages.
             Capped at the batch size of each call (a micro-batch holds at least one row).
+        text_tokens: PipeFusion only: ``"every_patch"`` or ``"per_step"`` (see ``TextTokens``); ``None``: the
+            default, ``DEFAULT_TEXT_TOKENS``.
 
     Raises:
         ValueError: for an unknown mode, a count that is not a positive integer (``warmup_steps`` may be 0), or
@@ -33,6 +46,7 @@ class PipelineOptions:
     warmup_steps: int = 1
     layers_per_stage: tuple[int, ...] | None = None
     num_microbatches: int | None = None
+    text_tokens: TextTokens | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("microbatch", "pipefusion"):
@@ -52,6 +66,12 @@ class PipelineOptions:
                 f"num_microbatches is a micro-batch option, but mode='pipefusion' (use num_patches)"
                 f" ({self.describe()})."
             )
+        if self.text_tokens is not None and self.text_tokens not in ("every_patch", "per_step"):
+            raise ValueError(
+                f"text_tokens must be 'every_patch', 'per_step' or None; got {self.text_tokens!r} ({self.describe()})."
+            )
+        if self.mode == "microbatch" and self.text_tokens is not None:
+            raise ValueError(f"text_tokens is a PipeFusion option, but mode='microbatch' ({self.describe()}).")
         if not (_int(self.warmup_steps) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r} ({self.describe()}).")
         if self.layers_per_stage is not None:
@@ -68,6 +88,7 @@ class PipelineOptions:
         return (
             f"mode={self.mode} num_patches={self.num_patches} warmup_steps={self.warmup_steps}"
             f" layers_per_stage={self.layers_per_stage} num_microbatches={self.num_microbatches}"
+            + (f" text_tokens={self.text_tokens}" if self.text_tokens is not None else "")
         )
 
     def check_stages(self, stages: int) -> None:

@@ -19,9 +19,19 @@ from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageLoop
 from lightning_dit_parallel.pipeline.microbatch import MicroBatchForward
 from lightning_dit_parallel.pipeline.options import PipelineOptions
+from lightning_dit_parallel.pipeline.options import DEFAULT_TEXT_TOKENS
+from lightning_dit_parallel.pipeline.patch_attention import PatchAttention
 from lightning_dit_parallel.pipeline.pipefusion import PipeFusionForward, check_pipefusion_plan
-from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, release_blocks, restore_blocks
+from lightning_dit_parallel.pipeline.stages import (
+    StageAssignment,
+    assign_stages,
+    check_cuts_on_every_stage,
+    release_blocks,
+    restore_blocks,
+)
 from lightning_dit_parallel.plan import DiTPlan, module_paths
+from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 
 _MISSING = object()
 
@@ -69,7 +79,10 @@ class PipelineParallel:
         restore_blocks(self.model, self.plan, self.assignment, self.loop.link.group)
 
 
-def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, group: ProcessGroup) -> PipelineParallel:
+def apply_pipeline(
+    model: nn.Module, plan: DiTPlan, options: PipelineOptions, group: ProcessGroup,
+    sequence: SequenceGroups | None = None,
+) -> PipelineParallel:
     """Cut ``model``'s blocks into ``group``'s size of stages and pipeline its forward.
 
     Args:
@@ -77,12 +90,16 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
         plan: its plan; ``plan.blocks`` gives the block lists, the split/gather points are used by PipeFusion.
         options: mode, patches, warm-up steps, layers per stage, micro-batches.
         group: the pipeline group (the ``pp`` axis of the mesh); stage = rank in this group.
+        sequence: PipeFusion only: the sequence-parallel groups of this rank's stage (each pass's patch is sharded
+            over them, see ``pipefusion.py``); ``None``: one rank per stage. Micro-batch pipelining composes with
+            sequence parallelism installed separately (``parallelize``).
 
     Raises:
         ValueError: for a plan whose blocks cannot be staged (``pipeline_unsupported``), more stages than blocks,
             ``layers_per_stage`` that do not fit, a ``shared_modules``
             entry that is not inside a block, or PipeFusion on a plan it does not
-            support (see ``check_pipefusion_plan``).
+            support (see ``check_pipefusion_plan``; for a cut at a block's inputs every stage must own a block of
+            that list from there on).
     """
     if plan.pipeline_unsupported:
         raise ValueError(
@@ -92,13 +109,19 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
     stages = dist.get_world_size(group)
     options.check_stages(stages)
     assignment = assign_stages(model, plan, stages, options.layers_per_stage)
-    if options.mode == "pipefusion":
-        check_pipefusion_plan(plan, model)
+    if sequence is not None and options.mode != "pipefusion":
+        raise ValueError(f"apply_pipeline takes sequence groups for PipeFusion only ({options.describe()}).")
     modules = dict(model.named_modules())
     missing = [p for p in plan.split_module_inputs if p not in modules]
     missing += [p for p in (*plan.split_outputs, *plan.gather_outputs) if not module_paths(modules, p)]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
+    groups = sequence or SequenceGroups()
+    if options.mode == "pipefusion":
+        check_pipefusion_plan(plan, model)
+        check_cuts_on_every_stage(model, plan, assignment, f"PipeFusion (pp={stages})")
+        # the hooks' own checks (paths, patterns, arguments, heads) on the whole model, before anything is released
+        apply_sequence_parallel(model, plan, groups, per_forward=False).remove()
     link = StageLink.from_group(group)
 
     released = release_blocks(model, plan, assignment, link.stage)
@@ -110,9 +133,11 @@ def apply_pipeline(model: nn.Module, plan: DiTPlan, options: PipelineOptions, gr
             forward, loop, link, options.num_microbatches, plan.split_inputs
         )
     else:
+        attention = PatchAttention(groups)
+        hooks = apply_sequence_parallel(model, plan, groups, attention=attention, per_forward=False)
         driver = PipeFusionForward(
-            forward, model, plan, loop, link, options.num_patches or stages, options.warmup_steps
+            forward, model, plan, loop, link, hooks, attention, options.num_patches or stages, options.warmup_steps,
+            options.text_tokens or DEFAULT_TEXT_TOKENS,
         )
-        driver.install(dict(model.named_modules()))
     model.forward = driver
     return PipelineParallel(model, plan, assignment, released, loop, driver, previous)

@@ -1,91 +1,96 @@
 """PipeFusion: the token sequence is cut into patches that flow through the pipeline stages (approximate).
 
-Per DiT call (one denoising step) every rank runs the DiT's forward once per patch. The plan's split
-points cut the sequence to the current patch; the block loop runs this stage's blocks (see ``loop.py``);
-on the last stage the plan's gather point collects the patches and, at the last patch, returns the whole
-sequence so the rest of the forward (unpatchify) runs once on real data.
+Per DiT call (one denoising step) every rank runs the DiT's forward once per patch. The plan's cut points, the same
+hooks as sequence parallelism's (``sequence/parallelize.py``), cut every sequence to this pass's part
+(``patches.py``): the image or video tokens (every sequence the plan gathers) to the current patch, the text of
+joint attention either to its patch too (``text_tokens="per_step"``: each text token computed once per step) or
+whole with every patch (``"every_patch"``: the text recomputed with every patch, as fresh as it gets). The block
+loop runs this stage's blocks (``loop.py``); on the last stage the plan's gather points collect the patches and, at
+the last patch, return the whole sequences so the rest of the forward (unpatchify) runs on real data.
 
-Attention: each self-attention module of this stage keeps the keys and values of the whole sequence from
-its previous call (``KVCache``), overwrites the current patch's rows with the fresh ones and attends over
-all of them, so a patch sees the current step's keys for the patches already computed and the previous
-step's for the others. Keys never computed yet (no warm-up) are masked out. The first ``warmup_steps`` calls
-of a batch run unpatched, which is exact and fills the caches. The state lives with the module's owner and
-is reset for each new batch, so any number of steps runs on any number of stages.
+Attention (``patch_attention.py``): each self-attention module of a stage keeps the keys and values of every token
+from its previous calls, overwrites this pass's rows with the fresh ones and attends over all of them, so a patch
+sees the current step's keys for the patches already computed and the previous step's for the others. Keys never
+computed yet (no warm-up) are masked out. The first ``warmup_steps`` calls of a batch run unpatched, which is exact
+and fills the caches. The state lives with the module's owner and is reset for each new batch, so any number of
+steps runs on any number of stages.
+
+With sequence parallelism (``ulysses``/``ring`` > 1), every stage is a sequence-parallel group: each rank of it
+holds the padded shard of the pass's part (``PatchedSharding``); attention is Ulysses over the pass with the keys
+and values all-gathered over the ring axis into the cache.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageDone, StageLoop
-from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec, module_paths
-from lightning_dit_parallel.sequence.attention import local_sdpa
-from lightning_dit_parallel.splits import cut_arguments, cut_value
-from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
-
+from lightning_dit_parallel.pipeline.options import DEFAULT_TEXT_TOKENS, TextTokens
+from lightning_dit_parallel.pipeline.patch_attention import PatchAttention
+from lightning_dit_parallel.pipeline.patches import PatchedSharding, PatchPass
+from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.sequence.parallelize import SequenceParallel
 
 @dataclass
-class PatchState:
-    """The patch being computed in the current pass: ``index`` of ``patches``; ``length`` tokens in all."""
+class PatchCollector:
+    """Collects, on the last stage, the patches that the plan's gather points see in the passes of one step.
 
-    patches: int
-    index: int
-    length: int | None = None
+    A gather point returns the whole sequence at the last pass (the patches in order). In an earlier pass, once every
+    sequence the plan gathers has been collected, the pass ends (``StageDone``: the rest of the forward needs whole
+    sequences); a gather point reached before that returns its sequence with the patches still missing as zeros, so
+    the forward can go on to the next one.
 
-    @property
-    def local(self) -> int:
-        assert self.length is not None
-        return self.length // self.patches
+    Args:
+        loop: this rank's stage loop (a gather point must run after the stage's last block).
+        gathered: the sequences the plan gathers.
+    """
 
-    def cut(self, x: Tensor, split: Split, where: str) -> Tensor:
-        """This patch of ``x`` along ``split.dim``: (..., S, ...) -> (..., S/M, ...)."""
-        dim = split.dim % x.ndim
-        length = x.shape[dim]
-        if self.length is None:
-            if length % self.patches:
-                raise ValueError(
-                    f"{where}: PipeFusion cuts the {length} tokens of sequence {split.sequence!r} into num_patches="
-                    f"{self.patches} patches, but {length} is not divisible by {self.patches} (patches are not padded);"
-                    f" choose num_patches among the divisors of {length}."
-                )
-            self.length = length
-        elif length != self.length:
+    loop: StageLoop
+    gathered: frozenset[str]
+    patch: PatchPass = field(default_factory=lambda: PatchPass(1, 0))
+    parts: dict[str, list[Tensor]] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+    def begin_pass(self, patch: PatchPass) -> None:
+        self.patch = patch
+        self.done = set()
+        if patch.index == 0:
+            self.parts.clear()
+
+    def check(self, split: Split, where: str) -> None:
+        """A gather point runs on the last stage after its last block; anywhere else the patches are not complete.
+
+        Raises:
+            ValueError: for a gather before the last stage's blocks ran (e.g. a refiner whose output the plan gathers
+                before the main blocks), on every rank at the same point of the first forward.
+        """
+        if not (self.loop.link.is_last and self.loop.last_block_entered):
             raise ValueError(
-                f"{where}: {length} tokens of {split.sequence!r}, but {self.length} were cut earlier in this pass."
+                f"PipeFusion cannot run this plan: it gathers {split.sequence!r} at {where!r} before the blocks of the"
+                " last pipeline stage ran (a sequence gathered, then cut again, e.g. a refiner before the main"
+                " blocks); PipeFusion's patches flow through all blocks before they are gathered. Use pipeline mode"
+                " 'microbatch' for this model."
             )
-        return x.narrow(dim, self.index * self.local, self.local)  # (..., S, ...) -> (..., S/M, ...)
 
-
-@dataclass
-class KVCache:
-    """Keys and values (B, H, S, D) of the whole sequence for one attention module, and which rows are filled."""
-
-    key: Tensor
-    value: Tensor
-    filled: Tensor  # (S,) bool
-
-    @classmethod
-    def empty(cls, key: Tensor, value: Tensor, length: int) -> KVCache:
-        return cls(
-            key.new_zeros((*key.shape[:-2], length, key.shape[-1])),  # (B, H, S, D)
-            value.new_zeros((*value.shape[:-2], length, value.shape[-1])),  # (B, H, S, Dv)
-            torch.zeros(length, dtype=torch.bool, device=key.device),
-        )
-
-    def matches(self, key: Tensor, value: Tensor, length: int) -> bool:
-        return (
-            self.key.shape == (*key.shape[:-2], length, key.shape[-1])
-            and self.value.shape == (*value.shape[:-2], length, value.shape[-1])
-            and self.key.dtype == key.dtype
-        )
+    def __call__(self, part: Tensor, split: Split, where: str) -> Tensor:
+        dim = split.dim % part.ndim
+        parts = self.parts.setdefault(where, [])
+        parts.append(part)  # (..., S_i, ...)
+        self.done.add(split.sequence)
+        patch = self.patch
+        if patch.index == patch.patches - 1:
+            self.parts.pop(where)
+            return torch.cat(parts, dim=dim) if len(parts) > 1 else part  # M x (..., S_i, ...) -> (..., S, ...)
+        if self.gathered <= self.done:
+            raise StageDone  # every gathered sequence collected: the rest of this pass is not needed
+        missing = patch.parts(split.sequence)[len(parts):]
+        zeros = [part.new_zeros((*part.shape[:dim], size, *part.shape[dim + 1:])) for size in missing]
+        return torch.cat([*parts, *zeros], dim=dim)  # (..., S, ...) with the later patches still zero
 
 
 @dataclass
@@ -94,12 +99,15 @@ class PipeFusionForward:
 
     Args:
         forward: the DiT's own forward (bound).
-        model: the DiT (hooks are installed on its submodules).
-        plan: its plan (split and gather points, self-attention modules).
+        model: the DiT.
+        plan: its plan.
         loop: this rank's stage loop, installed on the DiT's block lists.
         link: this rank's place in the pipeline group.
+        sequence: the plan's cut and gather hooks, installed without a per-forward state (each pass starts one).
+        attention: the self-attention kernels and their key/value caches.
         num_patches: patches per step after warm-up.
         warmup_steps: unpatched calls at the start of each batch.
+        text_tokens: what the sequences that the plan does not gather do (``TextTokens``).
     """
 
     forward: Callable
@@ -107,21 +115,22 @@ class PipeFusionForward:
     plan: DiTPlan
     loop: StageLoop
     link: StageLink
+    sequence: SequenceParallel
+    attention: PatchAttention
     num_patches: int
     warmup_steps: int
-    state: PatchState | None = None
+    text_tokens: TextTokens = DEFAULT_TEXT_TOKENS
     step: int = 0
-    caches: dict[str, KVCache] = field(default_factory=dict)
-    handles: list[RemovableHandle] = field(default_factory=list)
     _inputs_key: tuple | None = None
 
     def __post_init__(self) -> None:
-        self._signature = inspect.signature(self.forward)
         self.__wrapped__ = self.forward  # inspect.signature(dit.forward) still shows the DiT's own arguments
+        self.gathered = frozenset(split.sequence for split in self.plan.gather_outputs.values())
+        self.collector = PatchCollector(self.loop, self.gathered)
 
     def begin_batch(self) -> None:
         """Forget the caches and the step count: the next call is the first step of a new batch."""
-        self.caches.clear()
+        self.attention.clear()
         self.step = 0
         self._inputs_key = None
 
@@ -132,147 +141,56 @@ class PipeFusionForward:
             self._inputs_key = key
         patches = 1 if self.step < self.warmup_steps else self.num_patches
         self.step += 1
+        patched = self.gathered if self.text_tokens == "every_patch" else None
         result = None
         try:
             for index in range(patches):
-                self.state = PatchState(patches, index)
+                patch = PatchPass(patches, index, patched)
+                state = PatchedSharding(
+                    self.sequence.groups, patch=patch, collect=self.collector, check_gather=self.collector.check
+                )
+                self.collector.begin_pass(patch)
                 self.loop.begin()
+                cut_args, cut_kwargs = self.sequence.begin(state, args, kwargs)
                 try:
-                    result = self._run(args, kwargs)
+                    result = self.forward(*cut_args, **cut_kwargs)
                 except StageDone:
                     pass
+                finally:
+                    self.sequence.end()
         finally:
-            self.state = None
             self.loop.wait()
         device = next(leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)).device
         return self.link.broadcast_from_last(result if self.link.is_last else None, device)
 
-    def _run(self, args: tuple, kwargs: dict):
-        cut = self._require_state("forward").cut
-        args, kwargs = cut_arguments(self._signature, self.plan.split_inputs, args, kwargs, cut, "forward")
-        return self.forward(*args, **kwargs)
-
-    def _require_state(self, where: str) -> PatchState:
-        if self.state is None:
-            raise RuntimeError(f"{where} ran outside a forward of the pipelined {type(self.model).__name__}.")
-        return self.state
-
-    # -- hooks --------------------------------------------------------------------------------------------
-
-    def install(self, modules: dict[str, nn.Module]) -> None:
-        """Hooks at the plan's split and gather points and around this stage's self-attention modules."""
-        for key, split in self.plan.split_outputs.items():
-            for path in module_paths(modules, key):
-                self.handles.append(modules[path].register_forward_hook(self._split_output_hook(path, split)))
-        for path, splits in self.plan.split_module_inputs.items():
-            hook = self._split_input_hook(path, splits)
-            self.handles.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
-        if self.link.is_last:
-            for key, split in self.plan.gather_outputs.items():
-                for path in module_paths(modules, key):
-                    self.handles.append(modules[path].register_forward_hook(self._gather_hook(path, split)))
-        for path, module, _ in self.plan.self_attention_modules(self.model):
-            self.handles.extend(swap_sdpa_during_forward(module, self._attention_kernel(path)))
-
     def remove(self) -> None:
-        remove_handles(self.handles)
+        self.sequence.remove()
         self.begin_batch()
-
-    def _split_output_hook(self, path: str, split: SplitSpec):
-        def hook(module: nn.Module, args: tuple, output):
-            return cut_value(output, split, self._require_state(path).cut, path)
-
-        return hook
-
-    def _split_input_hook(self, path: str, splits: Mapping[str, SplitSpec]):
-        signature = inspect.signature(self.model.get_submodule(path).forward)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            return cut_arguments(signature, splits, args, kwargs, self._require_state(path).cut, path)
-
-        return hook
-
-    def _gather_hook(self, path: str, split: Split):
-        patches: list[Tensor] = []
-
-        def hook(module: nn.Module, args: tuple, output):
-            state = self._require_state(path)
-            if state.index == 0:
-                patches.clear()
-            patches.append(output)  # (..., S/M, ...)
-            if state.index < state.patches - 1:
-                raise StageDone  # the rest of the forward needs the whole sequence: wait for the last patch
-            whole = torch.cat(patches, dim=split.dim % output.ndim)  # M x (..., S/M, ...) -> (..., S, ...)
-            patches.clear()
-            return whole
-
-        return hook
-
-    def _attention_kernel(self, path: str) -> Callable:
-        """Attention of the current patch's queries over the cached keys and values of the whole sequence."""
-
-        def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-            if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-                raise NotImplementedError(
-                    f"{path}: PipeFusion attention does not support masks, dropout, causal attention or GQA."
-                )
-            state = self._require_state(path)
-            if state.length is None or key.shape[-2] != state.local:
-                raise RuntimeError(
-                    f"{path}: PipeFusion expects keys of the current patch ({state.local} of {state.length} tokens),"
-                    f" got key {tuple(key.shape)} (B, H, S, D). Check the plan's split points."
-                )
-            cache = self.caches.get(path)
-            if cache is None or not cache.matches(key, value, state.length):
-                cache = self.caches[path] = KVCache.empty(key, value, state.length)
-            rows = slice(state.index * state.local, (state.index + 1) * state.local)
-            cache.key[..., rows, :] = key  # (B, H, S/M, D) into (B, H, S, D)
-            cache.value[..., rows, :] = value
-            cache.filled[rows] = True
-            mask = None if bool(cache.filled.all()) else cache.filled.view(1, -1)  # (1, S) broadcasts to (B, H, S/M, S)
-            return local_sdpa(query, cache.key, cache.value, attn_mask=mask, scale=scale)
-
-        return kernel
 
 
 def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
-    """PipeFusion needs one cut sequence that every self-attention attends over, cut where every stage cuts it.
+    """PipeFusion cuts every sequence of the plan into patches; what it cannot apply to a patch is an error.
 
-    Pure computation: every rank of the pipeline reaches the same verdict before any communication.
+    Pure computation: every rank of the pipeline reaches the same verdict before any communication. (Where the plan
+    cuts tokens at a block's inputs, every stage must own a block of that list from there on:
+    ``stages.check_cuts_on_every_stage``; a plan that gathers a sequence before the last stage's blocks is found at
+    the first forward, see ``PatchCollector.check``.)
 
     Raises:
-        ValueError: for plans with several sequences (e.g. joint text-image attention in Flux or SD3), and for
-            plans that cut tokens at the inputs of a block (e.g. Wan's ``blocks.0``): only the stage owning that
-            block would cut there, and the others would exchange whole sequences for patches.
+        ValueError: for plans with linear attention or token grids (sums over all tokens, convolutions over the token
+            grid), replicated-tail attention (a tail whose length is only known at the call) or gathered module
+            inputs (a module that needs a whole cut sequence in the middle of the blocks).
     """
-    not_applied = [name for name in ("linear_attention", "token_grids") if getattr(plan, name)]
+    not_applied = [
+        name for name in ("linear_attention", "token_grids", "replicated_tail_attention", "gather_module_inputs")
+        if getattr(plan, name)
+    ]
     if not_applied:
         raise ValueError(
             f"PipeFusion does not support the plan of {type(model).__name__}: it has {not_applied} (sums over all"
-            " tokens, convolutions over the token grid), which PipeFusion does not apply to patches. Use pipeline"
+            " tokens, convolutions over the token grid, attention to a tail of replicated tokens, or a module that"
+            " needs a whole cut sequence inside the blocks), which PipeFusion does not apply to patches. Use pipeline"
             " mode 'microbatch' for this model."
-        )
-    sequences = plan.sequences
-    orders = set(plan.self_attention.values())
-    if len(sequences) != 1 or orders != {sequences}:
-        raise ValueError(
-            f"PipeFusion supports plans with one cut sequence that self-attention attends over; the plan of"
-            f" {type(model).__name__} cuts {list(sequences)} and its self-attention runs over {sorted(orders)}."
-            " Use pipeline mode 'microbatch' for this model."
-        )
-    in_blocks = [p for p in plan.split_module_inputs if any(p.startswith(f"{blocks}.") for blocks in plan.blocks)]
-    if in_blocks:
-        raise ValueError(
-            f"PipeFusion does not support the plan of {type(model).__name__}: it cuts tokens at the inputs of"
-            f" blocks {in_blocks} (split_module_inputs), which only the pipeline stage owning them runs."
-            " Use pipeline mode 'microbatch' for this model."
-        )
-    per_call = [name for name in ("split_module_inputs_each_call", "gather_module_inputs", "replicated_tail_attention")
-                if getattr(plan, name)]
-    if per_call:
-        raise ValueError(
-            f"PipeFusion does not support the plan of {type(model).__name__}: it has {per_call}, which PipeFusion"
-            " does not apply. Use pipeline mode 'microbatch' for this model."
         )
 
 

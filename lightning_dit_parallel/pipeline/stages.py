@@ -302,12 +302,52 @@ def _attach(stub: nn.Module, relative: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
+def check_cuts_on_every_stage(
+    model: nn.Module, plan: DiTPlan, assignment: StageAssignment, what: str, name: str | None = None
+) -> None:
+    """Every stage must make the plan's cuts (pure check, the same verdict on every rank).
+
+    Cuts at forward arguments (``split_inputs``) and at submodule outputs outside the blocks (``split_outputs``) run
+    on every stage. A cut at a block's inputs (``split_module_inputs`` on ``blocks.i``) is made by each stage's
+    first block of that list from index ``i`` on, so every stage must own one; a cut inside a block runs on the
+    owning stage only and is not supported.
+
+    Args:
+        what: the combination being checked, for the messages, e.g. ``"Pipeline (pp=2) with sequence parallelism"``.
+        name: how the messages name the model (default: its class name).
+
+    Raises:
+        ValueError: naming the cut and the stage that would not make it.
+    """
+    name = name or type(model).__name__
+    inside = [p for p in (*plan.split_module_inputs, *plan.split_outputs)
+              if plan.block_position(p) is None and any(p.startswith(f"{b}.") for b in plan.blocks)]
+    if inside:
+        raise ValueError(
+            f"{what} is not supported for {name}: its plan cuts tokens inside blocks at {inside}, which only the stage"
+            " owning that block runs."
+        )
+    for cut in plan.split_module_inputs:
+        position = plan.block_position(cut)
+        if position is None:
+            continue
+        list_index = assignment.list_paths.index(position[0])
+        for stage in range(assignment.num_stages):
+            if not any(assignment.locate(b)[0] == list_index and assignment.locate(b)[1] >= position[1]
+                       for b in assignment.owned(stage)):
+                raise ValueError(
+                    f"{what}: {name} cuts tokens at the inputs of {cut!r}, but {assignment.describe(stage)}, none of"
+                    f" them in {position[0]!r} from index {position[1]} on, so that stage would never cut. Choose"
+                    f" layers_per_stage so that every stage owns a block of {position[0]!r}, or use pp_degree=1."
+                )
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter elements ``module`` holds (shared parameters counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 __all__ = [
-    "ReleasedBlock", "StageAssignment", "assign_stages", "count_parameters", "release_blocks", "restore_blocks",
-    "stage_sizes",
+    "ReleasedBlock", "StageAssignment", "assign_stages", "check_cuts_on_every_stage", "count_parameters",
+    "release_blocks", "restore_blocks", "stage_sizes",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dit_parallel.sequence.comm import group_rank
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.ring import ring_attention
 from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads, check_heads, ulysses_attention
@@ -19,9 +20,9 @@ from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads,
 #: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
 local_sdpa = F.scaled_dot_product_attention
 
-#: key_valid(shards) -> (Bm, len(shards) * local tokens) key mask (bool or additive, see ``masks.py``), or None
-#: when every key is valid.
-ShardMaskFn = Callable[[list[int]], "Tensor | None"]
+#: key_valid(key_shards, query_shards) -> (Bm, len(key_shards) * local tokens) key mask, or (Bm, len(query_shards) *
+#: local, len(key_shards) * local) with a query part (bool or additive, see ``masks.py``); None when every key is valid.
+ShardMaskFn = Callable[..., "Tensor | None"]
 
 
 def sequence_parallel_attention(
@@ -47,8 +48,13 @@ def sequence_parallel_attention(
             f" {tuple(k.shape)}, {tuple(v.shape)}."
         )
 
+    def shards_of(block: int) -> list[int]:  # the sequence-parallel shards a ring block holds after the all-to-all
+        return [block * u + i for i in range(u)]
+
+    own_block = group_rank(groups.ring)  # the queries stay on their ring block
+
     def ring_block_valid(block: int) -> Tensor | None:
-        return key_valid([block * u + i for i in range(u)])
+        return key_valid(shards_of(block), query_shards=shards_of(own_block))
 
     if r == 1:
         return ulysses_attention(q, k, v, groups.ulysses, ring_block_valid(0), scale, attention=local_sdpa)

@@ -21,8 +21,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None
         q: (B, H, Sq, D) queries.
         k: (B, H, Sk, D) keys.
         v: (B, H, Sk, D) values.
-        key_valid: (Sk,) or (Bm, Sk) with Bm 1 or B: bool (False for masked keys) or an additive float mask
-            (``-inf`` for masked keys); ``None`` when all keys are valid.
+        key_valid: (Sk,), (Bm, Sk) or (Bm, Sq, Sk) with Bm 1 or B: bool (False for masked keys) or an additive float
+            mask (``-inf`` for masked keys); ``None`` when all keys are valid.
         scale: softmax scale; ``None`` means 1/sqrt(D).
 
     Returns:
@@ -32,7 +32,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     bias = None
     if key_valid is not None:
-        bias = mask_to_bias(key_valid.view(-1, key_valid.shape[-1]), q.dtype)  # -> (Bm, 1, 1, Sk) additive
+        bias = mask_to_bias(key_valid, q.dtype)  # -> (Bm, 1, 1 or Sq, Sk) additive
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)[:2]
     elif q.device.type == "cuda":
@@ -46,7 +46,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None
     lse = lse.float()
     if bias is not None:
         # fused kernels give a fully masked row lse 0 (CPU) or garbage: make it an empty block
-        empty = ~(bias > float("-inf")).any(dim=-1)  # (Bm, 1, 1)
+        empty = ~(bias > float("-inf")).any(dim=-1)  # (Bm, 1, 1 or Sq): rows without a key
         lse = lse.masked_fill(empty, float("-inf"))  # (B, H, Sq)
         out = out.masked_fill(empty[..., None], 0.0)  # (B, H, Sq, D)
     return out, lse

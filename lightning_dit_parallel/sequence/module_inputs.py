@@ -54,7 +54,7 @@ def module_input_hooks(plan: DiTPlan, model: nn.Module) -> list[ModuleInputHook]
     for kind, field in (("split", "split_module_inputs_each_call"), ("gather", "gather_module_inputs")):
         for pattern, specs in getattr(plan, field).items():
             matched = [(p, modules[p]) for p in module_paths(modules, pattern)]  # outermost matches
-            if not matched:
+            if not matched and not holds_released_blocks(modules):  # a pipeline stage may hold none of its blocks
                 raise ValueError(f"Plan {field}[{pattern!r}] matches no module of {type(model).__name__}.")
             for path, module in matched:
                 parameters = inspect.signature(module.forward).parameters
@@ -68,6 +68,12 @@ def module_input_hooks(plan: DiTPlan, model: nn.Module) -> list[ModuleInputHook]
                     )
                 hooks.append(ModuleInputHook(kind, pattern, path, module, specs))
     return hooks
+
+
+def holds_released_blocks(modules: Mapping[str, nn.Module]) -> bool:
+    """Whether some of the modules are blocks that another pipeline stage runs (``runs_on_this_rank`` False): a
+    pattern may then match nothing on this rank. Pipeline parallelism checks the plan on the whole model first."""
+    return any(getattr(m, "runs_on_this_rank", True) is False for m in modules.values())
 
 
 def install_module_input_hooks(hooks: list[ModuleInputHook], require_state: StateFn) -> list[RemovableHandle]:
@@ -86,10 +92,7 @@ def _pre_hook(hook: ModuleInputHook, require_state: StateFn):
         if hook.kind == "gather":  # (..., ceil(S/N), ...) -> (..., S, ...)
             return cut_arguments(signature, hook.specs, args, kwargs, state.gather, hook.path)
 
-        def length(name: str) -> int | None:  # whole lengths, for a Concat split
-            return state.sequences[name].length if name in state.sequences else None
-
-        # (..., S, ...) -> (..., ceil(S/N), ...)
-        return cut_arguments(signature, hook.specs, args, kwargs, state.split, hook.path, length)
+        # (..., S, ...) -> (..., ceil(S/N), ...); whole lengths for a Concat, a PrefixCount or a folded split
+        return cut_arguments(signature, hook.specs, args, kwargs, state.split, hook.path, state.whole_length)
 
     return pre_hook

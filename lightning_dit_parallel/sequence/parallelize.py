@@ -13,13 +13,17 @@ The DiT's own forward is not changed. Hooks:
   the local kernel: their queries are sharded, their keys and values (text) are replicated;
 * around every linear-attention module, its sums over key tokens are all-reduced (``linear_attention.py``);
 * token-grid modules (convolutions over the sharded tokens) run on a window with a halo (``token_grid.py``).
+
+Other parallelizers reuse these hooks with their own attention kernel (``attention=``: DistriFusion's stale
+keys/values) or their own per-forward state (``per_forward=False``: PipeFusion starts a state per patch with
+``begin``/``end`` and cuts every sequence to its patch before sharding it).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -30,13 +34,20 @@ from lightning_dit_parallel.sequence.attention import sequence_parallel_attentio
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.linear_attention import install_linear_attention
 from lightning_dit_parallel.sequence.masks import shard_key_masks
-from lightning_dit_parallel.sequence.module_inputs import install_module_input_hooks, module_input_hooks
+from lightning_dit_parallel.sequence.module_inputs import holds_released_blocks, install_module_input_hooks, module_input_hooks
 from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_hooks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers
 from lightning_dit_parallel.sequence.ulysses import check_heads
 from lightning_dit_parallel.splits import LengthFn, as_tensor, cut_arguments, cut_value
 from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
+
+#: require_state(where) -> the sharding state of the forward in progress (raises outside one).
+StateFn = Callable[[str], ShardingState]
+
+#: attention(path, order, require_state) -> the kernel that replaces ``F.scaled_dot_product_attention`` inside the
+#: self-attention module at ``path`` (over the sequences ``order``), with SDPA's signature; default: Ulysses/Ring.
+AttentionFactory = Callable[[str, tuple[str, ...], StateFn], Callable]
 
 
 @dataclass
@@ -49,21 +60,31 @@ class SequenceParallel:
     signature: inspect.Signature
     handles: list[RemovableHandle] = field(default_factory=list)
     state: ShardingState | None = None
+    attention: AttentionFactory | None = None
 
     def remove(self) -> None:
         remove_handles(self.handles)
         self.state = None
 
+    def begin(self, state: ShardingState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Start a forward of the DiT with ``state`` (every hook cuts and gathers through it) and cut the plan's
+        ``split_inputs`` of the forward's arguments. Called by the DiT's pre-hook, or by the caller that installed
+        the hooks with ``per_forward=False`` (then ``end()`` after the forward)."""
+        self.state = state
+        where = type(self.model).__name__
+        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, state.split, where, lengths(state))
+
+    def end(self) -> None:
+        """The forward is over: hooks that run outside one raise."""
+        self.state = None
+
     # -- hooks ------------------------------------------------------------------------------------------
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self.state = ShardingState(self.groups)
-        where = type(module).__name__
-        state = self.state
-        return cut_arguments(self.signature, self.plan.split_inputs, args, kwargs, state.split, where, lengths(state))
+        return self.begin(ShardingState(self.groups), args, kwargs)
 
     def _end_forward(self, module: nn.Module, args: tuple, output):
-        self.state = None
+        self.end()
         return output
 
     def _split_module_inputs(self, path: str, signature: inspect.Signature, specs: Mapping[str, SplitSpec]):
@@ -89,8 +110,12 @@ class SequenceParallel:
     def _attention_hooks(self, path: str, order: tuple[str, ...]):
         """The sequence-parallel kernel for one attention module, and hooks that count and check its calls."""
         calls = [0]
+        custom = None if self.attention is None else self.attention(path, order, self._require_state)
 
         def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if custom is not None:
+                calls[0] += 1
+                return custom(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             state = self._require_state(path)
             problems = unsupported_sdpa_arguments(dropout_p, is_causal, enable_gqa)
             if problems:
@@ -127,7 +152,7 @@ class SequenceParallel:
 
 def lengths(state: ShardingState) -> LengthFn:
     """Whole lengths of the sequences cut so far in this forward (what a ``Concat`` split needs)."""
-    return lambda name: state.sequences[name].length if name in state.sequences else None
+    return state.whole_length
 
 
 def split_target(plan: DiTPlan, modules: Mapping[str, nn.Module], path: str) -> str:
@@ -149,18 +174,29 @@ def split_target(plan: DiTPlan, modules: Mapping[str, nn.Module], path: str) -> 
     raise ValueError(f"Plan split_module_inputs[{path!r}]: no block of {list_path!r} from index {index} on runs on this rank.")
 
 
-def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGroups) -> SequenceParallel:
+def apply_sequence_parallel(
+    model: nn.Module, plan: DiTPlan, groups: SequenceGroups, *, attention: AttentionFactory | None = None,
+    per_forward: bool = True,
+) -> SequenceParallel:
     """Install the plan's split, gather and attention hooks on ``model``.
 
     Checks the plan against the model (every path and attention pattern matches, heads split over the
     Ulysses degree) before anything is installed; every rank runs the same checks, so a bad plan fails on all
     of them.
 
+    Args:
+        model: the DiT.
+        plan: its plan.
+        groups: the sequence-parallel groups (both ``None``: one rank, the cuts still run).
+        attention: the kernel of each self-attention module (default: Ulysses, Ring or USP over ``groups``).
+        per_forward: start a ``ShardingState`` and cut ``split_inputs`` in a pre-hook of every forward of the DiT;
+            ``False`` leaves that to the caller (``SequenceParallel.begin`` / ``end``).
+
     Raises:
         ValueError: for a path or pattern that matches nothing, a module listed as both self- and
             cross-attention, or heads that do not split.
     """
-    sp = SequenceParallel(model, plan, groups, inspect.signature(model.forward))
+    sp = SequenceParallel(model, plan, groups, inspect.signature(model.forward), attention=attention)
     missing_inputs = [n for n in plan.split_inputs if n not in sp.signature.parameters]
     if missing_inputs:
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
@@ -188,7 +224,7 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
         raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
     cross = {path for path, _ in plan.cross_attention_modules(model)}
     unmatched = [p for p in plan.cross_attention if not any(fnmatch.fnmatchcase(path, p) for path in cross)]
-    if unmatched:
+    if unmatched and not holds_released_blocks(modules):  # a pipeline stage may hold none of a pattern's blocks
         raise ValueError(f"Plan cross_attention patterns {unmatched} match no module of {type(model).__name__}.")
     both = sorted(cross & {path for path, _, _ in (*attention, *tails)})
     if both:
@@ -212,8 +248,9 @@ def apply_sequence_parallel(model: nn.Module, plan: DiTPlan, groups: SequenceGro
         if isinstance(heads, int):
             check_heads(heads, groups.ulysses_size, groups.size, path)
 
-    sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
-    sp.handles.append(model.register_forward_hook(sp._end_forward, always_call=True))
+    if per_forward:
+        sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
+        sp.handles.append(model.register_forward_hook(sp._end_forward, always_call=True))
     for path, specs in plan.split_module_inputs.items():
         target = modules[targets[path]]
         hook = sp._split_module_inputs(path, inspect.signature(target.forward), specs)

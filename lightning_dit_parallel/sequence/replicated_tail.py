@@ -55,7 +55,7 @@ def replicated_tail_attention(
         shard = rest.narrow(-2, groups.rank * tail.local, tail.local)  # (B, H, N*r, D) -> (B, H, r, D)
         return torch.cat([head, shard], dim=-2)  # -> (B, H, L + r, D)
 
-    def key_valid(shards: list[int]) -> Tensor | None:
+    def key_valid(shards: list[int], query_shards: list[int] | None = None) -> Tensor | None:  # key padding only
         if not any(seq.padded for seq in sequences):
             return None
         parts = [torch.arange(s.local, device=q.device) < s.valid_in(shard) for shard in shards for s in sequences]

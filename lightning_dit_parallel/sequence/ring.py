@@ -17,8 +17,8 @@ from lightning_dit_parallel.sequence.comm import RingExchange, group_rank, group
 from lightning_dit_parallel.sequence.local_attention import attention_with_lse, merge_partial
 from lightning_dit_parallel.sequence.masks import has_keys
 
-#: key_valid(block) -> (Bm, Sk) mask of the keys of ring block ``block`` (bool or additive, see ``masks.py``), or
-#: None when every key is valid.
+#: key_valid(block) -> (Bm, Sk) mask of the keys of ring block ``block``, or (Bm, Sq, Sk) with a query part (bool or
+#: additive, see ``masks.py``); None when every key is valid.
 KeyValidFn = Callable[[int], "Tensor | None"]
 
 

@@ -79,6 +79,12 @@ class ShardingState:
         x = all_gather_dim(x, dim, self.groups.ring)  # (..., U*local, ...) -> (..., N*local, ...)
         return x.narrow(dim, 0, seq.length)  # (..., N*local, ...) -> (..., S, ...): padding dropped
 
+    def whole_length(self, name: str) -> int | None:
+        """The length of sequence ``name`` as the forward holds it before any cut (what a ``Concat``, a ``PrefixCount``
+        or a folded split reads), or ``None`` when it has not been cut in this forward."""
+        seq = self.sequences.get(name)
+        return None if seq is None else seq.length
+
     def local_length(self, order: tuple[str, ...]) -> int:
         """Tokens one rank passes to an attention call whose sequence is ``order`` concatenated."""
         return sum(self._sequence(name).local for name in order)

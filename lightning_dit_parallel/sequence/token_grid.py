@@ -128,7 +128,8 @@ def check_callers(
             missing = [n for n in grid.sizes if n not in signature.parameters]
             if missing:
                 raise ValueError(
-                    f"token_grids: {missing} are not arguments of {type(modules[caller]).__name__}.forward ({caller!r})."
+                    f"token_grids: {missing} are not arguments of {type(modules[caller]).__name__}.forward"
+                    f" ({caller!r})."
                 )
             callers[caller] = (grid, signature)
         known = callers[caller][0]

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from lightning_dit_parallel.sequence.comm import PendingAllToAll, group_size
+from lightning_dit_parallel.sequence.masks import as_4d
 
 
 def check_heads(num_heads: int, ulysses: int, sequence_degree: int, where: str) -> None:
@@ -87,8 +88,8 @@ def ulysses_attention(
     Args:
         q, k, v: (B, H, S/U, D) this rank's shard, all heads.
         group: the Ulysses group.
-        key_valid: (Bm, S) mask of the keys of the whole sequence (shards in rank order; bool or additive, see
-            ``masks.py``), or ``None`` when every key is valid.
+        key_valid: (Bm, S) mask of the keys of the whole sequence, or (Bm, S, S) with a query part (shards in rank
+            order; bool or additive, see ``masks.py``); ``None`` when every key is valid.
         scale: softmax scale.
         attention: the local attention kernel (``F.scaled_dot_product_attention``'s signature).
 
@@ -98,7 +99,7 @@ def ulysses_attention(
     attention = torch.nn.functional.scaled_dot_product_attention if attention is None else attention
     u = group_size(group)
     chunks = 2 if q.shape[1] % (2 * u) == 0 else 1
-    mask = None if key_valid is None else key_valid.view(-1, 1, 1, key_valid.shape[-1])  # (Bm, S) -> (Bm, 1, 1, S)
+    mask = None if key_valid is None else as_4d(key_valid)  # (Bm, [S,] S) -> (Bm, 1, 1 or S, S)
     halves = list(zip(q.chunk(chunks, dim=1), k.chunk(chunks, dim=1), v.chunk(chunks, dim=1)))  # heads split
     incoming = QKVToHeads(*halves[0], group)
     outgoing: list[HeadsToSequence] = []

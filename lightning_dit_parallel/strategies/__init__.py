@@ -3,14 +3,19 @@
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
 from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
-from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy
+from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy, TensorParallelStrategy
 
-__all__ = ["DiTParallelStrategy", "FSDPInferenceStrategy", "PipelineStrategy", "SequenceParallelStrategy"]
+__all__ = [
+    "DiTParallelStrategy", "FSDPInferenceStrategy", "PipelineStrategy", "SequenceParallelStrategy",
+    "TensorParallelStrategy",
+]
 
 
 def register_all() -> None:
     """Register every strategy name with Lightning's registry (idempotent)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    for cls in (DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy, PipelineStrategy):
+    for cls in (
+        DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy,
+    ):
         cls.register_strategies(StrategyRegistry)

@@ -8,6 +8,7 @@ process. The named strategies (``SequenceParallelStrategy`` ...) are presets of 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -20,7 +21,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
@@ -28,12 +29,14 @@ import lightning.pytorch as pl
 from lightning_dit_parallel.fsdp import check_equal_batch_counts
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import materialize
+from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
 from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
+from lightning_dit_parallel.utils.process_group import StoreWatch, close_process_group
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 TBroadcast = TypeVar("TBroadcast")
@@ -71,7 +74,11 @@ class DiTParallelStrategy(ParallelStrategy):
         ulysses_degree: Ulysses sequence-parallel degree.
         ring_degree: ring-attention sequence-parallel degree.
         fsdp: shard parameters with FSDP2, per transformer block, over the ranks that compute with the same
-            weights (the dp, cfg, ring and ulysses axes; not pp).
+            weights (the dp, cfg, ring and ulysses axes; not pp; with ``tp_degree`` the tensor-parallel shards are
+            sharded further, a 2-D layout).
+        tp_degree: tensor-parallel degree: the attention heads and MLP features of every block are split over this
+            many ranks (torch DTensor column-/row-wise styles, two all-reduces per block); heads must divide by
+            ``tp_degree * ulysses_degree``. See ``lightning_dit_parallel.tensor``.
         pp_mode: with ``pp_degree > 1``: ``"microbatch"`` (exact) or ``"pipefusion"`` (patches with stale
             keys/values; approximate). See ``PipelineOptions``.
         num_patches: PipeFusion patches per step (default: the number of stages).
@@ -80,14 +87,31 @@ class DiTParallelStrategy(ParallelStrategy):
         num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
         shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
             ``["text_encoder"]``. They must run on every rank of the shard group in step.
-        check_inputs: check in every DiT forward that the ranks of each model-parallel group (cfg, pp, ring and
-            ulysses axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank when they do
+        check_inputs: check in every DiT forward that the ranks of each model-parallel group (cfg, pp, ring,
+            ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank when they do
             not (e.g. noise drawn from a rank-dependent random state). One small all-gather per DiT call.
+        parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
+            ``AutoencoderKLWan``, ... found by class, see ``lightning_dit_parallel.vae``) decodes its latents cut into
+            bands along the height over the ranks of each model-parallel group, exactly (halo rows per convolution,
+            group-norm statistics reduced over the bands); ``vae.decode(...)`` and pipeline calls are unchanged. The
+            encoder stays whole. A module without such a VAE is a ``ValueError`` at setup.
+        cross_node: with ``Trainer(num_nodes > 1)``, what to do when a degree puts ranks of one Ulysses group (or
+            tensor-parallel group) on different nodes, so that its per-layer all-to-all (all-reduce) crosses the
+            network: ``"warn"`` (default) or ``"error"`` (a ``ValueError`` on every rank before any collective). The
+            innermost mesh axes are laid out inside a node whenever their degrees fit; see ``nodes.py``.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: nccl on CUDA, gloo on CPU.
         timeout: how long a collective waits for a peer before raising; a rank that dies makes the others
             fail within this time instead of hanging.
         start_method: ``"popen"`` (Lightning's script launcher, the default: works from scripts and the
             command line), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+        auto: choose the degrees (and FSDP, the pipeline schedule, the parallel VAE) with the layout planner in
+            ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
+            their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``.
+        allow_approximate: with ``auto``, PipeFusion may be chosen (exact methods only otherwise).
+        tokens, height, width, frames: with ``auto``, the size of one sample (the batch is not known yet).
+        memory: with ``auto``, memory per device (``"24GiB"``; default: the device's).
+        plan_options: with ``auto``, further planner inputs (``samples``, ``batch``, ``steps``, ``flops``,
+            ``bandwidth`` ...; see ``strategies.auto.AutoHints``).
 
     Raises:
         ValueError: for invalid degrees or pipeline options that would be ignored (at construction), or degrees
@@ -105,16 +129,27 @@ class DiTParallelStrategy(ParallelStrategy):
         ring_degree: Degree = 1,
         fsdp: bool = False,
         *,
+        tp_degree: Degree = 1,
         shard_modules: Sequence[str] | None = None,
         check_inputs: bool = True,
+        parallel_vae: bool = False,
         pp_mode: PipelineMode = "microbatch",
         num_patches: int | None = None,
         warmup_steps: int = 1,
         layers_per_stage: Sequence[int] | None = None,
         num_microbatches: int | None = None,
+        cross_node: CrossNodePolicy = "warn",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
+        auto: bool = False,
+        allow_approximate: bool = False,
+        tokens: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        memory: str | int | None = None,
+        plan_options: dict[str, Any] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -129,7 +164,8 @@ class DiTParallelStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         self._requested_layout = ParallelLayout(
-            dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, fsdp=fsdp
+            dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, tp=tp_degree,
+            fsdp=fsdp,
         )
         self._pipeline = PipelineOptions(
             pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches
@@ -139,7 +175,10 @@ class DiTParallelStrategy(ParallelStrategy):
         if isinstance(pp_degree, int):
             self._pipeline.check_stages(pp_degree)
         self._shard_modules = tuple(shard_modules or ())
-        if self._shard_modules and not fsdp:
+        self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
+                                 height, width, frames, memory, plan_options)
+        self._auto_shard_modules: tuple[str, ...] = ()
+        if self._shard_modules and not fsdp and self._auto is None:
             raise ValueError(f"shard_modules={list(self._shard_modules)} needs fsdp=True ({self._requested_layout.describe()}).")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
@@ -147,6 +186,12 @@ class DiTParallelStrategy(ParallelStrategy):
         if not isinstance(check_inputs, bool):
             raise ValueError(f"check_inputs must be a bool; got {check_inputs!r}.")
         self._check_inputs = check_inputs
+        if not isinstance(parallel_vae, bool):
+            raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
+        self._parallel_vae = parallel_vae
+        if cross_node not in ("warn", "error"):
+            raise ValueError(f"cross_node must be 'warn' or 'error'; got {cross_node!r}.")
+        self._cross_node: CrossNodePolicy = cross_node
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._num_nodes = 1
@@ -156,6 +201,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipelines: AttachedPipelines | None = None
         self._owns_process_group = False
         self._undo_sample_check: Callable[[], None] = lambda: None
+        self._store_watch: StoreWatch | None = None
+        self._failed = False
 
     # -- layout and mesh ----------------------------------------------------------------------------------
 
@@ -168,7 +215,7 @@ class DiTParallelStrategy(ParallelStrategy):
 
     @property
     def device_mesh(self):
-        """The named device mesh (axes dp, cfg, pp, ring, ulysses). Raises ``RuntimeError`` before setup."""
+        """The named device mesh (axes dp, cfg, pp, ring, ulysses, tp). Raises ``RuntimeError`` before setup."""
         if self._mesh is None:
             raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
         return self._mesh
@@ -212,6 +259,12 @@ class DiTParallelStrategy(ParallelStrategy):
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        if self._start_method != "popen" and self.cluster_environment.creates_processes_externally:
+            raise ValueError(
+                f"start_method={self._start_method!r} starts the ranks itself, but"
+                f" {type(self.cluster_environment).__name__} says a launcher (torchrun, srun, ...) already started"
+                " them; use start_method='popen' (the default)."
+            )
         if self._start_method == "popen":
             if not self.cluster_environment.creates_processes_externally:
                 self._launcher = _SubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -229,15 +282,64 @@ class DiTParallelStrategy(ParallelStrategy):
         super().setup_environment()
         reset_seed()  # the seed from seed_everything() reaches every rank
         self.set_world_ranks()
+        if self._auto is not None:  # the LightningModule is connected before setup_environment (Trainer._run)
+            self._choose_layout()
         # Pure validation first: every rank raises the same ValueError before any collective.
+        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
+            # torchrun / srun started the ranks, so no launcher compared them with Trainer(devices, num_nodes)
+            self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         self._layout = self._requested_layout.resolve(self.world_size)
+        self._check_node_placement()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
         self._owns_process_group = not dist.is_initialized()
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        if self._owns_process_group:  # see utils/process_group.py: teardown waits for rank 0's store to close
+            env = self.cluster_environment
+            self._store_watch = StoreWatch.open(env.main_address, env.main_port) if env is not None else None
         self._mesh = self._layout.build_mesh(self.root_device.type)
-        rank_zero_log(f"{type(self).__name__}: {self._layout.describe()} on {self.world_size} ranks")
+        ranks_per_node = self.num_processes if self.num_nodes > 1 else None
+        rank_zero_log(f"{type(self).__name__}: {self._layout.describe(ranks_per_node)} on {self.world_size} ranks")
+
+    def _choose_layout(self) -> None:
+        """``auto``: the planner's recommended layout becomes the requested one (pure computation on every rank)."""
+        from lightning_dit_parallel.strategies.auto import choose_layout, supported_axes
+
+        assert self._auto is not None
+        chosen, plan = choose_layout(
+            self.lightning_module, world_size=self.num_nodes * self.num_processes, nodes=self.num_nodes,
+            device=self.root_device, hints=self._auto, axes=supported_axes(type(self), self._auto.allow_approximate),
+            shard_text_encoders=bool(self._shard_modules), check_inputs=self._check_inputs,
+        )
+        layout = chosen.layout
+        self._requested_layout = layout.to_parallel_layout()
+        mode = "pipefusion" if layout.pp_mode == "pipefusion" else "microbatch"
+        self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
+        self._parallel_vae = layout.parallel_vae
+        self._auto_shard_modules = self._shard_modules if layout.fsdp else ()
+        rank_zero_log(
+            f"strategy=auto chose {layout.describe()} ({self._requested_layout.describe()}) for {plan.models.dit.name},"
+            f" {plan.grid.tokens} tokens, on {self.world_size} ranks: {chosen.reason}"
+        )
+
+    def _check_node_placement(self) -> None:
+        """With several nodes: warn about (or refuse) Ulysses / tensor-parallel groups that span nodes; warn on a rank
+        whose launcher did not number the ranks node by node (the placement assumes it)."""
+        if self.num_nodes <= 1:
+            return
+        layout, ranks_per_node = self.layout, self.num_processes
+        if not is_numbered_by_node(self.global_rank, self.node_rank, self.local_rank, ranks_per_node):
+            warnings.warn(
+                f"Global rank {self.global_rank} is local rank {self.local_rank} of node {self.node_rank}: the launcher"
+                f" does not number ranks node by node (node rank * {ranks_per_node} + local rank), so the mesh axes"
+                " meant to stay inside a node may cross nodes (with srun use the default block distribution).",
+                CrossNodeWarning, stacklevel=2,
+            )
+        degrees = {axis: int(degree) for axis, degree in layout.degrees().items()}
+        message = check_node_placement(degrees, ranks_per_node, self._cross_node, layout.describe(ranks_per_node))
+        if message is not None:
+            rank_zero_warn(message, category=CrossNodeWarning)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -252,9 +354,10 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipelines = attach_pipelines(self.lightning_module, show_progress=self.global_rank == 0)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        shard_modules = self._shard_modules if self._auto is None else self._auto_shard_modules
         self._parallelized = parallelize(
-            self.lightning_module, self.layout, self.device_mesh, shard_modules=self._shard_modules,
-            pipeline=self._pipeline, check_inputs=self._check_inputs,
+            self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
+            pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
         )
         # weights deferred with loading.defer_weights: read now, only the parts this rank kept
         materialize(self.lightning_module, self.root_device)
@@ -335,13 +438,22 @@ class DiTParallelStrategy(ParallelStrategy):
             self._parallelized.begin_batch()
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        # teardown then closes the process group without a last barrier (a failed peer would hold it up)
+        self._failed = True
+        super().on_exception(exception)
+
+    @override
     def teardown(self) -> None:
         # The process group and Lightning's state go even when removing the parallelizers fails (FSDP's removal
         # all-gathers: a dead peer makes it raise), so that another predict can follow in this process.
+        healthy = not self._failed
         try:
             if self._parallelized is not None:
                 parallelized, self._parallelized = self._parallelized, None
+                healthy = False  # until the removal has succeeded
                 parallelized.remove()
+                healthy = not self._failed
         finally:
             self._undo_sample_check()
             self._undo_sample_check = lambda: None
@@ -350,17 +462,23 @@ class DiTParallelStrategy(ParallelStrategy):
                 self._pipelines = None
             self._mesh = None
             if self._owns_process_group and dist.is_initialized():
-                dist.destroy_process_group()
+                close_process_group(self._store_watch, healthy, self._timeout.total_seconds(), self.barrier)
+            self._store_watch = None
             self._owns_process_group = False
+            self._failed = False
             super().teardown()
 
     @classmethod
     def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
         """The names this class registers for ``Trainer(strategy="...")``: name -> (description, arguments).
 
-        The hybrid strategy registers ``strategy_name``; presets override this with their own names.
+        The hybrid strategy registers ``strategy_name`` and ``dit_auto`` (``auto=True``); presets override this with
+        their own names.
         """
-        return {cls.strategy_name: (cls.__doc__.splitlines()[0], {})}
+        names = {cls.strategy_name: (cls.__doc__.splitlines()[0], {})}
+        if cls.strategy_name == "dit_hybrid":
+            names["dit_auto"] = ("Parallel DiT inference in the layout the planner chooses", {"auto": True})
+        return names
 
     @classmethod
     @override
@@ -368,3 +486,25 @@ class DiTParallelStrategy(ParallelStrategy):
         for name, (description, arguments) in cls.registered_names().items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **arguments)
+
+
+def _auto_hints(auto: bool, requested: ParallelLayout, pipeline: PipelineOptions, parallel_vae: bool,
+                allow_approximate: bool, tokens: int | None, height: int | None, width: int | None,
+                frames: int | None, memory: str | int | None, plan_options: dict[str, Any] | None):
+    """The ``AutoHints`` of ``auto=True`` (``None`` without it). The planner's options without ``auto`` are errors, and
+    so are explicit degrees, FSDP, pipeline options or ``parallel_vae`` with it (the planner chooses them)."""
+    given = {k: v for k, v in dict(allow_approximate=allow_approximate or None, tokens=tokens, height=height,
+                                   width=width, frames=frames, memory=memory, plan_options=plan_options).items()
+             if v is not None}
+    if not auto:
+        if given:
+            raise ValueError(f"{sorted(given)} are options of auto=True (the layout planner); got them without it.")
+        return None
+    if any(v != 1 for v in requested.degrees().values()) or requested.fsdp or pipeline != PipelineOptions() or parallel_vae:
+        raise ValueError(
+            "auto=True chooses the degrees, FSDP, the pipeline schedule and the parallel VAE; leave them at their"
+            f" defaults (got {requested.describe()}, {pipeline.describe()}, parallel_vae={parallel_vae})."
+        )
+    from lightning_dit_parallel.strategies.auto import AutoHints
+
+    return AutoHints(tokens, height, width, frames, memory, bool(allow_approximate), dict(plan_options or {}))

@@ -23,7 +23,8 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
         ring_degree: ring-attention sequence-parallel degree.
         shard_modules: further modules of the LightningModule to shard, e.g. ``["text_encoder"]``.
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``timeout``, ``start_method`` ...).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``cfg_degree``, ``timeout``,
+            ``start_method`` ...).
 
     Example:
         >>> trainer = L.Trainer(devices=4, strategy=FSDPInferenceStrategy(ulysses_degree=4))  # doctest: +SKIP

@@ -31,7 +31,7 @@ class PipelineStrategy(DiTParallelStrategy):
         num_microbatches: micro-batches per DiT call (default: the number of stages; at most the batch size).
             Micro-batch mode only: an error with PipeFusion.
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``timeout``, ``start_method`` ...).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method`` ...).
 
     Example:
         >>> strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4)  # doctest: +SKIP

@@ -17,7 +17,7 @@ class SequenceParallelStrategy(DiTParallelStrategy):
         ulysses_degree: ranks exchanging heads for sequence with all-to-all (heads must divide by it).
         ring_degree: ranks passing keys and values around a ring (no constraint on heads).
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``timeout``, ``start_method`` ...).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method`` ...).
 
     Example:
         >>> trainer = L.Trainer(devices=4, strategy=SequenceParallelStrategy(ulysses_degree=2, ring_degree=2))  # doctest: +SKIP
@@ -42,3 +42,44 @@ class SequenceParallelStrategy(DiTParallelStrategy):
             name: (f"Sequence parallel DiT inference ({', '.join(f'{k}={v}' for k, v in degrees.items())})", degrees)
             for name, degrees in entries.items()
         }
+
+
+class TensorParallelStrategy(DiTParallelStrategy):
+    """Tensor parallelism: every block's attention heads and MLP features split over ``tp_degree`` ranks.
+
+    Built with torch's DTensor tensor-parallel API: the query/key/value projections and MLP up projections
+    column-wise, the attention output and MLP down projections row-wise (two all-reduces of the hidden states per
+    block), adaLN modulation column-wise with its (per-sample) output gathered; a rank holds about 1/N of every
+    block. The plan may declare the layout (``DiTPlan.tensor_parallel``); diffusers' ``_tp_plan`` is used where a
+    class has one. Composes with Ulysses / Ring (heads split over ``tp_degree * ulysses_degree``), CFG parallel, data
+    parallel and FSDP (2-D: FSDP shards the tensor-parallel shards over the other axes).
+
+    Args:
+        tp_degree: ranks sharing each block; heads must divide by ``tp_degree * ulysses_degree``. ``"auto"``
+            (default): the whole world.
+        ulysses_degree: Ulysses sequence-parallel degree (splits each rank's heads further).
+        ring_degree: ring-attention sequence-parallel degree.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``fsdp``, ``timeout`` ...).
+
+    Example:
+        >>> trainer = L.Trainer(devices=2, strategy=TensorParallelStrategy(tp_degree=2))  # doctest: +SKIP
+    """
+
+    strategy_name = "dit_tp"
+
+    def __init__(
+        self, tp_degree: Degree = "auto", ulysses_degree: Degree = 1, ring_degree: Degree = 1,
+        dp_degree: Degree = "auto", **kwargs: Any,
+    ) -> None:
+        model_parallel = (tp_degree, ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree"))
+        if "auto" in model_parallel and dp_degree == "auto":
+            dp_degree = 1
+        super().__init__(
+            dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, tp_degree=tp_degree, **kwargs
+        )
+
+    @classmethod
+    @override
+    def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {cls.strategy_name: ("Tensor-parallel DiT inference over all ranks (tp_degree=auto)", {"tp_degree": "auto"})}

@@ -1,4 +1,5 @@
-"""Run a function on N CPU ranks (gloo, fork start method) from a test or a benchmark, and always clean up.
+"""Run a function on N CPU ranks (gloo; or NCCL, one GPU per rank) with the fork start method from a test or a
+benchmark, and always clean up.
 
 Each rank's process group is initialised over TCP on a fresh port (no environment variables are set),
 every process is joined or killed before returning, and a failure on any rank fails the test with that
@@ -25,12 +26,15 @@ def free_port() -> int:
 
 
 def _worker(
-    rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float, threads: int
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float, threads: int,
+    backend: str,
 ) -> None:
     try:
         torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         try:
@@ -48,20 +52,24 @@ def run_on_ranks(
     timeout_s: float = 180.0,
     reporting: list[int] | None = None,
     threads: int = 1,
+    backend: str = "gloo",
 ) -> list[Any]:
     """``fn(rank, world_size, *args)`` on every rank; returns the results of the ``reporting`` ranks (default:
     all) in rank order.
 
     ``fn`` must be a module-level function. Its return value must be picklable (prefer plain Python values).
     ``timeout_s`` is also the process group's collective timeout; ``threads`` is each rank's torch thread count
-    (a rank stands for one device, so benchmarks compare ranks and one process at equal threads).
+    (a rank stands for one device, so benchmarks compare ranks and one process at equal threads). ``backend``:
+    ``"gloo"`` (CPU), or ``"nccl"`` with rank ``i`` on CUDA device ``i``.
     """
     reporting = list(range(world_size)) if reporting is None else reporting
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s, threads), daemon=True)
+        ctx.Process(
+            target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s, threads, backend), daemon=True
+        )
         for rank in range(world_size)
     ]
     for p in procs:

@@ -16,13 +16,15 @@ def build() -> ChromaTransformer2DModel:
     ))
 
 
-def inputs(height: int, width: int, text: int, masked: bool = True):
+def inputs(height: int, width: int, text: int, masked: bool = True, dtype: torch.dtype = torch.bool):
+    """``dtype=torch.float32``: the float 0/1 mask ChromaPipeline passes (its blocks add m_q * m_k to the logits)."""
+
     def make(model: ChromaTransformer2DModel) -> dict:
         img_ids = torch.zeros(height, width, 3)
         img_ids[..., 1] = torch.arange(height)[:, None]
         img_ids[..., 2] = torch.arange(width)[None, :]
         # the pipeline's mask: text tokens (second sample partly padded), then every image token
-        mask = torch.cat([text_mask(text, dtype=torch.bool), torch.ones(2, height * width, dtype=torch.bool)], dim=1)
+        mask = torch.cat([text_mask(text, dtype=dtype), torch.ones(2, height * width, dtype=dtype)], dim=1)
         return dict(
             hidden_states=randn(1, height * width, 16, seed=1).repeat(2, 1, 1),  # CFG: the same latents twice
             encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),  # conditional and unconditional text
@@ -40,4 +42,5 @@ CASES = [
     ZooCase("chroma-16img-8txt", build, inputs(4, 4, 8)),
     ZooCase("chroma-15img-7txt", build, inputs(3, 5, 7)),
     ZooCase("chroma-15img-3txt-nomask", build, inputs(3, 5, 3, masked=False)),
+    ZooCase("chroma-15img-7txt-floatmask", build, inputs(3, 5, 7, dtype=torch.float32)),
 ]

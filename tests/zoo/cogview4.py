@@ -4,7 +4,7 @@ import torch
 from diffusers import CogView4Transformer2DModel
 from diffusers.models.transformers.transformer_cogview4 import CogView4RotaryPosEmbed
 
-from tests.zoo import ZooCase, randn, seeded_model
+from tests.zoo import ZooCase, randn, seeded_model, text_mask
 
 TEXT_DIM = 16
 
@@ -23,7 +23,9 @@ def rotary(model: CogView4Transformer2DModel, latents: torch.Tensor) -> tuple[to
     return CogView4RotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_axes_dim)(latents)
 
 
-def inputs(height: int, width: int, text: int, rope: bool = False):
+def inputs(height: int, width: int, text: int, rope: bool = False, masked: bool = False):
+    """``masked``: a padded text mask, which the processor turns into the additive float product m_q * m_k."""
+
     def make(model: CogView4Transformer2DModel) -> dict:
         latents = randn(1, 4, 2 * height, 2 * width, seed=1).repeat(2, 1, 1, 1)  # CFG: the same latents twice
         return dict(
@@ -34,6 +36,7 @@ def inputs(height: int, width: int, text: int, rope: bool = False):
             target_size=torch.tensor([[16.0, 16.0]] * 2),
             crop_coords=torch.tensor([[0.0, 0.0]] * 2),
             image_rotary_emb=rotary(model, latents) if rope else None,  # precomputed by the caller, or by the model
+            attention_mask=text_mask(text) if masked else None,
             return_dict=False,
         )
 
@@ -44,4 +47,5 @@ CASES = [
     ZooCase("cogview4-16img-8txt", build, inputs(4, 4, 8)),
     ZooCase("cogview4-15img-7txt", build, inputs(3, 5, 7)),
     ZooCase("cogview4-15img-3txt-rope", build, inputs(5, 3, 3, rope=True)),
+    ZooCase("cogview4-15img-7txt-mask", build, inputs(3, 5, 7, masked=True)),
 ]

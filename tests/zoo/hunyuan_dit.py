@@ -30,7 +30,8 @@ def inputs(height: int, width: int, clip: int, t5: int, meta: bool):
 
     def make(model: HunyuanDiT2DModel) -> dict:
         cos, sin = get_2d_rotary_pos_embed(HEAD_DIM, ((0, 0), (height, width)), (height, width))  # 2 x (S, D)
-        extra = dict(image_meta_size=torch.tensor([[16.0, 16, 16, 16, 0, 0]] * 2), style=torch.zeros(2, dtype=torch.long))
+        meta_size = torch.tensor([[16.0, 16, 16, 16, 0, 0]] * 2)  # original size, target size, crop corner
+        extra = dict(image_meta_size=meta_size, style=torch.zeros(2, dtype=torch.long))
         return dict(
             hidden_states=randn(1, 4, 2 * height, 2 * width, seed=1).repeat(2, 1, 1, 1),  # CFG: the same latents twice
             timestep=torch.tensor([500.0, 500.0]),

@@ -35,5 +35,7 @@ CASES = [
     ZooCase("sana-16img-8txt", build, inputs(4, 4, 8)),
     ZooCase("sana-15img-7txt", build, inputs(3, 5, 7)),
     # Sana 1.5 / Sprint style: timestep + guidance embedding, sin-cos positions in the patch embedding
-    ZooCase("sana-35img-3txt-guidance", lambda: build(guidance_embeds=True, interpolation_scale=1), inputs(7, 5, 3, True)),
+    ZooCase(
+        "sana-35img-3txt-guidance", lambda: build(guidance_embeds=True, interpolation_scale=1), inputs(7, 5, 3, True)
+    ),
 ]

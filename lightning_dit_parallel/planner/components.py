@@ -1,0 +1,192 @@
+"""The other components of a pipeline, as the planner sees them: text encoders and the VAE.
+
+Both are read from modules (real or on the meta device): parameter shapes, the FSDP units the package would
+cut (the layers of the outermost ``nn.ModuleList``s, see ``fsdp.module_units``), the widths that size their
+activations, and for the VAE its compression factors and the widest activation of its decoder at full
+resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_dit_parallel.planner.spec import Unit
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A text encoder.
+
+    Args:
+        name: its component name (``text_encoder``, ``text_encoder_2`` ...).
+        cls: class name.
+        units: its FSDP units: one per layer of its outermost ``nn.ModuleList``s, then the rest (``"root"``).
+        hidden: width of its token states.
+        mlp: widest per-token projection.
+        heads: attention heads.
+        max_tokens: the most tokens it reads (``max_position_embeddings``; 0: no limit, e.g. T5's relative
+            positions).
+    """
+
+    name: str
+    cls: str
+    units: tuple[Unit, ...]
+    hidden: int
+    mlp: int
+    heads: int
+    max_tokens: int = 0
+
+    @property
+    def numel(self) -> int:
+        return sum(u.numel for u in self.units)
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A VAE.
+
+    Args:
+        cls: class name.
+        numel: parameters.
+        spatial: spatial compression (pixels per latent row/column).
+        temporal: temporal compression (frames per latent frame; 1 for images).
+        latent_channels: channels of the latent.
+        decoder: the decoder's widths and work (``DecoderProfile``).
+        out_channels: channels of the decoded image.
+    """
+
+    cls: str
+    numel: int
+    spatial: int
+    temporal: int
+    latent_channels: int
+    decoder: DecoderProfile
+    out_channels: int = 3
+
+
+def text_encoder_spec(name: str, module: nn.Module) -> TextEncoderSpec:
+    """Read a ``TextEncoderSpec`` from a text encoder module (``transformers`` models or any ``nn.Module``)."""
+    config = getattr(module, "config", None)
+
+    def read(*keys: str, default: int = 0) -> int:
+        for key in keys:
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+        return default
+
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    hidden = read("d_model", "hidden_size", default=max((e.embedding_dim for e in embeddings), default=0))
+    mlp = read("d_ff", "intermediate_size", default=max((m.out_features for m in linears), default=hidden))
+    heads = read("num_heads", "num_attention_heads", default=1)
+    return TextEncoderSpec(name, type(module).__name__, encoder_units(module), hidden, max(mlp, hidden), heads,
+                           read("max_position_embeddings"))
+
+
+def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
+    """FSDP units as ``fsdp.module_units`` cuts them: each layer of the outermost ``nn.ModuleList``s, then the rest."""
+    from lightning_dit_parallel.fsdp import module_units
+
+    seen: set[int] = set()
+    units: list[Unit] = []
+    layers = module_units(module)[:-1]
+    for index, layer in enumerate(layers):
+        shapes = []
+        for p in layer.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                shapes.append(tuple(p.shape))
+        units.append(Unit("block", index, tuple(shapes)))
+    rest = []
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            rest.append(tuple(p.shape))
+    return (Unit("root", -1, tuple(rest)), *units)
+
+
+def vae_spec(module: nn.Module) -> VaeSpec:
+    """Read a ``VaeSpec`` from a diffusers VAE (its config for the compression factors, its decoder for widths)."""
+    config = dict(getattr(module, "config", {}) or {})
+    spatial, temporal = vae_compression(config)
+    latent = config.get("latent_channels", config.get("z_dim", 0))
+    numel = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    decoder = getattr(module, "decoder", module)
+    return VaeSpec(
+        cls=type(module).__name__, numel=numel, spatial=spatial, temporal=temporal, latent_channels=int(latent or 0),
+        decoder=decoder_profile(decoder), out_channels=int(config.get("out_channels", 3) or 3),
+    )
+
+
+def vae_compression(config: dict) -> tuple[int, int]:
+    """``(spatial, temporal)`` compression of a VAE from its diffusers config.
+
+    Reads explicit factors where the config has them (``spatial_compression_ratio``, ``scale_factor_spatial`` ...),
+    else counts the levels: ``2 ** (len(block_out_channels) - 1)`` spatially (AutoencoderKL), ``2 ** (len(dim_mult)
+    - 1)`` and one factor 2 per ``temperal_downsample``/``temporal_downsample`` entry that is true (AutoencoderKLWan).
+    """
+    spatial = _first_int(config, "spatial_compression_ratio", "scale_factor_spatial", "spatial_downsample_factor")
+    temporal = _first_int(config, "temporal_compression_ratio", "scale_factor_temporal", "temporal_downsample_factor")
+    if spatial is None:
+        levels = config.get("block_out_channels") or config.get("dim_mult")
+        spatial = 2 ** (len(levels) - 1) if levels else 8
+    if temporal is None:
+        flags = config.get("temperal_downsample", config.get("temporal_downsample"))
+        temporal = 2 ** sum(bool(f) for f in flags) if isinstance(flags, (list, tuple)) else 1
+    return int(spatial), int(temporal)
+
+
+@dataclass(frozen=True)
+class DecoderProfile:
+    """What sizes a decode, from the decoder's convolutions.
+
+    Args:
+        full_res_channels: the widest convolution from the last upsampler on (full resolution).
+        macs_per_pixel: multiply-adds of all convolutions per output pixel (lower levels weighted by their share of
+            the pixels).
+        halo_per_column: elements of the halo rows all convolutions exchange, per output pixel column (a band
+            boundary sends ``kernel // 2`` rows of every convolution's input to each neighbour).
+    """
+
+    full_res_channels: int
+    macs_per_pixel: float
+    halo_per_column: float
+
+
+def decoder_profile(decoder: nn.Module) -> DecoderProfile:
+    """Walk the decoder's convolutions in definition order, counting upsamplers to know each one's resolution.
+
+    Upsamplers are found by class name (``Upsample2D``, ``WanResample`` in an upsampling mode, ...). Without one,
+    every convolution counts as full resolution (a conservative figure).
+    """
+    convs: list[tuple[int, nn.Module]] = []
+    ups = 0
+    for _, module in decoder.named_modules():
+        name = type(module).__name__
+        if "Upsampl" in name or ("Resample" in name and "up" in str(getattr(module, "mode", "")).lower()):
+            ups += 1
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            convs.append((ups, module))
+    total = ups
+    full = [max(m.in_channels, m.out_channels) for level, m in convs if level == total] or [1]
+    macs = 0.0
+    halo = 0.0
+    for level, m in convs:
+        share = 4.0 ** -(total - level)  # pixels at this level / output pixels
+        kernel = math.prod(m.kernel_size)
+        macs += m.in_channels * m.out_channels * kernel / m.groups * share
+        rows = m.kernel_size[-2] // 2 if len(m.kernel_size) >= 2 else 0
+        halo += 2 * rows * m.in_channels * 2.0 ** -(total - level)
+    return DecoderProfile(max(full), macs, halo)
+
+
+def _first_int(config: dict, *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -1,0 +1,207 @@
+"""The planner's layout record and the enumeration of every valid layout for a model, a world size and a work.
+
+``PlannedLayout`` holds what ``ParallelLayout`` holds (dp, cfg, pp, ring, ulysses, tp, fsdp) plus what the planner
+also models: parallel VAE decode, the pipeline schedule (micro-batches or PipeFusion patches) and DistriFusion's
+patch-parallel degree. The mesh degrees are validated by ``ParallelLayout`` itself; the rest is checked here
+against the model (heads, feature counts, block counts, what the plan supports).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.planner.spec import ModelSpec
+
+PipelineMode = Literal["none", "microbatch", "pipefusion"]
+
+#: Degrees multiplied into the world size, outermost first; ``tp`` is innermost (it all-reduces every layer).
+DEGREES: tuple[str, ...] = ("dp", "cfg", "pp", "ring", "ulysses", "tp", "distrifusion")
+
+
+@dataclass(frozen=True)
+class PlannedLayout:
+    """One layout the planner considers. ``1`` means off.
+
+    Args:
+        dp, cfg, pp, ring, ulysses, tp: as in ``ParallelLayout``.
+        distrifusion: DistriFusion degree: ranks that each hold the whole model and compute one patch of the
+            tokens with stale keys/values of the others (approximate).
+        fsdp: shard parameters over the dp, cfg, ring and ulysses axes (and the text encoder with them).
+        parallel_vae: decode the latent in bands across the model-parallel group.
+        pp_mode: ``"none"`` (pp = 1), ``"microbatch"`` (exact) or ``"pipefusion"`` (approximate).
+        patches: PipeFusion patches per step (``pp_mode="pipefusion"``), else 0.
+    """
+
+    dp: int = 1
+    cfg: int = 1
+    pp: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    tp: int = 1
+    distrifusion: int = 1
+    fsdp: bool = False
+    parallel_vae: bool = False
+    pp_mode: PipelineMode = "none"
+    patches: int = 0
+
+    def __post_init__(self) -> None:
+        self.to_parallel_layout()  # the mesh degrees' own checks
+        bad = {k: getattr(self, k) for k in ("distrifusion",) if not (isinstance(getattr(self, k), int)
+                                                                      and getattr(self, k) >= 1)}
+        if bad:
+            raise ValueError(f"Degrees must be positive integers; got {bad} in {self.describe()}.")
+        if (self.pp > 1) != (self.pp_mode != "none"):
+            raise ValueError(f"pp_mode must be 'none' exactly when pp == 1; got {self.describe()}.")
+        if (self.pp_mode == "pipefusion") != (self.patches > 0):
+            raise ValueError(f"patches > 0 exactly with pp_mode='pipefusion'; got {self.describe()}.")
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(getattr(self, d) for d in DEGREES)
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def model_parallel_degree(self) -> int:
+        """Ranks working on one batch: everything but ``dp``."""
+        return self.world_size // self.dp
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks one FSDP shard group spans (1 without FSDP): the dp, cfg, ring and ulysses axes."""
+        return self.dp * self.cfg * self.ring * self.ulysses if self.fsdp else 1
+
+    @property
+    def exact(self) -> bool:
+        return self.pp_mode != "pipefusion" and self.distrifusion == 1
+
+    def degrees(self) -> dict[str, int]:
+        return {d: getattr(self, d) for d in DEGREES}
+
+    def as_dict(self) -> dict:
+        """Every field by name (the JSON ``"layout"`` object)."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short name: the degrees above 1 and the options, e.g. ``ulysses8+fsdp`` or ``cfg2 x pp2(pipefusion M=4)``."""
+        parts = []
+        for d in DEGREES:
+            value = getattr(self, d)
+            if value > 1:
+                part = f"{d}{value}"
+                if d == "pp":
+                    part += f"({self.pp_mode}{f' M={self.patches}' if self.patches else ''})"
+                parts.append(part)
+        text = " x ".join(parts) or "1 device"
+        if self.fsdp:
+            text += " +fsdp"
+        if self.parallel_vae:
+            text += " +pvae"
+        return text
+
+    def to_parallel_layout(self) -> ParallelLayout:
+        """The ``ParallelLayout`` of the mesh degrees (DistriFusion is a strategy of its own, not a mesh axis)."""
+        return ParallelLayout(dp=self.dp, cfg=self.cfg, pp=self.pp, ring=self.ring, ulysses=self.ulysses, tp=self.tp,
+                              fsdp=self.fsdp)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Which kinds of parallelism to enumerate (the strategy's ``auto`` mode passes what it can run).
+
+    Args:
+        tp: tensor parallelism.
+        parallel_vae: parallel VAE decode.
+        pipefusion: PipeFusion schedules (approximate).
+        distrifusion: DistriFusion (approximate).
+    """
+
+    tp: bool = True
+    parallel_vae: bool = True
+    pipefusion: bool = True
+    distrifusion: bool = True
+
+
+def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every ordered tuple of ``parts`` positive integers whose product is ``n``."""
+    if parts == 1:
+        yield (n,)
+        return
+    for d in range(1, n + 1):
+        if n % d == 0:
+            for rest in factorizations(n // d, parts - 1):
+                yield (d, *rest)
+
+
+def enumerate_layouts(
+    spec: ModelSpec, world: int, *, rows: int, tokens: int, latent_height: int, samples: int, batch: int,
+    cfg_split: bool, has_vae: bool, axes: Axes = Axes(),
+) -> Iterator[PlannedLayout]:
+    """Every layout of ``world`` ranks that the package can run for this model and work.
+
+    Args:
+        spec: the model.
+        world: devices x nodes.
+        rows: rows of one DiT call (the doubled batch with CFG in one call).
+        tokens: latent tokens (the image/video sequence).
+        latent_height: latent rows (bands of the parallel VAE).
+        samples: samples to generate in all (a data-parallel group needs at least one batch).
+        batch: samples per call of one data-parallel group.
+        cfg_split: whether the DiT receives the doubled (unconditional, conditional) batch in one call.
+        has_vae: whether a VAE is known (parallel VAE decode is considered).
+        axes: which kinds to enumerate.
+    """
+    for dp, cfg, pp, ring, ulysses, tp, distri in factorizations(world, len(DEGREES)):
+        if not _degrees_valid(spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split,
+                              axes):
+            continue
+        shard_group = dp * cfg * ring * ulysses
+        model_group = world // dp
+        modes: list[tuple[PipelineMode, int]] = [("none", 0)]
+        if pp > 1:
+            modes = [("microbatch", 0)]
+            if axes.pipefusion and not spec.pipefusion_unsupported and ring * ulysses * tp * distri == 1:
+                modes += [("pipefusion", m) for m in (pp, 2 * pp, 4 * pp) if tokens % m == 0]
+        for mode, patches in modes:
+            for fsdp in (False, True) if shard_group > 1 and distri == 1 else (False,):
+                if fsdp and dp > 1 and samples % (dp * batch):
+                    continue  # FSDP all-gathers span the dp groups: every group must run as many batches
+                vae_options = (False, True) if (axes.parallel_vae and has_vae and model_group > 1
+                                                and latent_height >= model_group) else (False,)
+                for parallel_vae in vae_options:
+                    yield PlannedLayout(dp, cfg, pp, ring, ulysses, tp, distri, fsdp, parallel_vae, mode, patches)
+
+
+def _degrees_valid(spec: ModelSpec, dp: int, cfg: int, pp: int, ring: int, ulysses: int, tp: int, distri: int,
+                   rows: int, tokens: int, samples: int, batch: int, cfg_split: bool, axes: Axes) -> bool:
+    if cfg > 2 or (cfg == 2 and (not cfg_split or rows % 2)):
+        return False
+    if dp > max(1, -(-samples // batch)):
+        return False  # Lightning's predict sampler refuses more data-parallel groups than batches
+    if (tp > 1 and not axes.tp) or (distri > 1 and not axes.distrifusion):
+        return False
+    if any(h % (ulysses * tp) for h in spec.head_counts()):
+        return False
+    if tp > 1 and (spec.tp_unsupported or any(n % tp for n in spec.tp_sizes)):
+        return False
+    if pp > 1 and (spec.pipeline_unsupported or pp > spec.num_blocks):
+        return False
+    if pp > 1 and ring * ulysses > 1 and spec.pipeline_with_sequence_reason(pp):
+        return False
+    if pp > 1 and tp > 1:
+        return False  # stage sharding and tensor parallelism are not composed
+    if distri > 1 and (pp * ring * ulysses * tp > 1 or tokens % distri):
+        return False  # DistriFusion composes with CFG and data parallel only; patches are not padded
+    if ring * ulysses > 1 and not spec.self_attention and not any(a.kind == "linear" for a in spec.attention):
+        return False
+    return True
+
+
+def layout_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(PlannedLayout))

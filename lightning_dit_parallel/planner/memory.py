@@ -1,0 +1,267 @@
+"""Memory one rank needs for a layout: parameters (exact, from the shapes), activations, caches, text encoder and
+VAE decode peaks (estimates).
+
+Parameters follow what the package does: a pipeline stage keeps its own blocks, the plan's shared modules and
+everything outside the block lists; tensor parallelism cuts the parameters of the layers its layout shards
+(``tensor.resolve_layout``) along their split dim; FSDP2 cuts every (tensor-parallel local) parameter of every unit
+along dim 0 into ``ceil(rows / N)`` rows per rank and, while a block runs, holds it whole (two blocks on CUDA, where
+the next one is prefetched), and the DiT root's own parameters for the whole forward.
+
+Activations are counted in token-states (``rows x local tokens x width`` elements) at the peak of one block, the
+larger of its attention phase and its MLP phase, plus what the sequence-parallel kernels keep in flight and what
+lives for the whole forward (input, gathered output, text context). The coefficients are measured (see
+``bench/planner_calibration.py``); attention itself is assumed to run blockwise (flash / memory-efficient
+kernels), so no ``S x S`` score matrix is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
+from lightning_dit_parallel.planner.layouts import PlannedLayout
+from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec, Unit
+from lightning_dit_parallel.planner.tokens import LatentGrid
+from lightning_dit_parallel.planner.work import Hardware, Work
+
+# Token-states alive at a block's peak (measured on CPU for DiT, PixArt, Flux and Wan, see the calibration bench).
+#: attention phase: residual, normalized input and attention output projection (x hidden) ...
+ATTN_HIDDEN = 3.0
+#: ... plus queries, keys, values, attention output and rotated q/k copies (x query width / tp).
+ATTN_QKV = 6.0
+#: MLP phase: residual, normalized input, output (x hidden) ...
+MLP_HIDDEN = 3.0
+#: ... plus the up projection and its activation (x MLP width / tp).
+MLP_INNER = 2.0
+#: Ulysses: stacked q/k/v to send, their received copies and the re-laid-out heads (x query width / tp).
+ULYSSES_QKV = 6.0
+#: Ring: key/value blocks in flight (x key/value width / tp) and the float32 output accumulator (x query width).
+RING_KV = 4.0
+RING_ACC_BYTES = 4
+#: Text encoder token-states at a layer's peak (x hidden, x MLP width).
+TE_HIDDEN = 6.0
+TE_MLP = 2.0
+#: VAE decode: full-resolution tensors alive at once (input, normalized, activated, convolved, residual).
+VAE_TENSORS = 5.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs (the busiest rank of the layout).
+
+    Args:
+        dit_parameters: the DiT's parameters held between uses (local shards, the rank's stage).
+        dit_gathered: parameters gathered on top while a DiT forward runs (FSDP: the root and the running blocks).
+        activations: the DiT forward's activation peak, attention included.
+        caches: PipeFusion / DistriFusion stale keys and values.
+        text_encoder_parameters: text encoders' parameters held (local shards with FSDP).
+        text_encoder_peak: activations (and FSDP-gathered layers) while encoding the prompts.
+        vae_parameters: the VAE's parameters.
+        vae_decode_peak: activations of decoding one batch (this rank's band with a parallel VAE).
+    """
+
+    dit_parameters: int
+    dit_gathered: int
+    activations: int
+    caches: int
+    text_encoder_parameters: int
+    text_encoder_peak: int
+    vae_parameters: int
+    vae_decode_peak: int
+
+    @property
+    def resident(self) -> int:
+        return self.dit_parameters + self.text_encoder_parameters + self.vae_parameters
+
+    @property
+    def peak(self) -> int:
+        """Parameters of every component plus the largest phase: denoising, text encoding or decoding."""
+        denoise = self.dit_gathered + self.activations + self.caches
+        return self.resident + max(denoise, self.text_encoder_peak, self.vae_decode_peak)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**{k: int(v) for k, v in self.__dict__.items()}, "peak": int(self.peak)}
+
+
+def stage_blocks(spec: ModelSpec, pp: int) -> list[range]:
+    """Global block indices of each pipeline stage (the package's even split, earlier stages take the remainder)."""
+    from lightning_dit_parallel.pipeline.stages import stage_sizes
+
+    if pp == 1:
+        return [range(spec.num_blocks)]
+    sizes = stage_sizes(spec.num_blocks, pp)
+    starts = [sum(sizes[:s]) for s in range(pp)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def stage_units(spec: ModelSpec, blocks: range) -> list[Unit]:
+    """The units a stage holds: the root, every shared part, its own blocks."""
+    return [u for u in spec.units if u.kind != "block" or u.index in blocks]
+
+
+def dit_parameter_bytes(spec: ModelSpec, layout: PlannedLayout, element: int, hw: Hardware) -> tuple[int, int]:
+    """``(held between uses, gathered on top during a forward)`` for the busiest stage."""
+    shards = layout.shard_degree
+    best = (0, 0)
+    for blocks in stage_blocks(spec, layout.pp):
+        units = stage_units(spec, blocks)
+        tp = layout.tp
+        held = sum(u.shard_numel(shards, tp) for u in units) * element
+        gathered = 0
+        if shards > 1:  # the root for the whole forward, the running (and prefetched) blocks
+            whole = {id(u): u.local_numel(tp) - u.shard_numel(shards, tp) for u in units}
+            running = sorted((whole[id(u)] for u in units if u.kind == "block"), reverse=True)
+            prefetch = 2 if hw.device_type == "cuda" else 1
+            gathered = (sum(whole[id(u)] for u in units if u.kind == "root") + sum(running[:prefetch])) * element
+        best = max(best, (held, gathered), key=lambda pair: pair[0] + pair[1])
+    return best
+
+
+def local_tokens(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout) -> dict[str, int]:
+    """Tokens of each cut sequence one rank holds in one pass (sequence shards padded, PipeFusion / DistriFusion
+    patches)."""
+    full = sequence_tokens(spec, grid, work)
+    shards = layout.sequence_degree
+    local = {name: -(-n // shards) for name, n in full.items()}
+    patches = layout.patches or layout.distrifusion
+    if patches > 1:
+        local = {name: (-(-n // patches) if name != TEXT_SEQUENCE else n) for name, n in local.items()}
+    return local
+
+
+def sequence_tokens(spec: ModelSpec, grid: LatentGrid, work: Work) -> dict[str, int]:
+    """Whole-sequence tokens of every sequence the plan cuts.
+
+    Raises:
+        ValueError: for a cut sequence the work does not size (neither text, the latent nor ``work.sequences``).
+    """
+    latent = spec.latent_sequences
+    extra = dict(work.sequences)
+    counts: dict[str, int] = {}
+    for name in spec.sequences:
+        if name == TEXT_SEQUENCE:
+            counts[name] = work.text_tokens
+        elif name in extra:
+            counts[name] = extra[name]
+        elif name == (latent[0] if latent else name):
+            counts[name] = grid.tokens
+        else:
+            raise ValueError(
+                f"The plan of {spec.name} cuts a sequence {name!r} besides {latent[0]!r}; give its token count with"
+                f" --sequence {name}=N (Work.sequences)."
+            )
+    return counts
+
+
+def rows_per_pass(work: Work, layout: PlannedLayout) -> int:
+    """Batch rows one rank computes in one forward pass (CFG split, micro-batches)."""
+    rows = -(-work.rows // layout.cfg)
+    if layout.pp_mode == "microbatch":
+        rows = -(-rows // min(layout.pp, rows))
+    return rows
+
+
+def block_activation(index: int, spec: ModelSpec, layout: PlannedLayout, local: dict[str, int], rows: int,
+                     element: int, text_tokens: int) -> int:
+    """Bytes alive at the peak of block ``index`` on one rank."""
+    block = spec.blocks[index]
+    carried = sum(local.get(s, 0) for s in block.sequences) or local.get(spec.latent_sequences[0], 0)
+    tp = layout.tp
+    attention = [a for a in spec.attention if a.block == index]
+    self_attn = [a for a in attention if a.kind in ("self", "tail")]
+    q = max((a.q_width for a in attention), default=block.hidden) / tp
+    kv = max((a.kv_width for a in attention), default=block.hidden) / tp
+    attn = carried * (ATTN_HIDDEN * block.hidden + ATTN_QKV * q)
+    if self_attn and layout.ulysses > 1:
+        attn += carried * ULYSSES_QKV * q
+    if self_attn and layout.ring > 1:
+        attn += carried * (RING_KV * kv + RING_ACC_BYTES / element * q)
+    if any(a.kind == "cross" for a in attention):
+        attn += 2 * text_tokens * kv  # the text context's keys and values
+    mlp = carried * (MLP_HIDDEN * block.hidden + MLP_INNER * block.mlp / tp)
+    return int(rows * max(attn, mlp) * element)
+
+
+def dit_activation_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> int:
+    """The DiT forward's activation peak on one rank: the largest block plus what lives for the whole forward."""
+    full = sequence_tokens(spec, grid, work)
+    local = local_tokens(spec, grid, work, layout)
+    rows = rows_per_pass(work, layout)
+    peak = max((block_activation(i, spec, layout, local, rows, element, work.text_tokens)
+                for i in range(spec.num_blocks)), default=0)
+    hidden = max((b.hidden for b in spec.blocks), default=0)
+    latent = full.get(spec.latent_sequences[0], grid.tokens) if spec.latent_sequences else grid.tokens
+    # the gathered output (whole sequence), the model input, the text context
+    lasting = rows * (2 * latent * spec.output_width + work.text_tokens * hidden) * element
+    return int(peak + lasting)
+
+
+def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> int:
+    """PipeFusion: keys and values of the whole sequence for every self-attention layer of the stage;
+    DistriFusion: the same for every layer."""
+    if layout.exact:
+        return 0
+    full = sequence_tokens(spec, grid, work)
+    rows = -(-work.rows // layout.cfg)
+    stages = stage_blocks(spec, layout.pp)
+    own = max(stages, key=len) if layout.pp_mode == "pipefusion" else range(spec.num_blocks)
+    total = 0
+    for a in spec.self_attention:
+        if a.block in own:
+            total += 2 * rows * sum(full.get(s, 0) for s in a.sequences) * a.kv_width * element
+    return total
+
+
+def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, work: Work, element: int,
+                       hw: Hardware, shard: bool) -> tuple[int, int]:
+    """``(held, peak while encoding)`` of the text encoders on one rank (sharded with FSDP when ``shard``)."""
+    shards = layout.shard_degree if shard else 1
+    rows = work.batch * (2 if work.cfg else 1)
+    held = 0
+    peak = 0
+    for enc in encoders:
+        held += sum(u.shard_numel(shards) for u in enc.units) * element
+        gathered = 0
+        if shards > 1:
+            layers = sorted((u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "block"), reverse=True)
+            root = sum(u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "root")
+            gathered = (root + sum(layers[: 2 if hw.device_type == "cuda" else 1])) * element
+        tokens = min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens
+        act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
+        scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
+        peak = max(peak, gathered + act + scores)
+    return held, peak
+
+
+def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> tuple[int, int]:
+    """``(parameters, decode peak)`` of the VAE on one rank; a parallel VAE holds its band of the activations.
+
+    Video VAEs with temporal compression decode one latent frame (``temporal`` output frames) at a time, as
+    diffusers' causal video VAEs do; the decoded video itself is held whole.
+    """
+    if vae is None:
+        return 0, 0
+    params = vae.numel * element
+    height, width = grid.height * grid.spatial, grid.width * grid.spatial
+    frames_out = (grid.frames - 1) * grid.temporal + 1 if grid.temporal > 1 else grid.frames
+    chunk = grid.temporal if grid.temporal > 1 else grid.frames
+    bands = layout.model_parallel_degree if layout.parallel_vae else 1
+    act = work.batch * chunk * height * width * vae.decoder.full_res_channels * VAE_TENSORS * element / bands
+    output = work.batch * frames_out * height * width * vae.out_channels * (element + 4)  # decoded, then float32
+    return params, int(act + output)
+
+
+def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec | None, grid: LatentGrid,
+                    work: Work, hw: Hardware, layout: PlannedLayout, element: int,
+                    shard_text_encoders: bool = True) -> MemoryEstimate:
+    """Every part of one rank's memory for ``layout``."""
+    held, gathered = dit_parameter_bytes(spec, layout, element, hw)
+    te_held, te_peak = text_encoder_bytes(encoders, layout, work, element, hw, shard_text_encoders)
+    vae_params, vae_peak = vae_bytes(vae, grid, work, layout, element)
+    return MemoryEstimate(
+        dit_parameters=held, dit_gathered=gathered,
+        activations=dit_activation_bytes(spec, grid, work, layout, element),
+        caches=cache_bytes(spec, grid, work, layout, element),
+        text_encoder_parameters=te_held, text_encoder_peak=te_peak,
+        vae_parameters=vae_params, vae_decode_peak=vae_peak,
+    )

@@ -1,0 +1,151 @@
+"""``strategy=auto``: the layout planner chooses the degrees when the strategy sets up its environment.
+
+``DiTParallelStrategy(auto=True)`` calls ``choose_layout`` in ``setup_environment``. Lightning connects the
+LightningModule to the strategy before it calls ``setup_environment`` (``Trainer._run``: ``strategy.connect(model)``,
+then ``strategy.setup_environment()``), so the model is known there, before the process group and the mesh exist.
+The choice is pure computation on each rank from the same inputs (the model, the world size, the device memory and
+the hints), so every rank reaches it without a collective; where devices differ in memory, give ``memory=``.
+
+What the planner needs and the batch cannot tell yet (the dataloader comes later) are hints: ``tokens`` or
+``height``/``width`` (and ``frames``); without them the module's own call arguments (``PipelineSampler.call``) or
+the DiT config's ``sample_size`` are read. CFG parallelism is only considered where the DiT is known to receive the
+doubled batch in one call (a module with a ``guided`` flag, e.g. ``DiffusionSampler``); diffusers pipelines that call
+the DiT twice per step (Wan, QwenImage) would not split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.planner.layouts import Axes
+from lightning_dit_parallel.planner.models import PipelineModels, models_from_module
+from lightning_dit_parallel.planner.planner import LayoutEstimate, Plan, estimate_layouts
+from lightning_dit_parallel.planner.tokens import vae_factors
+from lightning_dit_parallel.planner.work import Hardware, Work, parse_bytes, parse_rate
+
+#: ``plan_options`` keys and where they go.
+_WORK_OPTIONS = ("text_tokens", "batch", "samples", "cfg", "cfg_calls", "steps", "sequences")
+_HARDWARE_OPTIONS = ("flops", "bandwidth", "inter_node_bandwidth", "reserve")
+
+
+@dataclass(frozen=True)
+class AutoHints:
+    """What ``strategy=auto`` is told about the work and the devices.
+
+    Args:
+        tokens: latent tokens per sample.
+        height, width, frames: output size (instead of ``tokens``).
+        memory: memory per device (``"24GiB"``; default: the device's).
+        allow_approximate: PipeFusion may be chosen.
+        plan_options: further planner inputs: ``text_tokens``, ``batch``, ``samples``, ``cfg``, ``cfg_calls``,
+            ``steps``, ``sequences`` (the work) and ``flops``, ``bandwidth``, ``inter_node_bandwidth``, ``reserve``
+            (the devices).
+    """
+
+    tokens: int | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    memory: str | int | None = None
+    allow_approximate: bool = False
+    plan_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.plan_options) - set(_WORK_OPTIONS) - set(_HARDWARE_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"plan_options {unknown} are not planner inputs; known: {sorted(_WORK_OPTIONS + _HARDWARE_OPTIONS)}."
+            )
+
+
+def work_for(module: nn.Module, models: PipelineModels, hints: AutoHints) -> Work:
+    """The planner's ``Work`` from the hints, else from the module's call arguments or the DiT config.
+
+    Raises:
+        ValueError: when neither gives the size of a sample (the message names the hints).
+    """
+    options = {k: v for k, v in hints.plan_options.items() if k in _WORK_OPTIONS}
+    size: dict[str, int | None] = {"tokens": hints.tokens, "height": hints.height, "width": hints.width,
+                                   "frames": hints.frames}
+    if size["tokens"] is None and (size["height"] is None or size["width"] is None):
+        size = _size_from_module(module, models) or size
+    if size["tokens"] is None and (size["height"] is None or size["width"] is None):
+        raise ValueError(
+            f"strategy=auto needs the size of a sample for {models.dit.name}: give tokens= or height= and width="
+            " (and frames= for video) to DiTParallelStrategy(auto=True, ...) (Hydra: strategy.height=... ), since the"
+            " batch is not known when the layout is chosen."
+        )
+    guided = getattr(module, "guided", None)
+    options.setdefault("cfg", guided if isinstance(guided, bool) else True)
+    options.setdefault("cfg_calls", "doubled" if isinstance(guided, bool) else "separate")
+    return Work(**size, **options)
+
+
+def _size_from_module(module: nn.Module, models: PipelineModels) -> dict[str, int | None] | None:
+    call = getattr(module, "call", None)
+    if isinstance(call, Mapping) and call.get("height") and call.get("width"):
+        return {"tokens": None, "height": int(call["height"]), "width": int(call["width"]),
+                "frames": int(call["num_frames"]) if call.get("num_frames") else None}
+    sample = models.dit.config.get("sample_size")
+    if isinstance(sample, int):  # latent rows and columns of an image DiT
+        spatial, _, _ = vae_factors(models.dit.name, models.dit.config, models.vae)
+        return {"tokens": None, "height": sample * spatial, "width": sample * spatial, "frames": None}
+    return None
+
+
+def device_memory(device: torch.device, local_processes: int) -> int:
+    """Total memory of a CUDA device, or this machine's memory shared by its processes (CPU)."""
+    from lightning_dit_parallel.planner.calibrate import device_memory as measured
+
+    value = measured(device, local_processes)
+    if value is None:
+        raise ValueError(f"Cannot read the memory of {device}; give strategy=auto a memory= hint (e.g. '24GiB').")
+    return value
+
+
+def supported_axes(strategy_cls: type, allow_approximate: bool) -> Axes:
+    """What the strategy can run: tensor parallelism and parallel VAE decode when it takes their arguments."""
+    parameters = inspect.signature(strategy_cls.__init__).parameters
+    layout_fields = {f.name for f in dataclasses.fields(ParallelLayout)}
+    return Axes(tp="tp" in layout_fields and "tp_degree" in parameters, parallel_vae="parallel_vae" in parameters,
+                pipefusion=allow_approximate, distrifusion=False)
+
+
+def choose_layout(module: nn.Module, *, world_size: int, nodes: int, device: torch.device, hints: AutoHints,
+                  axes: Axes, shard_text_encoders: bool, check_inputs: bool) -> tuple[LayoutEstimate, Plan]:
+    """The recommended layout for ``module`` on ``world_size`` ranks (pure computation, the same on every rank), for
+    the dtype its DiT's parameters have.
+
+    Raises:
+        ValueError: when the work cannot be sized, or no layout fits the device memory (the message gives the
+            smallest peak and its layout).
+    """
+    models = models_from_module(module)
+    work = work_for(module, models, hints)
+    hw_options = {k: v for k, v in hints.plan_options.items() if k in _HARDWARE_OPTIONS}
+    devices = max(world_size // max(nodes, 1), 1)
+    memory = parse_bytes(hints.memory) if hints.memory is not None else device_memory(device, devices)
+    hardware = Hardware(
+        devices=devices, nodes=max(nodes, 1), memory=memory, device_type="cuda" if device.type == "cuda" else "cpu",
+        **{k: (parse_bytes(v) if k == "reserve" else parse_rate(v, "FLOPS" if k == "flops" else "/s"))
+           for k, v in hw_options.items()},
+    )
+    plan = estimate_layouts(models, work, hardware, models.dit.dtype, allow_approximate=hints.allow_approximate,
+                            shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes)
+    chosen = plan.recommended
+    if chosen is None:
+        smallest = min(plan.layouts, key=lambda e: e.memory.peak)
+        raise ValueError(
+            f"strategy=auto: no layout of {models.dit.name} on {world_size} ranks fits {hardware.usable_memory / 2**30:.1f}"
+            f" GiB usable per device; the smallest estimated peak is {smallest.memory.peak / 2**30:.1f} GiB"
+            f" ({smallest.layout.describe()}). Run `ldp-plan` for the table, or give memory=."
+        )
+    return chosen, plan

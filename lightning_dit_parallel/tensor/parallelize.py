@@ -1,0 +1,143 @@
+"""Install tensor parallelism on a DiT with torch's DTensor API, one planned block at a time; ``remove()`` undoes it.
+
+For every block a rank holds (a pipeline stage: the blocks it kept), one
+``parallelize_module(block, tp_mesh, {relative path: style})`` with the layout's styles (``styles.py``): column-wise
+projections keep ``out/N`` rows of their weight as a ``Shard(0)`` DTensor and return their output split over the
+last dim; row-wise ones keep ``in/N`` columns (``Shard(1)``) and all-reduce their partial outputs
+(``Partial`` -> ``Replicate``). Per block that is two all-reduces of the hidden states, attention output and MLP
+down projection (four for a two-stream block). The attention modules whose projections are split get their local
+head counts (``heads.py``) so that diffusers' processors reshape into the rank's own heads.
+
+``remove()`` gives the plain module back: every parameter a style replaced is gathered into an ordinary
+``nn.Parameter`` (a collective over the tp group, in the same order on every rank; a parameter FSDP's removal has
+already gathered is taken as it is), packed parts put back in model order, the hooks and attributes that
+``parallelize_module`` added are deleted and the head counts restored. FSDP on top is removed first
+(parallelizers are removed last-applied first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+
+from lightning_dit_parallel.plan import Packed
+from lightning_dit_parallel.tensor.heads import local_head_attributes
+from lightning_dit_parallel.tensor.resolve import TensorParallelLayout, block_of
+from lightning_dit_parallel.tensor.styles import Spec, packed_sizes, torch_style, unpack
+from lightning_dit_parallel.utils.memory import local_tensor
+
+#: ``nn.Module`` attributes holding the forward hooks that ``parallelize_module`` registers, keyed by hook id.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@dataclass
+class _Target:
+    """One module a style was applied to, with what it had before (to take away what the style added)."""
+
+    module: nn.Module
+    path: str
+    packed: dict[str, tuple[int, tuple[int, ...]]]  # parameter -> (split dim, part sizes) for packed styles
+    hooks: dict[str, set]
+    attributes: set[str]
+
+    @classmethod
+    def take(cls, module: nn.Module, path: str, spec: Spec) -> _Target:
+        packed: dict[str, tuple[int, tuple[int, ...]]] = {}
+        if isinstance(spec, Packed):
+            sizes = packed_sizes(spec, module, path)
+            names = ("weight", "bias") if spec.style == "colwise" else ("weight",)  # a row-wise bias stays whole
+            packed = {n: (0 if spec.style == "colwise" else 1, sizes) for n in names if getattr(module, n, None) is not None}
+        hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
+        return cls(module, path, packed, hooks, set(module.__dict__))
+
+    def restore(self, tp: int) -> None:
+        for name, param in list(self.module._parameters.items()):
+            if param is None:
+                continue
+            full = _full(param)
+            if name in self.packed:
+                dim, sizes = self.packed[name]
+                full = unpack(full, dim, sizes, tp)  # ranks' shards in rank order -> parts in model order
+            self.module._parameters[name] = nn.Parameter(full.detach(), requires_grad=param.requires_grad)
+        for name, before in self.hooks.items():
+            hooks = getattr(self.module, name, {})
+            for key in [k for k in hooks if k not in before]:
+                del hooks[key]
+        for key in [k for k in self.module.__dict__ if k not in self.attributes]:
+            del self.module.__dict__[key]  # _distribute_module_applied, a sharded norm's forward
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is gathered over its mesh (a collective), a plain tensor is already whole."""
+    if not hasattr(param, "full_tensor"):
+        return param
+    if local_tensor(param).is_meta:
+        return torch.empty(param.shape, dtype=param.dtype, device="meta")
+    return param.full_tensor()
+
+
+@dataclass
+class TensorParallel:
+    """Tensor parallelism installed on one DiT. Call ``remove()`` (on every rank of the tp group) to undo it."""
+
+    model: nn.Module
+    mesh: DeviceMesh
+    layout: TensorParallelLayout
+    targets: list[_Target] = field(default_factory=list)
+    heads: list[tuple[nn.Module, dict[str, tuple[int, int]]]] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for module, attributes in self.heads:
+            for name, (whole, _) in attributes.items():
+                setattr(module, name, whole)
+        self.heads.clear()
+        for target in self.targets:  # the same order on every rank: the gathers line up
+            target.restore(self.mesh.size())
+        self.targets.clear()
+
+
+def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: DeviceMesh) -> TensorParallel:
+    """Shard the modules of ``layout`` (see ``resolve.resolve_layout``) over the 1-D ``mesh``, block by block.
+
+    Modules of blocks this rank does not hold (released by a pipeline stage) are skipped.
+
+    Raises:
+        ValueError: for a packed style on parameters still on the meta device (deferred loading reads a DTensor's
+            region by its placement, which a packed shard does not follow).
+    """
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs the 1-D tp mesh; got {mesh.ndim} dims ({mesh}).")
+    modules = dict(model.named_modules())
+    present = {path: spec for path, spec in layout.styles.items() if path in modules}
+    lazy = [p for p, s in present.items() if isinstance(s, Packed) and any(t.is_meta for t in modules[p].parameters())]
+    if lazy:
+        raise ValueError(
+            f"{type(model).__name__}: packed tensor-parallel styles on parameters still on the meta device ({lazy[:3]});"
+            " load the weights before parallelizing (deferred loading cannot read packed shards)."
+        )
+    installed = TensorParallel(model, mesh, layout)
+    try:
+        for block in layout.blocks:
+            entries = {path: spec for path, spec in present.items() if block_of(path, (block,)) is not None}
+            if not entries:
+                continue
+            relative = {}
+            for path, spec in entries.items():
+                installed.targets.append(_Target.take(modules[path], path, spec))
+                relative[path[len(block) + 1:]] = torch_style(spec, modules[path], path)
+            parallelize_module(modules[block], mesh, relative, src_data_rank=None)
+        for path in layout.attention:
+            if path in modules:
+                attributes = local_head_attributes(modules[path], mesh.size())
+                installed.heads.append((modules[path], attributes))
+                for name, (_, local) in attributes.items():
+                    setattr(modules[path], name, local)
+    except BaseException:
+        installed.remove()
+        raise
+    return installed

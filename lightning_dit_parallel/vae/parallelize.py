@@ -1,0 +1,230 @@
+"""``apply_parallel_vae``: decode a VAE's latents in bands along the height over the ranks of a group, exactly.
+
+Hooks on the VAE's decoder (its forward is not copied):
+
+* the decoder's forward pre-hook cuts its first argument (the latent) into ``N`` bands of rows (uneven heights:
+  the first bands take one row more) and keeps this rank's band; while the decoder runs, ``F.group_norm`` reduces its
+  statistics over the bands (``norm.py``), ``F.interpolate`` is checked to be a nearest upsampling by an integer
+  factor (a band's rows then map to the rows of the upsampled band, so the bands stay aligned), and
+  ``F.scaled_dot_product_attention`` is refused outside the declared attention modules;
+* every convolution of the decoder exchanges halo rows with the neighbouring bands before it runs (``conv.py``);
+* every declared attention module attends over the keys and values of all bands (``attention.py``);
+* the decoder's forward hook gathers the decoded bands, so every rank returns the whole decoded image.
+
+Everything outside the decoder (``post_quant_conv``, the VAE's frame loop and caches, clamping, unpatchify, the
+encoder) runs as before; the encoder is not banded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.nn.modules.conv import _ConvNd
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.utils.hooks import remove_handles
+from lightning_dit_parallel.vae.attention import band_attention
+from lightning_dit_parallel.vae.bands import BandGroup, Bands, band_rows
+from lightning_dit_parallel.vae.comm import gather_bands
+from lightning_dit_parallel.vae.conv import ConvHalo, conv_halo, install_halo
+from lightning_dit_parallel.vae.cuts import VaeCut
+from lightning_dit_parallel.vae.norm import band_group_norm
+
+#: The functions the decoder's forward sees replaced, captured at import (the replacements call these).
+_FUNCTIONS = ("group_norm", "interpolate", "scaled_dot_product_attention")
+_ORIGINAL: dict[str, Callable] = {name: getattr(F, name) for name in _FUNCTIONS}
+
+#: Layers whose statistics or inputs span the height in a way the bands cannot reproduce.
+_UNSUPPORTED_LAYERS = ("SpatialNorm", "SpatialNorm3D", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
+
+
+@dataclass
+class ParallelVae:
+    """What ``apply_parallel_vae`` installed on one VAE; ``remove()`` takes it off.
+
+    Attributes:
+        vae: the VAE.
+        decoder: its banded decoder.
+        band: the ranks decoding together.
+        bands: the cut of the decoder call in progress (``None`` between calls).
+        halos: the convolutions that exchange halo rows.
+        calls: decoder calls decoded in bands so far (for tests and logs).
+    """
+
+    vae: nn.Module
+    decoder: nn.Module
+    band: BandGroup
+    cut: VaeCut
+    bands: Bands | None = None
+    halos: list[ConvHalo] = field(default_factory=list)
+    handles: list[RemovableHandle] = field(default_factory=list)
+    calls: int = 0
+    _saved: list[dict[str, Callable]] = field(default_factory=list)
+
+    def remove(self) -> None:
+        remove_handles(self.handles)
+        for halo in self.halos:
+            halo.remove()
+        self.halos.clear()
+
+    def current(self, where: str) -> Bands:
+        if self.bands is None:
+            raise RuntimeError(f"{where} ran outside the banded decoder's forward.")
+        return self.bands
+
+    # -- the decoder's hooks ------------------------------------------------------------------------------
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = self._signature.bind(*args, **kwargs)
+        names = list(bound.arguments)
+        latent = bound.arguments[names[0]]
+        if not isinstance(latent, Tensor):
+            raise ValueError(
+                f"{self._where}: the first argument must be the latent tensor, got {type(latent).__name__}."
+            )
+        others = [n for n in names[1:] if isinstance(bound.arguments[n], Tensor)]
+        if others:
+            raise ValueError(
+                f"{self._where}: the parallel VAE decode cuts only the latent; the tensor argument(s) {others} would"
+                " not be cut to the band (e.g. a spatially conditioned norm)."
+            )
+        dim = self.cut.height_dim
+        rows = band_rows(latent.shape[dim], self.band.size)  # ValueError on every rank for a latent too short
+        self.bands = Bands(rows, self.band.rank, dim)
+        # (..., H, W) -> (..., rows, W): this rank's band of the latent
+        bound.arguments[names[0]] = latent.narrow(dim, self.bands.start, rows[self.band.rank])
+        self._saved.append({name: getattr(F, name) for name in _FUNCTIONS})
+        F.group_norm = self._group_norm
+        F.interpolate = self._interpolate
+        F.scaled_dot_product_attention = self._refuse_attention
+        return bound.args, bound.kwargs
+
+    def _gather(self, module: nn.Module, args: tuple, output: Any) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"{self._where} returned {type(output).__name__}; the parallel VAE decode gathers a tensor."
+            )
+        bands = self.current(self._where)
+        rows = bands.rows_at(output.shape[bands.dim], self._where)
+        self.calls += 1
+        return gather_bands(output, bands.dim, rows, self.band)  # (..., rows_band * s, W') -> (..., H * s, W')
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._saved:  # empty when the pre-hook raised before replacing anything
+            for name, fn in self._saved.pop().items():
+                setattr(F, name, fn)
+        self.bands = None
+        for halo in self.halos:  # transfers of a convolution whose forward raised are not waited for
+            halo.pending = None
+
+    # -- what the decoder's forward sees --------------------------------------------------------------------
+
+    def _group_norm(self, x: Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+        return band_group_norm(x, num_groups, weight, bias, eps, self.band)
+
+    def _interpolate(self, x: Tensor, size=None, scale_factor=None, mode: str = "nearest", *args, **kwargs) -> Tensor:
+        axis = x.dim() - 2 + self.cut.height_dim  # index of the height among the spatial dims
+        factor = scale_factor[axis] if isinstance(scale_factor, (tuple, list)) else scale_factor
+        integer = factor is not None and float(factor) == int(factor)
+        if size is not None or mode not in ("nearest", "nearest-exact") or not integer:
+            raise ValueError(
+                f"{self._where}: the parallel VAE decode needs every interpolation inside the decoder to be a nearest"
+                f" upsampling by an integer factor along the height (bands stay aligned); got size={size},"
+                f" scale_factor={scale_factor}, mode={mode!r}."
+            )
+        return _ORIGINAL["interpolate"](x, size, scale_factor, mode, *args, **kwargs)
+
+    def _refuse_attention(self, *args, **kwargs) -> Tensor:
+        raise ValueError(
+            f"{self._where}: an attention module that the VAE's cut does not declare (declared:"
+            f" {list(self.cut.attention)}) called F.scaled_dot_product_attention; it would attend within one band"
+            " only. Add its class name to VaeCut.attention."
+        )
+
+    @property
+    def _where(self) -> str:
+        return f"{type(self.vae).__name__}.{self.cut.decoder}"
+
+    @property
+    def _signature(self) -> inspect.Signature:
+        return inspect.signature(self.decoder.forward)
+
+
+def apply_parallel_vae(vae: nn.Module, cut: VaeCut, group: ProcessGroup) -> ParallelVae:
+    """Decode ``vae``'s latents in bands over the ranks of ``group``; every rank gets the whole decoded output.
+
+    Every rank of ``group`` must decode the same latents at the same time (the ranks of a model-parallel group run
+    the same ``predict_step``). Installation communicates nothing.
+
+    Args:
+        vae: a VAE whose class has ``cut`` (see ``find_vaes``).
+        cut: how it is cut.
+        group: the ranks that decode together, in band order (a data-parallel group's model-parallel ranks).
+
+    Raises:
+        ValueError: for a decoder layer the bands cannot reproduce exactly (a strided, transposed or non-zero-padded
+            convolution along the height, a spatially conditioned or instance norm); nothing stays installed.
+    """
+    try:
+        decoder = vae.get_submodule(cut.decoder)
+    except AttributeError as exc:
+        raise ValueError(f"{type(vae).__name__} has no decoder submodule {cut.decoder!r} (VaeCut.decoder).") from exc
+    parallel = ParallelVae(vae, decoder, BandGroup.of(group), cut)
+    try:
+        _install(parallel, decoder, cut)
+    except BaseException:
+        parallel.remove()
+        raise
+    return parallel
+
+
+def _install(parallel: ParallelVae, decoder: nn.Module, cut: VaeCut) -> None:
+    attention = []
+    for path, module in decoder.named_modules():
+        name = type(module).__name__
+        where = f"{cut.decoder}.{path}" if path else cut.decoder
+        if name in _UNSUPPORTED_LAYERS:
+            raise ValueError(
+                f"The parallel VAE decode cannot band {where} ({name}): its statistics or inputs span the height."
+            )
+        if isinstance(module, _ConvNd):
+            halo = conv_halo(module, where, cut.height_dim, _padding_attribute(module, cut))
+            if halo is not None:
+                parallel.halos.append(halo)
+                install_halo(module, halo, cut.height_dim, parallel.band, lambda: parallel.bands)
+        if name in cut.attention:
+            attention.append((where, module))
+    for where, module in attention:  # inside the decoder's replacement, each declared module gets the banded kernel
+        kernel = band_attention(_ORIGINAL["scaled_dot_product_attention"], parallel.band, parallel.current, where)
+        parallel.handles.extend(_replace_during_forward(module, "scaled_dot_product_attention", kernel))
+    parallel.handles.append(decoder.register_forward_pre_hook(parallel._enter, with_kwargs=True))
+    parallel.handles.append(decoder.register_forward_hook(parallel._gather))
+    parallel.handles.append(decoder.register_forward_hook(parallel._leave, always_call=True))
+
+
+def _padding_attribute(module: nn.Module, cut: VaeCut) -> str | None:
+    for klass in type(module).__mro__:
+        if klass.__name__ in cut.padding_attributes:
+            return cut.padding_attributes[klass.__name__]
+    return None
+
+
+def _replace_during_forward(module: nn.Module, name: str, fn: Callable) -> list[RemovableHandle]:
+    """Hooks that make ``F.<name>`` be ``fn`` for the duration of ``module``'s forward (put back even on errors)."""
+    saved: list[Callable] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        saved.append(getattr(F, name))
+        setattr(F, name, fn)
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        if saved:
+            setattr(F, name, saved.pop())
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
