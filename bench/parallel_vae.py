@@ -49,8 +49,9 @@ def build(args: argparse.Namespace) -> AutoencoderKL:
     return vae.to(args.device)
 
 
-def expected_bytes(vae: AutoencoderKL, z: torch.Tensor, ranks: int, rank: int) -> dict[str, float]:
-    """Bytes ``rank`` sends in one banded decode of ``z``, predicted from the decoder's layers (float32).
+def expected_bytes(vae: AutoencoderKL, z: torch.Tensor, ranks: int, rank: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Bytes ``rank`` sends in one banded decode of ``z``, predicted from the decoder's layers (float32), and the
+    one-process decode of ``z``.
 
     A one-process decode records the input of every convolution with a halo and every group norm; at a layer where
     the whole image has ``H`` rows, band ``i`` has ``band_rows(latent, N)[i] * H / latent`` rows.
@@ -83,7 +84,7 @@ def expected_bytes(vae: AutoencoderKL, z: torch.Tensor, ranks: int, rank: int) -
         figures["all_gather attention"] += 2 * b * c * max(rows) * (h // latent) * w * 4 * peers
     b, c, h, w = out.shape
     figures["all_gather output"] = b * c * max(rows) * (h // latent) * w * 4 * peers
-    return figures
+    return figures, out
 
 
 def _measure_memory(device: str, step) -> int:
@@ -146,11 +147,10 @@ def _worker(rank: int, world: int, args: argparse.Namespace, memory_run: bool) -
         banded()  # warm-up
         parallel = _measure_memory(args.device, banded)
         return {"single": single, "parallel": parallel, "weights": resident_bytes(vae)}
-    reference = plain()
+    expected, reference = expected_bytes(vae, z, world, rank)  # also the warm-up of the plain decode
     with CommCounter() as counter:
         out = banded()
     error = ((out - reference).abs().max() / reference.abs().max()).item()
-    expected = expected_bytes(vae, z, world, rank)
     single, par = [], []
     for _ in range(args.reps):
         single.append(time_rank_zero(plain)[0])

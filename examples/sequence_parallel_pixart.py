@@ -2,8 +2,10 @@
 
     python examples/sequence_parallel_pixart.py --devices 2 --ulysses 2
     python examples/sequence_parallel_pixart.py --devices 4 --ulysses 2 --ring 2
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 \
+        examples/sequence_parallel_pixart.py --accelerator gpu --num-nodes 2 --devices 8 --ulysses 4 --ring 4
 
-Lightning's default launcher re-runs this script for the other ranks; every rank computes the same full
+Lightning's default launcher re-runs this script for the other ranks (torchrun and srun start them instead); every rank computes the same full
 images, and the script checks them against a one-process run of the same seeded model.
 """
 
@@ -39,20 +41,26 @@ def requests(n: int) -> DataLoader:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--devices", type=int, default=2, help="processes per node")
+    parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--ulysses", type=int, default=2)
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--size", type=int, default=16, help="latent side; (size/2)**2 tokens")
     args = parser.parse_args()
 
     strategy = SequenceParallelStrategy(ulysses_degree=args.ulysses, ring_degree=args.ring)
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, logger=False)
-    images = torch.cat(trainer.predict(make_module(args.size), requests(4)))
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, logger=False
+    )
+    images = torch.cat(trainer.predict(make_module(args.size), requests(4))).cpu()
     if trainer.is_global_zero:
         single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
         reference = torch.cat(single.predict(make_module(args.size), requests(4)))
         error = ((images - reference).abs().max() / reference.abs().max()).item()
-        print(f"{strategy.layout.describe()}: {tuple(images.shape)} images, max relative error vs one process {error:.1e}")
+        ranks_per_node = args.devices if args.num_nodes > 1 else None
+        print(f"{strategy.layout.describe(ranks_per_node)}: {tuple(images.shape)} images,"
+              f" max relative error vs one process {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Parallel inference for Diffusion Transformers inside a Lightning ``Trainer.predict``.
 
 Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring``, ``dit_usp``,
-``dit_fsdp``, ``dit_pipeline``, ``dit_pipefusion``, ``dit_tp``, ``dit_hybrid``, ``dit_auto``) with Lightning.
+``dit_fsdp``, ``dit_pipeline``, ``dit_pipefusion``, ``dit_distrifusion``, ``dit_tp``, ``dit_hybrid``, ``dit_auto``)
+with Lightning.
 """
 
 from lightning_dit_parallel.layout import ParallelLayout
@@ -13,6 +14,7 @@ from lightning_dit_parallel.registry import plan_for, register_plan, unregister_
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,
+    PatchParallelStrategy,
     PipelineStrategy,
     SequenceParallelStrategy,
     TensorParallelStrategy,
@@ -27,6 +29,7 @@ __all__ = [
     "DiTPlan",
     "Packed",
     "FSDPInferenceStrategy",
+    "PatchParallelStrategy",
     "PipelineStrategy",
     "ParallelLayout",
     "PlanCheck",

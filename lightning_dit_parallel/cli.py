@@ -23,15 +23,31 @@ from omegaconf import DictConfig, OmegaConf, read_write
 _FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
 
+#: Variables in which launchers give a process its place before Lightning runs: torchrun (``RANK``, ``GROUP_RANK``),
+#: srun (``SLURM_PROCID``), Lightning's launcher (``NODE_RANK`` on every node, ``LOCAL_RANK`` on the ranks it starts).
+_RANK_VARIABLES = ("RANK", "GROUP_RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
+
+
+def is_first_process() -> bool:
+    """Whether this process will be global rank 0: every rank variable a launcher set is 0 (or none is set)."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in _RANK_VARIABLES)
+
+
 def rank_log_file(output_dir: str, job_name: str) -> str:
-    """Hydra's log file for this process: ``<run dir>/<job>.log`` on local rank 0, ``os.devnull`` on the ranks
-    Lightning re-launches (they log nothing, so they write no files into the run directory)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    """Hydra's log file for this process: ``<run dir>/<job>.log`` on global rank 0, ``os.devnull`` on every other
+    rank (those Lightning re-launches and those torchrun or srun start on any node): they write no files."""
+    if not is_first_process():
         return os.devnull
     return str(Path(output_dir) / f"{job_name}.log")
 
 
+def rank_output_subdir(subdir: str) -> str | None:
+    """Hydra's config copy (``.hydra/``) on global rank 0 only; ``None`` (none) on the other ranks."""
+    return subdir if is_first_process() else None
+
+
 OmegaConf.register_new_resolver("ldp_rank_log_file", rank_log_file, replace=True)
+OmegaConf.register_new_resolver("ldp_rank_output_subdir", rank_output_subdir, replace=True)
 
 
 class PredictTimer(L.Callback):
@@ -52,7 +68,8 @@ def describe_layout(strategy) -> str:
     """The parallel layout of a strategy after ``predict`` (``"single process"`` without one)."""
     layout = getattr(strategy, "_layout", None)
     if layout is not None:
-        return f"{layout.describe()} on {strategy.world_size} ranks"
+        ranks_per_node = strategy.num_processes if getattr(strategy, "num_nodes", 1) > 1 else None
+        return f"{layout.describe(ranks_per_node)} on {strategy.world_size} ranks"
     processes = getattr(strategy, "world_size", 1)
     return f"{type(strategy).__name__} on {processes} process{'es' if processes > 1 else ''}"
 

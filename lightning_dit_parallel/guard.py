@@ -77,41 +77,53 @@ class InputGuard:
         except TypeError:
             return  # the forward itself raises the same TypeError on every rank, before any collective
         names = list(self.signature.parameters)
-        device = _device(bound.arguments.values())
-        # (A, 5) float64: one fingerprint per argument of the forward, passed or not
-        local = torch.stack([fingerprint(bound.arguments.get(name, _ABSENT), device) for name in names])
+        local = fingerprints([bound.arguments.get(name, _ABSENT) for name in names])  # (A, 5) float64
         gathered = [torch.empty_like(local) for _ in self.ranks]
         dist.all_gather(gathered, local, group=self.group)  # (A, 5) per rank -> N x (A, 5)
         table = torch.stack(gathered).cpu()  # (N, A, 5)
         for index, name in enumerate(names):
             classes = _equal_classes(table[:, index])
             if len(classes) > 1:
-                raise ValueError(_message(type(module).__name__, name, [[self.ranks[r] for r in c] for c in classes]))
+                raise ValueError(_message(_class_name(module), name, [[self.ranks[r] for r in c] for c in classes]))
 
 
-def fingerprint(value, device: torch.device | str = "cpu") -> Tensor:
-    """The (5,) float64 fingerprint of one argument, on ``device``: structure CRC-32, number of elements, sum, sum
-    of squares, and the sum of its per-row sums (dim 0) weighted by ``(row + 1) / rows``.
+def fingerprints(values: list) -> Tensor:
+    """The (len(values), 5) float64 fingerprints of the arguments ``values``, on the device of their first tensor
+    (the CPU without tensors). Per argument: structure CRC-32, number of elements, and over its tensors the sum,
+    the sum of squares and the sum of the per-row sums (dim 0) weighted by ``(row + 1) / rows``.
 
-    ``value`` may be a tensor, a Python scalar or string, ``None``, or a (nested) tuple, list or dict of those.
+    A value may be a tensor, a Python scalar or string, ``None``, or a (nested) tuple, list or dict of those.
     """
-    structure: list[str] = []
-    tensors: list[Tensor] = []
-    _walk(value, structure, tensors)
-    header = [float(zlib.crc32(";".join(structure).encode())), float(sum(t.numel() for t in tensors))]
-    stats = []
-    for t in tensors:
-        x = t.detach()
-        if x.is_complex():
-            x = torch.view_as_real(x)
-        x = x if x.is_floating_point() else x.to(torch.float64)
-        rows = x.reshape(x.shape[0] if x.dim() else 1, -1)  # (dim 0, rest)
-        row_sums = rows.sum(dim=1, dtype=torch.float64)  # (dim 0,)
-        weights = torch.arange(1, row_sums.numel() + 1, dtype=torch.float64, device=x.device) / row_sums.numel()
-        square = torch.linalg.vector_norm(x, dtype=torch.float64).square()
-        stats.append(torch.stack([row_sums.sum(), square, (row_sums * weights).sum()]).to(device))  # (3,)
-    summed = torch.stack(stats).sum(dim=0) if stats else torch.zeros(3, dtype=torch.float64, device=device)
-    return torch.cat([torch.tensor(header, dtype=torch.float64, device=device), summed])  # (5,)
+    headers: list[list[float]] = []
+    stats: list[Tensor] = []
+    owners: list[int] = []
+    for index, value in enumerate(values):
+        structure: list[str] = []
+        tensors: list[Tensor] = []
+        _walk(value, structure, tensors)
+        headers.append([float(zlib.crc32(";".join(structure).encode())), float(sum(t.numel() for t in tensors))])
+        stats.extend(_tensor_stats(t) for t in tensors)
+        owners.extend(index for _ in tensors)
+    device = stats[0].device if stats else torch.device("cpu")
+    summed = torch.zeros(len(values), 3, dtype=torch.float64, device=device)  # (A, 3)
+    if stats:
+        # (T, 3) per tensor -> (A, 3) per argument
+        summed.index_add_(0, torch.tensor(owners, device=device), torch.stack([s.to(device) for s in stats]))
+    return torch.cat([torch.tensor(headers, dtype=torch.float64, device=device), summed], dim=1)  # (A, 5)
+
+
+def _tensor_stats(t: Tensor) -> Tensor:
+    """(3,) float64 on ``t``'s device: sum, sum of squares, row-weighted sum (rows along dim 0)."""
+    x = t.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    rows = x.reshape(x.shape[0] if x.dim() else 1, -1)  # (dim 0, rest)
+    row_sums = rows.sum(dim=1, dtype=torch.float64)  # (dim 0,)
+    weights = torch.arange(1, row_sums.numel() + 1, dtype=torch.float64, device=x.device) / row_sums.numel()
+    square = torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    return torch.stack([row_sums.sum(), square, torch.dot(row_sums, weights)])  # (3,)
 
 
 class _Absent:
@@ -145,16 +157,6 @@ def _walk(value, structure: list[str], tensors: list[Tensor]) -> None:
         structure.append(type(value).__qualname__)
 
 
-def _device(values) -> torch.device:
-    """The device of the first tensor among the arguments (the collective runs there), else the CPU."""
-    for value in values:
-        tensors: list[Tensor] = []
-        _walk(value, [], tensors)
-        if tensors:
-            return tensors[0].device
-    return torch.device("cpu")
-
-
 def _equal_classes(rows: Tensor) -> list[list[int]]:
     """Group members (indices into ``rows``, (N, 5) float64) whose fingerprints agree, in order of first rank."""
     classes: list[list[int]] = []
@@ -180,6 +182,12 @@ def _same(a: list[float], b: list[float]) -> bool:
         and abs(sum_a - sum_b) <= RELATIVE_TOLERANCE * scale
         and abs(weighted_a - weighted_b) <= RELATIVE_TOLERANCE * scale
     )
+
+
+def _class_name(module: nn.Module) -> str:
+    """The model's own class name, past classes that wrappers such as FSDP2 put in front of it."""
+    own = next((c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed")), type(module))
+    return own.__name__
 
 
 def _message(model: str, name: str, classes: list[list[int]]) -> str:

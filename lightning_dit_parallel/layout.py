@@ -70,7 +70,7 @@ class ParallelLayout:
         return {axis: getattr(self, axis) for axis in MESH_AXES}
 
     def describe(self, ranks_per_node: int | None = None) -> str:
-        """One line naming every value, e.g. ``dp=1 cfg=1 pp=1 ring=2 ulysses=2 fsdp=False``.
+        """One line naming every value, e.g. ``dp=1 cfg=1 pp=1 ring=2 ulysses=2 tp=1 fsdp=False``.
 
         Args:
             ranks_per_node: with the processes per node (of a resolved layout), the line also says which axes

@@ -71,7 +71,8 @@ def describe_nodes(degrees: Mapping[str, int], ranks_per_node: int) -> str:
     world = math.prod(int(d) for d in degrees.values())
     across = axes_across_nodes(degrees, ranks_per_node)
     count = world // ranks_per_node
-    return (f"{count} node{'s' if count != 1 else ''} x {ranks_per_node} ranks, across nodes: "
+    return (f"{count} node{'s' if count != 1 else ''} x {ranks_per_node} rank{'s' if ranks_per_node != 1 else ''},"
+            " across nodes: "
             f"{', '.join(across) if across else 'none'}")
 
 

@@ -12,16 +12,23 @@ from typing import Protocol
 from torch import nn
 
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
+from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
 from lightning_dit_parallel.guard import apply_input_guard, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages
+from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages, check_cuts_on_every_stage
 from lightning_dit_parallel.plan import DiTPlan, is_within
 from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.tensor import TensorParallelLayout, apply_tensor_parallel, check_layout, resolve_layout
+from lightning_dit_parallel.tensor import (
+    TensorParallelLayout,
+    apply_tensor_parallel,
+    check_deferred_packed,
+    check_layout,
+    resolve_layout,
+)
 from lightning_dit_parallel.utils.logging import rank_zero_log
 from lightning_dit_parallel.vae import VaeCut, apply_parallel_vae, find_vaes
 
@@ -60,6 +67,7 @@ class Parallelized:
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
     pipeline: PipelineOptions | None = None, check_inputs: bool = True, parallel_vae: bool = False,
+    distrifusion: DistriFusionOptions | None = None,
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
@@ -81,6 +89,8 @@ def parallelize(
         parallel_vae: decode the latents of every VAE found by its cut (``lightning_dit_parallel.vae``) in bands along
             the height over each model-parallel group (exact; the encoder stays whole). With model parallelism 1
             there is nothing to band; the VAEs are still looked for, so a module without one fails the same way.
+        distrifusion: run the sequence-parallel axis (``ring``) as DistriFusion (stale keys and values of the other
+            patches, gathered asynchronously) instead of exact Ring attention; needs ``pp == 1`` and ``ulysses == 1``.
 
     Raises:
         ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
@@ -104,9 +114,11 @@ def parallelize(
             )
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
+    if distrifusion is not None:
+        _check_distrifusion(layout)
     if layout.pp > 1 and layout.sequence_degree > 1:
         _check_pipeline_with_sequence(planned, layout, pipeline or PipelineOptions())
-    tp_layouts = _resolve_tensor_parallel(planned, layout) if layout.tp > 1 else []  # checked before any collective
+    tp_layouts = _resolve_tensor_parallel(module, planned, layout) if layout.tp > 1 else []  # before any collective
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
@@ -114,10 +126,17 @@ def parallelize(
         if layout.tp > 1:
             for (_, dit, _), tp_layout in zip(planned, tp_layouts):
                 result.applied.append(apply_tensor_parallel(dit, tp_layout, mesh["tp"]))
-            rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {', '.join(t.source for t in tp_layouts)}")
+            sources = ", ".join(t.source for t in tp_layouts)
+            rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {sources}")
         if layout.fsdp:
             _apply_fsdp(result, module, planned, extra, mesh)
-        if layout.sequence_degree > 1:
+        pipefusion = layout.pp > 1 and (pipeline or PipelineOptions()).mode == "pipefusion"
+        if layout.sequence_degree > 1 and distrifusion is not None:
+            groups = SequenceGroups.from_mesh(mesh)
+            for _, dit, plan in planned:
+                result.applied.append(apply_distrifusion(dit, plan, groups, distrifusion))
+            rank_zero_log(f"DistriFusion over {layout.ring} patches ({distrifusion.describe()}) on {result.paths}")
+        elif layout.sequence_degree > 1 and not pipefusion:  # PipeFusion shards each patch itself
             groups = SequenceGroups.from_mesh(mesh)
             for _, dit, plan in planned:
                 result.applied.append(apply_sequence_parallel(dit, plan, groups))
@@ -138,12 +157,15 @@ def parallelize(
     return result
 
 
-def _resolve_tensor_parallel(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout) -> list[TensorParallelLayout]:
+def _resolve_tensor_parallel(
+    module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout
+) -> list[TensorParallelLayout]:
     """Each DiT's tensor-parallel layout, checked against the degrees (pure: the same ValueError on every rank)."""
     layouts = []
     for _, dit, plan in planned:
         layouts.append(resolve_layout(dit, plan))
         check_layout(dit, plan, layouts[-1], layout)
+    check_deferred_packed(module, [(dit, tp) for (_, dit, _), tp in zip(planned, layouts)])
     return layouts
 
 
@@ -183,11 +205,13 @@ def _apply_pipeline(
     result: Parallelized, planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, mesh,
     options: PipelineOptions,
 ) -> None:
-    """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis."""
+    """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis; PipeFusion shards
+    each patch over the stage's sequence-parallel ranks itself."""
+    sequence = None
     if options.mode == "pipefusion" and layout.sequence_degree > 1:
-        raise ValueError(f"PipeFusion does not combine with sequence parallelism yet ({layout.describe()}).")
+        sequence = SequenceGroups.from_mesh(mesh)
     for _, dit, plan in planned:
-        result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp")))
+        result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp"), sequence))
     rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
 
 
@@ -203,28 +227,18 @@ def _check_pipeline_with_sequence(
     """
     for path, dit, plan in planned:
         name = f"{type(dit).__name__} ({path or 'the module'})"
-        inside = [p for p in (*plan.split_module_inputs, *plan.split_outputs)
-                  if plan.block_position(p) is None and any(p.startswith(f"{b}.") for b in plan.blocks)]
-        if inside:
-            raise ValueError(
-                f"Pipeline (pp={layout.pp}) with sequence parallelism is not supported for {name}: its plan cuts tokens"
-                f" inside blocks at {inside}, which only the stage owning that block runs."
-            )
         assignment = assign_stages(dit, plan, int(layout.pp), options.layers_per_stage)
-        for cut in plan.split_module_inputs:
-            position = plan.block_position(cut)
-            if position is None:
-                continue
-            list_index = assignment.list_paths.index(position[0])
-            for stage in range(assignment.num_stages):
-                if not any(assignment.locate(b)[0] == list_index and assignment.locate(b)[1] >= position[1]
-                           for b in assignment.owned(stage)):
-                    raise ValueError(
-                        f"Pipeline (pp={layout.pp}) with sequence parallelism: {name} cuts tokens at the inputs of"
-                        f" {cut!r}, but {assignment.describe(stage)}, none of them in {position[0]!r} from index"
-                        f" {position[1]} on, so that stage would never cut. Choose layers_per_stage so that every stage"
-                        f" owns a block of {position[0]!r}, or use pp_degree=1."
-                    )
+        check_cuts_on_every_stage(dit, plan, assignment, f"Pipeline (pp={layout.pp}) with sequence parallelism", name)
+
+
+def _check_distrifusion(layout: ParallelLayout) -> None:
+    """DistriFusion runs over the ring axis of a layout without pipeline stages (pure check, every rank)."""
+    if layout.pp > 1 or layout.ulysses > 1 or layout.sequence_degree == 1:
+        raise ValueError(
+            "DistriFusion needs its patches on the ring axis (ring > 1) of a layout without pipeline stages or Ulysses"
+            f" (every rank holds the whole model); got {layout.describe()}. Use PatchParallelStrategy(degree=...),"
+            " optionally with cfg_degree and dp_degree."
+        )
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

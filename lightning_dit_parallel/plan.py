@@ -135,8 +135,9 @@ SplitSpec = Split | Concat | PrefixCount | tuple[Split | Concat | PrefixCount | 
 #:   each rank computes its own heads); its output stays split.
 #: * ``"rowwise"``: an ``nn.Linear`` whose input features arrive split (the attention output projection, the MLP's
 #:   down projection); the partial outputs are all-reduced, so every rank holds the whole output.
-#: * ``"colwise_gather"``: output features split, then all-gathered: for per-sample modulation (adaLN) linears whose
-#:   output the block indexes over the whole hidden size; (B, k * hidden) moves, not (B, tokens, hidden).
+#: * ``"colwise_gather"``: output features split, then all-gathered (an ``nn.Linear``, or an ``nn.Embedding`` split
+#:   over its embedding dim): for per-sample modulation (adaLN) linears whose output the block indexes over the
+#:   whole hidden size; (B, k * hidden) moves, not (B, tokens, hidden).
 #: * ``"sharded_norm"``: a normalisation over the whole split feature dim (a q/k ``RMSNorm`` across heads, as in
 #:   Wan): its weight is split like the features and its statistics are all-reduced over the tp ranks.
 TensorParallelStyle = Literal["colwise", "rowwise", "colwise_gather", "sharded_norm"]
@@ -237,10 +238,11 @@ class DiTPlan:
         tensor_parallel: how tensor parallelism shards the modules of the blocks: patterns (``fnmatch``, relative to
             the DiT, naming modules inside the ``blocks`` lists) mapped to a ``TensorParallelStyle`` or ``Packed``,
             e.g. ``{"blocks.*.attn.to_q": "colwise", "blocks.*.attn.to_out.0": "rowwise"}`` (the format of diffusers'
-            ``_tp_plan``). Empty (the default): the class's diffusers ``_tp_plan`` where it has one, else a layout
-            derived from the diffusers ``Attention`` / ``FeedForward`` / adaLN modules inside the blocks (see
-            ``tensor/default.py``). Attention modules whose projections are split get their local head count while
-            tensor parallelism is applied, and q/k normalisations over all heads become ``"sharded_norm"``.
+            ``_tp_plan``); used as declared. Empty (the default): the class's diffusers ``_tp_plan`` where it has one
+            (plus the per-sample adaLN modulation and embedders it leaves whole), else a layout derived from the
+            diffusers ``Attention`` / ``FeedForward`` / adaLN modules inside the blocks (see ``tensor/default.py``).
+            Either way, attention modules whose projections are split get their local head count while tensor
+            parallelism is applied, and their q/k normalisations over all heads become ``"sharded_norm"``.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -270,7 +272,8 @@ class DiTPlan:
             object.__setattr__(self, name, MappingProxyType(frozen))
         object.__setattr__(self, "replicated_tail_attention", MappingProxyType(dict(self.replicated_tail_attention)))
         object.__setattr__(self, "tensor_parallel", MappingProxyType(dict(self.tensor_parallel)))
-        bad = {p: s for p, s in self.tensor_parallel.items() if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
+        bad = {p: s for p, s in self.tensor_parallel.items()
+               if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
         if bad:
             raise ValueError(
                 f"tensor_parallel styles must be one of {list(TENSOR_PARALLEL_STYLES)} or a Packed(...); got {bad}."

@@ -100,7 +100,7 @@ def run_case(name: str, out: Path, num_nodes: int, devices: int, die: _DieOnNode
         accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
-    error = None
+    error, start = None, time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CrossNodeWarning)
         try:
@@ -119,6 +119,7 @@ def run_case(name: str, out: Path, num_nodes: int, devices: int, die: _DieOnNode
         "warnings": [str(w.message) for w in caught if issubclass(w.category, CrossNodeWarning)],
         "error": error,
         "torn_down": not dist.is_initialized(),
+        "seconds": time.monotonic() - start,
     }
     (out / name).mkdir(parents=True, exist_ok=True)
     (out / name / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

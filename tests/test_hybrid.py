@@ -71,7 +71,7 @@ def test_registered_hybrid_name_accepts_every_degree(tmp_path):
     )
     assert type(trainer.strategy) is DiTParallelStrategy
     strategy = DiTParallelStrategy(dp_degree=1, cfg_degree=2, ulysses_degree=2, fsdp=True)
-    assert strategy._requested_layout.describe() == "dp=1 cfg=2 pp=1 ring=1 ulysses=2 fsdp=True"
+    assert strategy._requested_layout.describe() == "dp=1 cfg=2 pp=1 ring=1 ulysses=2 tp=1 fsdp=True"
 
 
 def test_two_strategies_in_a_row_in_one_process(tmp_path):

@@ -23,7 +23,7 @@ def test_resolve_rejects_wrong_products(kwargs, world, match):
     with pytest.raises(ValueError, match=match) as err:
         ParallelLayout(**kwargs).resolve(world)
     # the message names every value
-    for name in ("dp=", "cfg=", "pp=", "ring=", "ulysses=", "fsdp="):
+    for name in ("dp=", "cfg=", "pp=", "ring=", "ulysses=", "tp=", "fsdp="):
         assert name in str(err.value)
 
 
@@ -46,10 +46,10 @@ def test_invalid_degrees(kwargs, match):
 
 def test_coordinates_are_row_major_with_ulysses_innermost():
     layout = ParallelLayout(dp=2, ring=2, ulysses=2).resolve(8)
-    assert layout.coordinates(0) == dict(dp=0, cfg=0, pp=0, ring=0, ulysses=0)
-    assert layout.coordinates(1) == dict(dp=0, cfg=0, pp=0, ring=0, ulysses=1)
-    assert layout.coordinates(2) == dict(dp=0, cfg=0, pp=0, ring=1, ulysses=0)
-    assert layout.coordinates(7) == dict(dp=1, cfg=0, pp=0, ring=1, ulysses=1)
+    assert layout.coordinates(0) == dict(dp=0, cfg=0, pp=0, ring=0, ulysses=0, tp=0)
+    assert layout.coordinates(1) == dict(dp=0, cfg=0, pp=0, ring=0, ulysses=1, tp=0)
+    assert layout.coordinates(2) == dict(dp=0, cfg=0, pp=0, ring=1, ulysses=0, tp=0)
+    assert layout.coordinates(7) == dict(dp=1, cfg=0, pp=0, ring=1, ulysses=1, tp=0)
     with pytest.raises(ValueError, match="outside the world"):
         layout.coordinates(8)
 

@@ -23,20 +23,20 @@ from lightning_dit_parallel.vae import (
 )
 from lightning_dit_parallel.vae.conv import conv_halo
 from tests.distributed import run_on_ranks
-from tests.vaes import image_vae, qwen_vae, wan_vae
+from tests.vaes import flux2_vae, image_vae, qwen_vae, wan_vae
 
 BUILDERS = {
-    "kl": image_vae, "wan": wan_vae, "wan22": lambda: wan_vae(residual=True), "qwen": qwen_vae,
+    "kl": image_vae, "flux2": flux2_vae, "wan": wan_vae, "wan22": lambda: wan_vae(residual=True), "qwen": qwen_vae,
 }
 FUNCTIONS = ("group_norm", "interpolate", "scaled_dot_product_attention")
 ORIGINAL = {name: getattr(F, name) for name in FUNCTIONS}
 
 #: (vae, latent shape): images (B, C, H, W), videos (B, C, F, H, W); heights that do and do not divide the ranks.
 CASES = {
-    2: [("kl", (2, 4, 8, 6)), ("kl", (1, 4, 7, 5)), ("wan", (1, 4, 2, 4, 5)), ("wan", (1, 4, 3, 3, 5)),
-        ("wan22", (1, 4, 2, 3, 4)), ("qwen", (1, 4, 2, 5, 3))],
-    4: [("kl", (1, 4, 8, 5)), ("kl", (1, 4, 9, 5)), ("kl", (2, 4, 6, 7)), ("wan", (1, 4, 2, 4, 6)),
-        ("wan", (1, 4, 2, 5, 4)), ("wan22", (1, 4, 2, 6, 3)), ("qwen", (1, 4, 2, 7, 3))],
+    2: [("kl", (2, 4, 8, 6)), ("kl", (1, 4, 7, 5)), ("flux2", (1, 4, 5, 4)), ("wan", (1, 4, 2, 4, 5)),
+        ("wan", (1, 4, 3, 3, 5)), ("wan22", (1, 4, 2, 3, 4)), ("qwen", (1, 4, 2, 5, 3))],
+    4: [("kl", (1, 4, 8, 5)), ("kl", (1, 4, 9, 5)), ("kl", (2, 4, 6, 7)), ("flux2", (1, 4, 6, 3)),
+        ("wan", (1, 4, 2, 4, 6)), ("wan", (1, 4, 2, 5, 4)), ("wan22", (1, 4, 2, 6, 3)), ("qwen", (1, 4, 2, 7, 3))],
 }
 
 
@@ -72,7 +72,8 @@ def _exact(rank: int, world: int) -> list[dict]:
             after = vae.decode(z).sample  # the hooks are gone: the plain decode again
         error = ((out - reference).abs().max() / reference.abs().max()).item()
         results.append({
-            "case": f"{name} {shape}", "error": error, "seen": sorted(set(seen)), "band": band_rows(shape[-2], world)[rank],
+            "case": f"{name} {shape}", "error": error, "seen": sorted(set(seen)),
+            "band": band_rows(shape[-2], world)[rank],
             "restored": torch.equal(after, reference), "shape_ok": out.shape == reference.shape,
         })
     return results
@@ -152,7 +153,8 @@ def test_cuts_are_found_by_class():
     module.vae = image_vae()
     module.video = wan_vae()
     found = find_vaes(module)
-    assert [(path, type(vae).__name__) for path, vae, _ in found] == [("vae", "AutoencoderKL"), ("video", "AutoencoderKLWan")]
+    names = [(path, type(vae).__name__) for path, vae, _ in found]
+    assert names == [("vae", "AutoencoderKL"), ("video", "AutoencoderKLWan")]
     assert found[1][2].padding_attributes == {"WanCausalConv3d": "_padding"}
 
 
@@ -198,6 +200,18 @@ def test_own_vae_class_registers_a_cut():
 def test_convolutions_that_cannot_be_banded(conv: nn.Module, message: str):
     with pytest.raises(ValueError, match=message):
         conv_halo(conv, "decoder.layer", -2, None)
+
+
+def test_decoder_layers_that_cannot_be_banded_fail_at_installation():
+    vae = image_vae()
+    vae.decoder.up_blocks[0].upsamplers.append(nn.Upsample(scale_factor=2, mode="bilinear"))
+    with pytest.raises(ValueError, match=r"decoder.up_blocks.0.upsamplers.1 \(Upsample\): mode='bilinear'"):
+        apply_parallel_vae(vae, vae_cut_for(vae), group=None)
+    vae = image_vae()
+    vae.decoder.conv_out = nn.Conv2d(8, 3, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="decoder.conv_out"):
+        apply_parallel_vae(vae, vae_cut_for(vae), group=None)
+    assert not vae.decoder._forward_pre_hooks and not vae.decoder.conv_in._forward_pre_hooks  # nothing installed
 
 
 def test_conv_halo_and_padding_without_the_height():

@@ -66,7 +66,9 @@ def reference() -> torch.Tensor:
 STRATEGIES = {
     "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, parallel_vae=True, start_method="fork"), 2),
     "cfg2": (lambda: DiTParallelStrategy(cfg_degree=2, parallel_vae=True, start_method="fork"), 2),
-    "dp2_ulysses2": (lambda: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, parallel_vae=True, start_method="fork"), 4),
+    "dp2_ulysses2": (
+        lambda: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, parallel_vae=True, start_method="fork"), 4
+    ),
 }
 
 

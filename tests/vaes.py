@@ -5,7 +5,7 @@ near-uniform attention)."""
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan
 from torch import nn
 
 from lightning_dit_parallel.utils.sharpen import SHARPNESS, sharpen_attention
@@ -16,9 +16,11 @@ def _randomize_norms(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for module in model.modules():
+            if type(module).__name__ not in ("GroupNorm", "WanRMS_norm", "QwenImageRMS_norm"):
+                continue
             for name in ("weight", "bias", "gamma"):
                 p = getattr(module, name, None)
-                if isinstance(p, nn.Parameter) and type(module).__name__ in ("GroupNorm", "WanRMS_norm", "QwenImageRMS_norm"):
+                if isinstance(p, nn.Parameter):
                     base = 0.0 if name == "bias" else 1.0
                     p.copy_(base + 0.3 * torch.randn(p.shape, generator=generator))
 
@@ -45,11 +47,25 @@ def image_vae(seed: int = 0) -> AutoencoderKL:
     return sharpen_attention(vae)
 
 
+def flux2_vae(seed: int = 0) -> AutoencoderKLFlux2:
+    """Flux.2's AutoencoderKL variant (the same decoder class), two levels, 4 groups, mid-block attention."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    _randomize_norms(vae, seed)
+    return sharpen_attention(vae)
+
+
 def wan_vae(seed: int = 0, residual: bool = False) -> AutoencoderKLWan:
     """Causal 3-D VAE, 8x spatial and 4x temporal compression, mid-block attention. ``residual``: the Wan 2.2 layout
     (residual up blocks with depth-to-space shortcuts, 2x2 patches unpatchified after the decoder)."""
     torch.manual_seed(seed)
-    extra = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16) if residual else {}
+    extra = {}
+    if residual:
+        extra = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16)
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4, **extra,

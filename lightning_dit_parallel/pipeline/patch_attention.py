@@ -24,9 +24,10 @@ from torch import Tensor
 
 from lightning_dit_parallel.pipeline.patches import PatchedSharding
 from lightning_dit_parallel.sequence.attention import local_sdpa, unsupported_sdpa_arguments
-from lightning_dit_parallel.sequence.comm import all_gather_dim
+from lightning_dit_parallel.sequence.comm import all_gather_dim, group_rank
 from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.masks import gather_key_mask, local_key_mask
+from lightning_dit_parallel.sequence.mask_message import pack_local_mask, unpack_masks
+from lightning_dit_parallel.sequence.masks import gather_key_mask
 from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads
 
 #: require_state(where) -> the state of the pass in progress (raises outside one).
@@ -121,10 +122,10 @@ class PatchAttention:
         n, u = groups.size, groups.ulysses_size
         bias = rows = None
         if attn_mask is not None:
-            keys, local_rows = local_key_mask(attn_mask, width, path)  # (Bm, L) key part, (Bm, L) | None query part
-            bias = _additive(gather_key_mask(keys, groups) if n > 1 else keys[:, None], query.dtype)  # (Bm, N, L)
-            if local_rows is not None:  # rank-1 bias u_q * v_k: u of the queries this rank attends for
-                rows = all_gather_dim(local_rows[:, None], 1, groups.ulysses).flatten(1)  # (Bm, L) -> (Bm, U*L)
+            bias, shard_rows = _model_mask(attn_mask, width, groups, query.dtype, path)  # (Bm, N, L) each
+            if shard_rows is not None:  # rank-1 bias u_q * v_k: u of the queries this rank attends for
+                ring_block = group_rank(groups.ring)
+                rows = shard_rows[:, ring_block * u : (ring_block + 1) * u].flatten(1)  # (Bm, U, L) -> (Bm, U*L)
         if u > 1:
             if not query.shape == key.shape == value.shape:
                 raise NotImplementedError(
@@ -169,11 +170,14 @@ def _part_rows(x: Tensor, shards: int, width: int, start: int, local: int, size:
     return per_shard.flatten(-3, -2).narrow(-2, 0, size)
 
 
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A bool mask (True = attend) or an additive one as an additive bias of ``dtype``."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask.to(dtype)
+def _model_mask(
+    attn_mask: Tensor, width: int, groups: SequenceGroups, dtype: torch.dtype, where: str
+) -> tuple[Tensor, Tensor | None]:
+    """The model's mask of this pass on every shard: the key bias (Bm, N, L) and, for a rank-1 float bias, the
+    queries' 0/1 part (Bm, N, L); one small all-gather over the sequence-parallel group (see ``mask_message.py``)."""
+    packed, read = pack_local_mask(attn_mask, width, where)  # (Bm, W)
+    gathered = gather_key_mask(packed, groups)  # (Bm, W) -> (Bm, N, W)
+    return unpack_masks(gathered, read, width, dtype, where, "PipeFusion attention")
 
 
 def _attention_mask(cache: KVCache, rows: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -33,6 +33,8 @@ ATTN_QKV = 6.0
 MLP_HIDDEN = 3.0
 #: ... plus the up projection and its activation (x MLP width / tp).
 MLP_INNER = 2.0
+#: Joint attention over several sequences: the concatenated queries, keys and values (x query width / tp).
+JOINT_QKV = 3.0
 #: Ulysses: stacked q/k/v to send, their received copies and the re-laid-out heads (x query width / tp).
 ULYSSES_QKV = 6.0
 #: Ring: key/value blocks in flight (x key/value width / tp) and the float32 output accumulator (x query width).
@@ -172,6 +174,8 @@ def block_activation(index: int, spec: ModelSpec, layout: PlannedLayout, local: 
     q = max((a.q_width for a in attention), default=block.hidden) / tp
     kv = max((a.kv_width for a in attention), default=block.hidden) / tp
     attn = carried * (ATTN_HIDDEN * block.hidden + ATTN_QKV * q)
+    if any(len(a.sequences) > 1 for a in self_attn):
+        attn += carried * JOINT_QKV * q
     if self_attn and layout.ulysses > 1:
         attn += carried * ULYSSES_QKV * q
     if self_attn and layout.ring > 1:
@@ -179,6 +183,8 @@ def block_activation(index: int, spec: ModelSpec, layout: PlannedLayout, local: 
     if any(a.kind == "cross" for a in attention):
         attn += 2 * text_tokens * kv  # the text context's keys and values
     mlp = carried * (MLP_HIDDEN * block.hidden + MLP_INNER * block.mlp / tp)
+    if block.parallel:  # the activated MLP, the attention output and their concatenation, alive together
+        mlp = carried * (MLP_HIDDEN * block.hidden + 2 * (block.mlp / tp + q))
     return int(rows * max(attn, mlp) * element)
 
 

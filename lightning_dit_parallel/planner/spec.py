@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from lightning_dit_parallel.plan import DiTPlan
@@ -97,20 +98,34 @@ class BlockShape:
         hidden: width of the residual stream (the attention's query width).
         mlp: widest per-token projection of the block (the MLP's inner width).
         token_params: parameters of the per-token linear layers (not the per-sample modulation inside norms).
+        text_token_params: those of them that run on the text tokens only (the context stream of a double-stream
+            block: diffusers names them ``*context*`` and ``add_*``); the others then run on the latent tokens
+            only.
         sequences: the sequences the block carries from one block to the next (its self-attention's order; a
             cross-attention block carries only the image/video tokens).
         tp_reduce_width: with tensor parallelism, the summed output features of the block's row-wise layers (each
-            output all-reduced per token).
+            output all-reduced per token); ``tp_reduce_text_width`` those of the text stream.
         tp_gather_width: the summed output features of its column-wise layers with a gathered output (the adaLN
-            modulation: per sample, not per token).
+            modulation, label embeddings: per sample, not per token).
+        tp_sample_reduce_width: the summed output features of its row-wise per-sample layers (timestep embedders
+            inside its norms), all-reduced once per sample.
+        parallel: attention and MLP run side by side and their outputs are concatenated before one output
+            projection (Flux's single-stream blocks: a Linear takes ``hidden + mlp`` features).
+        tp_norms: the statistics its norms over tensor-parallel features all-reduce, one float32 each per token:
+            ``(statistics, tokens)`` with tokens ``"latent"``, ``"text"`` or ``"carried"`` (all the block carries).
     """
 
     hidden: int
     mlp: int
     token_params: int
     sequences: tuple[str, ...]
+    text_token_params: int = 0
     tp_reduce_width: int = 0
+    tp_reduce_text_width: int = 0
     tp_gather_width: int = 0
+    tp_sample_reduce_width: int = 0
+    parallel: bool = False
+    tp_norms: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,8 +216,9 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
     tp = _tensor_parallel(model, plan)
     units = _units(model, plan, block_modules, tp.dims)
     attention = _attention_specs(model, plan, block_modules)
-    blocks = tuple(_block_shape(block, [a for a in attention if a.block == i], tp.reduce.get(i, 0), tp.gather.get(i, 0))
-                   for i, block in enumerate(block_modules))
+    blocks = tuple(_block_shape(block, [a for a in attention if a.block == i], tp.reduce.get(i, (0, 0)),
+                                tp.gather.get(i, 0), tp.sample_reduce.get(i, 0)) for i, block in enumerate(block_modules))
+    blocks = _with_norm_roles(blocks, tp.norms, attention)
     in_blocks = {id(m) for b in block_modules for m in b.modules()}
     root_token_params = sum(
         _linear_numel(m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in in_blocks
@@ -231,8 +247,10 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
 @dataclass(frozen=True)
 class _TensorParallelShape:
     dims: dict[int, int | None]  # id(parameter) -> split dim
-    reduce: dict[int, int]  # block index -> row-wise output features
-    gather: dict[int, int]  # block index -> gathered column-wise output features
+    reduce: dict[int, tuple[int, int]]  # block index -> row-wise output features (latent stream, text stream)
+    gather: dict[int, int]  # block index -> gathered column-wise output features (per sample)
+    sample_reduce: dict[int, int]  # block index -> row-wise output features of per-sample layers
+    norms: tuple[tuple[int, str, int], ...]  # (block index, norm path, statistics) of sharded norms
     sizes: tuple[int, ...]
     reason: str
 
@@ -247,12 +265,14 @@ def _tensor_parallel(model: nn.Module, plan: DiTPlan) -> _TensorParallelShape:
     try:
         layout = resolve_layout(model, plan)
     except (ValueError, TypeError) as exc:
-        return _TensorParallelShape({}, {}, {}, (), str(exc))
+        return _TensorParallelShape({}, {}, {}, {}, (), (), str(exc))
     modules = dict(model.named_modules())
     index = {path: i for i, path in enumerate(layout.blocks)}
     dims: dict[int, int | None] = {}
-    reduce: dict[int, int] = {}
+    reduce: dict[int, tuple[int, int]] = {}
     gather: dict[int, int] = {}
+    sample_reduce: dict[int, int] = {}
+    norms: list[tuple[int, str, int]] = []
     sizes: set[int] = set()
     for path, spec in layout.styles.items():
         module = modules[path]
@@ -262,20 +282,59 @@ def _tensor_parallel(model: nn.Module, plan: DiTPlan) -> _TensorParallelShape:
             for p in module.parameters(recurse=False):
                 dims[id(p)] = 0
                 sizes.add(p.shape[0])
+            norms.append((block, path, 2 if isinstance(module, nn.LayerNorm) else 1))  # layer norms: mean and variance
             continue
         dim = split_dim(spec)
-        dims[id(module.weight)] = dim
-        if module.bias is not None:
-            dims[id(module.bias)] = 0 if style != "rowwise" else None
+        if isinstance(module, nn.Embedding):  # torch's styles shard an embedding's table the other way round
+            dim = 1 - dim
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if isinstance(weight, torch.Tensor):
+            dims[id(weight)] = dim
+            if not isinstance(spec, Packed):
+                sizes.add(weight.shape[dim])
+        if isinstance(bias, torch.Tensor):
+            dims[id(bias)] = 0 if style != "rowwise" else None  # a row-wise layer adds its bias after the reduce
         if isinstance(spec, Packed):
             sizes.update(packed_sizes(spec, module, path))
-        else:
-            sizes.add(module.weight.shape[dim])
-        if style == "rowwise":
-            reduce[block] = reduce.get(block, 0) + module.out_features
+        per_sample = _inside_norm(model, path)  # the conditioning embedders and adaLN modulation of a block
+        if isinstance(module, nn.Embedding):
+            if style == "colwise_gather":
+                gather[block] = gather.get(block, 0) + module.embedding_dim
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        if style == "rowwise" and per_sample:
+            sample_reduce[block] = sample_reduce.get(block, 0) + module.out_features
+        elif style == "rowwise":
+            latent, text = reduce.get(block, (0, 0))
+            text_stream = is_text_stream(path)
+            reduce[block] = (latent + (0 if text_stream else module.out_features),
+                             text + (module.out_features if text_stream else 0))
         elif style == "colwise_gather":
             gather[block] = gather.get(block, 0) + module.out_features
-    return _TensorParallelShape(dims, reduce, gather, tuple(sorted(sizes)), "")
+    return _TensorParallelShape(dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "")
+
+
+def _with_norm_roles(blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str, int], ...],
+                     attention: tuple[AttentionSpec, ...]) -> tuple[BlockShape, ...]:
+    """Which tokens each sharded norm normalises: the text for the context stream's (``norm_added_*``) and a
+    cross-attention's keys, the latent tokens for a cross-attention's or a double-stream block's queries and keys,
+    else everything the block carries."""
+    from dataclasses import replace
+
+    by_path = {a.path: a for a in attention}
+    roles: dict[int, list[tuple[int, str]]] = {}
+    for block, path, stats in norms:
+        owner, _, name = path.rpartition(".")
+        attn = by_path.get(owner)
+        if is_text_stream(name) or (attn is not None and attn.kind == "cross" and "k" in name.removeprefix("norm_")):
+            role = "text"
+        elif (attn is not None and attn.kind == "cross") or (0 <= block < len(blocks) and blocks[block].text_token_params):
+            role = "latent"
+        else:
+            role = "carried"
+        roles.setdefault(block, []).append((stats, role))
+    return tuple(replace(b, tp_norms=tuple(roles.get(i, ()))) for i, b in enumerate(blocks))
 
 
 def _units(model: nn.Module, plan: DiTPlan, block_modules: list[nn.Module],
@@ -357,15 +416,26 @@ def attention_widths(module: nn.Module, path: str) -> tuple[int, int, int]:
     return heads, int(q_width), int(kv_width if isinstance(kv_width, int) else q_width)
 
 
-def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: int, tp_gather: int) -> BlockShape:
+def is_text_stream(path: str) -> bool:
+    """Whether a layer belongs to the text (context) stream of a double-stream block, by diffusers' names
+    (``ff_context``, ``add_q_proj``, ``to_add_out``, ``norm1_context`` ...)."""
+    return any("context" in part or part.startswith("add_") or "_add_" in part for part in path.split("."))
+
+
+def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tuple[int, int],
+                 tp_gather: int, tp_sample_reduce: int) -> BlockShape:
     self_attn = [a for a in attention if a.kind in ("self", "tail", "linear")]
     hidden = max((a.q_width for a in self_attn or attention), default=0)
-    linears = [m for path, m in block.named_modules() if isinstance(m, nn.Linear) and not _inside_norm(block, path)]
+    linears = [(path, m) for path, m in block.named_modules() if isinstance(m, nn.Linear) and not _inside_norm(block, path)]
+    text_params = sum(_linear_numel(m) for path, m in linears if is_text_stream(path))
+    linears = [m for _, m in linears]
     if not hidden:
         hidden = max((m.in_features for m in linears), default=0)
     mlp = max((m.out_features for m in linears), default=hidden)
     sequences = self_attn[0].sequences if self_attn else ()
-    return BlockShape(hidden, max(mlp, hidden), sum(_linear_numel(m) for m in linears), sequences, tp_reduce, tp_gather)
+    parallel = any(m.in_features == hidden + mlp for m in linears) and mlp > hidden
+    return BlockShape(hidden, max(mlp, hidden), sum(_linear_numel(m) for m in linears), sequences, text_params,
+                      tp_reduce[0], tp_reduce[1], tp_gather, tp_sample_reduce, parallel)
 
 
 def _inside_norm(root: nn.Module, path: str) -> bool:

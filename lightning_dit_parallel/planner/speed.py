@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import DEGREES, PlannedLayout
 from lightning_dit_parallel.planner.memory import local_tokens, sequence_tokens, stage_blocks
-from lightning_dit_parallel.planner.spec import ModelSpec
+from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec
 from lightning_dit_parallel.planner.tokens import LatentGrid
 from lightning_dit_parallel.planner.traffic import bytes_by_method
 from lightning_dit_parallel.planner.work import Hardware, Work
@@ -83,7 +83,12 @@ def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     for i in blocks:
         block = spec.blocks[i]
         carried = sum(local.get(s, 0) for s in block.sequences) or latent_local
-        linear += 2.0 * rows * block.token_params / tp * carried
+        if block.text_token_params:  # double-stream: latent layers on the latent tokens, context layers on the text
+            text = local.get(TEXT_SEQUENCE, 0)
+            work_tokens = (block.token_params - block.text_token_params) * (carried - text) + block.text_token_params * text
+        else:
+            work_tokens = block.token_params * carried
+        linear += 2.0 * rows * work_tokens / tp
     attention = 0.0
     for a in spec.attention:
         if a.block >= 0 and a.block not in blocks:

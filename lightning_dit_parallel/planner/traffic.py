@@ -7,8 +7,8 @@ The figures follow the DESIGN table and what the implementation moves:
 * Ring (``p2p``): the key/value block passed ``R-1`` times per self-attention layer;
 * sequence gather (``all_gather``): the output of the plan's gather point, over Ulysses then over Ring;
 * CFG (``all_gather``): this rank's half of the output once per call;
-* FSDP (``all_gather``): every unit's padded shard to the other ``N-1`` ranks each time it runs (the plan's
-  shared modules run twice: in their block and after the loop);
+* FSDP (``all_gather``): every unit's padded shard to the other ``N-1`` ranks each time it runs (the root once per
+  call, blocks once per micro-batch or patch; the plan's shared modules twice: in their block and after the loop);
 * pipeline (``p2p``, ``broadcast``): the tensors a block carries across each stage boundary, per micro-batch or
   PipeFusion patch, and the last stage's broadcast of the output;
 * tensor parallel (``all_reduce``): every row-wise layer's output (the attention output and MLP down projections:
@@ -32,7 +32,7 @@ from lightning_dit_parallel.planner.memory import (
     stage_blocks,
     stage_units,
 )
-from lightning_dit_parallel.planner.spec import ModelSpec
+from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec
 from lightning_dit_parallel.planner.tokens import LatentGrid
 from lightning_dit_parallel.planner.work import Work
 
@@ -100,18 +100,29 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             for i in blocks:
                 block = spec.blocks[i]
                 carried = sum(local.get(s, 0) for s in block.sequences) or latent_local
-                sent["tp"] += rows * carried * block.tp_reduce_width * element * 2 * (tp - 1) / tp * passes
+                text = local.get(TEXT_SEQUENCE, 0)
+                # a double-stream block's latent layers run on the latent tokens, its context layers on the text
+                tokens = (carried - text, text) if block.tp_reduce_text_width else (carried, 0)
+                width = tokens[0] * block.tp_reduce_width + tokens[1] * block.tp_reduce_text_width
+                sent["tp"] += rows * width * element * 2 * (tp - 1) / tp * passes
+                counts = {"carried": carried, "latent": carried - text if block.text_token_params else latent_local,
+                          "text": text or work.text_tokens}
+                stats = sum(n * counts[role] for n, role in block.tp_norms)  # float32 sums per token
+                sent["tp"] += rows * stats * 4 * 2 * (tp - 1) / tp * passes
                 sent["tp_gather"] += rows * -(-block.tp_gather_width // tp) * element * (tp - 1) * passes
+                sent["tp"] += rows * block.tp_sample_reduce_width * element * 2 * (tp - 1) / tp * passes
         if last and layout.sequence_degree > 1:  # the gather point runs on the last stage: over Ulysses, then Ring
             shard = rows * latent_local * spec.output_width * element
             sent["sequence_gather"] += shard * (u - 1) + shard * u * (r - 1)
         if layout.shard_degree > 1:
             n = layout.shard_degree
             for unit in stage_units(spec, blocks):
-                calls = 1
-                if unit.kind == "shared":  # in its block and after the loop (on the last stage)
-                    calls = (unit.index in blocks) + (1 if last else 0)
-                sent["fsdp"] += unit.shard_numel(n, tp) * element * (n - 1) * calls * passes
+                # the root is gathered once by the DiT's own forward hook; blocks (and the shared parts: in their block
+                # and after the loop, on the last stage) once per micro-batch or patch, which re-run the forward body
+                calls = 1 if unit.kind == "root" else passes
+                if unit.kind == "shared":
+                    calls *= (unit.index in blocks) + (1 if last else 0)
+                sent["fsdp"] += unit.shard_numel(n, tp) * element * (n - 1) * calls
         if layout.pp > 1 and not last:
             first_next = spec.blocks[stages[stage + 1].start]
             carried = sum(local.get(s, 0) for s in first_next.sequences) or latent_local

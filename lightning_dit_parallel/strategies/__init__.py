@@ -2,12 +2,13 @@
 
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
+from lightning_dit_parallel.strategies.patch import PatchParallelStrategy
 from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy, TensorParallelStrategy
 
 __all__ = [
-    "DiTParallelStrategy", "FSDPInferenceStrategy", "PipelineStrategy", "SequenceParallelStrategy",
-    "TensorParallelStrategy",
+    "DiTParallelStrategy", "FSDPInferenceStrategy", "PatchParallelStrategy", "PipelineStrategy",
+    "SequenceParallelStrategy", "TensorParallelStrategy",
 ]
 
 
@@ -17,5 +18,6 @@ def register_all() -> None:
 
     for cls in (
         DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy,
+        PatchParallelStrategy,
     ):
         cls.register_strategies(StrategyRegistry)

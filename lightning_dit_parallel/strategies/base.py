@@ -8,6 +8,7 @@ process. The named strategies (``SequenceParallelStrategy`` ...) are presets of 
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -31,12 +32,13 @@ from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import materialize
 from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
-from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions
+from lightning_dit_parallel.distrifusion import DistriFusionOptions
+from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
 from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
-from lightning_dit_parallel.utils.process_group import StoreWatch, close_process_group
+from lightning_dit_parallel.utils.rendezvous import group_store
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 TBroadcast = TypeVar("TBroadcast")
@@ -85,6 +87,8 @@ class DiTParallelStrategy(ParallelStrategy):
         warmup_steps: PipeFusion steps per batch run unpatched (exact) before patching.
         layers_per_stage: blocks per pipeline stage (default: an even split).
         num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
+        text_tokens: PipeFusion: ``"every_patch"`` (the text of joint attention goes whole with every patch) or
+            ``"per_step"`` (cut into patches like the image); default ``None``: ``"per_step"``. See ``TextTokens``.
         shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
             ``["text_encoder"]``. They must run on every rank of the shard group in step.
         check_inputs: check in every DiT forward that the ranks of each model-parallel group (cfg, pp, ring,
@@ -138,6 +142,7 @@ class DiTParallelStrategy(ParallelStrategy):
         warmup_steps: int = 1,
         layers_per_stage: Sequence[int] | None = None,
         num_microbatches: int | None = None,
+        text_tokens: TextTokens | None = None,
         cross_node: CrossNodePolicy = "warn",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
@@ -168,13 +173,15 @@ class DiTParallelStrategy(ParallelStrategy):
             fsdp=fsdp,
         )
         self._pipeline = PipelineOptions(
-            pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches
+            pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches,
+            text_tokens=text_tokens,
         )
         if pp_degree == 1 and self._pipeline != PipelineOptions():
             raise ValueError(f"Pipeline options need pp_degree > 1; got pp_degree=1 with {self._pipeline.describe()}.")
         if isinstance(pp_degree, int):
             self._pipeline.check_stages(pp_degree)
         self._shard_modules = tuple(shard_modules or ())
+        self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
         self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
                                  height, width, frames, memory, plan_options)
         self._auto_shard_modules: tuple[str, ...] = ()
@@ -201,8 +208,6 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipelines: AttachedPipelines | None = None
         self._owns_process_group = False
         self._undo_sample_check: Callable[[], None] = lambda: None
-        self._store_watch: StoreWatch | None = None
-        self._failed = False
 
     # -- layout and mesh ----------------------------------------------------------------------------------
 
@@ -294,10 +299,12 @@ class DiTParallelStrategy(ParallelStrategy):
             self.root_device
         )
         self._owns_process_group = not dist.is_initialized()
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
-        if self._owns_process_group:  # see utils/process_group.py: teardown waits for rank 0's store to close
-            env = self.cluster_environment
-            self._store_watch = StoreWatch.open(env.main_address, env.main_port) if env is not None else None
+        if self._owns_process_group:  # a key namespace of its own in the launcher's store (utils/rendezvous.py)
+            store = group_store(self.cluster_environment, self.global_rank, self.world_size, self._timeout)
+            _init_dist_connection(
+                self.cluster_environment, self._process_group_backend, self.global_rank, self.world_size,
+                timeout=self._timeout, store=store,
+            )
         self._mesh = self._layout.build_mesh(self.root_device.type)
         ranks_per_node = self.num_processes if self.num_nodes > 1 else None
         rank_zero_log(f"{type(self).__name__}: {self._layout.describe(ranks_per_node)} on {self.world_size} ranks")
@@ -358,6 +365,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
             pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
+            distrifusion=self._distrifusion,
         )
         # weights deferred with loading.defer_weights: read now, only the parts this rank kept
         materialize(self.lightning_module, self.root_device)
@@ -438,22 +446,13 @@ class DiTParallelStrategy(ParallelStrategy):
             self._parallelized.begin_batch()
 
     @override
-    def on_exception(self, exception: BaseException) -> None:
-        # teardown then closes the process group without a last barrier (a failed peer would hold it up)
-        self._failed = True
-        super().on_exception(exception)
-
-    @override
     def teardown(self) -> None:
         # The process group and Lightning's state go even when removing the parallelizers fails (FSDP's removal
         # all-gathers: a dead peer makes it raise), so that another predict can follow in this process.
-        healthy = not self._failed
         try:
             if self._parallelized is not None:
                 parallelized, self._parallelized = self._parallelized, None
-                healthy = False  # until the removal has succeeded
                 parallelized.remove()
-                healthy = not self._failed
         finally:
             self._undo_sample_check()
             self._undo_sample_check = lambda: None
@@ -462,11 +461,13 @@ class DiTParallelStrategy(ParallelStrategy):
                 self._pipelines = None
             self._mesh = None
             if self._owns_process_group and dist.is_initialized():
-                close_process_group(self._store_watch, healthy, self._timeout.total_seconds(), self.barrier)
-            self._store_watch = None
+                dist.destroy_process_group()
             self._owns_process_group = False
-            self._failed = False
             super().teardown()
+            # The process groups of this predict are kept alive by reference cycles (hook closures, the mesh) until
+            # the cyclic collector runs: collect now, so their sockets and threads close with the strategy and
+            # many predicts in one process hold no more than one (measured in tests/test_soak.py).
+            gc.collect()
 
     @classmethod
     def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:

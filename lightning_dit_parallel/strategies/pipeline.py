@@ -24,14 +24,15 @@ class PipelineStrategy(DiTParallelStrategy):
     Args:
         pp_degree: number of stages; ``"auto"`` (default): the whole world.
         mode: ``"microbatch"`` or ``"pipefusion"``.
-        num_patches: PipeFusion patches per step (default: the number of stages); must divide the token count.
-            PipeFusion only: an error in micro-batch mode.
+        num_patches: PipeFusion patches per step (default: the number of stages); at most the token count (the
+            first patches take one token more when it does not divide). PipeFusion only: an error in micro-batch mode.
         warmup_steps: PipeFusion steps per batch run unpatched.
         layers_per_stage: blocks per stage (default: an even split); must sum to the number of blocks.
         num_microbatches: micro-batches per DiT call (default: the number of stages; at most the batch size).
             Micro-batch mode only: an error with PipeFusion.
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method`` ...).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``text_tokens`` for PipeFusion with joint
+            attention, ``ulysses_degree``/``ring_degree`` inside each stage, ``parallel_vae``, ``timeout`` ...).
 
     Example:
         >>> strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4)  # doctest: +SKIP

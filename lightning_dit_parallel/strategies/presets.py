@@ -82,4 +82,5 @@ class TensorParallelStrategy(DiTParallelStrategy):
     @classmethod
     @override
     def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:
-        return {cls.strategy_name: ("Tensor-parallel DiT inference over all ranks (tp_degree=auto)", {"tp_degree": "auto"})}
+        description = "Tensor-parallel DiT inference over all ranks (tp_degree=auto)"
+        return {cls.strategy_name: (description, {"tp_degree": "auto"})}

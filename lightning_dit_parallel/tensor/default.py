@@ -8,10 +8,13 @@ For a plan without ``tensor_parallel`` and a class without diffusers' ``_tp_plan
   (``to_out.0``, ``to_add_out``) row-wise, so one all-reduce gives every rank the whole output;
 * ``FeedForward``: the up projection of its activation (``net.0.proj``) column-wise (packed for the gated GEGLU /
   SwiGLU), the down projection (its last Linear) row-wise;
-* adaLN modulation (the ``linear`` of diffusers' ``AdaLayerNorm*`` modules): column-wise with the output
-  all-gathered. Its input is one embedding per sample, so this moves ``B * k * hidden`` values per block and
-  splits ``k * hidden**2`` weights (6 of the 18 ``hidden**2`` of a DiT block); diffusers' own ``_tp_plan``s keep
-  it whole instead.
+* per-sample modules (``per_sample_layout``): adaLN modulation (the ``linear`` of diffusers' ``AdaLayerNorm*``
+  modules) column-wise with the output all-gathered, and conditioning embedders inside blocks (diffusers' DiT
+  gives every block its own ``TimestepEmbedding``, ``linear_1`` column-wise and ``linear_2`` row-wise, and
+  ``LabelEmbedding``, its table split over the embedding dim and gathered). Their inputs are one embedding per
+  sample, so they move ``B * k * hidden`` values per block, not ``B * tokens * hidden``, and split ``k * hidden**2``
+  weights (6 of the 18 ``hidden**2`` of a DiT block). diffusers' own ``_tp_plan``s keep the modulation whole; it is
+  added to them too.
 
 A block module that would leave heads split with nothing to gather them (an attention without an output
 projection, like Flux's single-stream blocks) is an error that asks for the layout in the plan.
@@ -63,8 +66,25 @@ def default_block_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
             layout.update(_attention_layout(module, full))
         elif type(module).__name__ == "FeedForward" and isinstance(getattr(module, "net", None), nn.ModuleList):
             layout.update(_feed_forward_layout(module, full))
-        elif type(module).__name__ in _MODULATIONS and isinstance(getattr(module, "linear", None), nn.Linear):
-            layout[f"{full}.linear"] = "colwise_gather"
+    layout.update(per_sample_layout(block, prefix))
+    return layout
+
+
+def per_sample_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
+    """Styles for the modules of a block that map one embedding per sample: adaLN modulation linears and
+    timestep / label embedders (diffusers classes), by path relative to the DiT."""
+    layout: dict[str, Spec] = {}
+    for path, module in block.named_modules():
+        full = f"{prefix}.{path}" if path else prefix
+        kind = type(module).__name__
+        if kind in _MODULATIONS and isinstance(getattr(module, "linear", None), nn.Linear):
+            layout[f"{full}.linear"] = "colwise_gather"  # (B, k*hidden/N) -> all-gather -> (B, k*hidden)
+        elif kind == "TimestepEmbedding" and all(isinstance(getattr(module, n, None), nn.Linear)
+                                                 for n in ("linear_1", "linear_2")):
+            layout[f"{full}.linear_1"] = "colwise"
+            layout[f"{full}.linear_2"] = "rowwise"  # (B, hidden) all-reduced
+        elif kind == "LabelEmbedding" and isinstance(getattr(module, "embedding_table", None), nn.Embedding):
+            layout[f"{full}.embedding_table"] = "colwise_gather"  # (B, hidden/N) -> all-gather -> (B, hidden)
     return layout
 
 
@@ -102,7 +122,8 @@ def _attention_layout(attn: nn.Module, path: str) -> dict[str, Spec]:
 def _feed_forward_layout(ff: nn.Module, path: str) -> dict[str, Spec]:
     activation = ff.net[0]
     kind = type(activation).__name__
-    if not isinstance(getattr(activation, "proj", None), nn.Linear) or kind not in (*_PLAIN_ACTIVATIONS, *_GATED_ACTIVATIONS):
+    known = kind in (*_PLAIN_ACTIVATIONS, *_GATED_ACTIVATIONS)
+    if not known or not isinstance(getattr(activation, "proj", None), nn.Linear):
         raise ValueError(f"{path}: FeedForward with activation {kind} has no known up projection. {HOW_TO_DECLARE}")
     downs = [i for i, m in enumerate(ff.net) if isinstance(m, nn.Linear)]
     if not downs:

@@ -79,8 +79,8 @@ class ShardedNorm(ParallelStyle):
         kind = norm_kind(module)
         if kind is None:
             raise ValueError(
-                f"{type(module).__name__} normalises features that tensor parallelism splits; only RMSNorm and LayerNorm"
-                " can compute their statistics over the tp ranks."
+                f"{type(module).__name__} normalises features that tensor parallelism splits; only RMSNorm and"
+                " LayerNorm can compute their statistics over the tp ranks."
             )
         for name, param in list(module.named_parameters(recurse=False)):  # (D,) -> (D/N,) this rank's features
             shard = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)

@@ -51,7 +51,8 @@ class _Target:
         if isinstance(spec, Packed):
             sizes = packed_sizes(spec, module, path)
             names = ("weight", "bias") if spec.style == "colwise" else ("weight",)  # a row-wise bias stays whole
-            packed = {n: (0 if spec.style == "colwise" else 1, sizes) for n in names if getattr(module, n, None) is not None}
+            dim = 0 if spec.style == "colwise" else 1
+            packed = {n: (dim, sizes) for n in names if getattr(module, n, None) is not None}
         hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
         return cls(module, path, packed, hooks, set(module.__dict__))
 
@@ -105,21 +106,11 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
     """Shard the modules of ``layout`` (see ``resolve.resolve_layout``) over the 1-D ``mesh``, block by block.
 
     Modules of blocks this rank does not hold (released by a pipeline stage) are skipped.
-
-    Raises:
-        ValueError: for a packed style on parameters still on the meta device (deferred loading reads a DTensor's
-            region by its placement, which a packed shard does not follow).
     """
     if mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs the 1-D tp mesh; got {mesh.ndim} dims ({mesh}).")
     modules = dict(model.named_modules())
     present = {path: spec for path, spec in layout.styles.items() if path in modules}
-    lazy = [p for p, s in present.items() if isinstance(s, Packed) and any(t.is_meta for t in modules[p].parameters())]
-    if lazy:
-        raise ValueError(
-            f"{type(model).__name__}: packed tensor-parallel styles on parameters still on the meta device ({lazy[:3]});"
-            " load the weights before parallelizing (deferred loading cannot read packed shards)."
-        )
     installed = TensorParallel(model, mesh, layout)
     try:
         for block in layout.blocks:
@@ -141,3 +132,26 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
         installed.remove()
         raise
     return installed
+
+
+def check_deferred_packed(root: nn.Module, dits: list[tuple[nn.Module, TensorParallelLayout]]) -> None:
+    """Deferred loading (``loading.defer_weights``) reads each rank's region of a DTensor from its placement; a packed
+    shard (parts of a fused Linear) is not such a region, so packed styles need the weights loaded before.
+
+    Raises:
+        ValueError: when ``root`` has deferred weights and a packed style would shard parameters still on meta.
+    """
+    from lightning_dit_parallel.loading import DEFERRED_ATTR
+
+    if not any(DEFERRED_ATTR in m.__dict__ for m in root.modules()):
+        return
+    for dit, layout in dits:
+        modules = dict(dit.named_modules())
+        lazy = [p for p, s in layout.styles.items()
+                if isinstance(s, Packed) and p in modules and any(t.is_meta for t in modules[p].parameters())]
+        if lazy:
+            raise ValueError(
+                f"{type(dit).__name__}: packed tensor-parallel styles on deferred weights ({lazy[:3]}): their shards"
+                " are not one region of each tensor, which deferred loading reads. Load the weights before"
+                " parallelizing, or declare a layout without Packed styles (DiTPlan.tensor_parallel)."
+            )

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.plan import DiTPlan, Packed
-from lightning_dit_parallel.tensor.default import default_block_layout
+from lightning_dit_parallel.tensor.default import default_block_layout, per_sample_layout
 from lightning_dit_parallel.tensor.heads import check_heads, head_count
 from lightning_dit_parallel.tensor.norms import norm_features, norm_kind
 from lightning_dit_parallel.tensor.styles import Spec, packed_sizes
@@ -53,8 +53,9 @@ def block_of(path: str, blocks: list[str] | tuple[str, ...]) -> str | None:
 
 
 def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
-    """The tensor-parallel layout of ``model``: the plan's ``tensor_parallel``, else its class's diffusers
-    ``_tp_plan``, else the default derived per block; plus the attention modules whose heads get split and
+    """The tensor-parallel layout of ``model``: the plan's ``tensor_parallel`` as declared, else its class's diffusers
+    ``_tp_plan`` completed with the per-sample modules (adaLN modulation, embedders) it leaves whole, else the
+    default derived per block (``default.py``); plus the attention modules whose heads get split and
     ``"sharded_norm"`` for their q/k norms over all heads.
 
     Raises:
@@ -64,15 +65,20 @@ def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
     name = type(model).__name__
     blocks = block_paths(model, plan)
     if not blocks:
-        raise ValueError(f"{name}: tensor parallelism shards the plan's blocks, but the plan names none (DiTPlan.blocks).")
+        raise ValueError(
+            f"{name}: tensor parallelism shards the plan's blocks, but the plan names none (DiTPlan.blocks)."
+        )
     modules = dict(model.named_modules())
     tp_plan = getattr(type(model), "_tp_plan", None)
     if plan.tensor_parallel:
         source = f"the plan's tensor_parallel for {name}"
         styles = _expand(plan.tensor_parallel, modules, blocks, source)
     elif isinstance(tp_plan, Mapping) and tp_plan:
-        source = f"{name}._tp_plan (diffusers)"
+        source = f"{name}._tp_plan (diffusers) with the per-sample modules it leaves whole"
         styles = _expand(translate_tp_plan(tp_plan, source), modules, blocks, source)
+        for block in blocks:
+            extra = per_sample_layout(modules[block], block)
+            styles.update({path: spec for path, spec in extra.items() if path not in styles})
     else:
         source = f"the default layout of {name}'s diffusers modules"
         styles = {}
@@ -81,7 +87,7 @@ def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
     if not styles:
         raise ValueError(f"{name}: {source} shards no module; declare DiTPlan.tensor_parallel.")
     attention = _split_attention(modules, styles)
-    _add_sharded_norms(modules, styles, attention, source)
+    _add_sharded_norms(modules, styles, attention)
     _check_kinds(modules, styles, source)
     return TensorParallelLayout(dict(styles), tuple(attention), tuple(blocks), source)
 
@@ -102,7 +108,9 @@ def translate_tp_plan(tp_plan: Mapping[str, object], source: str) -> dict[str, S
     return styles
 
 
-def _expand(patterns: Mapping[str, Spec], modules: dict[str, nn.Module], blocks: list[str], source: str) -> dict[str, Spec]:
+def _expand(
+    patterns: Mapping[str, Spec], modules: dict[str, nn.Module], blocks: list[str], source: str
+) -> dict[str, Spec]:
     styles: dict[str, Spec] = {}
     for pattern, spec in patterns.items():
         matches = [p for p in modules if p and fnmatch.fnmatchcase(p, pattern)]
@@ -110,9 +118,10 @@ def _expand(patterns: Mapping[str, Spec], modules: dict[str, nn.Module], blocks:
             raise ValueError(f"{source}: {pattern!r} matches no module.")
         outside = [p for p in matches if block_of(p, blocks) is None]
         if outside:
+            lists = sorted({b.rsplit(".", 1)[0] for b in blocks})
             raise ValueError(
-                f"{source}: {pattern!r} matches {outside[:3]}, outside the plan's blocks {sorted({b.rsplit('.', 1)[0] for b in blocks})};"
-                " tensor parallelism shards modules inside blocks."
+                f"{source}: {pattern!r} matches {outside[:3]}, outside the plan's blocks {lists}; tensor parallelism"
+                " shards modules inside blocks."
             )
         for path in matches:
             if styles.get(path, spec) != spec:
@@ -135,7 +144,7 @@ def _split_attention(modules: dict[str, nn.Module], styles: dict[str, Spec]) -> 
     return found
 
 
-def _add_sharded_norms(modules: dict[str, nn.Module], styles: dict[str, Spec], attention: list[str], source: str) -> None:
+def _add_sharded_norms(modules: dict[str, nn.Module], styles: dict[str, Spec], attention: list[str]) -> None:
     """q/k norms of split attention modules that normalise over all heads become ``"sharded_norm"``."""
     for path in attention:
         attn = modules[path]
@@ -165,7 +174,11 @@ def _check_kinds(modules: dict[str, nn.Module], styles: dict[str, Spec], source:
         module = modules[path]
         if spec == "sharded_norm":
             if norm_kind(module) is None:
-                raise ValueError(f"{source}: {path} is a {type(module).__name__}; 'sharded_norm' needs an RMSNorm or LayerNorm.")
+                raise ValueError(
+                    f"{source}: {path} is a {type(module).__name__}; 'sharded_norm' needs an RMSNorm or LayerNorm."
+                )
+        elif spec == "colwise_gather" and isinstance(module, nn.Embedding):
+            continue  # the table split over the embedding dim
         elif not isinstance(module, nn.Linear):
             raise ValueError(f"{source}: {path} is a {type(module).__name__}; style {spec!r} needs an nn.Linear.")
 
@@ -191,6 +204,8 @@ def check_layout(model: nn.Module, plan: DiTPlan, tp_layout: TensorParallelLayou
             sizes, what = (norm_features(module) or 0,), "normalised features"
         elif spec == "rowwise":
             sizes, what = (module.in_features,), "input features"
+        elif isinstance(module, nn.Embedding):
+            sizes, what = (module.embedding_dim,), "embedding features"
         else:
             sizes, what = (module.out_features,), "output features"
         bad = [s for s in sizes if s % tp]

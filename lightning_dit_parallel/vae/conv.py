@@ -163,7 +163,8 @@ def install_halo(
             strip = convolve([torch.cat([h, t.narrow(dim, 0, span)], dim=dim) for h, t in zip(heads, tensors)])
             output.narrow(dim, 0, halo.top).copy_(strip)
         if band.rank + 1 < band.size and halo.bottom:  # output rows [rows - bottom, rows)
-            strip = convolve([torch.cat([t.narrow(dim, rows - span, span), b], dim=dim) for t, b in zip(tensors, tails)])
+            strip = convolve([torch.cat([t.narrow(dim, rows - span, span), b], dim=dim)
+                              for t, b in zip(tensors, tails)])
             output.narrow(dim, output.shape[dim] - halo.bottom, halo.bottom).copy_(strip)
         return output
 

@@ -55,4 +55,18 @@ def band_group_norm(
     if bias is not None:
         shift = shift + bias.to(torch.float64)
     view = (b, c) + (1,) * (x.dim() - 2)  # (B, C) -> (B, C, 1, ...): broadcast over the positions
-    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))  # x * scale + shift
+    out = torch.empty_like(x, memory_format=_output_format(x))
+    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view), out=out)  # x * scale + shift
+
+
+def _output_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``F.group_norm`` gives its output (on CPU the input's suggested format, on CUDA contiguous),
+    so that the next convolution runs the algorithm it runs in one process (a channels-last input picks another one,
+    with other rounding)."""
+    if x.device.type != "cpu":
+        return torch.contiguous_format
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # private helper of torch; without it, contiguous
+        return torch.contiguous_format
+    return suggest_memory_format(x)

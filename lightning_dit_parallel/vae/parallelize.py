@@ -7,7 +7,8 @@ Hooks on the VAE's decoder (its forward is not copied):
   statistics over the bands (``norm.py``), ``F.interpolate`` is checked to be a nearest upsampling by an integer
   factor (a band's rows then map to the rows of the upsampled band, so the bands stay aligned), and
   ``F.scaled_dot_product_attention`` is refused outside the declared attention modules;
-* every convolution of the decoder exchanges halo rows with the neighbouring bands before it runs (``conv.py``);
+* every convolution of the decoder gets the halo rows it needs from the neighbouring bands (point-to-point, in flight
+  while it runs on the band; the band's boundary rows are then recomputed with them, ``conv.py``);
 * every declared attention module attends over the keys and values of all bands (``attention.py``);
 * the decoder's forward hook gathers the decoded bands, so every rank returns the whole decoded image.
 
@@ -17,11 +18,13 @@ encoder) runs as before; the encoder is not banded.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
@@ -39,6 +42,9 @@ from lightning_dit_parallel.vae.norm import band_group_norm
 #: The functions the decoder's forward sees replaced, captured at import (the replacements call these).
 _FUNCTIONS = ("group_norm", "interpolate", "scaled_dot_product_attention")
 _ORIGINAL: dict[str, Callable] = {name: getattr(F, name) for name in _FUNCTIONS}
+
+#: Interpolation modes that map a band's rows to the rows of the upsampled band (with an integer factor).
+_NEAREST = ("nearest", "nearest-exact")
 
 #: Layers whose statistics or inputs span the height in a way the bands cannot reproduce.
 _UNSUPPORTED_LAYERS = ("SpatialNorm", "SpatialNorm3D", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
@@ -97,8 +103,9 @@ class ParallelVae:
         dim = self.cut.height_dim
         rows = band_rows(latent.shape[dim], self.band.size)  # ValueError on every rank for a latent too short
         self.bands = Bands(rows, self.band.rank, dim)
-        # (..., H, W) -> (..., rows, W): this rank's band of the latent
-        bound.arguments[names[0]] = latent.narrow(dim, self.bands.start, rows[self.band.rank])
+        # (..., H, W) -> (..., rows, W): this rank's band of the latent, dense (as the whole latent is in one process)
+        band = latent.narrow(dim, self.bands.start, rows[self.band.rank])
+        bound.arguments[names[0]] = band.clone(memory_format=torch.preserve_format)
         self._saved.append({name: getattr(F, name) for name in _FUNCTIONS})
         F.group_norm = self._group_norm
         F.interpolate = self._interpolate
@@ -132,7 +139,7 @@ class ParallelVae:
         axis = x.dim() - 2 + self.cut.height_dim  # index of the height among the spatial dims
         factor = scale_factor[axis] if isinstance(scale_factor, (tuple, list)) else scale_factor
         integer = factor is not None and float(factor) == int(factor)
-        if size is not None or mode not in ("nearest", "nearest-exact") or not integer:
+        if size is not None or mode not in _NEAREST or not integer:
             raise ValueError(
                 f"{self._where}: the parallel VAE decode needs every interpolation inside the decoder to be a nearest"
                 f" upsampling by an integer factor along the height (bands stay aligned); got size={size},"
@@ -151,7 +158,7 @@ class ParallelVae:
     def _where(self) -> str:
         return f"{type(self.vae).__name__}.{self.cut.decoder}"
 
-    @property
+    @functools.cached_property
     def _signature(self) -> inspect.Signature:
         return inspect.signature(self.decoder.forward)
 
@@ -169,23 +176,37 @@ def apply_parallel_vae(vae: nn.Module, cut: VaeCut, group: ProcessGroup) -> Para
 
     Raises:
         ValueError: for a decoder layer the bands cannot reproduce exactly (a strided, transposed or non-zero-padded
-            convolution along the height, a spatially conditioned or instance norm); nothing stays installed.
+            convolution along the height, a spatially conditioned or instance norm, an upsampling other than nearest),
+            before anything is installed.
     """
     try:
         decoder = vae.get_submodule(cut.decoder)
     except AttributeError as exc:
         raise ValueError(f"{type(vae).__name__} has no decoder submodule {cut.decoder!r} (VaeCut.decoder).") from exc
+    halos, attention = _inspect(decoder, cut)  # pure: raises before anything is installed
     parallel = ParallelVae(vae, decoder, BandGroup.of(group), cut)
-    try:
-        _install(parallel, decoder, cut)
-    except BaseException:
-        parallel.remove()
-        raise
+    for module, halo in halos:
+        parallel.halos.append(halo)
+        install_halo(module, halo, cut.height_dim, parallel.band, lambda: parallel.bands)
+    for where, module in attention:  # inside the decoder's replacement, each declared module gets the banded kernel
+        kernel = band_attention(_ORIGINAL["scaled_dot_product_attention"], parallel.band, parallel.current, where)
+        parallel.handles.extend(_replace_during_forward(module, "scaled_dot_product_attention", kernel))
+    parallel.handles.append(decoder.register_forward_pre_hook(parallel._enter, with_kwargs=True))
+    parallel.handles.append(decoder.register_forward_hook(parallel._gather))
+    parallel.handles.append(decoder.register_forward_hook(parallel._leave, always_call=True))
     return parallel
 
 
-def _install(parallel: ParallelVae, decoder: nn.Module, cut: VaeCut) -> None:
-    attention = []
+def _inspect(
+    decoder: nn.Module, cut: VaeCut
+) -> tuple[list[tuple[nn.Module, ConvHalo]], list[tuple[str, nn.Module]]]:
+    """The decoder's convolutions with a halo and its declared attention modules; checks every layer.
+
+    Raises:
+        ValueError: naming the first layer that the bands cannot reproduce exactly.
+    """
+    halos: list[tuple[nn.Module, ConvHalo]] = []
+    attention: list[tuple[str, nn.Module]] = []
     for path, module in decoder.named_modules():
         name = type(module).__name__
         where = f"{cut.decoder}.{path}" if path else cut.decoder
@@ -193,19 +214,18 @@ def _install(parallel: ParallelVae, decoder: nn.Module, cut: VaeCut) -> None:
             raise ValueError(
                 f"The parallel VAE decode cannot band {where} ({name}): its statistics or inputs span the height."
             )
+        if isinstance(module, nn.Upsample) and (module.mode not in _NEAREST or module.size is not None):
+            raise ValueError(
+                f"The parallel VAE decode cannot band {where} ({name}): mode={module.mode!r}, size={module.size};"
+                " only a nearest upsampling by a scale factor keeps the bands aligned."
+            )
         if isinstance(module, _ConvNd):
             halo = conv_halo(module, where, cut.height_dim, _padding_attribute(module, cut))
             if halo is not None:
-                parallel.halos.append(halo)
-                install_halo(module, halo, cut.height_dim, parallel.band, lambda: parallel.bands)
+                halos.append((module, halo))
         if name in cut.attention:
             attention.append((where, module))
-    for where, module in attention:  # inside the decoder's replacement, each declared module gets the banded kernel
-        kernel = band_attention(_ORIGINAL["scaled_dot_product_attention"], parallel.band, parallel.current, where)
-        parallel.handles.extend(_replace_during_forward(module, "scaled_dot_product_attention", kernel))
-    parallel.handles.append(decoder.register_forward_pre_hook(parallel._enter, with_kwargs=True))
-    parallel.handles.append(decoder.register_forward_hook(parallel._gather))
-    parallel.handles.append(decoder.register_forward_hook(parallel._leave, always_call=True))
+    return halos, attention
 
 
 def _padding_attribute(module: nn.Module, cut: VaeCut) -> str | None:
