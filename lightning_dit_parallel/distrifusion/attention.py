@@ -32,9 +32,11 @@ StateFn = Callable[[str], ShardingState]
 def _all_gather(x: Tensor, group: ProcessGroup) -> tuple[Tensor, dist.Work]:
     """Start gathering ``x`` from every rank of ``group``: (...) -> (N, ...), rank ``i`` in row ``i``."""
     x = x.contiguous()
-    out = x.new_empty((dist.get_world_size(group), *x.shape))  # (N, ...)
+    n = dist.get_world_size(group)
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # (N * X, ...): the inputs one after another along dim 0
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return out, gather(out, x, group=group, async_op=True)
+    work = gather(out, x, group=group, async_op=True)
+    return out.view(n, *x.shape), work  # (N * X, ...) -> (N, X, ...), filled once the work completes
 
 
 @dataclass

@@ -43,8 +43,11 @@ RING_ACC_BYTES = 4
 #: Text encoder token-states at a layer's peak (x hidden, x MLP width).
 TE_HIDDEN = 6.0
 TE_MLP = 2.0
-#: VAE decode: full-resolution tensors alive at once (input, normalized, activated, convolved, residual).
-VAE_TENSORS = 5.0
+#: VAE decode: full-resolution tensors (of the decoder's widest full-resolution convolution) alive at once; measured
+#: on CPU for AutoencoderKL and AutoencoderKLWan decodes (within 10%).
+VAE_TENSORS = 3.6
+#: Frames a causal video VAE keeps of the previous chunk for its temporal convolutions.
+VAE_CACHE_FRAMES = 2
 
 
 @dataclass(frozen=True)
@@ -242,15 +245,15 @@ def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, w
 def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> tuple[int, int]:
     """``(parameters, decode peak)`` of the VAE on one rank; a parallel VAE holds its band of the activations.
 
-    Video VAEs with temporal compression decode one latent frame (``temporal`` output frames) at a time, as
-    diffusers' causal video VAEs do; the decoded video itself is held whole.
+    Video VAEs with temporal compression decode one latent frame (``temporal`` output frames, plus the frames their
+    causal convolutions cache) at a time, as diffusers' causal video VAEs do; the decoded video itself is held whole.
     """
     if vae is None:
         return 0, 0
     params = vae.numel * element
     height, width = grid.height * grid.spatial, grid.width * grid.spatial
     frames_out = (grid.frames - 1) * grid.temporal + 1 if grid.temporal > 1 else grid.frames
-    chunk = grid.temporal if grid.temporal > 1 else grid.frames
+    chunk = grid.temporal + VAE_CACHE_FRAMES if grid.temporal > 1 else grid.frames
     bands = layout.model_parallel_degree if layout.parallel_vae else 1
     act = work.batch * chunk * height * width * vae.decoder.full_res_channels * VAE_TENSORS * element / bands
     output = work.batch * frames_out * height * width * vae.out_channels * (element + 4)  # decoded, then float32

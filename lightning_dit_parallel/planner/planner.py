@@ -20,6 +20,11 @@ from lightning_dit_parallel.planner.work import Hardware, Work, dtype_bytes, par
 GiB = 2**30
 
 
+def format_size(n: float) -> str:
+    """Bytes as GiB (or MiB below 1 GiB), e.g. ``7.8 GiB``, ``312 MiB``."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.3g} MiB"
+
+
 @dataclass(frozen=True)
 class LayoutEstimate:
     """One layout and what the planner expects of it.
@@ -199,7 +204,7 @@ def _recommend(ranked: list[LayoutEstimate], hw: Hardware, allow_approximate: bo
         if e is best:
             runner = allowed[1] if len(allowed) > 1 else None
             reason = (
-                f"fits: {e.memory.peak / GiB:.1f} of {usable / GiB:.1f} GiB usable per device; the fastest of"
+                f"fits: {format_size(e.memory.peak)} of {format_size(usable)} usable per device; the fastest of"
                 f" {len(allowed)} fitting {'' if allow_approximate else 'exact '}layouts"
                 f" ({e.time.step_s:.3g} s per step, {e.time.total_s:.3g} s for the work)"
             )
@@ -207,7 +212,7 @@ def _recommend(ranked: list[LayoutEstimate], hw: Hardware, allow_approximate: bo
                 reason += f"; next: {runner.layout.describe()} at {runner.time.total_s / max(e.time.total_s, 1e-12):.2f}x"
             out.append(replace(e, recommended=True, reason=reason))
         elif not e.fits:
-            out.append(replace(e, reason=f"needs {e.memory.peak / GiB:.1f} GiB per device, {usable / GiB:.1f} usable"))
+            out.append(replace(e, reason=f"needs {format_size(e.memory.peak)} per device, {format_size(usable)} usable"))
         elif not e.exact and not allow_approximate:
             out.append(replace(e, reason="approximate (stale activations); allow_approximate to consider it"))
         else:

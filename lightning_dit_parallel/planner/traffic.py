@@ -127,8 +127,10 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             first_next = spec.blocks[stages[stage + 1].start]
             carried = sum(local.get(s, 0) for s in first_next.sequences) or latent_local
             flags = len(first_next.sequences) or 1  # one uint8 flag per tensor of the call
-            if layout.pp_mode == "pipefusion":
-                sent["pipeline"] += layout.patches * (rows * carried * first_next.hidden * element + flags)
+            if layout.pp_mode == "pipefusion":  # every patch of the latent; the text tokens once per step
+                text = local.get(TEXT_SEQUENCE, 0) if TEXT_SEQUENCE in first_next.sequences else 0
+                sent["pipeline"] += (layout.patches * (rows * (carried - text) * first_next.hidden * element + flags)
+                                     + rows * text * first_next.hidden * element)
             else:  # every micro-batch's rows cross once
                 sent["pipeline"] += rows * carried * first_next.hidden * element + passes * flags
         if layout.pp > 1 and last:

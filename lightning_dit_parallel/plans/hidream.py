@@ -30,6 +30,9 @@ PLAN = DiTPlan(
     # final_layer: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify. The text streams are dropped.
     gather_outputs={"final_layer": Split("image", 1)},
     blocks=("double_stream_blocks", "single_stream_blocks"),
+    pipeline_unsupported="its double-stream blocks read their Llama layer by a counter of the loop"
+    " (encoder_hidden_states[block_id]) and the single-stream part reads the last double block's, values a pipeline"
+    " stage would count from its own first block or never set.",
     # HiDreamAttnProcessor concatenates image first: cat([query_i, query_t], dim=1), query_t from cat([t5, llama,
     # llama]); single-stream blocks attend over the forward's cat([image, t5, llama, llama]).
     self_attention={

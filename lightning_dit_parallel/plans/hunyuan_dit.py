@@ -13,6 +13,9 @@ PLAN = DiTPlan(
     # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify.
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("blocks",),
+    pipeline_unsupported="its second half of blocks adds the long skips of the first half, kept in a list of the"
+    " forward (skips.pop()) outside the blocks' arguments, and picks the blocks that take one by their index in the"
+    " loop; a pipeline stage would see neither.",
     self_attention={"blocks.*.attn1": ("image",)},
     # attn2 attends from the sharded image queries (rotated with their shard of the rotary) to the replicated
     # concatenation of CLIP and T5 text tokens (padding replaced by a learned embedding in the forward).

@@ -27,7 +27,7 @@ from torch import nn
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.planner.layouts import Axes
 from lightning_dit_parallel.planner.models import PipelineModels, models_from_module
-from lightning_dit_parallel.planner.planner import LayoutEstimate, Plan, estimate_layouts
+from lightning_dit_parallel.planner.planner import LayoutEstimate, Plan, estimate_layouts, format_size
 from lightning_dit_parallel.planner.tokens import vae_factors
 from lightning_dit_parallel.planner.work import Hardware, Work, parse_bytes, parse_rate
 
@@ -144,8 +144,8 @@ def choose_layout(module: nn.Module, *, world_size: int, nodes: int, device: tor
     if chosen is None:
         smallest = min(plan.layouts, key=lambda e: e.memory.peak)
         raise ValueError(
-            f"strategy=auto: no layout of {models.dit.name} on {world_size} ranks fits {hardware.usable_memory / 2**30:.1f}"
-            f" GiB usable per device; the smallest estimated peak is {smallest.memory.peak / 2**30:.1f} GiB"
+            f"strategy=auto: no layout of {models.dit.name} on {world_size} ranks fits {format_size(hardware.usable_memory)}"
+            f" usable per device; the smallest estimated peak is {format_size(smallest.memory.peak)}"
             f" ({smallest.layout.describe()}). Run `ldp-plan` for the table, or give memory=."
         )
     return chosen, plan
