@@ -6,7 +6,9 @@ mid-block attention; random weights: memory, time and bytes do not depend on the
 decodes alone with the plain VAE (the one-process figure; the other ranks wait at a barrier) and all ranks decode
 with the banded VAE; every process has the same threads (a rank stands for a device). Memory run (a separate start,
 glibc returning freed blocks at once): the peak RSS growth of one decode in one process and per rank, above what
-the process holds before it (weights included in neither). With ``--device cuda`` (NCCL, one GPU per rank) memory
+the process holds before it (weights included in neither). The "ceiling" is the speedup a perfect split would
+reach on the machine at the time: N times the one-process time over the time of N processes each decoding the whole
+latent at once; the CPU-seconds ratio (one process / the busiest rank) is the split of the work, whatever the load. With ``--device cuda`` (NCCL, one GPU per rank) memory
 is ``torch.cuda.max_memory_allocated`` growth instead.
 
 Bytes: each rank's sends during one banded decode (``CommCounter``) next to the figures predicted from the decoder's
@@ -151,11 +153,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace, memory_run: bool) -
     with CommCounter() as counter:
         out = banded()
     error = ((out - reference).abs().max() / reference.abs().max()).item()
-    single, par = [], []
+    single, par, concurrent = [], [], []
     for _ in range(args.reps):
-        single.append(time_rank_zero(plain)[0])
-        par.append(time_all_ranks(banded)[0])
-    return {"single": single, "parallel": par, "error": error, "bytes": dict(counter.bytes_sent), "expected": expected}
+        single.append(time_rank_zero(plain))  # (wall, cpu) seconds
+        par.append(time_all_ranks(banded))
+        concurrent.append(time_all_ranks(plain)[0])  # every rank decodes the whole latent at once
+    return {
+        "single": single, "parallel": par, "concurrent": concurrent, "error": error, "bytes": dict(counter.bytes_sent),
+        "expected": expected,
+    }
 
 
 def main() -> None:
@@ -177,10 +183,14 @@ def main() -> None:
     print(f"peak memory of the decode: one process {single / MiB:.0f} MiB; per rank {per_rank} MiB; ratio (busiest"
           f" rank / one process) {worst / single:.2f}")
     r = timing[0]
-    ratio = statistics.median(s / p for s, p in zip(r["single"], r["parallel"]))
-    print(f"time: one process {statistics.median(r['single']):.2f} s, {args.ranks} ranks"
-          f" {statistics.median(r['parallel']):.2f} s (spread {min(r['parallel']):.2f}-{max(r['parallel']):.2f});"
-          f" speedup {ratio:.2f}x (median of adjacent ratios)")
+    single_wall, par_wall = [s[0] for s in r["single"]], [p[0] for p in r["parallel"]]
+    speedup = statistics.median(s / p for s, p in zip(single_wall, par_wall))
+    ceiling = statistics.median(args.ranks * s / c for s, c in zip(single_wall, r["concurrent"]))
+    cpu = statistics.median(s[1] / p[1] for s, p in zip(r["single"], r["parallel"]))
+    print(f"time: one process {statistics.median(single_wall):.2f} s, {args.ranks} ranks {statistics.median(par_wall):.2f} s"
+          f" (spread {min(par_wall):.2f}-{max(par_wall):.2f}); speedup {speedup:.2f}x, ceiling {ceiling:.2f}x (N x one"
+          f" process / N processes decoding the whole latent at once), CPU seconds one process / busiest rank {cpu:.2f}x"
+          " (medians of adjacent ratios)")
     print(f"max relative error against one process: {max(t['error'] for t in timing):.1e}")
     print("\nbytes sent per rank per decode, measured / predicted from the decoder's layers:")
     for rank, t in enumerate(timing):

@@ -8,8 +8,11 @@ model's structure (``lightning_dit_parallel.planner.measure.predict_call``); the
 errors. Activations are compared as the planner's activations plus FSDP-gathered parameters and PipeFusion caches
 against the measured growth (which also holds communication buffers and the allocator's slack).
 
-    python bench/planner_calibration.py                     # every layout below, DiT / Flux / Wan shapes
-    python bench/planner_calibration.py --cases dit --layouts ulysses2 ring2
+A second table compares the VAE decode peak (one process) with the planner's estimate for an ``AutoencoderKL``
+and an ``AutoencoderKLWan`` (causal, one latent frame at a time) of small widths.
+
+    python bench/planner_calibration.py                     # every layout below, DiT / Flux / Wan shapes, VAEs
+    python bench/planner_calibration.py --cases dit --layouts ulysses2 ring2 --skip-vae
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import AutoencoderKL, AutoencoderKLWan, DiTTransformer2DModel, FluxTransformer2DModel, WanTransformer3DModel
 
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.measure import measure_call, predict_call, relative_error
@@ -117,11 +120,42 @@ def _worker(rank: int, world: int, case: str, layout_kwargs: dict, tokens: int) 
     return {"predicted": predicted, "measured": measured}
 
 
+def _vae_worker(rank: int, world: int, kind: str, size: tuple[int, int, int]) -> tuple[int, int]:
+    """``(measured, predicted)`` decode peak of one latent of ``size`` (frames, rows, columns)."""
+    from lightning_dit_parallel.planner.components import vae_spec
+    from lightning_dit_parallel.planner.memory import vae_bytes
+    from lightning_dit_parallel.planner.tokens import LatentGrid
+    from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss
+
+    _return_freed_memory()
+    torch.manual_seed(0)
+    frames, rows, cols = size
+    if kind == "AutoencoderKLWan":
+        vae = AutoencoderKLWan(base_dim=32, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1).eval()
+        latent = torch.randn(1, 4, frames, rows, cols)
+    else:
+        vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=16,
+                            layers_per_block=1).eval()
+        latent = torch.randn(1, 4, rows, cols)
+    spec = vae_spec(vae)
+    with torch.no_grad():
+        vae.decode(latent)
+        reset_peak_rss()
+        before = current_rss()
+        vae.decode(latent)
+        growth = peak_rss() - before
+    grid = LatentGrid(frames, rows, cols, 0, spec.spatial, spec.temporal, spec.latent_channels, (1, 1, 1))
+    _, predicted = vae_bytes(spec, grid, Work(tokens=1, batch=1), PlannedLayout(), 4)
+    return growth, predicted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--layouts", nargs="*", default=list(DEFAULT_LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--tokens", type=int, default=1024, help="latent tokens (a square for DiT, 4 x square for Wan)")
+    parser.add_argument("--skip-vae", action="store_true")
     args = parser.parse_args()
     print(f"float32, batch 2 rows, {args.tokens} latent tokens; errors are |predicted - measured| / measured")
     print(f"{'case':5} {'layout':20} {'params/rank KiB':>22} {'err':>6} {'bytes/call KiB':>22} {'err':>6}"
@@ -141,6 +175,15 @@ def main() -> None:
                   f" {sum(p.bytes_sent.values()) / 1024:>10.1f} / {sent / 1024:>9.1f}"
                   f" {relative_error(sum(p.bytes_sent.values()), sent):>6.3f}"
                   f" {act / MiB:>10.2f} / {peak / MiB:>9.2f} {relative_error(act, peak):>6.3f}")
+
+    if args.skip_vae:
+        return
+    print("\nVAE decode peak, one process, float32 (latent frames x rows x columns -> decoded):")
+    for kind, size in (("AutoencoderKL", (1, 32, 32)), ("AutoencoderKL", (1, 64, 64)),
+                       ("AutoencoderKLWan", (3, 32, 32)), ("AutoencoderKLWan", (5, 32, 48))):
+        measured, predicted = run_on_ranks(1, _vae_worker, kind, size, timeout_s=900)[0]
+        print(f"  {kind:17} {'x'.join(map(str, size)):8} predicted {predicted / MiB:8.1f} MiB, measured"
+              f" {measured / MiB:8.1f} MiB, error {relative_error(predicted, measured):.3f}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Sequence-parallel sampling from a (small, randomly initialised) PixArt transformer with Trainer.predict.
+r"""Sequence-parallel sampling from a (small, randomly initialised) PixArt transformer with Trainer.predict.
 
     python examples/sequence_parallel_pixart.py --devices 2 --ulysses 2
     python examples/sequence_parallel_pixart.py --devices 4 --ulysses 2 --ring 2
     torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 \
         examples/sequence_parallel_pixart.py --accelerator gpu --num-nodes 2 --devices 8 --ulysses 4 --ring 4
 
-Lightning's default launcher re-runs this script for the other ranks (torchrun and srun start them instead); every rank computes the same full
-images, and the script checks them against a one-process run of the same seeded model.
+Lightning's default launcher re-runs this script for the other ranks (torchrun and srun start them instead);
+every rank computes the same full images, and the script checks them against a one-process run of the same
+seeded model.
 """
 
 from __future__ import annotations

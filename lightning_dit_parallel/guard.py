@@ -15,9 +15,8 @@ verdict from the same gathered numbers, so all of them raise together and none i
 The fingerprint of an argument: a CRC-32 of its structure (container types, tensor shapes and dtypes, the
 values of Python scalars), its number of elements and, over its tensors, the float64 sum, the sum of squares and
 the sum of the per-row sums weighted by the row index along dim 0 (which catches a batch whose samples come in
-another order). Two
-draws of random noise differ in all of them; tensors equal up to float rounding (non-deterministic kernels)
-pass (``RELATIVE_TOLERANCE``). Inputs that the plan cuts inside the forward (a submodule's output, a block's
+another order). Two draws of random noise differ in all of them; tensors equal up to float rounding
+(non-deterministic kernels) pass (``RELATIVE_TOLERANCE``), and so do identical NaNs and infinities. Inputs that the plan cuts inside the forward (a submodule's output, a block's
 inputs) are computed from these arguments with the same weights, so they agree when the arguments agree.
 
 Data-parallel ranks hold different samples by design and are never compared.
@@ -44,6 +43,7 @@ REPLICATED_AXES: tuple[str, ...] = ("cfg", "pp", "ring", "ulysses", "tp")
 
 #: Sums that differ by less than this fraction of their scale count as equal (float rounding, not other data).
 RELATIVE_TOLERANCE = 1e-6
+
 
 def replicated_group(mesh) -> ProcessGroup:
     """The process group over ``REPLICATED_AXES`` of a mesh built by ``ParallelLayout.build_mesh``: this rank and
@@ -178,10 +178,17 @@ def _same(a: list[float], b: list[float]) -> bool:
     square = max(square_a, square_b)
     scale = math.sqrt(numel_a * square)  # |sum| and |weighted sum| <= sqrt(numel * sum of squares)
     return (
-        abs(square_a - square_b) <= RELATIVE_TOLERANCE * square
-        and abs(sum_a - sum_b) <= RELATIVE_TOLERANCE * scale
-        and abs(weighted_a - weighted_b) <= RELATIVE_TOLERANCE * scale
+        _close(square_a, square_b, RELATIVE_TOLERANCE * square)
+        and _close(sum_a, sum_b, RELATIVE_TOLERANCE * scale)
+        and _close(weighted_a, weighted_b, RELATIVE_TOLERANCE * scale)
     )
+
+
+def _close(a: float, b: float, tolerance: float) -> bool:
+    """``|a - b| <= tolerance``, where equal infinities and two NaNs (inputs with NaN or inf) count as equal."""
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return True
+    return abs(a - b) <= tolerance  # False for a NaN tolerance or difference
 
 
 def _class_name(module: nn.Module) -> str:

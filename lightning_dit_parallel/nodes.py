@@ -31,7 +31,9 @@ class CrossNodeWarning(UserWarning):
 
 def _check_ranks_per_node(world_size: int, ranks_per_node: int) -> None:
     if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
-        raise ValueError(f"ranks_per_node must be a positive integer; got {ranks_per_node!r} (world size {world_size}).")
+        raise ValueError(
+            f"ranks_per_node must be a positive integer; got {ranks_per_node!r} (world size {world_size})."
+        )
     if world_size % ranks_per_node:
         raise ValueError(
             f"ranks_per_node={ranks_per_node} does not divide the world size {world_size}: every node must run as"
@@ -52,7 +54,8 @@ def axes_across_nodes(degrees: Mapping[str, int], ranks_per_node: int) -> tuple[
     sizes = [int(d) for d in degrees.values()]
     world = math.prod(sizes)
     _check_ranks_per_node(world, ranks_per_node)
-    nodes = torch.div(torch.arange(world), ranks_per_node, rounding_mode="floor").reshape(sizes)  # node of each rank
+    # the node of every rank, (world,) -> one dim per mesh axis, e.g. (dp, cfg, pp, ring, ulysses, tp)
+    nodes = torch.div(torch.arange(world), ranks_per_node, rounding_mode="floor").reshape(sizes)
     return tuple(
         axis
         for dim, (axis, size) in enumerate(zip(degrees, sizes))

@@ -64,7 +64,9 @@ CASES: dict[str, Case] = {
     "ring": Case("pixart", lambda **kw: SequenceParallelStrategy(ring_degree=4, **kw)),
     "usp": Case("dit", lambda **kw: SequenceParallelStrategy(ulysses_degree=2, ring_degree=2, **kw)),
     "pipeline": Case("dit", lambda **kw: DiTParallelStrategy(pp_degree=2, ulysses_degree=2, **kw)),
-    "fsdp": Case("dit", lambda **kw: FSDPInferenceStrategy(ulysses_degree=2, **kw), samples=4, batch_size=1, writer=True),
+    "fsdp": Case(
+        "dit", lambda **kw: FSDPInferenceStrategy(ulysses_degree=2, **kw), samples=4, batch_size=1, writer=True
+    ),
     "data_parallel": Case(
         "pixart", lambda **kw: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, **kw), samples=5, writer=True
     ),

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lightning_dit_parallel.cli import predict, single_run_argv
-from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.sampling import DiffusionSampler, PipelineSampler
 from lightning_dit_parallel.writer import OrderedPredictionWriter
 
 CONF = Path(__file__).resolve().parents[1] / "lightning_dit_parallel" / "conf"
@@ -46,16 +46,22 @@ def test_every_strategy_composes_and_instantiates_with_the_trainer(strategy):
 
 @pytest.mark.parametrize("group", ["model", "trainer", "data", "writer"])
 def test_every_other_group_option_instantiates(group, tmp_path):
+    if group == "model":  # model=pipeline loads a pipeline folder: give it a tiny one
+        from tests.pipelines import pixart_sigma_pipeline
+
+        pixart_sigma_pipeline().save_pretrained(tmp_path / "pipeline")
+    required = {"model": {"pipeline": [f"model.path={tmp_path / 'pipeline'}"]},
+                "data": {"prompts": ["data.prompts=[a red cat]"]}}
     for option in options(group):
-        cfg = compose_predict([f"{group}={option}"])
+        cfg = compose_predict([f"{group}={option}", *required.get(group, {}).get(option, [])])
         node = cfg[group]
         assert "_target_" in node, f"conf/{group}/{option}.yaml has no _target_"
         if group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
             continue  # composes; instantiating needs CUDA
         kwargs = {"output_dir": str(tmp_path)} if group == "writer" else {}
         obj = instantiate(node, **kwargs)
-        expected = {"model": DiffusionSampler, "trainer": L.Trainer, "data": torch.utils.data.DataLoader,
-                    "writer": OrderedPredictionWriter}[group]
+        expected = {"model": PipelineSampler if option == "pipeline" else DiffusionSampler, "trainer": L.Trainer,
+                    "data": torch.utils.data.DataLoader, "writer": OrderedPredictionWriter}[group]
         assert isinstance(obj, expected)
 
 

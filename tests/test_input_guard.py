@@ -124,6 +124,10 @@ def test_fingerprint_tells_different_noise_and_order_apart_but_not_rounding():
     assert _verdict(noise, noise[:, :, :16]) == [[0], [1]], "another shape"
     assert _verdict(noise, noise.double()) == [[0], [1]], "another dtype"
     assert _verdict(noise, other, noise) == [[0, 2], [1]]
+    broken = noise.clone()
+    broken[0, 0, 0, 0] = float("nan")
+    assert _verdict(broken, broken.clone()) == [[0, 1]], "the same NaN on every rank is not a difference"
+    assert _verdict(broken, noise) == [[0], [1]]
 
 
 def test_fingerprint_covers_containers_scalars_and_missing_arguments():

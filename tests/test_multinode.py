@@ -18,6 +18,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,8 +35,8 @@ from tests.rank_outputs import assert_exact, load_rank_outputs, predict_single
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-#: ldp-predict, small: 4 digits in batches of 2, 3 denoising steps.
-FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3"]
+#: ldp-predict, small: 4 digits in batches of 2, 3 denoising steps, no quality score (it trains a classifier).
+FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3", "score=null"]
 #: Variables of an outer launcher that must not reach the processes a test starts.
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "TORCHELASTIC_RUN_ID")
@@ -128,7 +129,9 @@ def test_axes_across_nodes_follow_the_row_major_layout():
     assert across(6, dp=3, ulysses=4) == ("dp", "ulysses")  # groups of 4 do not tile nodes of 6
     assert across(4, ring=4) == ()  # one node
     layout = ParallelLayout(ring=2, ulysses=2).resolve(4)
-    assert layout.describe(2) == "dp=1 cfg=1 pp=1 ring=2 ulysses=2 tp=1 fsdp=False | 2 nodes x 2 ranks, across nodes: ring"
+    assert layout.describe(2) == (
+        "dp=1 cfg=1 pp=1 ring=2 ulysses=2 tp=1 fsdp=False | 2 nodes x 2 ranks, across nodes: ring"
+    )
     assert layout.describe() == "dp=1 cfg=1 pp=1 ring=2 ulysses=2 tp=1 fsdp=False"
 
 
@@ -323,3 +326,15 @@ def check_cli_run(run_dir: Path, logs: Path, single: dict) -> None:
     assert parallel["index"].tolist() == single["index"].tolist() == [0, 1, 2, 3]
     assert_exact([parallel["prediction"]], single["prediction"], "ldp-predict on 2 nodes")
     assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".log") == ["cli.log"]
+
+
+def test_torchrun_world_that_does_not_match_devices_times_nodes_is_refused_before_any_collective(monkeypatch):
+    """torchrun started 4 ranks but the Trainer asks for 2 nodes x 1 device: a ValueError at setup, no rendezvous."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for key, value in {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy=SequenceParallelStrategy(ulysses_degree=2),
+                        logger=False)
+    with pytest.raises(ValueError, match=r"`devices=1` and `num_nodes=2`.*does not match the world size \(4\)"):
+        trainer.strategy.setup_environment()
+    assert not dist.is_initialized()

@@ -256,7 +256,20 @@ def test_registered_name_and_layout():
 # -- on ranks without Trainer: errors on every rank, removal ----------------------------------------------------------
 
 
-def _on_ranks(rank: int, world: int) -> dict:
+def _small_wan() -> nn.Module:
+    """``build_wan``'s configuration without the seeded re-initialisation (which cannot run on the meta device)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    ).eval()
+
+
+def _on_ranks(rank: int, world: int, weights: str) -> dict:
+    from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize
+
     results: dict = {}
     for name, build, degrees in [
         ("dit6_tp4", lambda: build_dit(heads=6), dict(tp=4)),
@@ -289,11 +302,37 @@ def _on_ranks(rank: int, world: int) -> dict:
     results["hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in sampler.modules())
     added = {"forward", "_distribute_module_applied"}
     results["attributes"] = [n for n, m in sampler.named_modules() if added & set(vars(m))]
+    # deferred loading reads only each rank's shards: tp 2 with FSDP over dp 2 on top
+    reference = wan_sampler(_small_wan(), steps=1).sample(batch)
+    lazy = defer_weights(build_on_meta(_small_wan), weights)
+    layout = ParallelLayout(dp=2, tp=2, fsdp=True).resolve(world)
+    parallelize(lazy, layout, layout.build_mesh("cpu"))
+    materialize(lazy)
+    loaded = wan_sampler(lazy, steps=1).sample(batch)
+    results["loaded"] = ((loaded - reference).abs().max() / reference.abs().max()).item()
+    try:  # Flux's packed single-stream proj_out cannot be read as one region per rank
+        parallelize(defer_weights(build_on_meta(build_flux_meta), weights), layout, layout.build_mesh("cpu"))
+        results["packed"] = "no error"
+    except ValueError as err:
+        results["packed"] = str(err)
     return results
 
 
-def test_errors_on_every_rank_and_removal_restores_the_module():
-    for result in run_on_ranks(4, _on_ranks):
+def build_flux_meta() -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def test_errors_on_every_rank_removal_and_deferred_loading(tmp_path):
+    from lightning_dit_parallel.loading import save_weights
+
+    weights = str(tmp_path / "wan.safetensors")
+    save_weights(_small_wan(), weights)
+    for result in run_on_ranks(4, _on_ranks, weights):
         assert "6 attention heads cannot be split over tp_degree=4" in result["dit6_tp4"]
         assert "Use tp_degree=2, ring_degree=2" in result["dit6_tp4"]
         assert "6 attention heads cannot be split over tp_degree=2 x ulysses_degree=2" in result["sd3_6_tp2_ulysses2"]
@@ -302,6 +341,8 @@ def test_errors_on_every_rank_and_removal_restores_the_module():
         assert result["error"] <= 1e-5
         assert result["restored"] and result["heads"] == 4
         assert result["hooks"] == 0 and result["attributes"] == []
+        assert result["loaded"] <= 1e-5
+        assert "packed tensor-parallel styles on deferred weights" in result["packed"]
 
 
 # -- CUDA / NCCL ------------------------------------------------------------------------------------------------

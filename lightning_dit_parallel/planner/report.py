@@ -44,8 +44,8 @@ def describe_inputs(plan: Plan) -> list[str]:
     )
     lines.append(
         f"devices: {hw.nodes} x {hw.devices} {hw.device_type}, {hw.memory / GiB:.1f} GiB each"
-        f" ({hw.usable_memory / GiB:.1f} usable), {hw.flops / 1e12:.0f} TFLOP/s, {hw.bandwidth / GB:.0f} GB/s in a node"
-        + (f", {hw.inter_node_bandwidth / GB:.1f} GB/s across nodes" if hw.nodes > 1 else "")
+        f" ({hw.usable_memory / GiB:.1f} usable), {hw.flops / 1e12:.3g} TFLOP/s, {hw.bandwidth / GB:.3g} GB/s in a node"
+        + (f", {hw.inter_node_bandwidth / GB:.3g} GB/s across nodes" if hw.nodes > 1 else "")
     )
     return lines
 
