@@ -34,7 +34,7 @@ RUNS = {
     2: [
         *((f"{family} degree 2", family, STEPS, lambda: PatchParallelStrategy(warmup_steps=STEPS), True)
           for family in FAMILIES),
-        ("dit registered name, warm-up 1 of 3", "dit", STEPS, lambda: "dit_distrifusion", False),
+        ("pixart registered name, warm-up 1 of 3", "pixart", STEPS, lambda: "dit_distrifusion", False),
         ("pixart warm-up 1 of 6", "pixart", 6, lambda: PatchParallelStrategy(warmup_steps=1), False),
     ],
     4: [
@@ -63,7 +63,7 @@ def _predict_all(rank: int, world: int, ports: tuple[int, int]) -> list[str]:
             mean = ((out - expected).abs().mean() / expected.abs().mean()).item()
             if exact and not error <= 1e-5:
                 failures.append(f"{label}, rank {rank}: relative error {error:.2e}")
-            if not exact and not 1e-5 < mean < 0.05:  # seeded runs: about 1% mean deviation
+            if not exact and not 1e-5 < mean < 0.05:  # seeded runs: about 3% mean deviation (PipeFusion 2%)
                 failures.append(f"{label}, rank {rank}: mean relative deviation {mean:.2e}, expected in (1e-5, 5e-2)")
     return failures
 

@@ -18,7 +18,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, Split, plan_for
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
-from lightning_dit_parallel.pipeline.stages import ReleasedBlock, count_parameters, stage_sizes
+from lightning_dit_parallel.pipeline.stages import (
+    ReleasedBlock,
+    assign_stages,
+    check_cuts_on_every_stage,
+    count_parameters,
+    stage_sizes,
+)
 from tests.distributed import run_on_ranks
 from tests.models import (
     POOLED_DIM,
@@ -253,10 +259,12 @@ def test_layers_per_stage_must_sum_to_blocks():
         assert "layers_per_stage=[1, 2]" in message and "4 blocks" in message and "sum to 3" in message
 
 
-def test_patches_must_divide_tokens():
-    messages = run_on_ranks(2, _forward_error, 3, timeout_s=60)  # 16 image tokens, 3 patches
+def test_patches_need_a_token_each():
+    """Patches need not divide the token count (the first take one more; exact after warm-up in test_patch_zoo), but
+    each needs a token: 17 patches of 16 tokens is an error on every rank."""
+    messages = run_on_ranks(2, _forward_error, 17, timeout_s=60)  # 16 image tokens, 17 patches
     for message in messages:
-        assert "16 tokens" in message and "num_patches=3" in message
+        assert "16 tokens" in message and "num_patches=17" in message and "num_patches <= 16" in message
 
 
 def test_strategy_rejects_bad_options_at_construction():
@@ -282,14 +290,25 @@ def test_registered_names():
         assert strategy._requested_layout.pp == "auto" and strategy._requested_layout.dp == 1
 
 
-def test_pipefusion_rejects_joint_attention_plans():
-    model = flux()
-    with pytest.raises(ValueError, match="PipeFusion supports plans with one cut sequence"):
+def test_pipefusion_plan_checks():
+    """Joint attention (Flux) and cuts at a block's inputs (Wan) are PipeFusion plans now; attention to a replicated
+    tail (Mochi) is not, and is named in the error."""
+    for model in (flux(), build_wan()):
         check_pipefusion_plan(plan_for(model), model)
+    from tests.zoo.mochi import CASES
+
+    mochi = CASES[0].build()
+    with pytest.raises(ValueError, match=r"\['replicated_tail_attention'\].*microbatch"):
+        check_pipefusion_plan(plan_for(mochi), mochi)
 
 
-def test_pipefusion_rejects_plans_that_cut_block_inputs():
-    """Wan cuts its video tokens where blocks.0 receives them: a stage without that block would not cut."""
-    model = build_wan()
-    with pytest.raises(ValueError, match=r"cuts tokens at the inputs of blocks \['blocks.0'\]"):
-        check_pipefusion_plan(plan_for(model), model)
+def test_every_stage_must_cut_at_a_block_input():
+    """A plan that cuts tokens at the first block of a list needs every stage to own a block of that list from there
+    on: with one double- and one single-stream block, stage 1 of 2 owns none (HunyuanVideo's text)."""
+    from tests.zoo.hunyuan_video import CASES
+
+    model = CASES[0].build()
+    assignment = assign_stages(model, plan_for(model), 2)
+    with pytest.raises(ValueError, match=r"cuts tokens at the inputs of 'transformer_blocks.0', but stage 1/2 owns"):
+        check_cuts_on_every_stage(model, plan_for(model), assignment, "PipeFusion (pp=2)")
+    check_cuts_on_every_stage(model, plan_for(model), assign_stages(model, plan_for(model), 1), "one stage")

@@ -10,9 +10,9 @@ GiB = 2**30
 GB = 1e9
 
 _COLUMNS = (
-    ("layout", 34), ("exact", 5), ("DiT par", 7), ("gather", 6), ("activ", 6), ("cache", 6), ("TE", 6), ("VAE", 6),
-    ("peak", 6), ("fits", 4), ("a2a", 7), ("p2p", 7), ("gather", 7), ("reduce", 7), ("bcast", 6), ("step s", 8),
-    ("total s", 9),
+    ("layout", 34), ("exact", 5), ("DiT", 6), ("+gathered", 9), ("activ.", 6), ("cache", 6), ("text enc.", 9),
+    ("VAE", 6), ("peak GiB", 8), ("fits", 4), ("a2a GB", 7), ("p2p GB", 7), ("all-gather GB", 13),
+    ("all-reduce GB", 13), ("bcast GB", 8), ("s/step", 7), ("total s", 8),
 )
 
 
@@ -90,9 +90,10 @@ def format_plan(plan: Plan, top: int | None = None, markdown: bool = False) -> s
         lines = [fmt(header)] + [fmt(r) for r in body]
     lines.append("")
     lines.append(
-        "memory per rank in GiB: DiT parameters held, FSDP-gathered on top during a step, activations (attention"
+        "Memory per rank in GiB: DiT parameters held, +gathered by FSDP during a step, activations (attention"
         " included), PipeFusion/DistriFusion caches, text encoders (held + encoding peak), VAE (parameters + decode"
-        " peak); peak = all held + the largest phase. Bytes per step in GB sent by the busiest rank, by kind."
+        " peak); peak = everything held + the largest phase. Bytes per denoising step in GB sent by the busiest rank,"
+        " by kind. Times are estimates from the compute and bandwidth above."
     )
     rec = plan.recommended
     if rec is not None:
