@@ -38,7 +38,7 @@ def build(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransformer2D
 def _worker(rank: int, world: int, args: argparse.Namespace, tokens: int) -> dict:
     layout = ParallelLayout(ulysses=world).resolve(world)
     mesh = layout.build_mesh("cpu")
-    guarded, plain = build(tokens, args.hidden, args.heads, args.layers), build(tokens, args.hidden, args.heads, args.layers)
+    guarded, plain = (build(tokens, args.hidden, args.heads, args.layers) for _ in range(2))
     handle = parallelize(guarded, layout, mesh, check_inputs=True)
     parallelize(plain, layout, mesh, check_inputs=False)
     guard = next(item for item in handle.applied if isinstance(item, InputGuard))
@@ -77,13 +77,16 @@ def main() -> None:
     args = parser.parse_args()
     print(f"DiT step (Ulysses 2 on 2 ranks, batch 2 = one CFG sample), hidden {args.hidden}, {args.heads} heads,"
           f" {args.layers} layers, {args.threads} thread(s) per rank, {args.reps} reps after warm-up")
-    print(f"{'tokens':>6} {'step s':>8} {'step+guard s':>13} {'difference':>10} {'guard alone ms':>15} {'guard / step':>13}")
+    columns = ("step s", 8), ("step+guard s", 13), ("difference", 10), ("guard alone ms", 15), ("guard / step", 13)
+    print(f"{'tokens':>6} " + " ".join(f"{name:>{width}}" for name, width in columns))
     for tokens in args.tokens:
         r = run_on_ranks(2, _worker, args, tokens, threads=args.threads, timeout_s=1800)[0]
         step, guarded = statistics.median(r["without"]), statistics.median(r["with"])
         difference = statistics.median(w / o - 1 for w, o in zip(r["with"], r["without"]))  # adjacent pairs
         alone = statistics.median(r["alone"])
-        print(f"{tokens:>6} {step:>8.4f} {guarded:>13.4f} {difference:>+9.2%} {alone * 1e3:>15.3f} {alone / step:>12.3%}")
+        print(
+            f"{tokens:>6} {step:>8.4f} {guarded:>13.4f} {difference:>+9.2%} {alone * 1e3:>15.3f} {alone / step:>12.3%}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLWan, DiTTransformer2DModel, FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    WanTransformer3DModel,
+)
 
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.measure import measure_call, predict_call, relative_error
@@ -37,8 +43,9 @@ LAYOUTS: dict[str, dict] = {
     "ulysses2": dict(ulysses=2), "ring2": dict(ring=2), "cfg2": dict(cfg=2), "fsdp_dp2": dict(dp=2, fsdp=True),
     "fsdp_ulysses2": dict(ulysses=2, fsdp=True), "pp2": dict(pp=2, pp_mode="microbatch"),
     "pipefusion2": dict(pp=2, pp_mode="pipefusion", patches=4), "tp2": dict(tp=2),
-    "usp2x2": dict(ring=2, ulysses=2), "ulysses4": dict(ulysses=4), "cfg2_ulysses2_fsdp": dict(cfg=2, ulysses=2, fsdp=True),
-    "cfg2_pp2": dict(cfg=2, pp=2, pp_mode="microbatch"), "pp2_ulysses2_fsdp": dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch"),
+    "usp2x2": dict(ring=2, ulysses=2), "ulysses4": dict(ulysses=4),
+    "cfg2_ulysses2_fsdp": dict(cfg=2, ulysses=2, fsdp=True), "cfg2_pp2": dict(cfg=2, pp=2, pp_mode="microbatch"),
+    "pp2_ulysses2_fsdp": dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch"),
     "dp2_ring2": dict(dp=2, ring=2), "tp2_ulysses2": dict(tp=2, ulysses=2),
 }
 DEFAULT_LAYOUTS = ("single", "ulysses2", "ring2", "cfg2", "fsdp_ulysses2", "pp2", "pipefusion2", "tp2", "usp2x2",

@@ -16,8 +16,9 @@ The fingerprint of an argument: a CRC-32 of its structure (container types, tens
 values of Python scalars), its number of elements and, over its tensors, the float64 sum, the sum of squares and
 the sum of the per-row sums weighted by the row index along dim 0 (which catches a batch whose samples come in
 another order). Two draws of random noise differ in all of them; tensors equal up to float rounding
-(non-deterministic kernels) pass (``RELATIVE_TOLERANCE``), and so do identical NaNs and infinities. Inputs that the plan cuts inside the forward (a submodule's output, a block's
-inputs) are computed from these arguments with the same weights, so they agree when the arguments agree.
+(non-deterministic kernels) pass (``RELATIVE_TOLERANCE``), and so do identical NaNs and infinities. Inputs
+that the plan cuts inside the forward (a submodule's output, a block's inputs) are computed from these arguments
+with the same weights, so they agree when the arguments agree.
 
 Data-parallel ranks hold different samples by design and are never compared.
 """

@@ -25,7 +25,9 @@ STEPS = 3
 FAMILIES = {
     "dit": (lambda steps: dit_sampler(build_dit(sample_size=10), steps=steps), lambda: requests(n=4, batch_size=2)),
     "pixart": (lambda steps: pixart_sampler(build_pixart(), steps=steps), lambda: requests(n=4, batch_size=2)),
-    "flux": (lambda steps: flux_sampler(flux(), height=5, width=3, steps=steps), lambda: text_requests(n=4, batch_size=2)),
+    "flux": (
+        lambda steps: flux_sampler(flux(), height=5, width=3, steps=steps), lambda: text_requests(n=4, batch_size=2)
+    ),
 }
 
 #: world size -> [(label, family, steps, strategy factory, exact?)]; DiT at 10 x 10 latents has 25 tokens.

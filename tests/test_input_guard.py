@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    PipelineStrategy,
+    SequenceParallelStrategy,
+)
 from lightning_dit_parallel.guard import _ABSENT, _equal_classes, fingerprints
 from lightning_dit_parallel.sampling import DiffusionSampler
 from tests.distributed import free_port, run_on_ranks
@@ -75,8 +80,9 @@ def _guard_cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str
             # data parallel only (FSDP over the two dp ranks): different noise per rank is legitimate
             attempt("dp", _sampler("rank"), FSDPInferenceStrategy())
         else:
-            attempt("dp2 x ulysses2, seeded by rank", _sampler("rank"), SequenceParallelStrategy(ulysses_degree=2, dp_degree=2))
-            attempt("dp2 x ulysses2, seeded by dp group", _sampler("dp"), SequenceParallelStrategy(ulysses_degree=2, dp_degree=2))
+            for seed_by, what in (("rank", "rank"), ("dp", "dp group")):
+                strategy = SequenceParallelStrategy(ulysses_degree=2, dp_degree=2)
+                attempt(f"dp2 x ulysses2, seeded by {what}", _sampler(seed_by), strategy)
     return outcomes
 
 

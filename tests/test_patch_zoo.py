@@ -100,7 +100,7 @@ def _check(results: list[dict[str, dict[str, object]]], names: list[str], cases)
                 got = per_rank[name][case.name]
                 if expected is not None:
                     if not isinstance(got, str) or expected not in got:
-                        problems.append(f"{name} {case.name} rank {rank}: expected an error with {expected!r}, got {got}")
+                        problems.append(f"{name} {case.name} rank {rank}: expected an error with {expected!r}: {got}")
                 elif isinstance(got, str) or not got <= 1e-5:
                     problems.append(f"{name} {case.name} rank {rank}: {got}")
     return problems

@@ -34,8 +34,9 @@ def _flux():
     model = build_flux()
     g = torch.Generator().manual_seed(0)
     s, t = 30, 7
-    inputs = dict(hidden_states=torch.randn(2, s, 16, generator=g), encoder_hidden_states=torch.randn(2, t, TEXT_DIM,
-                  generator=g), pooled_projections=torch.randn(2, POOLED_DIM, generator=g), timestep=torch.full((2,), 0.5),
+    inputs = dict(hidden_states=torch.randn(2, s, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, t, TEXT_DIM, generator=g),
+                  pooled_projections=torch.randn(2, POOLED_DIM, generator=g), timestep=torch.full((2,), 0.5),
                   img_ids=torch.zeros(s, 3), txt_ids=torch.zeros(t, 3), return_dict=False)
     return model, inputs, Work(tokens=s, batch=1, text_tokens=t)
 
@@ -55,7 +56,8 @@ FOUR_RANKS = [dict(ring=2, ulysses=2), dict(ulysses=4), dict(cfg=2, ulysses=2, f
               dict(cfg=2, pp=2, pp_mode="microbatch"), dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch"),
               dict(dp=2, ring=2), dict(dp=2, cfg=2, fsdp=True), dict(tp=2, ulysses=2)]
 EXTRA = {2: [("dit", dict(pp=2, pp_mode="pipefusion", patches=5))],
-         4: [("dit", dict(dp=2, pp=2, fsdp=True, pp_mode="microbatch")), ("dit", dict(dp=2, pp=2, pp_mode="microbatch")),
+         4: [("dit", dict(dp=2, pp=2, fsdp=True, pp_mode="microbatch")),
+             ("dit", dict(dp=2, pp=2, pp_mode="microbatch")),
              ("dit", dict(cfg=2, pp=2, pp_mode="pipefusion", patches=5))]}
 
 

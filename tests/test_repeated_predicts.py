@@ -13,12 +13,26 @@ import pytest
 import torch
 from torch.distributed import _composable_state
 
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    PipelineStrategy,
+    SequenceParallelStrategy,
+)
 from lightning_dit_parallel.fsdp import is_sharded
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
-from tests.models import build_dit, build_flux, build_pixart, dit_sampler, flux_sampler, pixart_sampler, requests, text_requests
+from tests.models import (
+    build_dit,
+    build_flux,
+    build_pixart,
+    dit_sampler,
+    flux_sampler,
+    pixart_sampler,
+    requests,
+    text_requests,
+)
 
 STEPS = 3
 

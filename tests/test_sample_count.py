@@ -33,6 +33,10 @@ def _hooked_sampler(samples: int) -> WithPredictDataloader:
     return module
 
 
+def _plain() -> DiffusionSampler:
+    return dit_sampler(build_dit(), steps=1)
+
+
 def _outcome(run) -> str:
     try:
         out = run()
@@ -44,8 +48,9 @@ def _outcome(run) -> str:
 def _cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str]:
     with external_launch(rank, world, *ports):
         return {
-            "dp only": _outcome(lambda: predict_here(dit_sampler(build_dit(), steps=1), requests(1, 1), DiTParallelStrategy(dp_degree=2), world)),
-            "fsdp": _outcome(lambda: predict_here(dit_sampler(build_dit(), steps=1), requests(1, 1), FSDPInferenceStrategy(), world)),
+            "dp only": _outcome(lambda: predict_here(_plain(), requests(1, 1), DiTParallelStrategy(dp_degree=2),
+                                                     world)),
+            "fsdp": _outcome(lambda: predict_here(_plain(), requests(1, 1), FSDPInferenceStrategy(), world)),
             "hook": _outcome(lambda: _run_hooked(_hooked_sampler(1), world)),
             "enough after": _outcome(lambda: _run_hooked(_hooked_sampler(2), world)),
         }

@@ -132,10 +132,12 @@ class PatchAttention:
                     f"{path}: PipeFusion with Ulysses needs q, k, v of one shape; got {tuple(query.shape)},"
                     f" {tuple(key.shape)}, {tuple(value.shape)}."
                 )
-            query, key, value = QKVToHeads(query, key, value, groups.ulysses).wait()  # 3 x (B, H, L, D) -> (B, H/U, U*L, D)
+            # 3 x (B, H, L, D) -> 3 x (B, H/U, U*L, D): this rank's heads of every Ulysses shard of the pass
+            query, key, value = QKVToHeads(query, key, value, groups.ulysses).wait()
         if groups.ring_size > 1:  # the fresh keys and values of every shard of this pass, in shard order
             if key.shape == value.shape:
-                kv = all_gather_dim(torch.stack([key, value]), 3, groups.ring)  # (2, B, H/U, U*L, D) -> (2, B, H/U, N*L, D)
+                # (2, B, H/U, U*L, D) -> (2, B, H/U, N*L, D)
+                kv = all_gather_dim(torch.stack([key, value]), 3, groups.ring)
                 key, value = kv[0], kv[1]
             else:
                 key = all_gather_dim(key, 2, groups.ring)  # (B, H/U, U*L, D) -> (B, H/U, N*L, D)

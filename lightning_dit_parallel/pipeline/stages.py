@@ -257,9 +257,9 @@ def _fill(block: nn.Module, received: dict[int, torch.Tensor]) -> None:
                     continue
                 if id(tensor) not in made:
                     value = received[id(tensor)]
-                    made[id(tensor)] = (
-                        nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
-                    )
+                    if isinstance(tensor, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    made[id(tensor)] = value
                 store[name] = made[id(tensor)]
 
 

@@ -26,7 +26,8 @@ def _sequence(text: str) -> tuple[str, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldp-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="ldp-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="transformer config.json, or a pipeline folder with transformer/config.json")
     g = p.add_argument_group("devices")
     g.add_argument("--devices", type=int, required=True, help="devices per node")
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from lightning_dit_parallel.planner.calibrate import calibrate
 
-        dtype = getattr(torch, args.dtype) if isinstance(getattr(torch, args.dtype, None), torch.dtype) else torch.float32
+        named = getattr(torch, args.dtype, None)
+        dtype = named if isinstance(named, torch.dtype) else torch.float32  # "fp8" and other short names: float32
         measured = calibrate(dtype, args.devices)
         notes.append(measured.describe())
         flops = measured.flops

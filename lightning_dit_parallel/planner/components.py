@@ -56,6 +56,7 @@ class VaeSpec:
         latent_channels: channels of the latent.
         decoder: the decoder's widths and work (``DecoderProfile``).
         out_channels: channels of the decoded image.
+        bands: whether the package can decode it in bands (a parallel VAE: its class has a ``VaeCut``).
     """
 
     cls: str
@@ -65,6 +66,7 @@ class VaeSpec:
     latent_channels: int
     decoder: DecoderProfile
     out_channels: int = 3
+    bands: bool = False
 
 
 def text_encoder_spec(name: str, module: nn.Module) -> TextEncoderSpec:
@@ -119,7 +121,14 @@ def vae_spec(module: nn.Module) -> VaeSpec:
     return VaeSpec(
         cls=type(module).__name__, numel=numel, spatial=spatial, temporal=temporal, latent_channels=int(latent or 0),
         decoder=decoder_profile(decoder), out_channels=int(config.get("out_channels", 3) or 3),
+        bands=_has_cut(module),
     )
+
+
+def _has_cut(module: nn.Module) -> bool:
+    from lightning_dit_parallel.vae.cuts import vae_cut_for
+
+    return vae_cut_for(module) is not None
 
 
 def vae_compression(config: dict) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from lightning_dit_parallel.layout import ParallelLayout
@@ -154,7 +154,7 @@ def enumerate_layouts(
         samples: samples to generate in all (a data-parallel group needs at least one batch).
         batch: samples per call of one data-parallel group.
         cfg_split: whether the DiT receives the doubled (unconditional, conditional) batch in one call.
-        has_vae: whether a VAE is known (parallel VAE decode is considered).
+        has_vae: whether a VAE that decodes in bands is known (parallel VAE decode is considered).
         axes: which kinds to enumerate.
     """
     for dp, cfg, pp, ring, ulysses, tp, distri in factorizations(world, len(DEGREES)):
@@ -166,7 +166,7 @@ def enumerate_layouts(
         modes: list[tuple[PipelineMode, int]] = [("none", 0)]
         if pp > 1:
             modes = [("microbatch", 0)]
-            if axes.pipefusion and not spec.pipefusion_unsupported and ring * ulysses * tp * distri == 1:
+            if axes.pipefusion and not spec.pipefusion_unsupported and distri == 1:
                 modes += [("pipefusion", m) for m in (pp, 2 * pp, 4 * pp) if tokens % m == 0]
         for mode, patches in modes:
             for fsdp in (False, True) if shard_group > 1 and distri == 1 else (False,):
@@ -201,7 +201,3 @@ def _degrees_valid(spec: ModelSpec, dp: int, cfg: int, pp: int, ring: int, ulyss
     if ring * ulysses > 1 and not spec.self_attention and not any(a.kind == "linear" for a in spec.attention):
         return False
     return True
-
-
-def layout_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(PlannedLayout))

@@ -242,7 +242,8 @@ def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, w
     return held, peak
 
 
-def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> tuple[int, int]:
+def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout,
+              element: int) -> tuple[int, int]:
     """``(parameters, decode peak)`` of the VAE on one rank; a parallel VAE holds its band of the activations.
 
     Video VAEs with temporal compression decode one latent frame (``temporal`` output frames, plus the frames their

@@ -86,6 +86,12 @@ class Plan:
     def recommended(self) -> LayoutEstimate | None:
         return next((e for e in self.layouts if e.recommended), None)
 
+    def __iter__(self):
+        return iter(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
 
 def plan_layouts(
     source: str | Path | nn.Module | PipelineModels,
@@ -153,7 +159,8 @@ def plan_layouts(
     work = Work(height=height, width=width, frames=frames, tokens=tokens, text_tokens=text_tokens, batch=batch,
                 samples=samples, cfg=cfg, cfg_calls=cfg_calls, steps=steps, sequences=dict(sequences or {}))
     hardware = Hardware(devices=devices, nodes=nodes, memory=parse_bytes(memory), flops=parse_rate(flops, "FLOPS"),
-                        bandwidth=parse_rate(bandwidth, "/s"), inter_node_bandwidth=parse_rate(inter_node_bandwidth, "/s"),
+                        bandwidth=parse_rate(bandwidth, "/s"),
+                        inter_node_bandwidth=parse_rate(inter_node_bandwidth, "/s"),
                         reserve=parse_bytes(reserve), device_type=device_type)
     return estimate_layouts(models, work, hardware, dtype, allow_approximate=allow_approximate,
                             shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes or Axes())
@@ -171,7 +178,7 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
     layouts = enumerate_layouts(
         spec, hardware.world_size, rows=work.rows, tokens=grid.tokens, latent_height=grid.height,
         samples=work.total_samples, batch=work.batch, cfg_split=work.cfg and work.cfg_calls == "doubled",
-        has_vae=models.vae is not None, axes=axes,
+        has_vae=models.vae is not None and models.vae.bands, axes=axes,
     )
     for layout in layouts:
         memory = memory_estimate(spec, encoders, models.vae, grid, work, hardware, layout, element,
@@ -209,10 +216,12 @@ def _recommend(ranked: list[LayoutEstimate], hw: Hardware, allow_approximate: bo
                 f" ({e.time.step_s:.3g} s per step, {e.time.total_s:.3g} s for the work)"
             )
             if runner is not None:
-                reason += f"; next: {runner.layout.describe()} at {runner.time.total_s / max(e.time.total_s, 1e-12):.2f}x"
+                slower = runner.time.total_s / max(e.time.total_s, 1e-12)
+                reason += f"; next: {runner.layout.describe()} at {slower:.2f}x"
             out.append(replace(e, recommended=True, reason=reason))
         elif not e.fits:
-            out.append(replace(e, reason=f"needs {format_size(e.memory.peak)} per device, {format_size(usable)} usable"))
+            needs = f"needs {format_size(e.memory.peak)} per device, {format_size(usable)} usable"
+            out.append(replace(e, reason=needs))
         elif not e.exact and not allow_approximate:
             out.append(replace(e, reason="approximate (stale activations); allow_approximate to consider it"))
         else:

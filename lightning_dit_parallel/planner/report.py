@@ -40,7 +40,8 @@ def describe_inputs(plan: Plan) -> list[str]:
     cfg = "off" if not work.cfg else f"on ({work.cfg_calls} batch)" if work.cfg_calls == "doubled" else "on (2 calls)"
     lines.append(
         f"work:    {size}: latent {grid.frames}x{grid.height}x{grid.width}, {grid.tokens} tokens"
-        f" (+{work.text_tokens} text); batch {work.batch}, {work.total_samples} sample(s), CFG {cfg}, {work.steps} steps"
+        f" (+{work.text_tokens} text); batch {work.batch}, {work.total_samples} sample(s), CFG {cfg},"
+        f" {work.steps} steps"
     )
     lines.append(
         f"devices: {hw.nodes} x {hw.devices} {hw.device_type}, {hw.memory / GiB:.1f} GiB each"
@@ -82,11 +83,14 @@ def format_plan(plan: Plan, top: int | None = None, markdown: bool = False) -> s
     header = [name for name, _ in _COLUMNS]
     body = [_row(e) for e in rows]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+        rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+        lines = ["| " + " | ".join(header) + " |", rule]
         lines += ["| " + " | ".join(r) + " |" for r in body]
     else:
         widths = [max(w, len(h), *(len(r[i]) for r in body)) for i, (h, w) in enumerate(_COLUMNS)]
-        fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
+        def fmt(row: list[str]) -> str:
+            return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row))
+
         lines = [fmt(header)] + [fmt(r) for r in body]
     lines.append("")
     lines.append(

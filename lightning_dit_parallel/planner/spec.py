@@ -216,8 +216,11 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
     tp = _tensor_parallel(model, plan)
     units = _units(model, plan, block_modules, tp.dims)
     attention = _attention_specs(model, plan, block_modules)
-    blocks = tuple(_block_shape(block, [a for a in attention if a.block == i], tp.reduce.get(i, (0, 0)),
-                                tp.gather.get(i, 0), tp.sample_reduce.get(i, 0)) for i, block in enumerate(block_modules))
+    blocks = tuple(
+        _block_shape(block, [a for a in attention if a.block == i], tp.reduce.get(i, (0, 0)), tp.gather.get(i, 0),
+                     tp.sample_reduce.get(i, 0))
+        for i, block in enumerate(block_modules)
+    )
     blocks = _with_norm_roles(blocks, tp.norms, attention)
     in_blocks = {id(m) for b in block_modules for m in b.modules()}
     root_token_params = sum(
@@ -264,8 +267,8 @@ def _tensor_parallel(model: nn.Module, plan: DiTPlan) -> _TensorParallelShape:
 
     try:
         layout = resolve_layout(model, plan)
-    except (ValueError, TypeError) as exc:
-        return _TensorParallelShape({}, {}, {}, {}, (), (), str(exc))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # no tensor-parallel layout for this model
+        return _TensorParallelShape({}, {}, {}, {}, (), (), f"{type(exc).__name__}: {exc}")
     modules = dict(model.named_modules())
     index = {path: i for i, path in enumerate(layout.blocks)}
     dims: dict[int, int | None] = {}
@@ -329,7 +332,8 @@ def _with_norm_roles(blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str
         attn = by_path.get(owner)
         if is_text_stream(name) or (attn is not None and attn.kind == "cross" and "k" in name.removeprefix("norm_")):
             role = "text"
-        elif (attn is not None and attn.kind == "cross") or (0 <= block < len(blocks) and blocks[block].text_token_params):
+        elif (attn is not None and attn.kind == "cross") or (0 <= block < len(blocks)
+                                                              and blocks[block].text_token_params):
             role = "latent"
         else:
             role = "carried"
@@ -426,7 +430,8 @@ def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tu
                  tp_gather: int, tp_sample_reduce: int) -> BlockShape:
     self_attn = [a for a in attention if a.kind in ("self", "tail", "linear")]
     hidden = max((a.q_width for a in self_attn or attention), default=0)
-    linears = [(path, m) for path, m in block.named_modules() if isinstance(m, nn.Linear) and not _inside_norm(block, path)]
+    linears = [(path, m) for path, m in block.named_modules()
+               if isinstance(m, nn.Linear) and not _inside_norm(block, path)]
     text_params = sum(_linear_numel(m) for path, m in linears if is_text_stream(path))
     linears = [m for _, m in linears]
     if not hidden:

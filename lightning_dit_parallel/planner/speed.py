@@ -27,7 +27,8 @@ from lightning_dit_parallel.planner.work import Hardware, Work
 #: Mesh axes each method's transfers travel over.
 METHOD_AXES: dict[str, tuple[str, ...]] = {
     "ulysses": ("ulysses",), "ring": ("ring",), "sequence_gather": ("ring", "ulysses"), "cfg_gather": ("cfg",),
-    "fsdp": ("dp", "cfg", "ring", "ulysses"), "pipeline": ("pp",), "pipeline_output": ("pp",), "tp": ("tp",), "tp_gather": ("tp",),
+    "fsdp": ("dp", "cfg", "ring", "ulysses"), "pipeline": ("pp",), "pipeline_output": ("pp",), "tp": ("tp",),
+    "tp_gather": ("tp",),
     "linear_attention": ("ring", "ulysses"), "distrifusion": ("distrifusion",),
     "guard": ("cfg", "pp", "ring", "ulysses", "tp"),
 }
@@ -71,7 +72,8 @@ def crosses_nodes(layout: PlannedLayout, axes: tuple[str, ...], devices_per_node
     return extent > devices_per_node
 
 
-def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, blocks: range) -> tuple[float, float]:
+def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout,
+                blocks: range) -> tuple[float, float]:
     """``(linear, attention)`` FLOPs one rank of a stage spends on one pass of the call's rows."""
     full = sequence_tokens(spec, grid, work)
     local = local_tokens(spec, grid, work, layout)
@@ -85,7 +87,8 @@ def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
         carried = sum(local.get(s, 0) for s in block.sequences) or latent_local
         if block.text_token_params:  # double-stream: latent layers on the latent tokens, context layers on the text
             text = local.get(TEXT_SEQUENCE, 0)
-            work_tokens = (block.token_params - block.text_token_params) * (carried - text) + block.text_token_params * text
+            latent_params = block.token_params - block.text_token_params
+            work_tokens = latent_params * (carried - text) + block.text_token_params * text
         else:
             work_tokens = block.token_params * carried
         linear += 2.0 * rows * work_tokens / tp

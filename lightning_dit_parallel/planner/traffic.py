@@ -52,7 +52,8 @@ def _broadcast_header_bytes(shape: tuple[int, ...]) -> int:
 #: The kind ``CommCounter`` files each method's transfers under.
 KIND_OF: dict[str, str] = {
     "ulysses": "all_to_all", "ring": "p2p", "sequence_gather": "all_gather", "cfg_gather": "all_gather",
-    "fsdp": "all_gather", "pipeline": "p2p", "pipeline_output": "broadcast", "tp": "all_reduce", "tp_gather": "all_gather",
+    "fsdp": "all_gather", "pipeline": "p2p", "pipeline_output": "broadcast", "tp": "all_reduce",
+    "tp_gather": "all_gather",
     "linear_attention": "all_reduce", "distrifusion": "all_gather", "guard": "all_gather",
 }
 
@@ -83,6 +84,8 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             if a.block >= 0 and a.block not in blocks:
                 continue  # another stage's layer (attention outside the blocks runs on every stage)
             tokens = sum(local.get(s, 0) for s in a.sequences)
+            if layout.pp_mode == "pipefusion":
+                tokens *= layout.patches  # local tokens are one patch's; the call runs every patch
             if a.kind in ("self", "tail"):
                 if u > 1:  # q, k, v there and the output back: (U-1)/U of each stays off this rank
                     sent["ulysses"] += rows * tokens * (2 * a.q_width + 2 * a.kv_width) / tp * element * (u - 1) / u

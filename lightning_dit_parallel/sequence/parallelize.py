@@ -34,7 +34,11 @@ from lightning_dit_parallel.sequence.attention import sequence_parallel_attentio
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.linear_attention import install_linear_attention
 from lightning_dit_parallel.sequence.masks import shard_key_masks
-from lightning_dit_parallel.sequence.module_inputs import holds_released_blocks, install_module_input_hooks, module_input_hooks
+from lightning_dit_parallel.sequence.module_inputs import (
+    holds_released_blocks,
+    install_module_input_hooks,
+    module_input_hooks,
+)
 from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_hooks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers

@@ -144,8 +144,9 @@ def choose_layout(module: nn.Module, *, world_size: int, nodes: int, device: tor
     if chosen is None:
         smallest = min(plan.layouts, key=lambda e: e.memory.peak)
         raise ValueError(
-            f"strategy=auto: no layout of {models.dit.name} on {world_size} ranks fits {format_size(hardware.usable_memory)}"
-            f" usable per device; the smallest estimated peak is {format_size(smallest.memory.peak)}"
-            f" ({smallest.layout.describe()}). Run `ldp-plan` for the table, or give memory=."
+            f"strategy=auto: no layout of {models.dit.name} on {world_size} ranks fits"
+            f" {format_size(hardware.usable_memory)} usable per device; the smallest estimated peak is"
+            f" {format_size(smallest.memory.peak)} ({smallest.layout.describe()}). Run `ldp-plan` for the table, or"
+            " give memory=."
         )
     return chosen, plan

@@ -11,8 +11,10 @@ from lightning_dit_parallel.layout import Degree
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 
 #: Arguments of ``DiTParallelStrategy`` that this preset sets itself (``degree`` is the ring degree).
-_FIXED = ("ring_degree", "ulysses_degree", "pp_degree", "pp_mode", "num_patches", "layers_per_stage", "num_microbatches",
-          "text_tokens")
+_FIXED = (
+    "ring_degree", "ulysses_degree", "pp_degree", "pp_mode", "num_patches", "layers_per_stage", "num_microbatches",
+    "text_tokens",
+)
 
 
 class PatchParallelStrategy(DiTParallelStrategy):
@@ -41,7 +43,9 @@ class PatchParallelStrategy(DiTParallelStrategy):
 
     strategy_name = "dit_distrifusion"
 
-    def __init__(self, degree: Degree = "auto", warmup_steps: int = 1, dp_degree: Degree = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, degree: Degree = "auto", warmup_steps: int = 1, dp_degree: Degree = "auto", **kwargs: Any
+    ) -> None:
         fixed = sorted(set(kwargs) & set(_FIXED))
         if fixed:
             raise TypeError(f"{type(self).__name__} sets {fixed} itself (its patches are the ring axis); use degree=.")

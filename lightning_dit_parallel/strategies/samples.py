@@ -57,7 +57,8 @@ def checked_source(source: Any, check: Callable[[Any], None]) -> Callable[[], No
     alone (nothing is checked).
     """
     request = getattr(source, "dataloader", None)
-    if request is None or "dataloader" in getattr(source, "__dict__", {"dataloader": None}):
+    state = getattr(source, "__dict__", None)
+    if request is None or state is None or "dataloader" in state:  # nothing to wrap, or wrapped already
         return lambda: None
 
     def dataloader() -> Any:

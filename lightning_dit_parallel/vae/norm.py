@@ -62,8 +62,10 @@ def band_group_norm(
         shift = to_channels((mean.to(torch.float64) - mean_all) * rstd_all) * w  # (B, C)
         if bias is not None:
             shift = shift + bias.to(torch.float64)
-        # in place: y * scale + shift, y = (x - m_i) r_i
-        return torch.addcmul(shift.to(x.dtype).view(view), out, scale.to(x.dtype).view(view), out=out)
+        shift, scale = shift.to(x.dtype).view(view), scale.to(x.dtype).view(view)
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return torch.addcmul(shift, out, scale)  # autograd records no out= variant
+        return torch.addcmul(shift, out, scale, out=out)  # in place: y * scale + shift, y = (x - m_i) r_i
     scale = to_channels(rstd_all) * w  # (B, C): x * scale + shift = (x - m) r w + b
     shift = -to_channels(mean_all) * scale
     if bias is not None:
