@@ -58,7 +58,10 @@ FOUR_RANKS = [dict(ring=2, ulysses=2), dict(ulysses=4), dict(cfg=2, ulysses=2, f
 EXTRA = {2: [("dit", dict(pp=2, pp_mode="pipefusion", patches=5))],
          4: [("dit", dict(dp=2, pp=2, fsdp=True, pp_mode="microbatch")),
              ("dit", dict(dp=2, pp=2, pp_mode="microbatch")),
-             ("dit", dict(cfg=2, pp=2, pp_mode="pipefusion", patches=5))]}
+             ("dit", dict(cfg=2, pp=2, pp_mode="pipefusion", patches=5)),
+             ("dit", dict(pp=2, ulysses=2, pp_mode="pipefusion", patches=5)),
+             ("dit", dict(pp=2, ring=2, pp_mode="pipefusion", patches=5)),
+             ("flux", dict(pp=2, ulysses=2, pp_mode="pipefusion", patches=2))]}
 
 
 def _cases(world: int) -> list[tuple[str, dict]]:

@@ -125,7 +125,8 @@ def measure_call(model: nn.Module, inputs: Mapping[str, Any], layout: PlannedLay
             with torch.no_grad():
                 model(**inputs)
         parallel.begin_batch()
-        counter = CommCounter(count_isend=layout.ring == 1)
+        # ring attention's P2POps need the unwrapped isend; PipeFusion all-gathers over the ring instead
+        counter = CommCounter(count_isend=layout.ring == 1 or layout.pp_mode == "pipefusion")
         functional = FunctionalCollectives()
         growth = None
         with torch.no_grad(), counter, functional:

@@ -206,8 +206,9 @@ def dit_activation_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: 
 
 
 def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int) -> int:
-    """PipeFusion: keys and values of the whole sequence for every self-attention layer of the stage;
-    DistriFusion: the same for every layer."""
+    """PipeFusion: keys and values of the whole sequence for every self-attention layer of the stage, for the rank's
+    heads (with Ulysses and tensor parallelism inside the stage, ``1 / (ulysses x tp)`` of them; Ring gathers every
+    token); DistriFusion: the same for every layer."""
     if layout.exact:
         return 0
     full = sequence_tokens(spec, grid, work)
@@ -218,7 +219,7 @@ def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     for a in spec.self_attention:
         if a.block in own:
             total += 2 * rows * sum(full.get(s, 0) for s in a.sequences) * a.kv_width * element
-    return total
+    return total // (layout.ulysses * layout.tp)
 
 
 def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, work: Work, element: int,

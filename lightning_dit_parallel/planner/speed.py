@@ -28,7 +28,7 @@ from lightning_dit_parallel.planner.work import Hardware, Work
 METHOD_AXES: dict[str, tuple[str, ...]] = {
     "ulysses": ("ulysses",), "ring": ("ring",), "sequence_gather": ("ring", "ulysses"), "cfg_gather": ("cfg",),
     "fsdp": ("dp", "cfg", "ring", "ulysses"), "pipeline": ("pp",), "pipeline_output": ("pp",), "tp": ("tp",),
-    "tp_gather": ("tp",),
+    "tp_gather": ("tp",), "pipefusion_ring": ("ring",),
     "linear_attention": ("ring", "ulysses"), "distrifusion": ("distrifusion",),
     "guard": ("cfg", "pp", "ring", "ulysses", "tp"),
 }

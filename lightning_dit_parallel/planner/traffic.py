@@ -53,7 +53,7 @@ def _broadcast_header_bytes(shape: tuple[int, ...]) -> int:
 KIND_OF: dict[str, str] = {
     "ulysses": "all_to_all", "ring": "p2p", "sequence_gather": "all_gather", "cfg_gather": "all_gather",
     "fsdp": "all_gather", "pipeline": "p2p", "pipeline_output": "broadcast", "tp": "all_reduce",
-    "tp_gather": "all_gather",
+    "tp_gather": "all_gather", "pipefusion_ring": "all_gather",
     "linear_attention": "all_reduce", "distrifusion": "all_gather", "guard": "all_gather",
 }
 
@@ -84,13 +84,16 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             if a.block >= 0 and a.block not in blocks:
                 continue  # another stage's layer (attention outside the blocks runs on every stage)
             tokens = sum(local.get(s, 0) for s in a.sequences)
-            if layout.pp_mode == "pipefusion":
-                tokens *= layout.patches  # local tokens are one patch's; the call runs every patch
+            if layout.pp_mode == "pipefusion":  # local tokens are one patch's: every patch, the text once per call
+                text = local.get(TEXT_SEQUENCE, 0) if TEXT_SEQUENCE in a.sequences else 0
+                tokens = (tokens - text) * layout.patches + text
             if a.kind in ("self", "tail"):
                 if u > 1:  # q, k, v there and the output back: (U-1)/U of each stays off this rank
                     sent["ulysses"] += rows * tokens * (2 * a.q_width + 2 * a.kv_width) / tp * element * (u - 1) / u
-                if r > 1:  # the (2, rows, tokens, kv) key/value block, R-1 times around the ring
-                    sent["ring"] += (r - 1) * rows * tokens * 2 * a.kv_width / tp * element
+                if r > 1:  # the (2, rows, tokens, kv) key/value block, R-1 times around the ring; PipeFusion
+                    # all-gathers each pass's fresh keys and values over the ring instead
+                    method = "pipefusion_ring" if layout.pp_mode == "pipefusion" else "ring"
+                    sent[method] += (r - 1) * rows * tokens * 2 * a.kv_width / tp * element
                 if layout.distrifusion > 1:
                     sent["distrifusion"] += (layout.distrifusion - 1) * rows * tokens * 2 * a.kv_width * element
             elif a.kind == "linear" and layout.sequence_degree > 1:
@@ -115,7 +118,7 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
                 sent["tp_gather"] += rows * -(-block.tp_gather_width // tp) * element * (tp - 1) * passes
                 sent["tp"] += rows * block.tp_sample_reduce_width * element * 2 * (tp - 1) / tp * passes
         if last and layout.sequence_degree > 1:  # the gather point runs on the last stage: over Ulysses, then Ring
-            shard = rows * latent_local * spec.output_width * element
+            shard = rows * latent_local * spec.output_width * element * (layout.patches or 1)
             sent["sequence_gather"] += shard * (u - 1) + shard * u * (r - 1)
         if layout.shard_degree > 1:
             n = layout.shard_degree
