@@ -98,9 +98,12 @@ def main() -> None:
     rows = []
     for method in args.methods:
         sizes = args.degrees if method == "distrifusion" else args.patches
-        launches = [(n, [(n, w, s) for w, s in itertools.product(args.warmup, args.steps)]) for n in sizes] \
-            if method == "distrifusion" else \
-            [(args.stages if method == "pipefusion" else 4, list(itertools.product(sizes, args.warmup, args.steps)))]
+        if method == "distrifusion":  # at least one warm-up step: the first step has no stale keys to use
+            warmups = [w for w in args.warmup if w >= 1]
+            launches = [(n, [(n, w, s) for w, s in itertools.product(warmups, args.steps)]) for n in sizes]
+        else:
+            world = args.stages if method == "pipefusion" else 4
+            launches = [(world, list(itertools.product(sizes, args.warmup, args.steps)))]
         for world, configs in launches:
             ranks = run_on_ranks(world, _worker, method, configs, args.samples, args.weights, timeout_s=3600)
             for i, (patches, warmup, steps) in enumerate(configs):

@@ -149,3 +149,12 @@ def test_auto_choice_is_pure_and_sized_from_the_sampler():
     assert any(e.layout.cfg == 2 for e in plan.layouts), "a guided DiffusionSampler doubles the batch"
     with pytest.raises(ValueError, match="no layout .* fits"):
         choose_layout(sampler, **{**args, "hints": AutoHints(memory="1MiB")})
+
+
+def test_calibrate_measures_compute_bandwidth_and_memory_on_this_machine():
+    from lightning_dit_parallel.planner.calibrate import calibrate
+
+    measured = calibrate(torch.float32, devices=2, device="cpu")
+    assert measured.flops > 1e6 and measured.bandwidth and measured.bandwidth > 1e5
+    assert measured.memory and measured.memory > 2**20
+    assert "TFLOP/s" in measured.describe()

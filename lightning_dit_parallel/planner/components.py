@@ -157,13 +157,10 @@ class DecoderProfile:
         full_res_channels: the widest convolution from the last upsampler on (full resolution).
         macs_per_pixel: multiply-adds of all convolutions per output pixel (lower levels weighted by their share of
             the pixels).
-        halo_per_column: elements of the halo rows all convolutions exchange, per output pixel column (a band
-            boundary sends ``kernel // 2`` rows of every convolution's input to each neighbour).
     """
 
     full_res_channels: int
     macs_per_pixel: float
-    halo_per_column: float
 
 
 def decoder_profile(decoder: nn.Module) -> DecoderProfile:
@@ -183,14 +180,10 @@ def decoder_profile(decoder: nn.Module) -> DecoderProfile:
     total = ups
     full = [max(m.in_channels, m.out_channels) for level, m in convs if level == total] or [1]
     macs = 0.0
-    halo = 0.0
     for level, m in convs:
         share = 4.0 ** -(total - level)  # pixels at this level / output pixels
-        kernel = math.prod(m.kernel_size)
-        macs += m.in_channels * m.out_channels * kernel / m.groups * share
-        rows = m.kernel_size[-2] // 2 if len(m.kernel_size) >= 2 else 0
-        halo += 2 * rows * m.in_channels * 2.0 ** -(total - level)
-    return DecoderProfile(max(full), macs, halo)
+        macs += m.in_channels * m.out_channels * math.prod(m.kernel_size) / m.groups * share
+    return DecoderProfile(max(full), macs)
 
 
 def _first_int(config: dict, *keys: str) -> int | None:

@@ -127,10 +127,11 @@ def local_tokens(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedL
     patches)."""
     full = sequence_tokens(spec, grid, work)
     shards = layout.sequence_degree
+    if layout.patches:  # PipeFusion cuts every sequence into patches (the text too, once per step), then shards each
+        return {name: -(-(-(-n // layout.patches)) // shards) for name, n in full.items()}
     local = {name: -(-n // shards) for name, n in full.items()}
-    patches = layout.patches or layout.distrifusion
-    if patches > 1:
-        local = {name: (-(-n // patches) if name != TEXT_SEQUENCE else n) for name, n in local.items()}
+    if layout.distrifusion > 1:  # DistriFusion: each rank one patch of the latent, the text whole
+        local = {name: (-(-n // layout.distrifusion) if name != TEXT_SEQUENCE else n) for name, n in local.items()}
     return local
 
 

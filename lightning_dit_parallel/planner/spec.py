@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 from lightning_dit_parallel.plan import DiTPlan
+from lightning_dit_parallel.planner.tp_shape import inside_norm, is_text_stream, tensor_parallel_shape, with_norm_roles
 
 AttentionKind = Literal["self", "cross", "linear", "tail"]
 
@@ -213,7 +213,7 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
     """
     lists = plan.block_lists(model) if plan.blocks else []
     block_modules = [block for _, blocks in lists for block in blocks.children()]
-    tp = _tensor_parallel(model, plan)
+    tp = tensor_parallel_shape(model, plan)
     units = _units(model, plan, block_modules, tp.dims)
     attention = _attention_specs(model, plan, block_modules)
     blocks = tuple(
@@ -221,11 +221,11 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
                      tp.sample_reduce.get(i, 0))
         for i, block in enumerate(block_modules)
     )
-    blocks = _with_norm_roles(blocks, tp.norms, attention)
+    blocks = with_norm_roles(blocks, tp.norms, attention)
     in_blocks = {id(m) for b in block_modules for m in b.modules()}
     root_token_params = sum(
         _linear_numel(m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in in_blocks
-        and not _inside_norm(model, path)
+        and not inside_norm(model, path)
     )
     return ModelSpec(
         name=type(model).__name__,
@@ -245,100 +245,6 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
         tp_unsupported=tp.reason,
         tp_sizes=tp.sizes,
     )
-
-
-@dataclass(frozen=True)
-class _TensorParallelShape:
-    dims: dict[int, int | None]  # id(parameter) -> split dim
-    reduce: dict[int, tuple[int, int]]  # block index -> row-wise output features (latent stream, text stream)
-    gather: dict[int, int]  # block index -> gathered column-wise output features (per sample)
-    sample_reduce: dict[int, int]  # block index -> row-wise output features of per-sample layers
-    norms: tuple[tuple[int, str, int], ...]  # (block index, norm path, statistics) of sharded norms
-    sizes: tuple[int, ...]
-    reason: str
-
-
-def _tensor_parallel(model: nn.Module, plan: DiTPlan) -> _TensorParallelShape:
-    """What the package's tensor parallelism (``tensor.resolve_layout``) would split: per parameter the dim, per
-    block the widths its all-reduces and all-gathers carry; or why it cannot."""
-    from lightning_dit_parallel.plan import Packed
-    from lightning_dit_parallel.tensor.resolve import block_of, resolve_layout
-    from lightning_dit_parallel.tensor.styles import packed_sizes, split_dim
-
-    try:
-        layout = resolve_layout(model, plan)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # no tensor-parallel layout for this model
-        return _TensorParallelShape({}, {}, {}, {}, (), (), f"{type(exc).__name__}: {exc}")
-    modules = dict(model.named_modules())
-    index = {path: i for i, path in enumerate(layout.blocks)}
-    dims: dict[int, int | None] = {}
-    reduce: dict[int, tuple[int, int]] = {}
-    gather: dict[int, int] = {}
-    sample_reduce: dict[int, int] = {}
-    norms: list[tuple[int, str, int]] = []
-    sizes: set[int] = set()
-    for path, spec in layout.styles.items():
-        module = modules[path]
-        style = spec.style if isinstance(spec, Packed) else spec
-        block = index.get(block_of(path, layout.blocks) or "", -1)
-        if style == "sharded_norm":
-            for p in module.parameters(recurse=False):
-                dims[id(p)] = 0
-                sizes.add(p.shape[0])
-            norms.append((block, path, 2 if isinstance(module, nn.LayerNorm) else 1))  # layer norms: mean and variance
-            continue
-        dim = split_dim(spec)
-        if isinstance(module, nn.Embedding):  # torch's styles shard an embedding's table the other way round
-            dim = 1 - dim
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        if isinstance(weight, torch.Tensor):
-            dims[id(weight)] = dim
-            if not isinstance(spec, Packed):
-                sizes.add(weight.shape[dim])
-        if isinstance(bias, torch.Tensor):
-            dims[id(bias)] = 0 if style != "rowwise" else None  # a row-wise layer adds its bias after the reduce
-        if isinstance(spec, Packed):
-            sizes.update(packed_sizes(spec, module, path))
-        per_sample = _inside_norm(model, path)  # the conditioning embedders and adaLN modulation of a block
-        if isinstance(module, nn.Embedding):
-            if style == "colwise_gather":
-                gather[block] = gather.get(block, 0) + module.embedding_dim
-            continue
-        if not isinstance(module, nn.Linear):
-            continue
-        if style == "rowwise" and per_sample:
-            sample_reduce[block] = sample_reduce.get(block, 0) + module.out_features
-        elif style == "rowwise":
-            latent, text = reduce.get(block, (0, 0))
-            text_stream = is_text_stream(path)
-            reduce[block] = (latent + (0 if text_stream else module.out_features),
-                             text + (module.out_features if text_stream else 0))
-        elif style == "colwise_gather":
-            gather[block] = gather.get(block, 0) + module.out_features
-    return _TensorParallelShape(dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "")
-
-
-def _with_norm_roles(blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str, int], ...],
-                     attention: tuple[AttentionSpec, ...]) -> tuple[BlockShape, ...]:
-    """Which tokens each sharded norm normalises: the text for the context stream's (``norm_added_*``) and a
-    cross-attention's keys, the latent tokens for a cross-attention's or a double-stream block's queries and keys,
-    else everything the block carries."""
-    from dataclasses import replace
-
-    by_path = {a.path: a for a in attention}
-    roles: dict[int, list[tuple[int, str]]] = {}
-    for block, path, stats in norms:
-        owner, _, name = path.rpartition(".")
-        attn = by_path.get(owner)
-        if is_text_stream(name) or (attn is not None and attn.kind == "cross" and "k" in name.removeprefix("norm_")):
-            role = "text"
-        elif (attn is not None and attn.kind == "cross") or (0 <= block < len(blocks)
-                                                              and blocks[block].text_token_params):
-            role = "latent"
-        else:
-            role = "carried"
-        roles.setdefault(block, []).append((stats, role))
-    return tuple(replace(b, tp_norms=tuple(roles.get(i, ()))) for i, b in enumerate(blocks))
 
 
 def _units(model: nn.Module, plan: DiTPlan, block_modules: list[nn.Module],
@@ -420,18 +326,12 @@ def attention_widths(module: nn.Module, path: str) -> tuple[int, int, int]:
     return heads, int(q_width), int(kv_width if isinstance(kv_width, int) else q_width)
 
 
-def is_text_stream(path: str) -> bool:
-    """Whether a layer belongs to the text (context) stream of a double-stream block, by diffusers' names
-    (``ff_context``, ``add_q_proj``, ``to_add_out``, ``norm1_context`` ...)."""
-    return any("context" in part or part.startswith("add_") or "_add_" in part for part in path.split("."))
-
-
 def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tuple[int, int],
                  tp_gather: int, tp_sample_reduce: int) -> BlockShape:
     self_attn = [a for a in attention if a.kind in ("self", "tail", "linear")]
     hidden = max((a.q_width for a in self_attn or attention), default=0)
     linears = [(path, m) for path, m in block.named_modules()
-               if isinstance(m, nn.Linear) and not _inside_norm(block, path)]
+               if isinstance(m, nn.Linear) and not inside_norm(block, path)]
     text_params = sum(_linear_numel(m) for path, m in linears if is_text_stream(path))
     linears = [m for _, m in linears]
     if not hidden:
@@ -441,18 +341,6 @@ def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tu
     parallel = any(m.in_features == hidden + mlp for m in linears) and mlp > hidden
     return BlockShape(hidden, max(mlp, hidden), sum(_linear_numel(m) for m in linears), sequences, text_params,
                       tp_reduce[0], tp_reduce[1], tp_gather, tp_sample_reduce, parallel)
-
-
-def _inside_norm(root: nn.Module, path: str) -> bool:
-    """Whether the module at ``path`` sits inside a normalization module (adaptive norms hold the per-sample
-    modulation projections, e.g. ``norm1.linear`` of AdaLayerNormZero, which do not run per token)."""
-    parts = path.split(".")
-    module = root
-    for part in parts[:-1]:
-        module = getattr(module, part)
-        if "Norm" in type(module).__name__:
-            return True
-    return False
 
 
 def _linear_numel(m: nn.Linear) -> int:

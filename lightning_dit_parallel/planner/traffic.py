@@ -84,9 +84,8 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             if a.block >= 0 and a.block not in blocks:
                 continue  # another stage's layer (attention outside the blocks runs on every stage)
             tokens = sum(local.get(s, 0) for s in a.sequences)
-            if layout.pp_mode == "pipefusion":  # local tokens are one patch's: every patch, the text once per call
-                text = local.get(TEXT_SEQUENCE, 0) if TEXT_SEQUENCE in a.sequences else 0
-                tokens = (tokens - text) * layout.patches + text
+            if layout.pp_mode == "pipefusion":
+                tokens *= layout.patches  # local tokens are one patch's; a call runs every patch
             if a.kind in ("self", "tail"):
                 if u > 1:  # q, k, v there and the output back: (U-1)/U of each stays off this rank
                     sent["ulysses"] += rows * tokens * (2 * a.q_width + 2 * a.kv_width) / tp * element * (u - 1) / u
@@ -133,10 +132,8 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
             first_next = spec.blocks[stages[stage + 1].start]
             carried = sum(local.get(s, 0) for s in first_next.sequences) or latent_local
             flags = len(first_next.sequences) or 1  # one uint8 flag per tensor of the call
-            if layout.pp_mode == "pipefusion":  # every patch of the latent; the text tokens once per step
-                text = local.get(TEXT_SEQUENCE, 0) if TEXT_SEQUENCE in first_next.sequences else 0
-                sent["pipeline"] += (layout.patches * (rows * (carried - text) * first_next.hidden * element + flags)
-                                     + rows * text * first_next.hidden * element)
+            if layout.pp_mode == "pipefusion":  # every patch crosses once
+                sent["pipeline"] += layout.patches * (rows * carried * first_next.hidden * element + flags)
             else:  # every micro-batch's rows cross once
                 sent["pipeline"] += rows * carried * first_next.hidden * element + passes * flags
         if layout.pp > 1 and last:

@@ -35,7 +35,7 @@ class PatchParallelStrategy(DiTParallelStrategy):
 
     Raises:
         TypeError: for arguments of another parallelism (``ulysses_degree``, ``pp_degree`` ...).
-        ValueError: for ``warmup_steps`` that is not an integer >= 0.
+        ValueError: for ``warmup_steps`` that is not an integer >= 1.
 
     Example:
         >>> trainer = L.Trainer(devices=4, strategy=PatchParallelStrategy(degree=2, cfg_degree=2))  # doctest: +SKIP
