@@ -37,6 +37,7 @@ from lightning_dit_parallel.sampling.joint_conditioning import FluxConditioning
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.utils.comm_counter import CommCounter
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
+from lightning_dit_parallel.utils.sharpen import sharpen_attention
 from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 PARTS = ("distrifusion", "pipefusion_ulysses", "text")
@@ -57,7 +58,9 @@ def dit_inputs(tokens: int):
     return {"hidden_states": x, "timestep": torch.tensor([10]), "class_labels": torch.tensor([3]), "return_dict": False}
 
 
-def build_flux(hidden: int, heads: int, double: int, single: int) -> FluxTransformer2DModel:
+def build_flux(hidden: int, heads: int, double: int, single: int, sharpen: float) -> FluxTransformer2DModel:
+    """Seeded random weights; zero-initialised layers get small values, attention is sharpened by ``sharpen``
+    (logits times its square: peaked, as in a trained model, so that stale keys matter)."""
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=hidden // heads,
@@ -68,8 +71,8 @@ def build_flux(hidden: int, heads: int, double: int, single: int) -> FluxTransfo
     with torch.no_grad():  # Flux zero-initialises its modulation and output layers: give them small values
         for p in model.parameters():
             if p.numel() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    return model
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return sharpen_attention(model, sharpen)
 
 
 def _median_ratio(plain: list, parallel: list) -> tuple[float, float, str]:
@@ -183,7 +186,7 @@ def flux_sampler(args: argparse.Namespace, steps: int) -> DiffusionSampler:
 
     side = int(round(args.flux_tokens**0.5))
     return DiffusionSampler(
-        build_flux(args.hidden, args.heads, 2, 4), FlowMatchEulerDiscreteScheduler(shift=3.0),
+        build_flux(args.hidden, args.heads, 2, 4, args.sharpen), FlowMatchEulerDiscreteScheduler(shift=3.0),
         FluxConditioning(side, side), latent_shape=(side * side, 16), num_inference_steps=steps, guidance_scale=4.0,
     )
 
@@ -234,7 +237,7 @@ def _text_worker(rank: int, world: int, args: argparse.Namespace) -> dict:
 
 def report_text(args: argparse.Namespace) -> None:
     print(f"\nPipeFusion text modes: Flux-shaped DiT (hidden {args.hidden}, 2 double + 4 single blocks, seeded random"
-          f" weights), {args.flux_tokens} image + {args.text_tokens} text tokens, 2 stages, {args.patches_text} patches,"
+          f" weights, attention sharpened x{args.sharpen:g}), {args.flux_tokens} image + {args.text_tokens} text tokens, 2 stages, {args.patches_text} patches,"
           " warm-up 1, vs exact one-process sampling (latents)")
     exact = {steps: flux_sampler(args, steps).sample(text_batch(args)) for steps in args.text_steps}
     r = run_on_ranks(2, _text_worker, args, threads=args.threads, timeout_s=3600)[0]
@@ -267,6 +270,7 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=256)
     parser.add_argument("--patches-text", type=int, default=4)
     parser.add_argument("--text-steps", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--sharpen", type=float, default=3.0, help="query/key scale of the Flux-shaped model")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks and the baseline)")
     args = parser.parse_args()
