@@ -111,8 +111,8 @@ def main() -> None:
                 if any(not torch.equal(torch.from_numpy(r[i][0]), images) for r in ranks[1:]):
                     raise AssertionError(f"ranks returned different images for {method} {patches} W={warmup} {steps}")
                 rows.append((method, patches, warmup, steps, images))
-    print("| method | patches M (PipeFusion) / ranks N (DistriFusion) | warm-up W | steps | max abs diff | mean abs diff"
-          " | PSNR dB | class acc. method | class acc. exact |")
+    print("| method | patches M / ranks N | warm-up W | steps | max abs diff | mean abs diff | PSNR dB"
+          " | class acc. method | class acc. exact |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, patches, warmup, steps, images in rows:
         diff = (images - exact[steps]).abs()

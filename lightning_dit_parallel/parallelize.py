@@ -207,11 +207,14 @@ def _apply_pipeline(
 ) -> None:
     """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis; PipeFusion shards
     each patch over the stage's sequence-parallel ranks itself."""
-    sequence = None
-    if options.mode == "pipefusion" and layout.sequence_degree > 1:
-        sequence = SequenceGroups.from_mesh(mesh)
+    sequence = SequenceGroups.from_mesh(mesh) if layout.sequence_degree > 1 else None
     for _, dit, plan in planned:
-        result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp"), sequence))
+        if sequence is not None and options.mode == "microbatch":
+            # sequence parallelism's own checks on the whole model before stages release blocks (installed and removed:
+            # pure); on a stage, a pattern may match none of the blocks it holds
+            apply_sequence_parallel(dit, plan, sequence).remove()
+        pipefusion_sequence = sequence if options.mode == "pipefusion" else None
+        result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp"), pipefusion_sequence))
     rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
 
 

@@ -24,7 +24,8 @@ def test_registered_name_and_options():
     with pytest.raises(TypeError, match=r"sets \['pp_degree', 'ulysses_degree'\] itself"):
         PatchParallelStrategy(ulysses_degree=2, pp_degree=2)
     composed = PatchParallelStrategy(degree=2, cfg_degree=2)
-    assert (composed._requested_layout.ring, composed._requested_layout.cfg, composed._requested_layout.dp) == (2, 2, "auto")
+    layout = composed._requested_layout
+    assert (layout.ring, layout.cfg, layout.dp) == (2, 2, "auto")
 
 
 def test_layouts_it_runs_on():
