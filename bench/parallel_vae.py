@@ -171,17 +171,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks and the baseline)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: NCCL, one GPU per rank")
+    parser.add_argument("--skip-memory", action="store_true", help="only the timing run (time and bytes)")
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     print(f"AutoencoderKL (SD widths) decode of a {args.latent} x {args.latent} latent ({8 * args.latent} x"
           f" {8 * args.latent} image) on {args.ranks} ranks ({args.device}, {args.threads} thread(s) per process)")
-    memory = run_on_ranks(args.ranks, _worker, args, True, threads=args.threads, timeout_s=3600, backend=backend)
+    if not args.skip_memory:
+        memory = run_on_ranks(args.ranks, _worker, args, True, threads=args.threads, timeout_s=3600, backend=backend)
+        single, worst = memory[0]["single"], max(m["parallel"] for m in memory)
+        print(f"\nweights per process: {memory[0]['weights'] / MiB:.0f} MiB (the whole VAE; not in the figures below)")
+        per_rank = ", ".join(f"{m['parallel'] / MiB:.0f}" for m in memory)
+        print(f"peak memory of the decode: one process {single / MiB:.0f} MiB; per rank {per_rank} MiB; ratio (busiest"
+              f" rank / one process) {worst / single:.2f}")
     timing = run_on_ranks(args.ranks, _worker, args, False, threads=args.threads, timeout_s=3600, backend=backend)
-    single, worst = memory[0]["single"], max(m["parallel"] for m in memory)
-    print(f"\nweights per process: {memory[0]['weights'] / MiB:.0f} MiB (the whole VAE; not in the figures below)")
-    per_rank = ", ".join(f"{m['parallel'] / MiB:.0f}" for m in memory)
-    print(f"peak memory of the decode: one process {single / MiB:.0f} MiB; per rank {per_rank} MiB; ratio (busiest"
-          f" rank / one process) {worst / single:.2f}")
     r = timing[0]
     single_wall, par_wall = [s[0] for s in r["single"]], [p[0] for p in r["parallel"]]
     speedup = statistics.median(s / p for s, p in zip(single_wall, par_wall))

@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, Split, plan_for
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.pipeline.patches import PatchPass, patch_bounds
 from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
 from lightning_dit_parallel.pipeline.stages import (
     ReleasedBlock,
@@ -206,6 +207,18 @@ def test_stage_sizes():
     assert stage_sizes(28, 2) == [14, 14]
     assert stage_sizes(5, 4) == [2, 1, 1, 1]
     assert stage_sizes(4, 2, (1, 3)) == [1, 3]
+
+
+def test_patch_parts():
+    """Patches are contiguous runs, the first ones a token longer; unpatched sequences go whole with every pass."""
+    assert patch_bounds(16, 3) == [0, 6, 11, 16] and patch_bounds(8, 4) == [0, 2, 4, 6, 8]
+    patch = PatchPass(3, 1, patched=frozenset({"image"}))
+    image = patch.cut(torch.arange(16)[None], Split("image", 1), "test")  # (1, 16) -> (1, 5)
+    text = patch.cut(torch.arange(7)[None], Split("text", 1), "test")  # (1, 7) whole
+    assert image.tolist() == [[6, 7, 8, 9, 10]] and text.shape == (1, 7)
+    assert patch.part("image") == (6, 5) and patch.parts("image") == [6, 5, 5] and patch.parts("text") == [7]
+    with pytest.raises(ValueError, match="but 16 were cut earlier in this pass"):
+        patch.cut(torch.arange(15)[None], Split("image", 1), "test")
 
 
 # -- errors: same ValueError on every rank before any communication ----------------------------------------
