@@ -1,6 +1,7 @@
 """Parallel VAE decode: the latent cut into bands along the height over 2 and 4 gloo ranks equals the one-process
-decode (float32, relative 1e-5) for AutoencoderKL, AutoencoderKLWan (2.1 and 2.2) and AutoencoderKLQwenImage, with
-even and uneven band heights; each data-parallel group decodes its own latents; clear errors."""
+decode (float32, relative 1e-5) for AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLWan (2.1 and 2.2) and
+AutoencoderKLQwenImage, with even and uneven band heights; each data-parallel group decodes its own latents; clear
+errors."""
 
 from __future__ import annotations
 
