@@ -17,14 +17,17 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from lightning_dit_parallel.utils.multiprocess import free_port
+
 
 @contextmanager
-def external_launch(rank: int, world: int, port: int, harness_port: int) -> Iterator[None]:
+def external_launch(rank: int, world: int, port: int, harness_port: int | None) -> Iterator[None]:
     """Inside, this rank looks like a torchrun process to Lightning and has no process group of its own.
 
     ``run_on_ranks`` gave the rank a process group; it is destroyed on entry (every strategy then makes its own on
     ``port``) and made again on exit over ``harness_port``, for ``run_on_ranks`` to close. Both ports must be the
-    same on every rank.
+    same on every rank. ``harness_port=None``: on exit the rank gets a group of its own alone (for tests in which a
+    peer dies and could never join a group of all ranks again).
     """
     dist.destroy_process_group()
     saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -41,10 +44,13 @@ def external_launch(rank: int, world: int, port: int, harness_port: int) -> Iter
                 os.environ[key] = value
         if dist.is_initialized():  # a strategy that failed to tear down: leave the harness a group it can close
             dist.destroy_process_group()
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{harness_port}", rank=rank, world_size=world,
-            timeout=timedelta(seconds=60),
-        )
+        if harness_port is None:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{harness_port}", rank=rank, world_size=world,
+                timeout=timedelta(seconds=60),
+            )
 
 
 def predict_here(module: L.LightningModule, loader, strategy, devices: int) -> torch.Tensor:

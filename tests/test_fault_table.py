@@ -12,7 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
 from tests.distributed import free_port, run_on_ranks
-from tests.in_process import predict_here
+from tests.in_process import external_launch, predict_here
 from tests.models import build_dit, dit_sampler, requests
 from tests.rank_outputs import predict_single
 
@@ -57,31 +56,10 @@ def faulty_sampler(fault: str, rank: int):
     return module
 
 
-@contextmanager
-def launched_externally(rank: int, world: int, port: int):
-    """This rank looks like a torchrun process to Lightning; ``run_on_ranks``' group is replaced by a group of this
-    rank alone on exit (a dead peer could never join a new one of all ranks), which the harness then closes."""
-    dist.destroy_process_group()
-    names = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-
-
 def _one_fault(rank: int, world: int, preset: str, fault: str, port: int) -> dict:
     strategy = PRESETS[preset][1]()
     module = faulty_sampler(fault, rank)
-    with launched_externally(rank, world, port):
+    with external_launch(rank, world, port, None):  # a peer may be dead: no group of all ranks on exit
         start = time.monotonic()
         try:
             predict_here(module, requests(4, batch_size=2), strategy, world)
