@@ -10,21 +10,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import DiTParallelStrategy, SequenceParallelStrategy
+from lightning_dit_parallel.prompts import prompt_loader
 from tests.pipelines import PIXART_CALL, pixart_sigma_pipeline
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 PROMPTS = ["a red cat", "a blue dog on the grass"]
-
-
-class Prompts(Dataset):
-    def __len__(self) -> int:
-        return len(PROMPTS)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": torch.tensor(i), "prompt": PROMPTS[i]}
 
 
 class DecodesWithPipeline(L.LightningModule):
@@ -54,7 +47,7 @@ class DecodesWithPipeline(L.LightningModule):
 
 
 def loader() -> DataLoader:
-    return DataLoader(Prompts(), batch_size=2)
+    return prompt_loader(PROMPTS, batch_size=2)
 
 
 @pytest.fixture(scope="module")
