@@ -86,7 +86,7 @@ def test_skyreels_block_causal_mask_is_rejected():
         model(**inputs)  # runs unparallelized
         handle = apply_sequence_parallel(model, plan_for(model), SequenceGroups())
         try:
-            with pytest.raises(NotImplementedError, match="depends on the query"):
+            with pytest.raises(NotImplementedError, match="is a query-dependent attn_mask"):
                 model(**inputs)
         finally:
             handle.remove()
