@@ -8,9 +8,14 @@ and the gathered sample would be silently wrong. The guard turns that into an er
 
 A forward pre-hook on the DiT, ahead of every other parallelizer's hooks (it sees the arguments before the CFG
 split and the sequence cuts), computes a fingerprint of each argument of the DiT's forward, all-gathers the
-fingerprints over the group (one small all-gather per DiT call: 5 float64 numbers per argument) and raises a
-``ValueError`` on every rank when they differ, naming the argument and the ranks. Every rank reaches the same
-verdict from the same gathered numbers, so all of them raise together and none is left waiting.
+fingerprints over the group (one small all-gather: 5 float64 numbers per argument) and raises a ``ValueError`` on
+every rank when they differ, naming the argument and the ranks. Every rank reaches the same verdict from the same
+gathered numbers, so all of them raise together and none is left waiting.
+
+By default the check runs in the first DiT call of each batch (``begin_batch``, which the strategy calls before
+every predict step): the later calls of a denoising loop are computed from the first call's inputs by the same code
+on every rank. ``every_call`` checks every call, which also catches noise a stochastic scheduler draws per step from
+a rank-dependent random state, for one all-gather per call.
 
 The fingerprint of an argument: a CRC-32 of its structure (container types, tensor shapes and dtypes, the
 values of Python scalars), its number of elements and, over its tensors, the float64 sum, the sum of squares and
@@ -30,6 +35,7 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -67,12 +73,21 @@ class InputGuard:
     group: ProcessGroup
     signature: inspect.Signature
     ranks: list[int]
+    every_call: bool = False
     handles: list[RemovableHandle] = field(default_factory=list)
+    checked: bool = False  # this batch's first call has been checked
 
     def remove(self) -> None:
         remove_handles(self.handles)
 
+    def begin_batch(self) -> None:
+        """A new batch starts: its first DiT call is checked."""
+        self.checked = False
+
     def _check(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.checked and not self.every_call:
+            return
+        self.checked = True
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:
@@ -212,15 +227,27 @@ def _message(model: str, name: str, classes: list[list[int]]) -> str:
     )
 
 
-def apply_input_guard(model: nn.Module, group: ProcessGroup) -> InputGuard:
+#: ``check_inputs`` values: off, the first DiT call of each batch, every DiT call.
+CheckInputs = bool | Literal["every_call"]
+
+
+def check_inputs_option(value: object) -> CheckInputs:
+    """``value`` if it is a ``check_inputs`` setting (``True``, ``False`` or ``"every_call"``), else ``ValueError``."""
+    if isinstance(value, bool) or value == "every_call":
+        return value  # type: ignore[return-value]
+    raise ValueError(f"check_inputs must be True, False or 'every_call'; got {value!r}.")
+
+
+def apply_input_guard(model: nn.Module, group: ProcessGroup, every_call: bool = False) -> InputGuard:
     """Install the guard on the DiT ``model``: its forward checks that every rank of ``group`` (see
-    ``replicated_group``) passes identical arguments.
+    ``replicated_group``) passes identical arguments, in the first call after each ``begin_batch()`` (and the first
+    call after installing), or in every call with ``every_call``.
 
     Install it after the other parallelizers: its pre-hook is put first, so it sees the arguments before any of
     theirs has cut them.
     """
     ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
     # the class's forward, bound: a pipeline may have replaced ``model.forward`` by a (*args, **kwargs) driver
-    guard = InputGuard(model, group, inspect.signature(type(model).forward.__get__(model)), ranks)
+    guard = InputGuard(model, group, inspect.signature(type(model).forward.__get__(model)), ranks, every_call)
     guard.handles.append(model.register_forward_pre_hook(guard._check, with_kwargs=True, prepend=True))
     return guard

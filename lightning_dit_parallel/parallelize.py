@@ -14,7 +14,8 @@ from torch import nn
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
-from lightning_dit_parallel.guard import apply_input_guard, replicated_group
+from lightning_dit_parallel.incomplete import check_complete
+from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages, check_cuts_on_every_stage
@@ -34,6 +35,9 @@ from lightning_dit_parallel.vae import VaeCut, apply_parallel_vae, find_vaes
 
 
 class Removable(Protocol):
+    """A parallelizer's undo. ``remove`` may use collectives; one whose ``remove`` does also has ``discard()``, the
+    undo without them (see ``Parallelized.discard``)."""
+
     def remove(self) -> None: ...
 
 
@@ -45,16 +49,24 @@ class Parallelized:
     applied: list[Removable] = field(default_factory=list)
 
     def remove(self) -> None:
-        """Remove every parallelizer, last applied first; one that fails does not keep the others' hooks on the
-        model (the first error is raised after all were tried)."""
-        error: BaseException | None = None
+        """Remove every parallelizer, last applied first (collectives: FSDP, tensor parallelism and pipeline stages
+        gather the weights back). When one fails (a peer is gone), it and all that follow are discarded instead
+        (see ``discard``) and the error is raised afterwards."""
         while self.applied:
+            item = self.applied.pop()
             try:
-                self.applied.pop().remove()
-            except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others are removed
-                error = error or exc
-        if error is not None:
-            raise error
+                item.remove()
+            except BaseException:
+                self.discard()
+                raise
+
+    def discard(self) -> None:
+        """Undo every parallelizer, last applied first, without any collective: after a failure, when the peers may
+        be inside another collective or dead. Hooks go as in ``remove``; the weights this rank holds only a part of
+        become meta tensors and their modules are marked incomplete (``incomplete.py``)."""
+        while self.applied:
+            item = self.applied.pop()
+            getattr(item, "discard", item.remove)()
 
     def begin_batch(self) -> None:
         """A new batch starts: parallelizers that keep state across DiT calls (PipeFusion) reset it."""
@@ -66,7 +78,7 @@ class Parallelized:
 
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
-    pipeline: PipelineOptions | None = None, check_inputs: bool = True, parallel_vae: bool = False,
+    pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
     distrifusion: DistriFusionOptions | None = None,
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
@@ -84,8 +96,9 @@ def parallelize(
         shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
             e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
-        check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check in every DiT forward that the
-            ranks of each model-parallel group pass identical arguments (see ``lightning_dit_parallel.guard``).
+        check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check that the ranks of each
+            model-parallel group pass the DiT identical arguments (see ``lightning_dit_parallel.guard``): ``True``
+            in the first DiT call after each ``Parallelized.begin_batch()``, ``"every_call"`` in every call.
         parallel_vae: decode the latents of every VAE found by its cut (``lightning_dit_parallel.vae``) in bands along
             the height over each model-parallel group (exact; the encoder stays whole). With model parallelism 1
             there is nothing to band; the VAEs are still looked for, so a module without one fails the same way.
@@ -98,6 +111,7 @@ def parallelize(
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
             or ``shard_modules`` names a module that does not exist.
     """
+    check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     result = Parallelized()
     if shard_modules and not layout.fsdp:
         raise ValueError(f"shard_modules={list(shard_modules)} needs fsdp=True ({layout.describe()}).")
@@ -147,10 +161,10 @@ def parallelize(
             rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
         if vaes and layout.model_parallel_degree > 1:
             _apply_parallel_vae(result, vaes, mesh)
-        if check_inputs and layout.model_parallel_degree > 1:
+        if check_inputs_option(check_inputs) and layout.model_parallel_degree > 1:
             group = replicated_group(mesh)
             for _, dit, _ in planned:  # last applied, so its pre-hook runs first and sees the uncut arguments
-                result.applied.append(apply_input_guard(dit, group))
+                result.applied.append(apply_input_guard(dit, group, every_call=check_inputs == "every_call"))
     except BaseException:
         result.remove()
         raise

@@ -43,9 +43,25 @@ class GlobalNoiseSampler(DiffusionSampler):
         return self.conditioning(self.transformer, model_in, t, batch, self.guided)
 
 
-def _sampler(seed_by: str = "rank") -> GlobalNoiseSampler:
+class StepNoiseSampler(GlobalNoiseSampler):
+    """Two DiT calls per batch: the first on noise every rank draws alike, the second with noise added from a
+    rank-seeded random state (a stochastic scheduler's per-step noise drawn the wrong way). ``seed_by="rank"`` also
+    seeds the first call's noise from the rank, from the second batch on."""
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        torch.manual_seed(1000 + (self.global_rank if self.seed_by == "rank" and batch_idx > 0 else 0))
+        latents = torch.randn(len(batch["index"]), *self.latent_shape)  # (B, C, H, W)
+        t = torch.tensor([50])
+        first = self.conditioning(self.transformer, torch.cat([latents, latents]), t, batch, self.guided)
+        torch.manual_seed(2000 + self.global_rank)
+        stepped = latents + torch.randn_like(latents)  # rank-dependent per-step noise
+        return first + self.conditioning(self.transformer, torch.cat([stepped, stepped]), t, batch, self.guided)
+
+
+def _sampler(seed_by: str = "rank", cls: type[GlobalNoiseSampler] = GlobalNoiseSampler) -> GlobalNoiseSampler:
     base = dit_sampler(build_dit(), steps=1)
-    return GlobalNoiseSampler(
+    return cls(
         base.transformer, base.scheduler, base.conditioning, base.latent_shape, num_inference_steps=1,
         guidance_scale=base.guidance_scale, seed_by=seed_by,
     )
@@ -65,9 +81,9 @@ def _guard_cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str
     """Every case's outcome on this rank: the ValueError's message, or ``"ran"``."""
     outcomes: dict[str, str] = {}
 
-    def attempt(name: str, module, strategy) -> None:
+    def attempt(name: str, module, strategy, samples: int = 2) -> None:
         try:
-            predict_here(module, requests(2, batch_size=2), strategy, world)
+            predict_here(module, requests(samples, batch_size=2), strategy, world)
             outcomes[name] = "ran"
         except ValueError as err:
             outcomes[name] = str(err)
@@ -79,6 +95,12 @@ def _guard_cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str
                 attempt(f"{name} unchecked", _sampler("rank"), make(False))
             # data parallel only (FSDP over the two dp ranks): different noise per rank is legitimate
             attempt("dp", _sampler("rank"), FSDPInferenceStrategy())
+            # the first DiT call of each batch is checked; "every_call" checks the later calls too
+            for check in (True, "every_call"):
+                attempt(f"step noise, {check}", _sampler("step", StepNoiseSampler),
+                        SequenceParallelStrategy(ulysses_degree=2, check_inputs=check))
+            attempt("second batch", _sampler("rank", StepNoiseSampler), SequenceParallelStrategy(ulysses_degree=2),
+                    samples=4)
         else:
             for seed_by, what in (("rank", "rank"), ("dp", "dp group")):
                 strategy = SequenceParallelStrategy(ulysses_degree=2, dp_degree=2)
@@ -102,6 +124,9 @@ def test_rank_dependent_noise_is_a_clear_error_in_every_model_parallel_group():
             _assert_names_the_problem(outcomes[f"{name} checked"], (0, 1), f"{name}, rank {rank}")
             assert outcomes[f"{name} unchecked"] == "ran", f"{name} with check_inputs=False, rank {rank}"
         assert outcomes["dp"] == "ran", f"data-parallel ranks were compared, rank {rank}: {outcomes['dp']}"
+        assert outcomes["step noise, True"] == "ran", f"a later DiT call was checked by default, rank {rank}"
+        _assert_names_the_problem(outcomes["step noise, every_call"], (0, 1), f"every_call, rank {rank}")
+        _assert_names_the_problem(outcomes["second batch"], (0, 1), f"the second batch's first call, rank {rank}")
 
 
 def test_data_parallel_groups_are_checked_apart():
@@ -145,6 +170,6 @@ def test_fingerprint_covers_containers_scalars_and_missing_arguments():
     assert _verdict(_ABSENT, None) == [[0], [1]], "an argument passed on one rank only"
 
 
-def test_check_inputs_must_be_a_bool():
-    with pytest.raises(ValueError, match="check_inputs must be a bool"):
+def test_check_inputs_must_be_a_bool_or_every_call():
+    with pytest.raises(ValueError, match="check_inputs must be True, False or 'every_call'"):
         DiTParallelStrategy(ulysses_degree=2, check_inputs="yes")

@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.utils.hooks import remove_handles
 
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
@@ -145,15 +146,38 @@ class FSDPSharding:
         self.outside_calls.clear()
         if not self.snapshots:
             return
-        full: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+        try:
+            self._replace_sharded(lambda p: nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad))
+        except BaseException:
+            self.discard()  # a peer is gone: the parameters not yet gathered become meta tensors
+            raise
+        self._restore_modules()
+
+    def discard(self) -> None:
+        """Undo ``fully_shard`` without a collective (after a failed predict, see ``incomplete.py``): every
+        parameter still sharded becomes a meta tensor of its full shape, and ``root`` is marked incomplete."""
+        for hooks in self.outside_calls:
+            hooks.remove()
+        self.outside_calls.clear()
+        if not self.snapshots:
+            return
+        self._replace_sharded(meta_like)
+        self._restore_modules()
+        mark_incomplete(self.root, "its FSDP shards could not be gathered back (no collective after the failure).")
+
+    def _replace_sharded(self, whole) -> None:
+        """Replace every sharded parameter by ``whole(parameter)`` (tied parameters stay tied)."""
+        full: dict[int, nn.Parameter] = {}
         for module in self.root.modules():  # the same order on every rank
             for name, param in list(module._parameters.items()):
                 if param is None or not hasattr(param, "full_tensor"):
                     continue
                 if id(param) not in full:
                     # DTensor Shard(0): (ceil(n/N), ...) per rank -> all-gather -> (n, ...)
-                    full[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+                    full[id(param)] = whole(param)
                 module._parameters[name] = full[id(param)]
+
+    def _restore_modules(self) -> None:
         for module, snapshot in self.snapshots.values():
             snapshot.restore(module)
         self.snapshots.clear()

@@ -76,13 +76,17 @@ class StageLoop:
         self._handles.append(self._last_block.register_forward_pre_hook(self._enter_last_block))
         return self
 
-    def remove(self) -> None:
+    def remove(self, wait: bool = True) -> None:
+        """Take the hooks off; ``wait=False`` (after a failure) drops the posted sends instead of waiting for them."""
         remove_handles(self._handles)
         for (_, blocks), cls in zip(self.lists, self._classes):
             blocks.__class__ = cls
             del blocks._pipeline_items
         self._classes.clear()
-        self.wait()
+        if wait:
+            self.wait()
+        self.pending.clear()
+        self._in_flight.clear()
 
     def begin(self) -> None:
         """Start one pass (a micro-batch or a patch) through the DiT's forward."""

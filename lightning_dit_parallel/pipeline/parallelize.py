@@ -27,8 +27,10 @@ from lightning_dit_parallel.pipeline.stages import (
     assign_stages,
     check_cuts_on_every_stage,
     release_blocks,
+    put_back_released,
     restore_blocks,
 )
+from lightning_dit_parallel.incomplete import mark_incomplete
 from lightning_dit_parallel.plan import DiTPlan, module_paths
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
@@ -68,15 +70,32 @@ class PipelineParallel:
     def remove(self) -> None:
         if self.removed:
             return
+        self._remove_hooks()
+        try:
+            restore_blocks(self.model, self.plan, self.assignment, self.loop.link.group)
+        except BaseException:
+            self.discard()  # a peer is gone: the blocks not yet received stay meta tensors
+            raise
+
+    def discard(self) -> None:
+        """Undo the pipeline without a collective (after a failed predict, see ``incomplete.py``): the released
+        blocks come back with their meta tensors and the model is marked incomplete."""
+        self._remove_hooks(wait=False)
+        if put_back_released(self.model, self.plan):
+            mark_incomplete(self.model, "the blocks of other pipeline stages could not be received back (no"
+                                        " collective after the failure).")
+
+    def _remove_hooks(self, wait: bool = True) -> None:
+        if self.removed:
+            return
         if isinstance(self.driver, PipeFusionForward):
             self.driver.remove()
-        self.loop.remove()
+        self.loop.remove(wait)
         if self.previous_forward is _MISSING:
             del self.model.forward
         else:
             self.model.forward = self.previous_forward
         self.removed = True
-        restore_blocks(self.model, self.plan, self.assignment, self.loop.link.group)
 
 
 def apply_pipeline(

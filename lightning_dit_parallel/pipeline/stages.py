@@ -216,6 +216,19 @@ def restore_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment,
     return restored
 
 
+def put_back_released(model: nn.Module, plan: DiTPlan) -> list[str]:
+    """Put every released block back as it is, its tensors on the meta device (no collective: the undo of
+    ``release_blocks`` after a failure). Returns the paths of the blocks put back."""
+    put_back = []
+    for path, blocks in plan.block_lists(model):
+        for index in range(len(blocks)):
+            here = blocks[index]
+            if isinstance(here, ReleasedBlock) and here._original:
+                blocks[index] = here._original[0]
+                put_back.append(f"{path}.{index}")
+    return put_back
+
+
 def _to_meta(block: nn.Module, kept: set[int]) -> None:
     """Replace every parameter and buffer of ``block`` that is not in ``kept`` by a meta tensor (ties kept)."""
     replaced: dict[int, torch.Tensor] = {}

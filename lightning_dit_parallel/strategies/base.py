@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
+from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -28,6 +29,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_dit_parallel.fsdp import check_equal_batch_counts
+from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import materialize
 from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
@@ -35,10 +37,11 @@ from lightning_dit_parallel.parallelize import Parallelized, parallelize
 from lightning_dit_parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
 from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
+from lightning_dit_parallel.strategies.failure import may_gather
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
-from lightning_dit_parallel.utils.rendezvous import group_store
+from lightning_dit_parallel.utils.rendezvous import group_store, predict_namespace
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 TBroadcast = TypeVar("TBroadcast")
@@ -91,9 +94,11 @@ class DiTParallelStrategy(ParallelStrategy):
             ``"per_step"`` (cut into patches like the image); default ``None``: ``"per_step"``. See ``TextTokens``.
         shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
             ``["text_encoder"]``. They must run on every rank of the shard group in step.
-        check_inputs: check in every DiT forward that the ranks of each model-parallel group (cfg, pp, ring,
-            ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank when they do
-            not (e.g. noise drawn from a rank-dependent random state). One small all-gather per DiT call.
+        check_inputs: check in the first DiT call of every batch that the ranks of each model-parallel group (cfg,
+            pp, ring, ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank
+            when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
+            ``"every_call"``: in every DiT call (also catches per-step noise of a stochastic scheduler); ``False``:
+            off. See ``lightning_dit_parallel.guard``.
         parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
             ``AutoencoderKLWan``, ... found by class, see ``lightning_dit_parallel.vae``) decodes its latents cut into
             bands along the height over the ranks of each model-parallel group, exactly (halo rows per convolution,
@@ -135,7 +140,7 @@ class DiTParallelStrategy(ParallelStrategy):
         *,
         tp_degree: Degree = 1,
         shard_modules: Sequence[str] | None = None,
-        check_inputs: bool = True,
+        check_inputs: CheckInputs = True,
         parallel_vae: bool = False,
         pp_mode: PipelineMode = "microbatch",
         num_patches: int | None = None,
@@ -190,9 +195,7 @@ class DiTParallelStrategy(ParallelStrategy):
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
-        if not isinstance(check_inputs, bool):
-            raise ValueError(f"check_inputs must be a bool; got {check_inputs!r}.")
-        self._check_inputs = check_inputs
+        self._check_inputs = check_inputs_option(check_inputs)
         if not isinstance(parallel_vae, bool):
             raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
         self._parallel_vae = parallel_vae
@@ -207,6 +210,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._parallelized: Parallelized | None = None
         self._pipelines: AttachedPipelines | None = None
         self._owns_process_group = False
+        self._store: dist.Store | None = None  # keys of this predict alone (strategies/failure.py)
+        self._failed = False
         self._undo_sample_check: Callable[[], None] = lambda: None
 
     # -- layout and mesh ----------------------------------------------------------------------------------
@@ -305,6 +310,9 @@ class DiTParallelStrategy(ParallelStrategy):
                 self.cluster_environment, self._process_group_backend, self.global_rank, self.world_size,
                 timeout=self._timeout, store=store,
             )
+            self._store = store
+        else:
+            self._store = predict_namespace(self.world_size)
         self._mesh = self._layout.build_mesh(self.root_device.type)
         ranks_per_node = self.num_processes if self.num_nodes > 1 else None
         rank_zero_log(f"{type(self).__name__}: {self._layout.describe(ranks_per_node)} on {self.world_size} ranks")
@@ -317,7 +325,7 @@ class DiTParallelStrategy(ParallelStrategy):
         chosen, plan = choose_layout(
             self.lightning_module, world_size=self.num_nodes * self.num_processes, nodes=self.num_nodes,
             device=self.root_device, hints=self._auto, axes=supported_axes(type(self), self._auto.allow_approximate),
-            shard_text_encoders=bool(self._shard_modules), check_inputs=self._check_inputs,
+            shard_text_encoders=bool(self._shard_modules), check_inputs=bool(self._check_inputs),
         )
         layout = chosen.layout
         self._requested_layout = layout.to_parallel_layout()
@@ -446,14 +454,27 @@ class DiTParallelStrategy(ParallelStrategy):
             self._parallelized.begin_batch()
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning calls this on the rank whose predict raised, before ``teardown``: the parallelizers are then
+        removed with collectives only if every rank reaches teardown (``strategies/failure.py``)."""
+        self._failed = True
+        super().on_exception(exception)
+
+    @override
     def teardown(self) -> None:
         # The process group and Lightning's state go even when removing the parallelizers fails (FSDP's removal
         # all-gathers: a dead peer makes it raise), so that another predict can follow in this process.
+        failed, self._failed = self._failed, False
         try:
             if self._parallelized is not None:
                 parallelized, self._parallelized = self._parallelized, None
-                parallelized.remove()
+                world = self.world_size if dist.is_initialized() else 1
+                if may_gather(self._store, world, failed):
+                    parallelized.remove()
+                else:  # a peer is dead or inside another collective: no collective now (incomplete.py)
+                    parallelized.discard()
         finally:
+            self._store = None
             self._undo_sample_check()
             self._undo_sample_check = lambda: None
             if self._pipelines is not None:
@@ -463,11 +484,26 @@ class DiTParallelStrategy(ParallelStrategy):
             if self._owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()
             self._owns_process_group = False
-            super().teardown()
+            self._teardown_lightning()
             # The process groups of this predict are kept alive by reference cycles (hook closures, the mesh) until
             # the cyclic collector runs: collect now, so their sockets and threads close with the strategy and
             # many predicts in one process hold no more than one (measured in tests/test_soak.py).
             gc.collect()
+
+    def _teardown_lightning(self) -> None:
+        """Lightning's teardown, except that the module moves to the CPU around the meta tensors that a discarded
+        parallelizer left (``Module.cpu()`` cannot copy them)."""
+        module = self._lightning_module
+        if module is not None:
+            module._apply(lambda t: t if t.is_meta else t.cpu())
+            for part in module.modules():  # what LightningModule.cpu() records besides moving the tensors
+                if isinstance(part, _DeviceDtypeModuleMixin):
+                    part._device = torch.device("cpu")
+        self._lightning_module = None  # Lightning's teardown moves a module it sees with .cpu()
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
 
     @classmethod
     def registered_names(cls) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
+from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.plan import Packed
 from lightning_dit_parallel.tensor.heads import local_head_attributes
 from lightning_dit_parallel.tensor.resolve import TensorParallelLayout, block_of
@@ -56,9 +57,15 @@ class _Target:
         hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
         return cls(module, path, packed, hooks, set(module.__dict__))
 
-    def restore(self, tp: int) -> None:
+    def restore(self, tp: int, gather: bool = True) -> None:
+        """Give the module its plain parameters back; ``gather=False`` (no collective): a sharded or packed one
+        becomes a meta tensor of its full shape."""
         for name, param in list(self.module._parameters.items()):
             if param is None:
+                continue
+            if not gather:
+                if hasattr(param, "full_tensor") or name in self.packed:
+                    self.module._parameters[name] = meta_like(param)
                 continue
             full = _full(param)
             if name in self.packed:
@@ -97,9 +104,28 @@ class TensorParallel:
             for name, (whole, _) in attributes.items():
                 setattr(module, name, whole)
         self.heads.clear()
-        for target in self.targets:  # the same order on every rank: the gathers line up
-            target.restore(self.mesh.size())
+        try:
+            while self.targets:  # the same order on every rank: the gathers line up
+                self.targets[0].restore(self.mesh.size())
+                self.targets.pop(0)
+        except BaseException:
+            self.discard()  # a peer is gone: the parameters not yet gathered become meta tensors
+            raise
+
+    def discard(self) -> None:
+        """Undo tensor parallelism without a collective (after a failed predict, see ``incomplete.py``): sharded
+        parameters become meta tensors of their full shape and the model is marked incomplete."""
+        for module, attributes in self.heads:
+            for name, (whole, _) in attributes.items():
+                setattr(module, name, whole)
+        self.heads.clear()
+        if not self.targets:
+            return
+        for target in self.targets:
+            target.restore(self.mesh.size(), gather=False)
         self.targets.clear()
+        mark_incomplete(self.model, "its tensor-parallel shards could not be gathered back (no collective after the"
+                                    " failure).")
 
 
 def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: DeviceMesh) -> TensorParallel:

@@ -41,5 +41,22 @@ def group_store(cluster_environment: ClusterEnvironment, rank: int, world_size: 
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
     if rank == 0:
         _SERVED.setdefault((cluster_environment.main_address, int(cluster_environment.main_port)), store)
-    generation = (store.add(GENERATION_KEY, 1) - 1) // world_size
-    return dist.PrefixStore(f"lightning_dit_parallel/group{generation}", store)
+    return numbered_namespace(store, GENERATION_KEY, world_size, "lightning_dit_parallel/group")
+
+
+def numbered_namespace(store: dist.Store, counter: str, world_size: int, prefix: str) -> dist.PrefixStore:
+    """``store`` under ``prefix`` + the next number of ``counter``: the same number on every rank, provided every rank
+    calls it once per use and the ranks meet in a collective between two uses (see the module docstring)."""
+    generation = (store.add(counter, 1) - 1) // world_size
+    return dist.PrefixStore(f"{prefix}{generation}", store)
+
+
+def predict_namespace(world_size: int) -> dist.Store | None:
+    """Keys of this predict alone in the store of a default process group that someone else created (a script that
+    called ``init_process_group`` itself); ``None`` when that group has no store. Call on every rank, once per
+    predict, before the predict's first collective."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+    return numbered_namespace(store, "lightning_dit_parallel/predicts", world_size, "lightning_dit_parallel/predict")
