@@ -158,3 +158,12 @@ def test_calibrate_measures_compute_bandwidth_and_memory_on_this_machine():
     assert measured.flops > 1e6 and measured.bandwidth and measured.bandwidth > 1e5
     assert measured.memory and measured.memory > 2**20
     assert "TFLOP/s" in measured.describe()
+
+
+def test_approximate_layouts_for_token_counts_that_do_not_divide(flux):
+    """PipeFusion's patches and DistriFusion's shards need not divide the tokens (63 x 63 here, odd)."""
+    plan = plan_layouts(flux, devices=2, memory="80GiB", height=1008, width=1008, cfg=False)
+    assert plan.grid.tokens % 2 == 1
+    names = {e.layout.describe() for e in plan.layouts}
+    assert any("pipefusion" in n for n in names), sorted(names)
+    assert any(e.layout.distrifusion == 2 for e in plan.layouts), sorted(names)

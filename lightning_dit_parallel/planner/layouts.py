@@ -167,7 +167,8 @@ def enumerate_layouts(
         if pp > 1:
             modes = [("microbatch", 0)]
             if axes.pipefusion and not spec.pipefusion_unsupported and distri == 1:
-                modes += [("pipefusion", m) for m in (pp, 2 * pp, 4 * pp) if tokens % m == 0]
+                # patches are runs as even as possible (pipeline/patches.py): any count up to the tokens works
+                modes += [("pipefusion", m) for m in (pp, 2 * pp, 4 * pp) if m <= tokens]
         for mode, patches in modes:
             for fsdp in (False, True) if shard_group > 1 and distri == 1 else (False,):
                 if fsdp and dp > 1 and samples % (dp * batch):
@@ -196,8 +197,8 @@ def _degrees_valid(spec: ModelSpec, dp: int, cfg: int, pp: int, ring: int, ulyss
         return False
     if pp > 1 and tp > 1:
         return False  # stage sharding and tensor parallelism are not composed
-    if distri > 1 and (pp * ring * ulysses * tp > 1 or tokens % distri):
-        return False  # DistriFusion composes with CFG and data parallel only; patches are not padded
+    if distri > 1 and (pp * ring * ulysses * tp > 1 or tokens < distri):
+        return False  # DistriFusion composes with CFG and data parallel only (its patches are padded like shards)
     if ring * ulysses > 1 and not spec.self_attention and not any(a.kind == "linear" for a in spec.attention):
         return False
     return True

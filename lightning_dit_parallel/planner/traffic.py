@@ -142,7 +142,7 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
         if layout.cfg > 1:
             sent["cfg_gather"] += out * (layout.cfg - 1)
         group = layout.cfg * layout.pp * layout.sequence_degree * layout.tp  # ranks fed identical inputs
-        if check_inputs and group > 1:
+        if check_inputs and group > 1:  # the first call of a batch (measure_call's); later calls send none
             sent["guard"] += spec.forward_arguments * GUARD_BYTES_PER_ARGUMENT * (group - 1)
         per_stage.append({k: int(v) for k, v in sent.items() if v})
     return per_stage
