@@ -4,8 +4,8 @@ Undoing FSDP, tensor parallelism and pipeline stages gathers the weights over th
 predict fails and the ranks cannot agree that all of them are in teardown (``strategies/failure.py``), a
 parallelizer is *discarded* instead: its hooks go without any collective, and each tensor this rank holds only a
 part of (a shard, a released block) becomes a meta tensor of its full shape. The module is marked, so that the next
-``parallelize`` (another ``trainer.predict``) raises a ``ValueError`` that says to reload it; a plain forward
-fails on the meta tensors. Neither can give a silently wrong result.
+``parallelize`` (another ``trainer.predict``) and a plain forward raise a ``ValueError`` that says to reload it.
+Neither can give a silently wrong result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ _MARK = "_lightning_dit_parallel_incomplete"
 
 
 def mark_incomplete(module: nn.Module, reason: str) -> None:
-    """Record that ``module``'s weights are incomplete on this rank, and why."""
+    """Record that ``module``'s weights are incomplete on this rank, and why; its forward raises that from now on."""
+    if _MARK not in module.__dict__:
+        module.register_forward_pre_hook(lambda m, args: check_complete(m))
     module.__dict__[_MARK] = reason
 
 

@@ -17,7 +17,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    PatchParallelStrategy,
+    PipelineStrategy,
+    SequenceParallelStrategy,
+    TensorParallelStrategy,
+)
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.models import build_dit, dit_sampler, requests
@@ -37,6 +44,8 @@ PRESETS = {
     "fsdp": (2, lambda: FSDPInferenceStrategy(ulysses_degree=2, timeout=TIMEOUT_S)),
     "cfg": (2, lambda: DiTParallelStrategy(cfg_degree=2, timeout=TIMEOUT_S)),
     "hybrid": (4, lambda: DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, fsdp=True, timeout=TIMEOUT_S)),
+    "tp": (2, lambda: TensorParallelStrategy(tp_degree=2, timeout=TIMEOUT_S)),
+    "distrifusion": (2, lambda: PatchParallelStrategy(degree=2, timeout=TIMEOUT_S)),  # stale gathers in flight
 }
 
 

@@ -42,7 +42,15 @@ class DistriFusion:
     def remove(self) -> None:
         remove_handles(self.handles)
         self.sequence.remove()
-        self.begin_batch()
+        self.begin_batch()  # waits for the gathers still travelling
+
+    def discard(self) -> None:
+        """``remove`` after a failure: the gathers still travelling are dropped, not waited for (a peer may be gone)."""
+        remove_handles(self.handles)
+        self.sequence.remove()
+        self.attention.exchanges.clear()
+        self.attention.step = 0
+        self._inputs_key = None
 
     def _count_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = tuple((tuple(t.shape), t.dtype) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor))
