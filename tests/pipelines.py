@@ -109,3 +109,42 @@ def wan_pipeline(seed: int = 0):
 #: Wan: 5 frames of 32 x 32 (latents 2 x 4 x 4: 8 video tokens), 2 steps.
 WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
                 max_sequence_length=TEXT_TOKENS, output_type="pt")
+
+
+def clip_encoder(hidden: int = 8, seed: int = 0):
+    """CLIP text encoder over the word tokenizer's ids; its pooled output is Flux's pooled projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=TEXT_TOKENS, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def flux_pipeline(seed: int = 0):
+    """FLUX.1 text-to-image: CLIP (pooled, dim 8) and T5 (dim 16) encoders, 4 latent channels packed 2 x 2 (16 input
+    channels), one double- and one single-stream block, 4 heads of 16, guidance embedding (FLUX.1-dev style)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    randomize_zero_init(transformer, seed)
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.0)  # Flux's pipeline shifts the latents by it
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_encoder(seed=seed),
+        tokenizer=word_tokenizer(), text_encoder_2=t5_encoder(seed=seed), tokenizer_2=word_tokenizer(),
+        transformer=sharpen_attention(transformer.eval()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Flux: 20 x 20 images (latents 4 x 10 x 10, packed 5 x 5 = 25 image tokens, plus 9 text tokens), 2 steps.
+FLUX_CALL = dict(height=20, width=20, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS,
+                 output_type="pt")

@@ -1,6 +1,7 @@
 """A LightningModule that holds a diffusers pipeline as a plain attribute (``self.pipe = ...``, nothing else
 registered) and calls ``self.pipe(...)`` in ``predict_step``: every strategy preset finds the pipeline's
-transformer by its plan and equals one process (float32, relative 1e-5)."""
+transformer by its plan and equals one process (float32, relative 1e-5). PixArt-Sigma is built in memory; FLUX.1
+is saved with ``save_pretrained`` and loaded with ``FluxPipeline.from_pretrained`` inside the module."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from diffusers import FluxPipeline
 from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
 from lightning_dit_parallel.pipelines import PipelineModule, attach_pipelines
 from lightning_dit_parallel.prompts import prompt_loader
-from tests.pipelines import PIXART_CALL, pixart_sigma_pipeline
+from tests.pipelines import FLUX_CALL, PIXART_CALL, flux_pipeline, pixart_sigma_pipeline
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
 PROMPTS = ["a red cat", "a blue dog on the grass"]
@@ -56,6 +58,43 @@ STRATEGIES = {
 def test_pipeline_attribute_equals_one_process(name: str, reference, tmp_path: Path):
     outputs = predict_on_ranks(HoldsPipeline(), loader(), STRATEGIES[name](), 2, tmp_path)
     assert_exact(outputs, reference, name)
+
+
+class HoldsFluxFromDisk(L.LightningModule):
+    """``self.pipe = FluxPipeline.from_pretrained(path)``: joint attention over 25 image and 9 text tokens."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.pipe = FluxPipeline.from_pretrained(path)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(int(i)) for i in batch["index"]]
+        return self.pipe(prompt=list(batch["prompt"]), generator=generators, **FLUX_CALL).images
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flux")
+    flux_pipeline().save_pretrained(folder)
+    return folder
+
+
+FLUX_STRATEGIES = {
+    "ulysses2": lambda: SequenceParallelStrategy(ulysses_degree=2, start_method="fork"),
+    "ring2": lambda: SequenceParallelStrategy(ring_degree=2, start_method="fork"),
+    "pipeline2": lambda: PipelineStrategy(pp_degree=2, start_method="fork"),
+    "fsdp_ulysses2_t5": lambda: FSDPInferenceStrategy(
+        ulysses_degree=2, shard_modules=["pipe.text_encoder_2"], start_method="fork"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FLUX_STRATEGIES)
+def test_flux_pipeline_from_disk_equals_one_process(name: str, flux_folder: Path, tmp_path: Path):
+    reference = predict_single(HoldsFluxFromDisk(flux_folder), loader())
+    outputs = predict_on_ranks(HoldsFluxFromDisk(flux_folder), loader(), FLUX_STRATEGIES[name](), 2, tmp_path)
+    assert_exact(outputs, reference, f"flux {name}")
 
 
 def test_attach_registers_components_and_detach_restores():
