@@ -56,17 +56,25 @@ class Parallelized:
             item = self.applied.pop()
             try:
                 item.remove()
-            except BaseException:
-                self.discard()
-                raise
+            except BaseException as error:  # noqa: BLE001 -- re-raised by _discard_all, after the others are undone
+                self._discard_all(error)
 
     def discard(self) -> None:
         """Undo every parallelizer, last applied first, without any collective: after a failure, when the peers may
         be inside another collective or dead. Hooks go as in ``remove``; the weights this rank holds only a part of
-        become meta tensors and their modules are marked incomplete (``incomplete.py``)."""
+        become meta tensors and their modules are marked incomplete (``incomplete.py``). Every parallelizer is tried;
+        the first error is raised afterwards."""
+        self._discard_all(None)
+
+    def _discard_all(self, error: BaseException | None) -> None:
         while self.applied:
             item = self.applied.pop()
-            getattr(item, "discard", item.remove)()
+            try:
+                getattr(item, "discard", item.remove)()
+            except BaseException as exc:  # noqa: BLE001 -- the first error is raised below
+                error = error or exc
+        if error is not None:
+            raise error
 
     def begin_batch(self) -> None:
         """A new batch starts: parallelizers that keep state across DiT calls (PipeFusion) reset it."""

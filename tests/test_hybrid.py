@@ -179,7 +179,7 @@ def test_flux_fsdp_pipeline_and_ulysses_on_four_ranks(tmp_path):
     assert_exact(predict_on_ranks(sampler(build()), text_requests(), strategy, 4, tmp_path), reference)
 
 
-def test_parallelized_remove_tries_every_parallelizer_and_raises_the_first_error():
+def test_parallelized_remove_undoes_every_parallelizer_and_raises_the_first_error():
     from lightning_dit_parallel.parallelize import Parallelized
 
     removed: list[str] = []
@@ -197,6 +197,18 @@ def test_parallelized_remove_tries_every_parallelizer_and_raises_the_first_error
     with pytest.raises(RuntimeError, match="third failed"):
         handle.remove()
     assert removed == ["third", "second", "first"] and not handle.applied
+
+    class Gathering(Part):
+        """A parallelizer whose ``remove`` needs collectives: after a failure, its ``discard`` runs instead."""
+
+        def discard(self) -> None:
+            removed.append(f"{self.name} discarded")
+
+    removed.clear()
+    handle = Parallelized(applied=[Gathering("fsdp", False), Part("hooks", False), Part("gather", True)])
+    with pytest.raises(RuntimeError, match="gather failed"):
+        handle.remove()
+    assert removed == ["gather", "hooks", "fsdp discarded"] and not handle.applied
 
 
 @pytest.mark.parametrize("step", ["predict_step", "validation_step", "test_step"])
