@@ -59,6 +59,12 @@ class Parallelized:
             except BaseException as error:  # noqa: BLE001 -- re-raised by _discard_all, after the others are undone
                 self._discard_all(error)
 
+    @property
+    def removal_needs_peers(self) -> bool:
+        """Whether ``remove`` communicates (a parallelizer with a ``discard``: FSDP, tensor parallelism, pipeline
+        stages, DistriFusion's gathers in flight); otherwise it only takes hooks off, whatever the peers do."""
+        return any(hasattr(item, "discard") for item in self.applied)
+
     def discard(self) -> None:
         """Undo every parallelizer, last applied first, without any collective: after a failure, when the peers may
         be inside another collective or dead. Hooks go as in ``remove``; the weights this rank holds only a part of

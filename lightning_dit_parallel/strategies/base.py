@@ -469,7 +469,7 @@ class DiTParallelStrategy(ParallelStrategy):
             if self._parallelized is not None:
                 parallelized, self._parallelized = self._parallelized, None
                 world = self.world_size if dist.is_initialized() else 1
-                if may_gather(self._store, world, failed):
+                if not parallelized.removal_needs_peers or may_gather(self._store, world, failed):
                     parallelized.remove()
                 else:  # a peer is dead or inside another collective: no collective now (incomplete.py)
                     parallelized.discard()

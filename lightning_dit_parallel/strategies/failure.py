@@ -14,7 +14,8 @@ world size. The outcome is written once, with ``compare_set``, so that every ran
   holds only a part of become meta tensors (``incomplete.py``); the module must be loaded again.
 
 A rank that succeeded counts itself and gathers, unless a failed rank has decided to discard already. A rank whose
-store is gone (its host died) discards.
+store is gone (its host died) discards. Layouts whose undo needs no peer (``Parallelized.removal_needs_peers``) skip
+all of this.
 """
 
 from __future__ import annotations
