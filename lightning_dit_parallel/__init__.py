@@ -7,7 +7,7 @@ with Lightning.
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import Concat, DiTPlan, Packed, PrefixCount, Split, TokenGrid
+from lightning_dit_parallel.plan import Concat, DiTPlan, Each, Packed, PrefixCount, Split, TokenGrid
 from lightning_dit_parallel.plan_check import PlanCheck, check_plan
 from lightning_dit_parallel.planner import plan_layouts
 from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
@@ -27,6 +27,7 @@ __all__ = [
     "Concat",
     "DiTParallelStrategy",
     "DiTPlan",
+    "Each",
     "Packed",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dit_parallel.plan import Concat, Split, SplitSpec
+from lightning_dit_parallel.plan import Concat, Each, Split, SplitSpec
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -57,6 +57,8 @@ def map_batch(value: Any, batch: int, spec: SplitSpec | None, fn: Callable[[Tens
     """
     if isinstance(value, tuple) and isinstance(spec, tuple) and len(spec) == len(value):
         return type(value)(map_batch(v, batch, s, fn) for v, s in zip(value, spec))
+    if isinstance(spec, Each):
+        spec = spec.split  # every element of the list carries the same split
     split = spec if isinstance(spec, (Split, Concat)) else None
     return map_tensors(value, lambda x: fn(x) if has_batch_dim(x, batch, split) else x)
 

@@ -15,6 +15,7 @@ from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
 from lightning_dit_parallel.incomplete import check_complete
+from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
 from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
@@ -175,6 +176,11 @@ def parallelize(
             rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
         if vaes and layout.model_parallel_degree > 1:
             _apply_parallel_vae(result, vaes, mesh)
+        patched = layout.sequence_degree > 1 or pipefusion
+        for _, dit, plan in planned:  # ahead of every hook but the guard's: arguments this layout cannot take
+            refused = refused_inputs(plan, layout, patched)
+            if refused:
+                result.applied.append(apply_input_limits(dit, refused))
         if check_inputs_option(check_inputs) and layout.model_parallel_degree > 1:
             group = replicated_group(mesh)
             for _, dit, _ in planned:  # last applied, so its pre-hook runs first and sees the uncut arguments

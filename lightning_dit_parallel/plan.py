@@ -125,9 +125,26 @@ class PrefixCount:
     sequence: str = "image"
 
 
-#: A tensor's split (one sequence, or a ``Concat`` of several), a count of leading tokens (``PrefixCount``), or a
-#: tuple's element-wise splits (``None`` leaves an element alone).
-SplitSpec = Split | Concat | PrefixCount | tuple[Split | Concat | PrefixCount | None, ...]
+@dataclass(frozen=True)
+class Each:
+    """A list or tuple of any length whose tensors all carry one sequence, each cut with ``split`` (``None`` entries
+    are left alone): e.g. ControlNet residuals, one ``(B, S, D)`` tensor per controlled block, which the DiT adds to
+    its hidden states ``[B, S, D]`` inside the block loop.
+
+    Args:
+        split: the split of every element.
+    """
+
+    split: Split
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split, Split):
+            raise TypeError(f"Each(split) needs a Split; got {self.split!r}.")
+
+
+#: A tensor's split (one sequence, or a ``Concat`` of several), a count of leading tokens (``PrefixCount``), a
+#: list of any length split alike (``Each``), or a tuple's element-wise splits (``None`` leaves an element alone).
+SplitSpec = Split | Concat | PrefixCount | Each | tuple[Split | Concat | PrefixCount | None, ...]
 
 #: How tensor parallelism shards one module inside a block (``DiTPlan.tensor_parallel``):
 #:
@@ -235,6 +252,14 @@ class DiTPlan:
             its spatial and temporal lists; Wan VACE adds hints from a list by the block's index); pipeline
             parallelism then raises a ``ValueError`` with this reason. Empty: stages can be cut. FSDP units are cut
             from ``blocks`` either way.
+        block_indexed_inputs: forward arguments that the block loop reads by the block's position, e.g. ControlNet
+            residuals (``controlnet_block_samples[index_block // interval]``). A pipeline stage iterates its own blocks
+            only, so their positions are not the model's: a call that passes one of these (not ``None``) under
+            pipeline parallelism raises a ``ValueError`` on every rank. Sequence parallelism cuts them like any
+            argument (``Each`` in ``split_inputs``).
+        sequence_unsupported_inputs: forward arguments that sequence parallelism (and PipeFusion, DistriFusion) does
+            not cut, mapped to why, e.g. ControlNet residuals of a layout the plan does not describe: a call that
+            passes one (not ``None``) raises a ``ValueError`` with the reason on every rank (``input_limits.py``).
         tensor_parallel: how tensor parallelism shards the modules of the blocks: patterns (``fnmatch``, relative to
             the DiT, naming modules inside the ``blocks`` lists) mapped to a ``TensorParallelStyle`` or ``Packed``,
             e.g. ``{"blocks.*.attn.to_q": "colwise", "blocks.*.attn.to_out.0": "rowwise"}`` (the format of diffusers'
@@ -259,6 +284,8 @@ class DiTPlan:
     gather_module_inputs: Mapping[str, Mapping[str, SplitSpec]] = field(default_factory=dict)
     replicated_tail_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     pipeline_unsupported: str = ""
+    block_indexed_inputs: tuple[str, ...] = ()
+    sequence_unsupported_inputs: Mapping[str, str] = field(default_factory=dict)
     tensor_parallel: Mapping[str, TensorParallelStyle | Packed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -271,6 +298,8 @@ class DiTPlan:
             frozen = {path: MappingProxyType(dict(args)) for path, args in getattr(self, name).items()}
             object.__setattr__(self, name, MappingProxyType(frozen))
         object.__setattr__(self, "replicated_tail_attention", MappingProxyType(dict(self.replicated_tail_attention)))
+        object.__setattr__(self, "sequence_unsupported_inputs", MappingProxyType(dict(self.sequence_unsupported_inputs)))
+        object.__setattr__(self, "block_indexed_inputs", tuple(self.block_indexed_inputs))
         object.__setattr__(self, "tensor_parallel", MappingProxyType(dict(self.tensor_parallel)))
         bad = {p: s for p, s in self.tensor_parallel.items()
                if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
@@ -407,6 +436,8 @@ def _leaves(spec: object) -> Iterator[object]:
     if isinstance(spec, tuple):
         for item in spec:
             yield from _leaves(item)
+    elif isinstance(spec, Each):
+        yield spec.split
     else:
         yield spec
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dit_parallel.plan import Concat, PrefixCount, Split, SplitSpec
+from lightning_dit_parallel.plan import Concat, Each, PrefixCount, Split, SplitSpec
 
 #: cut(tensor, split, where) -> the part of ``tensor`` along ``split.dim`` that this rank or pass keeps.
 CutFn = Callable[[Tensor, Split, str], Tensor]
@@ -32,8 +32,9 @@ def as_tensor(x: Any, where: str) -> Tensor:
 
 
 def cut_value(value: Any, spec: SplitSpec, cut: CutFn, where: str, length: LengthFn | None = None) -> Any:
-    """``cut`` a tensor with a ``Split`` or a ``Concat``, an integer with a ``PrefixCount``, or a tuple (list) of
-    tensors element-wise with a tuple of splits, where ``None`` leaves an element alone. ``length`` gives the
+    """``cut`` a tensor with a ``Split`` or a ``Concat``, an integer with a ``PrefixCount``, every tensor of a list
+    with ``Each``, or a tuple (list) of tensors element-wise with a tuple of splits, where ``None`` leaves an element
+    alone. ``length`` gives the
     lengths a ``Concat`` and a ``PrefixCount`` need.
 
     Raises:
@@ -48,6 +49,12 @@ def cut_value(value: Any, spec: SplitSpec, cut: CutFn, where: str, length: Lengt
         return cut_concat(as_tensor(value, where), spec, cut, length, where)
     if isinstance(spec, PrefixCount):
         return cut_prefix_count(value, spec, cut, length, where)
+    if isinstance(spec, Each):
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{where}: the plan cuts every element of a list, got a {type(value).__name__}.")
+        # k x (..., S, ...) -> k x (..., cut(S), ...)
+        return type(value)(x if x is None else cut_value(x, spec.split, cut, f"{where}[{i}]", length)
+                           for i, x in enumerate(value))
     if not isinstance(value, (tuple, list)) or len(value) != len(spec):
         got = f"{type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else type(value).__name__
         raise TypeError(f"{where}: the plan splits a {len(spec)}-tuple, got {got}.")

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``ChromaTransformer2DModel`` (Flux-like double- and single-stream blocks with a text mask)."""
 
-from lightning_dit_parallel.plan import Concat, DiTPlan, Split
+from lightning_dit_parallel.plan import Concat, DiTPlan, Each, Split
 
 PLAN = DiTPlan(
     # As Flux: packed latents (B, S, C), text (B, T, C) and their position ids (S, 3), (T, 3) are cut along tokens, so
@@ -15,10 +15,14 @@ PLAN = DiTPlan(
         "img_ids": Split("image", -2),
         "txt_ids": Split("text", -2),
         "attention_mask": Concat(("text", "image"), 1),
+        # ControlNet residuals: one (B, S, D) per controlled block, added to the image tokens in the block loop
+        "controlnet_block_samples": Each(Split("image", 1)),
+        "controlnet_single_block_samples": Each(Split("image", 1)),
     },
     # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C).
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("transformer_blocks", "single_transformer_blocks"),
+    block_indexed_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
     self_attention={
         # FluxAttnProcessor concatenates text first: cat([encoder_query, query], dim=1).
         "transformer_blocks.*.attn": ("text", "image"),

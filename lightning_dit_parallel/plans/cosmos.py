@@ -21,6 +21,9 @@ PLAN = DiTPlan(
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.
     gather_outputs={"proj_out": Split("video", 1)},
     blocks=("transformer_blocks",),
+    # ControlNet residuals: their layout is not described here, so sequence parallelism refuses them.
+    sequence_unsupported_inputs={"block_controlnet_hidden_states": "this plan does not cut ControlNet residuals"},
+    block_indexed_inputs=("block_controlnet_hidden_states",),
     self_attention={"transformer_blocks.*.attn1": ("video",)},
     # attn2 attends to the whole text (with its key-padding mask) and, in Cosmos 2.5, the image context.
     cross_attention=("transformer_blocks.*.attn2",),

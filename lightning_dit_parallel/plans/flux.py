@@ -1,6 +1,6 @@
 """Plan for diffusers' ``FluxTransformer2DModel`` (double-stream and single-stream blocks, 3-axis rotary)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, Split
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C) and text (B, T, C) are cut along tokens; so are their position ids (S, 3) and
@@ -11,10 +11,14 @@ PLAN = DiTPlan(
         "encoder_hidden_states": Split("text", 1),
         "img_ids": Split("image", -2),
         "txt_ids": Split("text", -2),
+        # ControlNet residuals: one (B, S, D) per controlled block, added to the image tokens in the block loop
+        "controlnet_block_samples": Each(Split("image", 1)),
+        "controlnet_single_block_samples": Each(Split("image", 1)),
     },
     # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C).
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("transformer_blocks", "single_transformer_blocks"),
+    block_indexed_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
     self_attention={
         # FluxAttnProcessor concatenates text first: cat([encoder_query, query], dim=1).
         "transformer_blocks.*.attn": ("text", "image"),

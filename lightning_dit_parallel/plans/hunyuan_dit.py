@@ -13,6 +13,9 @@ PLAN = DiTPlan(
     # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify.
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("blocks",),
+    # ControlNet residuals: their layout is not described here, so sequence parallelism refuses them.
+    sequence_unsupported_inputs={"controlnet_block_samples": "this plan does not cut ControlNet residuals"},
+    block_indexed_inputs=("controlnet_block_samples",),
     pipeline_unsupported="its second half of blocks adds the long skips of the first half, kept in a list of the"
     " forward (skips.pop()) outside the blocks' arguments, and picks the blocks that take one by their index in the"
     " loop; a pipeline stage would see neither.",

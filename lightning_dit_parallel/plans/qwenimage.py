@@ -1,11 +1,13 @@
 """Plan for diffusers' ``QwenImageTransformer2DModel`` (MMDiT: joint attention over text and image tokens, a text
 mask, complex 3-axis rotary); ``QwenImage21Transformer2DModel`` has none (block-causal attention, see UNSUPPORTED)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, Split
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C), condition images (edit models) included, are cut along tokens before img_in.
-    split_inputs={"hidden_states": Split("image", 1)},
+    # ControlNet residuals: one (B, S, hidden) per controlled block, added to the image tokens in the block loop.
+    split_inputs={"hidden_states": Split("image", 1), "controlnet_block_samples": Each(Split("image", 1))},
+    block_indexed_inputs=("controlnet_block_samples",),
     # pos_embed returns (image freqs (S, D/2), text freqs (T, D/2)), complex; the text part is read from the table
     # by the whole text length, so the text is cut only after pos_embed ran: here and where the first block
     # receives it, (B, T, hidden).
@@ -20,8 +22,7 @@ PLAN = DiTPlan(
             "modulate_index": Split("image", 1),
         },
     },
-    # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C). The text stream is dropped after the last block. ControlNet
-    # residuals (controlnet_block_samples, whole sequences) are not cut and not supported.
+    # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C). The text stream is dropped after the last block.
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("transformer_blocks",),
     # QwenDoubleStreamAttnProcessor2_0 concatenates text first: cat([txt_query, img_query], dim=1).

@@ -1,11 +1,14 @@
 """Plans for diffusers' ``SanaTransformer2DModel`` and ``SanaVideoTransformer3DModel`` (linear self-attention,
 cross-attention to text, convolutional feed-forward over the token grid)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split, TokenGrid
+from lightning_dit_parallel.plan import DiTPlan, Each, Split, TokenGrid
 
 SANA = DiTPlan(
     # PatchEmbed: (B, C, H, W) -> (B, S, hidden), S = H/p * W/p in row-major order.
     split_outputs={"patch_embed": Split("image", 1)},
+    # ControlNet residuals: one (B, S, hidden) per block from the second on, added to the image tokens in the loop.
+    split_inputs={"controlnet_block_samples": Each(Split("image", 1))},
+    block_indexed_inputs=("controlnet_block_samples",),
     # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C) before unpatchify.
     gather_outputs={"proj_out": Split("image", 1)},
     blocks=("transformer_blocks",),
@@ -29,6 +32,9 @@ SANA_VIDEO = DiTPlan(
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.
     gather_outputs={"proj_out": Split("video", 1)},
     blocks=("transformer_blocks",),
+    # ControlNet residuals: their layout is not described here, so sequence parallelism refuses them.
+    sequence_unsupported_inputs={"controlnet_block_samples": "this plan does not cut ControlNet residuals"},
+    block_indexed_inputs=("controlnet_block_samples",),
     # SanaLinearAttnProcessor3_0: ReLU linear attention with rotary keys; its sums over tokens are key.sum(-1),
     # (B, H, D, S) -> (B, H, D, 1), and matmul(v, rot(phi(k))^T), (B, H, D, S) @ (B, H, S, D) -> (B, H, D, D), both
     # all-reduced. The only softmax attention is attn2, to the replicated text.

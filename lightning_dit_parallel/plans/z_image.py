@@ -21,6 +21,9 @@ PLAN = DiTPlan(
     # The final layer (one per patch size): (B, L/N, p*p*pf*C) -> (B, L, p*p*pf*C) before the per-sample unpatchify.
     gather_outputs={"noise_refiner.-1": Split("image", 1), "all_final_layer.*": Split("joint", 1)},
     blocks=("layers",),
+    # ControlNet residuals: their layout is not described here, so sequence parallelism refuses them.
+    sequence_unsupported_inputs={"controlnet_block_samples": "this plan does not cut ControlNet residuals"},
+    block_indexed_inputs=("controlnet_block_samples",),
     self_attention={"noise_refiner.*.attention": ("image",), "layers.*.attention": ("joint",)},
 )
 

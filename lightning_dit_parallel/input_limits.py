@@ -1,0 +1,72 @@
+"""Forward arguments that a layout cannot parallelize exactly: an error at the call, not a wrong or broken result.
+
+Two kinds come from the plan (``DiTPlan``):
+
+* ``block_indexed_inputs``: read by the block's position inside the block loop (ControlNet residuals,
+  ``samples[index_block // interval]``). A pipeline stage iterates only its own blocks, so under ``pp > 1`` the
+  positions are wrong.
+* ``sequence_unsupported_inputs``: arguments the plan's cuts do not cover, with the reason, under sequence
+  parallelism (Ulysses, Ring, DistriFusion) and PipeFusion.
+
+A forward pre-hook on the DiT raises a ``ValueError`` when a call passes one of them (not ``None``). The arguments of
+a model-parallel group are identical on its ranks (see ``guard.py``), so every rank raises together, before any
+collective of the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.plan import DiTPlan
+from lightning_dit_parallel.utils.hooks import remove_handles
+
+
+@dataclass
+class InputLimits:
+    """The refusing pre-hook on one DiT; ``remove()`` takes it off."""
+
+    refused: dict[str, str]  # argument -> why this layout cannot take it
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        remove_handles(self.handles)
+
+
+def refused_inputs(plan: DiTPlan, layout: ParallelLayout, patched: bool) -> dict[str, str]:
+    """The arguments a call of the DiT may not pass under ``layout``, each with the reason. ``patched``: the tokens are
+    cut (sequence parallelism, DistriFusion or PipeFusion)."""
+    refused: dict[str, str] = {}
+    if patched:
+        refused.update(plan.sequence_unsupported_inputs)
+    if layout.pp > 1:
+        for name in plan.block_indexed_inputs:
+            refused[name] = (
+                f"the DiT reads it by the block's position in its block loop (ControlNet residuals), but each of the"
+                f" {layout.pp} pipeline stages iterates only its own blocks, so it would reach the wrong blocks; use"
+                " pp_degree=1 with it (sequence, CFG, tensor and data parallelism and FSDP take it)"
+            )
+    return refused
+
+
+def apply_input_limits(model: nn.Module, refused: dict[str, str]) -> InputLimits:
+    """Install the pre-hook that raises when a call of ``model`` passes one of ``refused`` (see ``refused_inputs``)."""
+    signature = inspect.signature(type(model).forward.__get__(model))
+    limits = InputLimits(dict(refused))
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return  # the forward raises the same TypeError itself
+        given = [name for name in limits.refused if bound.get(name) is not None]
+        if given:
+            reasons = "; ".join(f"{name!r}: {limits.refused[name]}" for name in given)
+            raise ValueError(f"{type(model).__name__} cannot take these arguments in this layout: {reasons}.")
+
+    limits.handles.append(model.register_forward_pre_hook(check, with_kwargs=True, prepend=True))
+    return limits

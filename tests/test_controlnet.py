@@ -1,0 +1,132 @@
+"""ControlNet residuals (a list of ``(B, S, D)`` tensors, one per controlled block, that the DiT adds to its image
+tokens inside the block loop): the plans cut every element like the image tokens (``Each``), so Ulysses, Ring, USP
+and CFG parallelism equal one process (float32, relative 1e-5, token counts that do not divide the degree, sharp
+attention); pipeline parallelism, whose stages see only their own blocks and so their wrong positions, refuses them
+with a ValueError on every rank, and so do plans that do not cut them (``sequence_unsupported_inputs``).
+
+Families: Flux and Chroma (double- and single-stream residuals), SD3, Qwen-Image and Sana. One launch of 2 ranks
+and one of 4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dit_parallel import parallelize, plan_for
+from lightning_dit_parallel.layout import ParallelLayout
+from tests.distributed import run_on_ranks
+from tests.models import build_sd3
+from tests.rank_outputs import max_relative_error
+from tests.zoo import all_cases, first_tensor, randn
+
+#: zoo case -> the forward arguments that take the residuals, each with the block list its entries go to
+ZOO_CASES = {
+    "flux-15img-3txt": {"controlnet_block_samples": "transformer_blocks",
+                        "controlnet_single_block_samples": "single_transformer_blocks"},
+    "chroma-15img-7txt": {"controlnet_block_samples": "transformer_blocks",
+                          "controlnet_single_block_samples": "single_transformer_blocks"},
+    "qwenimage-15img-7txt": {"controlnet_block_samples": "transformer_blocks"},
+    "sana-15img-7txt": {"controlnet_block_samples": "transformer_blocks"},
+}
+
+#: name -> (world size, degrees); "refused": the layout must raise the block-position ValueError
+LAYOUTS = {
+    "ulysses2": (2, dict(ulysses=2)),
+    "ring2": (2, dict(ring=2)),
+    "cfg2": (2, dict(cfg=2)),
+    "pp2 (refused)": (2, dict(pp=2)),
+    "ulysses4": (4, dict(ulysses=4)),
+    "usp2x2": (4, dict(ulysses=2, ring=2)),
+    "cfg2 x ring2": (4, dict(cfg=2, ring=2)),
+}
+
+
+def _sd3_inputs(model) -> dict:
+    return dict(
+        hidden_states=randn(1, 4, 10, 10, seed=1).repeat(2, 1, 1, 1),  # 25 image tokens after the 2x2 patches
+        encoder_hidden_states=randn(2, 7, model.config.joint_attention_dim, seed=2),
+        pooled_projections=randn(2, model.config.pooled_projection_dim, seed=3),
+        timestep=torch.tensor([10.0, 10.0]),
+        return_dict=False,
+    )
+
+
+def _cases() -> list[tuple[str, object, dict, dict[str, str]]]:
+    """(name, model, inputs without residuals, residual argument -> block list)."""
+    zoo = {c.name: c for c in all_cases()}
+    cases = []
+    for name, arguments in ZOO_CASES.items():
+        case = zoo[name]
+        model = case.build()
+        cases.append((name, model, case.inputs(model), arguments))
+    sd3 = build_sd3()
+    cases.append(("sd3-25img-7txt", sd3, _sd3_inputs(sd3), {"block_controlnet_hidden_states": "transformer_blocks"}))
+    return cases
+
+
+def _with_residuals(model, inputs: dict, arguments: dict[str, str]) -> dict:
+    """``inputs`` plus seeded residuals, one per block of each list, shaped like the image hidden states that the
+    first block of the plan receives, (B, S, D) (single-stream blocks add theirs to the image part of their tokens)."""
+    shape: list[tuple[int, ...]] = []
+
+    def capture(module, args, kwargs):
+        shape.append(tuple(kwargs.get("hidden_states", args[0] if args else None).shape))  # (B, S, D)
+
+    first_list = plan_for(model).blocks[0]
+    handle = model.get_submodule(first_list)[0].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    given = dict(inputs)
+    for index, (name, blocks) in enumerate(sorted(arguments.items())):
+        count = len(model.get_submodule(blocks))
+        given[name] = [0.5 * randn(*shape[0], seed=100 + 10 * index + i) for i in range(count)]
+    return given
+
+
+def _run(rank: int, world: int) -> dict[str, object]:
+    outcomes: dict[str, object] = {}
+    for name, model, inputs, arguments in _cases():
+        given = _with_residuals(model, inputs, arguments)
+        with torch.no_grad():
+            reference = first_tensor(model(**given))
+        for layout_name, (size, degrees) in LAYOUTS.items():
+            if size != world:
+                continue
+            layout = ParallelLayout(**degrees).resolve(world)
+            handle = parallelize(model, layout, layout.build_mesh("cpu"))
+            try:
+                with torch.no_grad():
+                    out = first_tensor(model(**given))
+                outcomes[f"{name} {layout_name}"] = max_relative_error(out, reference)
+            except ValueError as err:
+                outcomes[f"{name} {layout_name}"] = str(err)
+            finally:
+                handle.remove()
+    return outcomes
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_controlnet_residuals_are_cut_like_the_image_tokens(world):
+    results = run_on_ranks(world, _run, timeout_s=600)
+    failures = []
+    for rank, outcomes in enumerate(results):
+        for key, outcome in outcomes.items():
+            if "refused" in key:
+                if not (isinstance(outcome, str) and "by the block's position" in outcome):
+                    failures.append(f"{key}, rank {rank}: expected the block-position ValueError, got {outcome!r}")
+            elif not (isinstance(outcome, float) and outcome <= 1e-5):
+                failures.append(f"{key}, rank {rank}: {outcome!r}")
+    assert results[0], "no case ran"
+    assert not failures, "\n".join(failures)
+
+
+def test_a_plan_that_does_not_cut_residuals_refuses_them():
+    """HunyuanDiT's plan lists its residuals as unsupported under sequence parallelism: a ValueError, not a wrong sum."""
+    from lightning_dit_parallel.input_limits import refused_inputs
+
+    plan = plan_for(next(c for c in all_cases() if c.name.startswith("hunyuan_dit")).build())
+    refused = refused_inputs(plan, ParallelLayout(ulysses=2).resolve(2), patched=True)
+    assert "controlnet_block_samples" in refused and "does not cut" in refused["controlnet_block_samples"]
+    assert not refused_inputs(plan, ParallelLayout(cfg=2).resolve(2), patched=False)
