@@ -101,8 +101,9 @@ def parallelize(
     Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
     stages and pipeline the forward, tensor parallelism (``tp``) splits the heads and MLP features of the blocks a
     rank holds (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
-    doubled batch, the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, and the replicated-input
-    guard (``check_inputs``) checks the uncut arguments (its pre-hook runs first in each DiT forward, then CFG's).
+    doubled batch, the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, the input limits refuse the
+    arguments this layout cannot take (``input_limits.py``), and the replicated-input guard (``check_inputs``) checks
+    the uncut arguments (its pre-hook runs first in each DiT forward, then the limits', then CFG's).
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
