@@ -29,11 +29,11 @@ SANA_VIDEO = DiTPlan(
     # first block receives them. Per-token timesteps (the image-to-video pipeline's (B, 1, F, H, W) timestep) are
     # not cut and are not supported.
     split_module_inputs={"transformer_blocks.0": {"hidden_states": Split("video", 1)}},
+    # ControlNet residuals: one (B, F*H*W, hidden) per block from the second on, added to the video tokens.
+    split_inputs={"controlnet_block_samples": Each(Split("video", 1))},
     # proj_out: (B, S/N, p_t*p_h*p_w*C) -> (B, S, p_t*p_h*p_w*C) before unpatchify.
     gather_outputs={"proj_out": Split("video", 1)},
     blocks=("transformer_blocks",),
-    # ControlNet residuals: their layout is not described here, so sequence parallelism refuses them.
-    sequence_unsupported_inputs={"controlnet_block_samples": "this plan does not cut ControlNet residuals"},
     block_indexed_inputs=("controlnet_block_samples",),
     # SanaLinearAttnProcessor3_0: ReLU linear attention with rotary keys; its sums over tokens are key.sum(-1),
     # (B, H, D, S) -> (B, H, D, 1), and matmul(v, rot(phi(k))^T), (B, H, D, S) @ (B, H, S, D) -> (B, H, D, D), both
