@@ -38,7 +38,11 @@ def _worker(
             timeout=timedelta(seconds=timeout_s),
         )
         try:
-            results.put((rank, True, fn(rank, world_size, *args)))
+            value = fn(rank, world_size, *args)
+            # Rank 0 serves the group's store: a rank that returned first must not close it while a peer still uses
+            # it (e.g. creating a group of its own, which waits on the store too).
+            dist.barrier()
+            results.put((rank, True, value))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including failed asserts, to the parent
