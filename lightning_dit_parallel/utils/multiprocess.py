@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def _worker(
     rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float, threads: int,
-    backend: str,
+    backend: str, meet_at_end: bool,
 ) -> None:
     try:
         torch.set_num_threads(threads)
@@ -39,9 +39,10 @@ def _worker(
         )
         try:
             value = fn(rank, world_size, *args)
-            # Rank 0 serves the group's store: a rank that returned first must not close it while a peer still uses
-            # it (e.g. creating a group of its own, which waits on the store too).
-            dist.barrier()
+            if meet_at_end:
+                # Rank 0 serves the group's store: a rank that returned first must not close it while a peer still
+                # uses it (e.g. creating a group of its own, which waits on the store too).
+                dist.barrier()
             results.put((rank, True, value))
         finally:
             dist.destroy_process_group()
@@ -64,15 +65,19 @@ def run_on_ranks(
     ``fn`` must be a module-level function. Its return value must be picklable (prefer plain Python values).
     ``timeout_s`` is also the process group's collective timeout; ``threads`` is each rank's torch thread count
     (a rank stands for one device, so benchmarks compare ranks and one process at equal threads). ``backend``:
-    ``"gloo"`` (CPU), or ``"nccl"`` with rank ``i`` on CUDA device ``i``.
+    ``"gloo"`` (CPU), or ``"nccl"`` with rank ``i`` on CUDA device ``i``. When every rank reports, the ranks meet in a
+    barrier after ``fn`` before closing the group; with fewer ``reporting`` ranks (a test whose other ranks die or
+    hang) they do not.
     """
     reporting = list(range(world_size)) if reporting is None else reporting
+    meet_at_end = set(reporting) == set(range(world_size))  # a test with a rank that dies or hangs reports fewer
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s, threads, backend), daemon=True
+            target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s, threads, backend, meet_at_end),
+            daemon=True,
         )
         for rank in range(world_size)
     ]
