@@ -55,15 +55,16 @@ def refused_inputs(plan: DiTPlan, layout: ParallelLayout, patched: bool) -> dict
 
 def apply_input_limits(model: nn.Module, refused: dict[str, str]) -> InputLimits:
     """Install the pre-hook that raises when a call of ``model`` passes one of ``refused`` (see ``refused_inputs``)."""
-    signature = inspect.signature(type(model).forward.__get__(model))
+    names = list(inspect.signature(type(model).forward.__get__(model)).parameters)
+    positions = {name: names.index(name) for name in refused if name in names}  # where a positional one would be
     limits = InputLimits(dict(refused))
 
+    def passed(name: str, args: tuple, kwargs: dict) -> bool:
+        position = positions.get(name, len(args))
+        return (args[position] if position < len(args) else kwargs.get(name)) is not None
+
     def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        try:
-            bound = signature.bind(*args, **kwargs).arguments
-        except TypeError:
-            return  # the forward raises the same TypeError itself
-        given = [name for name in limits.refused if bound.get(name) is not None]
+        given = [name for name in limits.refused if passed(name, args, kwargs)]
         if given:
             reasons = "; ".join(f"{name!r}: {limits.refused[name]}" for name in given)
             raise ValueError(f"{type(model).__name__} cannot take these arguments in this layout: {reasons}.")
