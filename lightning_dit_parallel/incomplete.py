@@ -24,6 +24,13 @@ def mark_incomplete(module: nn.Module, reason: str) -> None:
     module.__dict__[_MARK] = reason
 
 
+def unmark_incomplete(module: nn.Module) -> None:
+    """Forget the marks of ``module`` and its submodules: their weights are read again before the next use (deferred
+    weights, ``loading.release``)."""
+    for part in module.modules():
+        part.__dict__.pop(_MARK, None)
+
+
 def meta_like(tensor: torch.Tensor) -> torch.Tensor:
     """A meta tensor of ``tensor``'s full (global) shape and dtype; a parameter stays a parameter."""
     meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")

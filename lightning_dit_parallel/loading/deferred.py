@@ -148,9 +148,9 @@ def materialize(root: nn.Module, device: torch.device | str = "cpu") -> list[str
     return done
 
 
-def release(root: nn.Module) -> list[str]:
+def release(root: nn.Module) -> list[nn.Module]:
     """Put the parameters of every loaded deferred module under ``root`` back on the meta device, to be read again
-    by the next ``materialize`` (teardown: the whole model is never gathered). Returns their paths."""
+    by the next ``materialize`` (teardown: the whole model is never gathered). Returns those modules."""
     done = []
     for path, module, deferred in deferred_roots(root):
         if not deferred.loaded:
@@ -165,7 +165,7 @@ def release(root: nn.Module) -> list[str]:
                     replaced[id(param)] = nn.Parameter(meta, requires_grad=param.requires_grad)
                 part._parameters[name] = replaced[id(param)]
         deferred.loaded = False
-        done.append(path or type(module).__name__)
+        done.append(module)
     return done
 
 
@@ -193,7 +193,7 @@ def load_local_weights(module: nn.Module, source: WeightSource | dict[str, str],
     missing = sorted(ns[0] for pid, ns in names.items() if stored[pid] is None)
     if missing:
         some = sorted(set(files.values()))[:2]
-        raise KeyError(f"{', '.join(some)} lack(s) {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}")
+        raise KeyError(f"{', '.join(some)}: lacks {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}")
     # storage for the local part of each meta tensor only (a DTensor shard keeps its placement)
     module._apply(lambda t: torch.empty_like(t, device=device) if local_tensor(t).is_meta else t)
     params = dict(module.named_parameters(remove_duplicate=False))

@@ -74,7 +74,7 @@ def lean_model(cls: type, source: Any, kwargs: dict[str, Any]) -> nn.Module | No
     if dtype is None or dtype == "auto":
         dtype = _saved_dtype(files)
     if isinstance(dtype, torch.dtype):
-        model.to(dtype)
+        nn.Module.to(model, dtype)  # diffusers' own .to warns about the float32 modules, kept just below
         _keep_in_float32(model, dtype)
     if not _covers(model, files):
         log.info("%s: the checkpoint in %s does not match the model's parameters; loading it whole.", cls.__name__,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_dit_parallel.loading.deferred import deferred_roots
 from lightning_dit_parallel.plan import DiTPlan
 
 
@@ -190,6 +191,9 @@ def restore_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment,
     stage = dist.get_rank(group)
     shared = _shared_by_block(model, plan, assignment)
     device = _device_of(model)
+    # a model with deferred weights gets its parameters read from its files again at the next setup: only its
+    # buffers are sent (the same choice on every rank, so the broadcasts still pair up)
+    lean = any(path == "" for path, _, _ in deferred_roots(model))
     restored = []
     for list_index, (path, blocks) in enumerate(plan.block_lists(model)):
         for index in range(len(blocks)):
@@ -202,13 +206,15 @@ def restore_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment,
             source = dist.get_global_rank(group, owner)
             received: dict[int, torch.Tensor] = {}  # id of a meta tensor -> its storage
             for tensor in _block_tensors(block, shared.get(block_path, [])):
+                if lean and isinstance(tensor, nn.Parameter):
+                    continue
                 if owner == stage:
                     dist.broadcast(tensor.detach().contiguous(), source, group=group)  # (shape) -> every stage
                     continue
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
                 dist.broadcast(buffer, source, group=group)  # (shape) from the owning stage
                 if tensor.is_meta:
-                    received[id(tensor)] = buffer
+                    received[id(tensor)] = buffer.cpu()  # onto the host block by block: never the whole model on a device
             if owner != stage:
                 _fill(block, received)
                 blocks[index] = block

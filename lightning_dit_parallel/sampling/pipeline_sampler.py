@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_dit_parallel.loading import lean_from_pretrained, materialize
+
 #: Batch keys the sampler reads itself; every other key is passed to the pipeline as a per-request argument.
 RESERVED_KEYS = ("index", "prompt", "negative_prompt")
 
@@ -60,7 +62,10 @@ class PipelineSampler(L.LightningModule):
 
     Args:
         pipeline: a ``DiffusionPipeline`` object; or leave ``None`` and give ``path``.
-        path: a local pipeline folder (``save_pretrained`` layout) to load with ``from_pretrained``.
+        path: a local pipeline folder (``save_pretrained`` layout) to load with ``from_pretrained``, lean: every
+            model component is built on the meta device and, under a parallel strategy, each rank reads from its
+            safetensors files only the part it keeps (its FSDP shard, pipeline stage or tensor-parallel shard;
+            replicated components whole). See ``lightning_dit_parallel.loading``.
         torch_dtype: dtype to load with, e.g. ``"bfloat16"`` (default: as saved).
         variant: weight variant to load, e.g. ``"fp16"``.
         pipeline_class: a diffusers class name or dotted path to load with instead of ``DiffusionPipeline``.
@@ -92,7 +97,12 @@ class PipelineSampler(L.LightningModule):
         call = {k: v for k, v in call.items() if v is not None}
         if pipeline is not None and (torch_dtype is not None or variant is not None or pipeline_class is not None):
             raise ValueError("torch_dtype, variant and pipeline_class apply to loading from a path, not to a pipeline object.")
-        self.pipe = pipeline if pipeline is not None else load_pipeline(path, torch_dtype, variant, pipeline_class)
+        if pipeline is None:
+            # lean: the components are built on the meta device; a parallel strategy reads on each rank only what it
+            # keeps (after parallelizing), any other use reads them whole before the first call (``ensure_loaded``)
+            with lean_from_pretrained():
+                pipeline = load_pipeline(path, torch_dtype, variant, pipeline_class)
+        self.pipe = pipeline
         self.call = call
         self.seed = int(seed)
 
@@ -109,6 +119,7 @@ class PipelineSampler(L.LightningModule):
         negatives = _as_list(batch["negative_prompt"], len(indices), "negative_prompt") if "negative_prompt" in batch else None
         extras = {k: v for k, v in batch.items() if k not in RESERVED_KEYS}
         generators = self.generators(indices)
+        ensure_loaded(self.pipe)
         if _uniform(extras, len(indices)):
             shared = {k: _first(v) for k, v in extras.items()}
             return self._generate(prompts, negatives, generators, shared)
@@ -130,6 +141,21 @@ class PipelineSampler(L.LightningModule):
             if isinstance(output, Tensor):
                 return output.float()
         raise TypeError(f"{type(self.pipe).__name__} returned {type(result).__name__} without an image or video tensor.")
+
+
+def ensure_loaded(pipe: Any) -> None:
+    """Read whole the deferred weights of ``pipe``'s components that no parallel strategy has read (a lean-loaded
+    pipeline used in one process, or outside ``Trainer.predict``), onto the device of the component's buffers."""
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module):
+            materialize(component, _host_device(component))
+
+
+def _host_device(module: torch.nn.Module) -> torch.device:
+    for tensor in (*module.buffers(), *module.parameters()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _as_list(value: Any, n: int, key: str) -> list[str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -30,8 +31,9 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_dit_parallel.fsdp import check_equal_batch_counts
 from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
+from lightning_dit_parallel.incomplete import unmark_incomplete
 from lightning_dit_parallel.layout import Degree, ParallelLayout
-from lightning_dit_parallel.loading import materialize
+from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
 from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
 from lightning_dit_parallel.distrifusion import DistriFusionOptions
@@ -368,15 +370,18 @@ class DiTParallelStrategy(ParallelStrategy):
         # diffusers pipelines held as attributes join the module tree until teardown (see pipelines.py)
         self._pipelines = attach_pipelines(self.lightning_module, show_progress=self.global_rank == 0)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
         shard_modules = self._shard_modules if self._auto is None else self._auto_shard_modules
+        # parallelized where the module is (the host, or the meta device for lean-loaded weights), so that a rank
+        # drops what it does not keep before anything reaches its device
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
             pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
             distrifusion=self._distrifusion,
         )
-        # weights deferred with loading.defer_weights: read now, only the parts this rank kept
+        # deferred weights (lean from_pretrained, loading.defer_weights): read now, only the parts this rank kept,
+        # straight onto its device; then what else the rank keeps moves there
         materialize(self.lightning_module, self.root_device)
+        self.model_to_device()
         self.setup_precision_plugin()
         self.barrier()
 
@@ -392,6 +397,23 @@ class DiTParallelStrategy(ParallelStrategy):
             getattr(trainer.predict_loop, "_data_source", None),
             lambda loaders: check_samples_cover_groups(loaders, dp, describe),
         )
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``configure_model`` builds on the host, not on the rank's device: ``setup`` parallelizes there and moves
+        only what the rank keeps (Lightning's default would build the whole model on every device first)."""
+        with self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Inside ``configure_model``, diffusers' and transformers' ``from_pretrained`` load lean: the model is built
+        on the meta device and each rank reads from the safetensors files only what it keeps, after parallelization
+        (``loading.pretrained``). ``self.pipe = WanPipeline.from_pretrained(path)`` there never holds the whole model."""
+        with lean_from_pretrained():
+            yield
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -474,6 +496,11 @@ class DiTParallelStrategy(ParallelStrategy):
                 else:  # a peer is dead or inside another collective: no collective now (incomplete.py)
                     parallelized.discard()
         finally:
+            if self._lightning_module is not None:
+                # deferred weights go back to the meta device, to be read again by the next setup (never gathered);
+                # a discard's incomplete mark does not hold for them
+                for module in release(self._lightning_module):
+                    unmark_incomplete(module)
             self._store = None
             self._undo_sample_check()
             self._undo_sample_check = lambda: None

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
+from lightning_dit_parallel.loading.deferred import DEFERRED_ATTR, deferred_module_ids
 from lightning_dit_parallel.plan import Packed
 from lightning_dit_parallel.tensor.heads import local_head_attributes
 from lightning_dit_parallel.tensor.resolve import TensorParallelLayout, block_of
@@ -67,7 +68,7 @@ class _Target:
                 if hasattr(param, "full_tensor") or name in self.packed:
                     self.module._parameters[name] = meta_like(param)
                 continue
-            full = _full(param)
+            full = _full(param).cpu()  # one tensor at a time onto the host: never the whole model on a device
             if name in self.packed:
                 dim, sizes = self.packed[name]
                 full = unpack(full, dim, sizes, tp)  # ranks' shards in rank order -> parts in model order
@@ -104,9 +105,10 @@ class TensorParallel:
             for name, (whole, _) in attributes.items():
                 setattr(module, name, whole)
         self.heads.clear()
+        lean = deferred_module_ids(self.model)  # deferred weights: read again at the next setup, never gathered
         try:
             while self.targets:  # the same order on every rank: the gathers line up
-                self.targets[0].restore(self.mesh.size())
+                self.targets[0].restore(self.mesh.size(), gather=id(self.targets[0].module) not in lean)
                 self.targets.pop(0)
         except BaseException:
             self.discard()  # a peer is gone: the parameters not yet gathered become meta tensors
@@ -167,8 +169,6 @@ def check_deferred_packed(root: nn.Module, dits: list[tuple[nn.Module, TensorPar
     Raises:
         ValueError: when ``root`` has deferred weights and a packed style would shard parameters still on meta.
     """
-    from lightning_dit_parallel.loading import DEFERRED_ATTR
-
     if not any(DEFERRED_ATTR in m.__dict__ for m in root.modules()):
         return
     for dit, layout in dits:
