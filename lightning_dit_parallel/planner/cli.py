@@ -2,9 +2,11 @@
 
     ldp-plan CONFIG --devices 8 --memory 24GiB --dtype bfloat16 --height 720 --width 1280 --frames 81 [--json]
 
-``CONFIG`` is a transformer ``config.json`` or a pipeline folder (``transformer/config.json``, and the text encoder
-and VAE configs found next to it). Prints a table (best first, the recommendation marked ``*``) or, with
-``--json``, a list with one object per layout.
+``CONFIG`` is a transformer ``config.json`` or a pipeline folder: every component its ``model_index.json`` names is
+counted (``transformer``, ``transformer_2``, text encoders, image encoder, VAE, ControlNets), from the headers of its
+safetensors files where present, else from its config (no weights are read). Prints a table (best first, the
+recommendation marked ``*``) and the memory per rank by component, or, with ``--json``, a list with one object per
+layout.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("choice and output")
     o.add_argument("--allow-approximate", action="store_true", help="PipeFusion and DistriFusion may be recommended")
     o.add_argument("--no-shard-text-encoder", dest="shard_text_encoders", action="store_false",
-                   help="with FSDP, keep the text encoders whole")
+                   help="with FSDP, keep the text and image encoders whole")
     o.add_argument("--no-tp", action="store_true", help="leave tensor parallelism out")
     o.add_argument("--no-parallel-vae", action="store_true", help="leave parallel VAE decode out")
     o.add_argument("--text-encoder-config", action="append", help="a text encoder config.json (repeatable)")

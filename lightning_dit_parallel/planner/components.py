@@ -1,34 +1,42 @@
-"""The other components of a pipeline, as the planner sees them: text encoders and the VAE.
+"""The other components of a pipeline, as the planner sees them: text and image encoders, the VAE, and anything
+else with weights (ControlNets ...).
 
-Both are read from modules (real or on the meta device): parameter shapes, the FSDP units the package would
-cut (the layers of the outermost ``nn.ModuleList``s, see ``fsdp.module_units``), the widths that size their
-activations, and for the VAE its compression factors and the widest activation of its decoder at full
-resolution.
+Encoders and the VAE are read from modules (real or on the meta device) or, for encoders, from a config and the
+tensor names of their weight files: parameter shapes, the FSDP units the package would cut (the layers of the
+outermost ``nn.ModuleList``s, see ``fsdp.module_units``), the widths that size their activations, and for the VAE
+its compression factors and the widest activation of its decoder at full resolution.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from torch import nn
 
 from lightning_dit_parallel.planner.spec import Unit
 
 
+EncoderKind = Literal["text", "image"]
+
+
 @dataclass(frozen=True)
-class TextEncoderSpec:
-    """A text encoder.
+class EncoderSpec:
+    """A text or image encoder.
 
     Args:
-        name: its component name (``text_encoder``, ``text_encoder_2`` ...).
+        name: its component name (``text_encoder``, ``text_encoder_2``, ``image_encoder`` ...).
         cls: class name.
         units: its FSDP units: one per layer of its outermost ``nn.ModuleList``s, then the rest (``"root"``).
         hidden: width of its token states.
         mlp: widest per-token projection.
         heads: attention heads.
         max_tokens: the most tokens it reads (``max_position_embeddings``; 0: no limit, e.g. T5's relative
-            positions).
+            positions); for an image encoder, the tokens of one image (patches plus class token).
+        kind: ``"text"`` (encodes the prompts, the negative ones too with CFG) or ``"image"`` (encodes the
+            conditioning image once per sample).
     """
 
     name: str
@@ -38,10 +46,31 @@ class TextEncoderSpec:
     mlp: int
     heads: int
     max_tokens: int = 0
+    kind: EncoderKind = "text"
 
     @property
     def numel(self) -> int:
         return sum(u.numel for u in self.units)
+
+
+#: The name the planner used before image encoders were counted; every encoder is an ``EncoderSpec``.
+TextEncoderSpec = EncoderSpec
+
+
+@dataclass(frozen=True)
+class OtherSpec:
+    """A component the planner counts by its parameters only, held whole on every rank (a ControlNet, or a model it
+    has no role for).
+
+    Args:
+        name: component name.
+        cls: class name.
+        numel: parameters.
+    """
+
+    name: str
+    cls: str
+    numel: int
 
 
 @dataclass(frozen=True)
@@ -69,24 +98,54 @@ class VaeSpec:
     bands: bool = False
 
 
-def text_encoder_spec(name: str, module: nn.Module) -> TextEncoderSpec:
-    """Read a ``TextEncoderSpec`` from a text encoder module (``transformers`` models or any ``nn.Module``)."""
-    config = getattr(module, "config", None)
+def text_encoder_spec(name: str, module: nn.Module, kind: EncoderKind = "text") -> EncoderSpec:
+    """Read an ``EncoderSpec`` from an encoder module (``transformers`` models or any ``nn.Module``)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    default_hidden = max((e.embedding_dim for e in embeddings), default=0)
+    default_mlp = max((m.out_features for m in linears), default=0)
+    return encoder_spec(name, type(module).__name__, getattr(module, "config", None), encoder_units(module), kind,
+                        default_hidden, default_mlp)
+
+
+def encoder_spec(name: str, cls: str, config: Any, units: tuple[Unit, ...], kind: EncoderKind = "text",
+                 default_hidden: int = 0, default_mlp: int = 0) -> EncoderSpec:
+    """An ``EncoderSpec`` from a config (a dict or a ``transformers`` config object; a nested ``vision_config`` or
+    ``text_config`` is read for the encoder's kind) and its units.
+
+    An image encoder's tokens are ``(image_size // patch_size) ** 2 + 1`` (patches and class token, CLIP's vision
+    tower) where the config has both sizes, else its ``max_position_embeddings``.
+    """
+    config = _nested(config, "vision_config" if kind == "image" else "text_config")
 
     def read(*keys: str, default: int = 0) -> int:
         for key in keys:
-            value = getattr(config, key, None)
-            if isinstance(value, int):
+            value = _get(config, key)
+            if isinstance(value, int) and not isinstance(value, bool):
                 return value
         return default
 
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
-    hidden = read("d_model", "hidden_size", default=max((e.embedding_dim for e in embeddings), default=0))
-    mlp = read("d_ff", "intermediate_size", default=max((m.out_features for m in linears), default=hidden))
+    hidden = read("d_model", "hidden_size", "width", default=default_hidden)
+    mlp = read("d_ff", "intermediate_size", default=default_mlp or hidden)
     heads = read("num_heads", "num_attention_heads", default=1)
-    return TextEncoderSpec(name, type(module).__name__, encoder_units(module), hidden, max(mlp, hidden), heads,
-                           read("max_position_embeddings"))
+    tokens = read("max_position_embeddings")
+    if kind == "image":
+        image, patch = read("image_size"), read("patch_size")
+        if image and patch:
+            tokens = (image // patch) ** 2 + 1
+    return EncoderSpec(name, cls, units, hidden, max(mlp, hidden), heads, tokens, kind)
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _nested(config: Any, key: str) -> Any:
+    """``config[key]`` where the config nests the encoder's own settings there (a full CLIP config), else itself."""
+    inner = _get(config, key)
+    if inner is not None and _get(config, "hidden_size") is None and _get(config, "d_model") is None:
+        return inner
+    return config
 
 
 def encoder_units(module: nn.Module) -> tuple[Unit, ...]:

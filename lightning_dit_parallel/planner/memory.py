@@ -1,5 +1,11 @@
-"""Memory one rank needs for a layout: parameters (exact, from the shapes), activations, caches, text encoder and
-VAE decode peaks (estimates).
+"""Memory one rank needs for a layout, component by component: parameters (exact, from the shapes), activations,
+caches, encoder and VAE decode peaks (estimates).
+
+Per rank: every DiT of the pipeline (``transformer``, ``transformer_2`` ...: each cut by the layout the same way,
+one running at a time), the text and image encoders (sharded with FSDP like the DiT unless told otherwise, else
+whole), the VAE whole, other components (ControlNets) whole, plus the largest phase: a DiT forward (its gathered
+FSDP units, activations, caches), encoding the prompts, encoding the conditioning image, or decoding. Loading is
+memory-lean (a rank reads only the parameters it keeps), so no whole-model transient is counted.
 
 Parameters follow what the package does: a pipeline stage keeps its own blocks, the plan's shared modules and
 everything outside the block lists; tensor parallelism cuts the parameters of the layers its layout shards
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
+from lightning_dit_parallel.planner.components import EncoderSpec, OtherSpec, TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec, Unit
 from lightning_dit_parallel.planner.tokens import LatentGrid
@@ -55,7 +61,8 @@ class MemoryEstimate:
     """Bytes one rank needs (the busiest rank of the layout).
 
     Args:
-        dit_parameters: the DiT's parameters held between uses (local shards, the rank's stage).
+        dit_parameters: the DiTs' parameters held between uses (local shards, the rank's stage), every DiT of the
+            pipeline together.
         dit_gathered: parameters gathered on top while a DiT forward runs (FSDP: the root and the running blocks).
         activations: the DiT forward's activation peak, attention included.
         caches: PipeFusion / DistriFusion stale keys and values.
@@ -63,6 +70,10 @@ class MemoryEstimate:
         text_encoder_peak: activations (and FSDP-gathered layers) while encoding the prompts.
         vae_parameters: the VAE's parameters.
         vae_decode_peak: activations of decoding one batch (this rank's band with a parallel VAE).
+        image_encoder_parameters: image encoders' parameters held (local shards with FSDP).
+        image_encoder_peak: activations (and FSDP-gathered layers) while encoding the conditioning image.
+        other_parameters: the other components' parameters (ControlNets ...), held whole.
+        components: ``(component name, parameter bytes held)`` of every component, in pipeline order.
     """
 
     dit_parameters: int
@@ -73,19 +84,39 @@ class MemoryEstimate:
     text_encoder_peak: int
     vae_parameters: int
     vae_decode_peak: int
+    image_encoder_parameters: int = 0
+    image_encoder_peak: int = 0
+    other_parameters: int = 0
+    components: tuple[tuple[str, int], ...] = ()
 
     @property
     def resident(self) -> int:
-        return self.dit_parameters + self.text_encoder_parameters + self.vae_parameters
+        return (self.dit_parameters + self.text_encoder_parameters + self.image_encoder_parameters
+                + self.vae_parameters + self.other_parameters)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Bytes on top of the resident parameters in each phase."""
+        return {"denoising": self.dit_gathered + self.activations + self.caches,
+                "text encoding": self.text_encoder_peak, "image encoding": self.image_encoder_peak,
+                "decoding": self.vae_decode_peak}
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that sets the peak."""
+        phases = self.phases
+        return max(phases, key=phases.__getitem__)
 
     @property
     def peak(self) -> int:
-        """Parameters of every component plus the largest phase: denoising, text encoding or decoding."""
-        denoise = self.dit_gathered + self.activations + self.caches
-        return self.resident + max(denoise, self.text_encoder_peak, self.vae_decode_peak)
+        """Parameters of every component plus the largest phase: denoising, text or image encoding, or decoding."""
+        return self.resident + max(self.phases.values())
 
-    def as_dict(self) -> dict[str, int]:
-        return {**{k: int(v) for k, v in self.__dict__.items()}, "peak": int(self.peak)}
+    def as_dict(self) -> dict:
+        out: dict = {k: int(v) for k, v in self.__dict__.items() if k != "components"}
+        out["components"] = {name: int(n) for name, n in self.components}
+        out["peak"] = int(self.peak)
+        return out
 
 
 def stage_blocks(spec: ModelSpec, pp: int) -> list[range]:
@@ -104,21 +135,45 @@ def stage_units(spec: ModelSpec, blocks: range) -> list[Unit]:
     return [u for u in spec.units if u.kind != "block" or u.index in blocks]
 
 
+def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout, element: int,
+                          hw: Hardware) -> tuple[int, int]:
+    """``(held between uses, gathered on top during a forward)`` of one stage of a DiT."""
+    shards = layout.shard_degree
+    units = stage_units(spec, blocks)
+    tp = layout.tp
+    held = sum(u.shard_numel(shards, tp) for u in units) * element
+    gathered = 0
+    if shards > 1:  # the root for the whole forward, the running (and prefetched) blocks
+        whole = {id(u): u.local_numel(tp) - u.shard_numel(shards, tp) for u in units}
+        running = sorted((whole[id(u)] for u in units if u.kind == "block"), reverse=True)
+        prefetch = 2 if hw.device_type == "cuda" else 1
+        gathered = (sum(whole[id(u)] for u in units if u.kind == "root") + sum(running[:prefetch])) * element
+    return held, gathered
+
+
 def dit_parameter_bytes(spec: ModelSpec, layout: PlannedLayout, element: int, hw: Hardware) -> tuple[int, int]:
     """``(held between uses, gathered on top during a forward)`` for the busiest stage."""
-    shards = layout.shard_degree
-    best = (0, 0)
-    for blocks in stage_blocks(spec, layout.pp):
-        units = stage_units(spec, blocks)
-        tp = layout.tp
-        held = sum(u.shard_numel(shards, tp) for u in units) * element
-        gathered = 0
-        if shards > 1:  # the root for the whole forward, the running (and prefetched) blocks
-            whole = {id(u): u.local_numel(tp) - u.shard_numel(shards, tp) for u in units}
-            running = sorted((whole[id(u)] for u in units if u.kind == "block"), reverse=True)
-            prefetch = 2 if hw.device_type == "cuda" else 1
-            gathered = (sum(whole[id(u)] for u in units if u.kind == "root") + sum(running[:prefetch])) * element
-        best = max(best, (held, gathered), key=lambda pair: pair[0] + pair[1])
+    held, gathered, _ = dits_parameter_bytes([spec], layout, element, hw)
+    return held, gathered
+
+
+def dits_parameter_bytes(specs: list[ModelSpec], layout: PlannedLayout, element: int,
+                         hw: Hardware) -> tuple[int, int, list[int]]:
+    """``(held, gathered, held per DiT)`` of every DiT of a pipeline on the busiest stage.
+
+    Each DiT is cut by the layout the same way (pipeline stage ``s`` holds stage ``s`` of every DiT); all are held,
+    one runs at a time, so the held bytes add up and the gathered ones are the largest DiT's.
+    """
+    best: tuple[int, int, list[int]] = (0, 0, [0] * len(specs))
+    for stage in range(layout.pp):
+        per = []
+        for spec in specs:
+            stages = stage_blocks(spec, layout.pp)
+            per.append(stage_parameter_bytes(spec, stages[min(stage, len(stages) - 1)], layout, element, hw))
+        held = sum(h for h, _ in per)
+        gathered = max((g for _, g in per), default=0)
+        if stage == 0 or held + gathered > best[0] + best[1]:
+            best = (held, gathered, [h for h, _ in per])
     return best
 
 
@@ -223,24 +278,40 @@ def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     return total // (layout.ulysses * layout.tp)
 
 
+def encoder_work(enc: EncoderSpec, work: Work) -> tuple[int, int]:
+    """``(rows, tokens)`` one encoder encodes per batch: a text encoder every prompt (the negative ones too with CFG),
+    up to its token limit; an image encoder one image per sample."""
+    if enc.kind == "image":
+        return work.batch, enc.max_tokens
+    rows = work.batch * (2 if work.cfg else 1)
+    return rows, (min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens)
+
+
+def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: int, hw: Hardware,
+                  shard: bool) -> tuple[int, int]:
+    """``(held, peak while encoding)`` of one encoder on one rank (sharded with FSDP when ``shard``)."""
+    shards = layout.shard_degree if shard else 1
+    held = sum(u.shard_numel(shards) for u in enc.units) * element
+    gathered = 0
+    if shards > 1:
+        layers = sorted((u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "block"), reverse=True)
+        root = sum(u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "root")
+        gathered = (root + sum(layers[: 2 if hw.device_type == "cuda" else 1])) * element
+    rows, tokens = encoder_work(enc, work)
+    act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
+    scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
+    return held, int(gathered + act + scores)
+
+
 def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, work: Work, element: int,
                        hw: Hardware, shard: bool) -> tuple[int, int]:
-    """``(held, peak while encoding)`` of the text encoders on one rank (sharded with FSDP when ``shard``)."""
-    shards = layout.shard_degree if shard else 1
-    rows = work.batch * (2 if work.cfg else 1)
-    held = 0
-    peak = 0
+    """``(held, peak while encoding)`` of encoders on one rank (sharded with FSDP when ``shard``): held adds up,
+    they encode one after the other."""
+    held = peak = 0
     for enc in encoders:
-        held += sum(u.shard_numel(shards) for u in enc.units) * element
-        gathered = 0
-        if shards > 1:
-            layers = sorted((u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "block"), reverse=True)
-            root = sum(u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "root")
-            gathered = (root + sum(layers[: 2 if hw.device_type == "cuda" else 1])) * element
-        tokens = min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens
-        act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
-        scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
-        peak = max(peak, gathered + act + scores)
+        h, p = encoder_bytes(enc, layout, work, element, hw, shard)
+        held += h
+        peak = max(peak, p)
     return held, peak
 
 
@@ -265,15 +336,38 @@ def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: Planned
 
 def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec | None, grid: LatentGrid,
                     work: Work, hw: Hardware, layout: PlannedLayout, element: int,
-                    shard_text_encoders: bool = True) -> MemoryEstimate:
-    """Every part of one rank's memory for ``layout``."""
-    held, gathered = dit_parameter_bytes(spec, layout, element, hw)
-    te_held, te_peak = text_encoder_bytes(encoders, layout, work, element, hw, shard_text_encoders)
+                    shard_text_encoders: bool = True, *, more_dits: list[ModelSpec] | tuple = (),
+                    image_encoders: list[EncoderSpec] | tuple = (), others: list[OtherSpec] | tuple = (),
+                    dit_names: list[str] | tuple = ()) -> MemoryEstimate:
+    """Every part of one rank's memory for ``layout``, component by component.
+
+    Args:
+        spec: the planned DiT; ``more_dits`` the pipeline's other DiTs (``transformer_2`` ...), held the same way.
+        encoders: text encoders; ``image_encoders`` image encoders. Both are sharded with FSDP when
+            ``shard_text_encoders`` (the layout's shard group), else held whole.
+        vae: the VAE (whole); ``others``: components held whole (ControlNets ...).
+        dit_names: component names of ``spec`` and ``more_dits`` (for ``components``).
+    """
+    dits = [spec, *more_dits]
+    names = [*dit_names[: len(dits)]]
+    names += ["transformer" if i == 0 else f"transformer_{i + 1}" for i in range(len(names), len(dits))]
+    held, gathered, per_dit = dits_parameter_bytes(dits, layout, element, hw)
+    te_held, te_peak = text_encoder_bytes(list(encoders), layout, work, element, hw, shard_text_encoders)
+    ie_held, ie_peak = text_encoder_bytes(list(image_encoders), layout, work, element, hw, shard_text_encoders)
     vae_params, vae_peak = vae_bytes(vae, grid, work, layout, element)
+    components = list(zip(names, per_dit))
+    components += [(e.name, encoder_bytes(e, layout, work, element, hw, shard_text_encoders)[0])
+                   for e in (*encoders, *image_encoders)]
+    if vae is not None:
+        components.append(("vae", vae_params))
+    components += [(o.name, o.numel * element) for o in others]
     return MemoryEstimate(
         dit_parameters=held, dit_gathered=gathered,
-        activations=dit_activation_bytes(spec, grid, work, layout, element),
-        caches=cache_bytes(spec, grid, work, layout, element),
+        activations=max(dit_activation_bytes(s, grid, work, layout, element) for s in dits),
+        caches=sum(cache_bytes(s, grid, work, layout, element) for s in dits),
         text_encoder_parameters=te_held, text_encoder_peak=te_peak,
         vae_parameters=vae_params, vae_decode_peak=vae_peak,
+        image_encoder_parameters=ie_held, image_encoder_peak=ie_peak,
+        other_parameters=sum(o.numel for o in others) * element,
+        components=tuple(components),
     )

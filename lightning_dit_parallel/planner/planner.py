@@ -127,8 +127,9 @@ def plan_layouts(
     and whether it fits; the fastest that fits (exact methods only unless ``allow_approximate``) is recommended.
 
     Args:
-        source: a transformer ``config.json``, a pipeline folder (``transformer/config.json`` plus text encoder and
-            VAE configs), a module holding a planned DiT (e.g. a LightningModule), or ``PipelineModels``.
+        source: a transformer ``config.json``, a pipeline folder (its ``model_index.json`` components: every
+            transformer, text and image encoder, the VAE, ControlNets; see ``load_models``), a module holding a
+            planned DiT (e.g. a LightningModule), or ``PipelineModels``.
         devices, nodes: devices per node and nodes.
         memory: memory per device (``"24GiB"``, ``"80GB"`` or bytes).
         dtype: the dtype the models run in.
@@ -139,7 +140,8 @@ def plan_layouts(
         reserve: memory per device kept free.
         device_type: ``"cuda"`` or ``"cpu"`` (prefetch and overlap, see ``Hardware``).
         allow_approximate: PipeFusion and DistriFusion may be recommended.
-        shard_text_encoders: with FSDP, the text encoders are sharded too (``shard_modules``).
+        shard_text_encoders: with FSDP, the text and image encoders are sharded too (``shard_modules``), else
+            held whole.
         check_inputs: the strategy's replicated-input check is on (its small all-gather is counted).
         axes: which kinds of parallelism to consider (default: all).
         text_encoder_configs, vae_config: config files, instead of those found next to the transformer config.
@@ -175,16 +177,21 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
     grid = latent_grid(spec.name, spec.config, models.vae, work)
     encoders = list(models.text_encoders)
     estimates = []
-    layouts = enumerate_layouts(
-        spec, hardware.world_size, rows=work.rows, tokens=grid.tokens, latent_height=grid.height,
-        samples=work.total_samples, batch=work.batch, cfg_split=work.cfg and work.cfg_calls == "doubled",
-        has_vae=models.vae is not None and models.vae.bands, axes=axes,
-    )
+    options = dict(rows=work.rows, tokens=grid.tokens, latent_height=grid.height, samples=work.total_samples,
+                   batch=work.batch, cfg_split=work.cfg and work.cfg_calls == "doubled",
+                   has_vae=models.vae is not None and models.vae.bands, axes=axes)
+    layouts = list(enumerate_layouts(spec, hardware.world_size, **options))
+    for more in models.more_dits:  # every DiT of the pipeline is cut by the same layout
+        valid = set(enumerate_layouts(more, hardware.world_size, **options))
+        layouts = [lay for lay in layouts if lay in valid]
     for layout in layouts:
         memory = memory_estimate(spec, encoders, models.vae, grid, work, hardware, layout, element,
-                                 shard_text_encoders)
+                                 shard_text_encoders, more_dits=models.more_dits,
+                                 image_encoders=models.image_encoders, others=models.others,
+                                 dit_names=[name for name, _ in models.dits])
         traffic = bytes_per_step(spec, grid, work, layout, element, check_inputs)
-        time = time_estimate(spec, encoders, models.vae, grid, work, hardware, layout, element, check_inputs)
+        time = time_estimate(spec, [*encoders, *models.image_encoders], models.vae, grid, work, hardware, layout,
+                             element, check_inputs)
         fits = memory.peak <= hardware.usable_memory
         estimates.append(LayoutEstimate(layout, memory, traffic, time, fits))
     if not estimates:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import DEGREES, PlannedLayout
-from lightning_dit_parallel.planner.memory import local_tokens, sequence_tokens, stage_blocks
+from lightning_dit_parallel.planner.memory import encoder_work, local_tokens, sequence_tokens, stage_blocks
 from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec
 from lightning_dit_parallel.planner.tokens import LatentGrid
 from lightning_dit_parallel.planner.traffic import bytes_by_method
@@ -111,7 +111,8 @@ def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
 def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec | None, grid: LatentGrid,
                   work: Work, hw: Hardware, layout: PlannedLayout, element: int,
                   check_inputs: bool = True) -> TimeEstimate:
-    """The step time and the whole work's time of ``layout``."""
+    """The step time and the whole work's time of ``layout`` (``encoders``: text and image encoders; the DiT
+    ``spec`` is the one that runs, a pipeline's other DiTs take its turns)."""
     stages = stage_blocks(spec, layout.pp)
     flops = [stage_flops(spec, grid, work, layout, blocks) for blocks in stage_blocks(spec, layout.pp)]
     pass_s = [(lin + att) / hw.flops for lin, att in flops]
@@ -141,8 +142,7 @@ def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec
             seconds = max(0.0, seconds - compute)
         exposed += seconds
     step = (compute + exposed) * work.calls_per_step
-    encode = sum(2.0 * enc.numel * (min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens)
-                 * work.batch * (2 if work.cfg else 1) for enc in encoders) / hw.flops
+    encode = sum(2.0 * enc.numel * math.prod(encoder_work(enc, work)) for enc in encoders) / hw.flops
     decode = 0.0
     if vae is not None:
         pixels = grid.height * grid.spatial * grid.width * grid.spatial
