@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
-from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, module_units, shard_mesh
+from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, encoder_paths, module_units, shard_mesh
 from lightning_dit_parallel.incomplete import check_complete
 from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
 from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
@@ -92,7 +92,7 @@ class Parallelized:
 
 
 def parallelize(
-    module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] = (),
+    module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] | None = None,
     pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
     distrifusion: DistriFusionOptions | None = None,
 ) -> Parallelized:
@@ -110,7 +110,11 @@ def parallelize(
         layout: a resolved layout (see ``ParallelLayout.resolve``).
         mesh: the device mesh built from ``layout``.
         shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
-            e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit.
+            e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit. ``None``
+            (the default): every transformers ``PreTrainedModel`` outside the planned DiTs (the text and image
+            encoders, e.g. ``pipe.text_encoder``, ``pipe.image_encoder``; see ``fsdp.encoder_paths``); ``()``: none.
+            Each must run on every rank of the shard group in step (diffusers pipelines call each encoder once per
+            batch on every rank).
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
         check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check that the ranks of each
             model-parallel group pass the DiT identical arguments (see ``lightning_dit_parallel.guard``): ``True``
@@ -135,6 +139,8 @@ def parallelize(
     if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1:
         return result
     planned = find_planned_modules(module)
+    if shard_modules is None:
+        shard_modules = encoder_paths(module, [path for path, _, _ in planned]) if layout.fsdp else ()
     extra = [(path, _submodule(module, path)) for path in shard_modules]
     for path in shard_modules:
         overlap = [p for p, _, _ in planned if is_within(p, path) or is_within(path, p)]

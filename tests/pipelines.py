@@ -148,3 +148,71 @@ def flux_pipeline(seed: int = 0):
 #: Flux: 20 x 20 images (latents 4 x 10 x 10, packed 5 x 5 = 25 image tokens, plus 9 text tokens), 2 steps.
 FLUX_CALL = dict(height=20, width=20, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS,
                  output_type="pt")
+
+
+def clip_vision_encoder(hidden: int = 16, seed: int = 0):
+    """CLIP vision tower over 16 x 16 images (patch 8: 4 patches and the class token), as Wan 2.1 I2V's image
+    encoder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=8,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def wan_i2v_pipeline(seed: int = 0):
+    """Wan 2.1 image-to-video: the Wan pipeline's parts plus a CLIP image encoder (dim 16) whose ``hidden_states[-2]``
+    the DiT reads as image context; the DiT's input is the latents and the image condition (4 + 4 mask + 4 channels)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=12, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, image_dim=16,
+        added_kv_proj_dim=48,
+    )
+    randomize_zero_init(transformer, seed)
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pipe = WanImageToVideoPipeline(
+        tokenizer=word_tokenizer(), text_encoder=umt5_encoder(seed=seed), vae=tiny_wan_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_processor=processor,
+        image_encoder=clip_vision_encoder(seed=seed), transformer=sharpen_attention(transformer.eval()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Wan I2V: a 32 x 32 image to 5 frames (latents 2 x 4 x 4), 2 steps.
+WAN_I2V_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
+                    max_sequence_length=TEXT_TOKENS, output_type="pt")
+
+
+def hunyuan_video_text_pipeline(seed: int = 0):
+    """HunyuanVideo's text path only (no DiT, no VAE): a Llama text encoder (3 layers, read at ``hidden_states[-3]``)
+    and a CLIP text encoder (pooled output, 77 positions as the pipeline pads to 77), both over the word tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    llama = LlamaModel(LlamaConfig(
+        vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0,
+    )).eval()
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(WORDS) + 3, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+    )).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=word_tokenizer(), transformer=None, vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=clip, tokenizer_2=word_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: A prompt template for ``HunyuanVideoPipeline.encode_prompt`` over the word tokenizer: one leading word, cropped.
+HUNYUAN_TEMPLATE = {"template": "the {}", "crop_start": 1}

@@ -1,6 +1,7 @@
 """FSDP inference: parameters sharded per transformer block over the ranks that share weights."""
 
 from lightning_dit_parallel.fsdp.batches import check_equal_batch_counts
+from lightning_dit_parallel.fsdp.encoders import encoder_paths, keep_output_recording
 from lightning_dit_parallel.fsdp.mesh import SHARD_AXES, shard_mesh
 from lightning_dit_parallel.fsdp.shard import FSDPSharding, apply_fsdp, block_units, is_sharded, module_units
 
@@ -10,7 +11,9 @@ __all__ = [
     "apply_fsdp",
     "block_units",
     "check_equal_batch_counts",
+    "encoder_paths",
     "is_sharded",
+    "keep_output_recording",
     "module_units",
     "shard_mesh",
 ]

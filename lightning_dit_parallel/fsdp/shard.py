@@ -10,6 +10,10 @@ would meet sharded parameters, so every submodule of a unit gets a pre-hook that
 (``unshard()``) when the unit is not running, and a hook that frees it again afterwards (see
 ``_OutsideCalls``). Every rank runs the same forward, so these collectives line up.
 
+``fully_shard`` also swaps each unit's class for a subclass ``FSDP<Name>``; transformers models find the outputs they
+record (``hidden_states``) by class, so the subclass is registered like the original (see ``encoders.py``).
+A 0-dim parameter (CLIP's ``logit_scale``) has no dim to shard; it stays whole on every rank.
+
 ``remove()`` gives the plain module back: every sharded parameter is all-gathered once (a collective,
 in the same order on every rank) and set back as an ordinary ``nn.Parameter``, FSDP's hooks and
 per-module state are deleted and each module gets its own class back. FSDP2 has no public "unshard
@@ -30,7 +34,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dit_parallel.fsdp.encoders import keep_output_recording
 from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
+from lightning_dit_parallel.loading.deferred import deferred_module_ids
 from lightning_dit_parallel.utils.hooks import remove_handles
 
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
@@ -82,10 +88,17 @@ class _ModuleSnapshot:
 
 
 class _OutsideCalls:
-    """Gathers a unit's parameters around calls of its submodules made outside the unit's own forward."""
+    """Gathers a unit's parameters around calls of its submodules made outside the unit's own forward.
 
-    def __init__(self, unit: nn.Module) -> None:
+    The root unit too: a pipeline may call an encoder's parts without its forward (``get_text_features``, or SD's
+    ``text_encoder.text_model.final_layer_norm(...)`` for ``clip_skip``). FSDP makes the first unit whose forward runs
+    the root of all units inside it, so before gathering, the root is set up as the root (its forward may not have
+    run yet, and a unit inside the borrowed call must not take that place).
+    """
+
+    def __init__(self, unit: nn.Module, root: nn.Module) -> None:
         self.unit = unit
+        self.root = root
         self.depth = 0  # >0 while the unit's parameters are gathered (its forward, or a borrowing call)
         self.borrowers: list[nn.Module] = []
         self.handles: list[RemovableHandle] = []
@@ -109,6 +122,7 @@ class _OutsideCalls:
 
     def _borrow(self, module: nn.Module, args: tuple) -> None:
         if self.depth == 0:
+            self.root._get_fsdp_state()._lazy_init()  # no-op once the root's forward (or a borrow) has run
             self.unit.unshard()  # all-gather: (n/N, ...) per rank -> (n, ...)
             self.borrowers.append(module)
             self.depth += 1
@@ -147,7 +161,11 @@ class FSDPSharding:
         if not self.snapshots:
             return
         try:
-            self._replace_sharded(lambda p: nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad))
+            # one parameter at a time, gathered and moved to the host at once: never the whole model on a device
+            self._replace_sharded(
+                lambda p: nn.Parameter(p.full_tensor().detach().cpu(), requires_grad=p.requires_grad),
+                lean=deferred_module_ids(self.root),
+            )
         except BaseException:
             self.discard()  # a peer is gone: the parameters not yet gathered become meta tensors
             raise
@@ -165,8 +183,10 @@ class FSDPSharding:
         self._restore_modules()
         mark_incomplete(self.root, "its FSDP shards could not be gathered back (no collective after the failure).")
 
-    def _replace_sharded(self, whole) -> None:
-        """Replace every sharded parameter by ``whole(parameter)`` (tied parameters stay tied)."""
+    def _replace_sharded(self, whole, lean: set[int] = frozenset()) -> None:
+        """Replace every sharded parameter by ``whole(parameter)`` (tied parameters stay tied); those of the
+        ``lean`` modules (deferred weights, read again from their files at the next setup) by meta tensors, without a
+        collective: the set is the same on every rank."""
         full: dict[int, nn.Parameter] = {}
         for module in self.root.modules():  # the same order on every rank
             for name, param in list(module._parameters.items()):
@@ -174,7 +194,7 @@ class FSDPSharding:
                     continue
                 if id(param) not in full:
                     # DTensor Shard(0): (ceil(n/N), ...) per rank -> all-gather -> (n, ...)
-                    full[id(param)] = whole(param)
+                    full[id(param)] = meta_like(param) if id(module) in lean else whole(param)
                 module._parameters[name] = full[id(param)]
 
     def _restore_modules(self) -> None:
@@ -210,29 +230,44 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
     sharding.snapshots = {id(m): (m, _ModuleSnapshot.take(m)) for m in root.modules()}
     try:
         for unit in units:
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+            # a 0-dim parameter (CLIP's logit_scale) has no dim to shard: it stays whole on every rank
+            scalars = {p for p in unit.parameters() if p.ndim == 0}
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, **({"ignored_params": scalars} if scalars else {}))
+        # transformers looks up the outputs a model records by its class: the FSDP subclass gets the original's
+        keep_output_recording((u, sharding.snapshots[id(u)][1].cls) for u in units)
+        root_is_unit = any(u is root for u in units)
         for unit in units:
-            if unit is not root:
-                sharding.outside_calls.append(_OutsideCalls(unit))
-                sharding.outside_calls[-1].install({id(u) for u in units if u is not unit})
+            sharding.outside_calls.append(_OutsideCalls(unit, root if root_is_unit else _outermost(unit, units)))
+            sharding.outside_calls[-1].install({id(u) for u in units if u is not unit})
     except BaseException:
         sharding.remove()
         raise
     return sharding
 
 
-def _modules_outside(unit: nn.Module, other_units: set[int]) -> list[nn.Module]:
-    """Submodules of ``unit`` (not ``unit`` itself) that are not inside one of ``other_units``."""
-    found: list[nn.Module] = []
+def _outermost(unit: nn.Module, units: list[nn.Module]) -> nn.Module:
+    """The outermost of ``units`` (innermost first) that contains ``unit``: FSDP's root for it."""
+    return next(u for u in reversed(units) if any(m is unit for m in u.modules()))
 
-    def walk(parent: nn.Module) -> None:
+
+def _modules_outside(unit: nn.Module, other_units: set[int]) -> list[nn.Module]:
+    """Submodules of ``unit`` (not ``unit`` itself) that are not inside one of ``other_units`` and hold parameters of
+    the unit (themselves or below, outside the other units); a parameterless one (rotary embedding, dropout) needs no
+    gather."""
+    found: list[tuple[nn.Module, bool]] = []
+
+    def walk(parent: nn.Module) -> bool:  # whether parent holds a parameter of the unit
+        holds = any(p is not None for p in parent._parameters.values())
         for child in parent.children():
             if id(child) not in other_units:
-                found.append(child)
-                walk(child)
+                found.append((child, False))
+                index = len(found) - 1
+                found[index] = (child, walk(child))
+                holds = holds or found[index][1]
+        return holds
 
     walk(unit)
-    return found
+    return [module for module, holds in found if holds]
 
 
 def block_units(blocks: list[tuple[str, nn.ModuleList]]) -> list[nn.Module]:
