@@ -214,26 +214,56 @@ def load_local_weights(module: nn.Module, source: WeightSource | dict[str, str],
 
 
 def _read_local(param: torch.Tensor, key: str, entry: dict, data_start: int, raw, f, file: str) -> int:
-    """Read this rank's region of ``param`` (stored as ``key``) into its local storage; returns the bytes read."""
+    """Read this rank's region of ``param`` (stored as ``key``) into its local storage; returns the bytes read.
+
+    The region is read with plain file reads, one contiguous run of bytes at a time (one for a dim-0 shard, one per
+    row for a dim-1 shard), straight into the local tensor when the dtype matches and it lives on the CPU, else into
+    a host buffer of the local size that is then cast or copied: no mapped file pages, no whole-tensor copy.
+    """
     if tuple(entry["shape"]) != tuple(param.shape):
         raise ValueError(f"{file}: {key} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}.")
     local = local_tensor(param)
-    region = _local_region(param)
-    rows = _row_range(region, param.shape)
+    stored = _DTYPES.get(entry["dtype"])
+    region = _local_region(param) or tuple(slice(0, n) for n in param.shape)
     with torch.no_grad():
-        same_dtype = _DTYPES.get(entry["dtype"]) == local.dtype
-        in_place = same_dtype and local.is_contiguous() and local.device.type == "cpu"
-        if rows is not None and in_place:
-            # this rank's rows [start, stop) of a row-major tensor: one contiguous byte range, read in place
-            row_bytes = local.element_size() * math.prod(param.shape[1:])
-            raw.seek(data_start + entry["data_offsets"][0] + rows[0] * row_bytes)
-            buffer = local.view(-1).view(torch.uint8).numpy()  # (local numel * itemsize,) bytes
-            if raw.readinto(memoryview(buffer)) != buffer.size:
-                raise ValueError(f"{file}: {key} is truncated.")
-            return buffer.size
-        part = f.get_slice(key)[region] if region is not None else f.get_tensor(key)
-        local.copy_(part.reshape(local.shape))  # (local shape) from the stored region, cast to the model's dtype
-        return part.numel() * part.element_size()
+        if stored is None:  # a dtype without a torch twin here: safetensors reads (and converts) the region
+            part = f.get_slice(key)[region] if param.ndim else f.get_tensor(key)
+            local.copy_(part.reshape(local.shape))
+            return part.numel() * part.element_size()
+        direct = stored == local.dtype and local.is_contiguous() and local.device.type == "cpu"
+        target = local if direct else torch.empty(local.shape, dtype=stored)  # (local shape), host, stored dtype
+        read = _read_region(raw, data_start + entry["data_offsets"][0], tuple(param.shape), region,
+                            target.view(-1).view(torch.uint8).numpy(), target.element_size(), f"{file}: {key}")
+        if not direct:
+            local.copy_(target)  # cast and / or to the device
+        return read
+
+
+def _read_region(raw, offset: int, shape: tuple[int, ...], region: tuple[slice, ...], out, itemsize: int,
+                 what: str) -> int:
+    """Read ``region`` of a row-major tensor of ``shape`` stored at byte ``offset`` into the byte array ``out``
+    (the region's elements in row-major order), one contiguous run at a time."""
+    import itertools
+
+    view = memoryview(out)
+    if not shape:  # a scalar: one element
+        raw.seek(offset)
+        if raw.readinto(view[:itemsize]) != itemsize:
+            raise ValueError(f"{what} is truncated.")
+        return itemsize
+    # the last cut dimension: the region is contiguous from there on (every later dimension is whole)
+    cut = max((d for d, (s, n) in enumerate(zip(region, shape)) if s.start != 0 or s.stop != n), default=0)
+    inner = math.prod(shape[cut + 1:])  # elements per index of the cut dimension
+    run = (region[cut].stop - region[cut].start) * inner * itemsize  # bytes of one contiguous run
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]  # row-major strides in elements
+    position = 0
+    for outer in itertools.product(*(range(s.start, s.stop) for s in region[:cut])):
+        start = sum(i * strides[d] for d, i in enumerate(outer)) + region[cut].start * inner
+        raw.seek(offset + start * itemsize)
+        if raw.readinto(view[position:position + run]) != run:
+            raise ValueError(f"{what} is truncated.")
+        position += run
+    return position
 
 
 #: safetensors dtype names -> torch dtypes, for reading in place.
@@ -250,15 +280,6 @@ def read_header(file: str | Path) -> tuple[dict, int]:
         header = json.loads(raw.read(size))
     header.pop("__metadata__", None)
     return header, 8 + size
-
-
-def _row_range(region: tuple[slice, ...] | None, shape: torch.Size) -> tuple[int, int] | None:
-    """``(start, stop)`` rows when ``region`` cuts dim 0 only (or is the whole tensor), else ``None``."""
-    if region is None:
-        return (0, shape[0]) if len(shape) else (0, 1)
-    if any(s.start != 0 or s.stop != n for s, n in zip(region[1:], shape[1:])):
-        return None
-    return region[0].start, region[0].stop
 
 
 def save_weights(module: nn.Module, file: str | Path) -> None:
