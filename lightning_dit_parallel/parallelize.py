@@ -13,7 +13,9 @@ from torch import nn
 
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
-from lightning_dit_parallel.fsdp import SHARD_AXES, apply_fsdp, block_units, encoder_paths, module_units, shard_mesh
+from lightning_dit_parallel.fsdp import (
+    SHARD_AXES, apply_fsdp, block_units, encoder_mesh, encoder_paths, module_units, shard_mesh, shards_encoders,
+)
 from lightning_dit_parallel.incomplete import check_complete
 from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
 from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
@@ -133,14 +135,17 @@ def parallelize(
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     result = Parallelized()
-    if shard_modules and not layout.fsdp:
-        raise ValueError(f"shard_modules={list(shard_modules)} needs fsdp=True ({layout.describe()}).")
+    cuts_memory = shards_encoders(layout.fsdp, int(layout.pp), int(layout.tp))
+    if shard_modules and not cuts_memory:
+        raise ValueError(
+            f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1 ({layout.describe()})."
+        )
     vaes = find_vaes(module) if parallel_vae else []
     if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1:
         return result
     planned = find_planned_modules(module)
     if shard_modules is None:
-        shard_modules = encoder_paths(module, [path for path, _, _ in planned]) if layout.fsdp else ()
+        shard_modules = encoder_paths(module, [path for path, _, _ in planned]) if cuts_memory else ()
     extra = [(path, _submodule(module, path)) for path in shard_modules]
     for path in shard_modules:
         overlap = [p for p, _, _ in planned if is_within(p, path) or is_within(path, p)]
@@ -165,7 +170,9 @@ def parallelize(
             sources = ", ".join(t.source for t in tp_layouts)
             rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {sources}")
         if layout.fsdp:
-            _apply_fsdp(result, module, planned, extra, mesh)
+            _apply_fsdp(result, module, planned, mesh)
+        if extra:
+            _shard_encoders(result, extra, mesh, layout.fsdp)
         pipefusion = layout.pp > 1 and (pipeline or PipelineOptions()).mode == "pipefusion"
         if layout.sequence_degree > 1 and distrifusion is not None:
             groups = SequenceGroups.from_mesh(mesh)
@@ -210,11 +217,20 @@ def _resolve_tensor_parallel(
     return layouts
 
 
+def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool) -> None:
+    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``."""
+    encoders = encoder_mesh(mesh, fsdp)
+    if encoders.size() == 1:
+        return
+    for _, sub in extra:
+        result.applied.append(apply_fsdp(sub, module_units(sub), encoders))
+    rank_zero_log(f"FSDP over {encoders.size()} ranks on the encoders {[p for p, _ in extra]}")
+
+
 def _apply_fsdp(
-    result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]],
-    extra: list[tuple[str, nn.Module]], mesh,
+    result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
 ) -> None:
-    """FSDP2 per transformer block and on each DiT root, plus each ``shard_modules`` entry."""
+    """FSDP2 per transformer block and on each DiT root."""
     fsdp_mesh = shard_mesh(mesh)
     if fsdp_mesh.size() == 1:
         rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
@@ -227,10 +243,7 @@ def _apply_fsdp(
         # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
         shared = [dit.get_submodule(p) for p in plan.shared_modules]
         result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh))
-    for path, sub in extra:
-        result.applied.append(apply_fsdp(sub, module_units(sub), fsdp_mesh))
-    names = [*result.paths, *(p for p, _ in extra)]
-    rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {names}")
+    rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {result.paths}")
 
 
 def _apply_parallel_vae(result: Parallelized, vaes: list[tuple[str, nn.Module, VaeCut]], mesh) -> None:

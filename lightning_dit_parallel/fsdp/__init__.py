@@ -2,7 +2,7 @@
 
 from lightning_dit_parallel.fsdp.batches import check_equal_batch_counts
 from lightning_dit_parallel.fsdp.encoders import encoder_paths, keep_output_recording
-from lightning_dit_parallel.fsdp.mesh import SHARD_AXES, shard_mesh
+from lightning_dit_parallel.fsdp.mesh import ENCODER_AXES, SHARD_AXES, encoder_mesh, shard_mesh, shards_encoders
 from lightning_dit_parallel.fsdp.shard import FSDPSharding, apply_fsdp, block_units, is_sharded, module_units
 
 __all__ = [
@@ -16,4 +16,7 @@ __all__ = [
     "keep_output_recording",
     "module_units",
     "shard_mesh",
+    "ENCODER_AXES",
+    "encoder_mesh",
+    "shards_encoders",
 ]

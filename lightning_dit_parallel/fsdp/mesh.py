@@ -17,3 +17,19 @@ def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
     Ranks of one pipeline stage form one FSDP group; with ``pp == 1`` that is the whole world.
     """
     return mesh[SHARD_AXES]._flatten("fsdp")
+
+
+#: Axes over which every rank calls the pipeline's encoders the same number of times with the same inputs: all but
+#: ``dp`` (whose groups encode different prompts), which joins with FSDP (its groups then run equal batch counts).
+ENCODER_AXES: tuple[str, ...] = ("cfg", "pp", "ring", "ulysses", "tp")
+
+
+def shards_encoders(fsdp: bool, pp: int, tp: int) -> bool:
+    """Whether a layout shards the pipeline's encoders by default: when it cuts the DiT's memory (FSDP, pipeline
+    stages or tensor parallelism), the encoders are cut too, else a large text encoder would dominate a rank."""
+    return fsdp or pp > 1 or tp > 1
+
+
+def encoder_mesh(mesh: DeviceMesh, fsdp: bool) -> DeviceMesh:
+    """A 1-D mesh named ``"encoders"``: the ranks that shard the encoders (``ENCODER_AXES``, plus ``dp`` with FSDP)."""
+    return mesh[(("dp",) if fsdp else ()) + ENCODER_AXES]._flatten("encoders")

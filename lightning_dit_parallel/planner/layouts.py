@@ -78,6 +78,17 @@ class PlannedLayout:
         return self.dp * self.cfg * self.ring * self.ulysses if self.fsdp else 1
 
     @property
+    def encoder_shard_degree(self) -> int:
+        """Ranks the pipeline's encoders are sharded over by default (``fsdp.encoder_mesh``): every model-parallel
+        rank, and the dp axis with FSDP, when the layout cuts the DiT's memory (FSDP, pipeline stages or tensor
+        parallelism); else 1."""
+        from lightning_dit_parallel.fsdp.mesh import shards_encoders
+
+        if not shards_encoders(self.fsdp, self.pp, self.tp):
+            return 1
+        return self.model_parallel_degree * (self.dp if self.fsdp else 1)
+
+    @property
     def exact(self) -> bool:
         return self.pp_mode != "pipefusion" and self.distrifusion == 1
 

@@ -290,7 +290,7 @@ def encoder_work(enc: EncoderSpec, work: Work) -> tuple[int, int]:
 def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: int, hw: Hardware,
                   shard: bool) -> tuple[int, int]:
     """``(held, peak while encoding)`` of one encoder on one rank (sharded with FSDP when ``shard``)."""
-    shards = layout.shard_degree if shard else 1
+    shards = layout.encoder_shard_degree if shard else 1
     held = sum(u.shard_numel(shards) for u in enc.units) * element
     gathered = 0
     if shards > 1:

@@ -29,7 +29,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_dit_parallel.fsdp import check_equal_batch_counts
+from lightning_dit_parallel.fsdp import check_equal_batch_counts, shards_encoders
 from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
 from lightning_dit_parallel.incomplete import unmark_incomplete
 from lightning_dit_parallel.layout import Degree, ParallelLayout
@@ -94,8 +94,12 @@ class DiTParallelStrategy(ParallelStrategy):
         num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
         text_tokens: PipeFusion: ``"every_patch"`` (the text of joint attention goes whole with every patch) or
             ``"per_step"`` (cut into patches like the image); default ``None``: ``"per_step"``. See ``TextTokens``.
-        shard_modules: with ``fsdp``, paths of further modules of the LightningModule to shard, e.g.
-            ``["text_encoder"]``. They must run on every rank of the shard group in step.
+        shard_modules: modules of the LightningModule to shard with FSDP besides the DiT (one unit per layer), e.g.
+            ``["pipe.text_encoder"]``, over every model-parallel rank (and the dp axis with ``fsdp``). Default
+            ``None``: with ``fsdp``, ``pp_degree > 1`` or ``tp_degree > 1`` (the layouts that cut the DiT's memory)
+            every transformers ``PreTrainedModel`` outside the DiT(s), i.e. the pipeline's text and image encoders
+            (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every
+            rank of the group the same number of times (diffusers pipelines call each encoder once per batch).
         check_inputs: check in the first DiT call of every batch that the ranks of each model-parallel group (cfg,
             pp, ring, ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank
             when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
@@ -187,13 +191,17 @@ class DiTParallelStrategy(ParallelStrategy):
             raise ValueError(f"Pipeline options need pp_degree > 1; got pp_degree=1 with {self._pipeline.describe()}.")
         if isinstance(pp_degree, int):
             self._pipeline.check_stages(pp_degree)
-        self._shard_modules = tuple(shard_modules or ())
+        # None: the default, every transformers encoder when the layout cuts the DiT's memory (fsdp, pp, tp)
+        self._shard_modules: tuple[str, ...] | None = None if shard_modules is None else tuple(shard_modules)
         self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
         self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
                                  height, width, frames, memory, plan_options)
-        self._auto_shard_modules: tuple[str, ...] = ()
-        if self._shard_modules and not fsdp and self._auto is None:
-            raise ValueError(f"shard_modules={list(self._shard_modules)} needs fsdp=True ({self._requested_layout.describe()}).")
+        self._auto_shard_modules: tuple[str, ...] | None = ()
+        if self._shard_modules and not (fsdp or pp_degree != 1 or tp_degree != 1) and self._auto is None:
+            raise ValueError(
+                f"shard_modules={list(self._shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
+                f" ({self._requested_layout.describe()})."
+            )
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
@@ -327,14 +335,15 @@ class DiTParallelStrategy(ParallelStrategy):
         chosen, plan = choose_layout(
             self.lightning_module, world_size=self.num_nodes * self.num_processes, nodes=self.num_nodes,
             device=self.root_device, hints=self._auto, axes=supported_axes(type(self), self._auto.allow_approximate),
-            shard_text_encoders=bool(self._shard_modules), check_inputs=bool(self._check_inputs),
+            shard_text_encoders=self._shard_modules is None or bool(self._shard_modules),
+            check_inputs=bool(self._check_inputs),
         )
         layout = chosen.layout
         self._requested_layout = layout.to_parallel_layout()
         mode = "pipefusion" if layout.pp_mode == "pipefusion" else "microbatch"
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
-        self._auto_shard_modules = self._shard_modules if layout.fsdp else ()
+        self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(
             f"strategy=auto chose {layout.describe()} ({self._requested_layout.describe()}) for {plan.models.dit.name},"
             f" {plan.grid.tokens} tokens, on {self.world_size} ranks: {chosen.reason}"

@@ -21,7 +21,8 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
     Args:
         ulysses_degree: Ulysses sequence-parallel degree.
         ring_degree: ring-attention sequence-parallel degree.
-        shard_modules: further modules of the LightningModule to shard, e.g. ``["text_encoder"]``.
+        shard_modules: modules to shard besides the DiT, e.g. ``["pipe.text_encoder"]``; default ``None``: every
+            transformers encoder of the module (text and image encoders); ``[]``: none.
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``cfg_degree``, ``timeout``,
             ``start_method`` ...).
