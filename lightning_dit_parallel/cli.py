@@ -2,15 +2,22 @@
 
 The configs live in ``lightning_dit_parallel/conf`` (groups ``model``, ``strategy``, ``trainer``, ``data``,
 ``writer``). Lightning's default launcher starts the other ranks by re-running this command with
-``hydra.run.dir`` set to the same run directory; only global rank 0 writes files and reports.
+``hydra.run.dir`` set to the same run directory; only global rank 0 writes the logs and reports.
+
+The run folder is ``output_dir=<folder>`` (default: a new dated folder). Samples stream into it as batches finish
+(``batch_job.StreamingPredictionWriter``); running the same command with the same ``output_dir`` again resumes:
+finished samples are skipped, and a changed model, data or output configuration is refused. SIGTERM and SIGINT stop
+every rank after the current batch, with exit code 128 + the signal number and the command that resumes.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -19,18 +26,15 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from lightning_dit_parallel.batch_job import PredictionInterrupted, RunConfigMismatch, StreamingPredictionWriter
+from lightning_dit_parallel.batch_job.resume import RANK_VARIABLES as _RANK_VARIABLES
+from lightning_dit_parallel.batch_job.resume import is_first_process
+from lightning_dit_parallel.known_warnings import silence_known_warnings
+
 #: Command-line flags of a Hydra app that take a value and must reach the ranks Lightning starts.
 _FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
-
-#: Variables in which launchers give a process its place before Lightning runs: torchrun (``RANK``, ``GROUP_RANK``),
-#: srun (``SLURM_PROCID``), Lightning's launcher (``NODE_RANK`` on every node, ``LOCAL_RANK`` on the ranks it starts).
-_RANK_VARIABLES = ("RANK", "GROUP_RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
-
-
-def is_first_process() -> bool:
-    """Whether this process will be global rank 0: every rank variable a launcher set is 0 (or none is set)."""
-    return all(int(os.environ.get(name) or 0) == 0 for name in _RANK_VARIABLES)
+__all__ = ["is_first_process", "main", "predict", "run_config", "single_run_argv"]
 
 
 def rank_log_file(output_dir: str, job_name: str) -> str:
@@ -46,8 +50,40 @@ def rank_output_subdir(subdir: str) -> str | None:
     return subdir if is_first_process() else None
 
 
+def run_dir(output_dir: str | None, default: str) -> str:
+    """Hydra's run directory: ``output_dir`` when given (a rerun there resumes), else ``default`` (a new folder)."""
+    return default if output_dir in (None, "") else str(output_dir)
+
+
 OmegaConf.register_new_resolver("ldp_rank_log_file", rank_log_file, replace=True)
 OmegaConf.register_new_resolver("ldp_rank_output_subdir", rank_output_subdir, replace=True)
+OmegaConf.register_new_resolver("ldp_run_dir", run_dir, replace=True)
+
+#: Writer options that change the files of a sample (compared on resume, with the model and the data).
+_OUTPUT_OPTIONS = ("index_key", "save_tensors", "save_images", "image_scale", "fps", "text_key")
+
+
+def _approximate(strategy: dict[str, Any]) -> bool:
+    """Whether the strategy's outputs depend on its layout (PipeFusion, DistriFusion, or auto allowing them)."""
+    target = str(strategy.get("_target_", ""))
+    return ("pipefusion" in (strategy.get("mode"), strategy.get("pp_mode")) or target.endswith("PatchParallelStrategy")
+            or bool(strategy.get("allow_approximate")))
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """What determines the outputs of a run, recorded in ``run.json`` and compared when the folder is reused: the
+    model (weights, call arguments, seed ...), the data (requests, batch size) and the writer's file options. An
+    exact strategy gives the same samples whatever the layout, so a run may resume on other degrees or another
+    device count; an approximate one (PipeFusion, DistriFusion) is recorded too."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    writer = resolved.get("writer") or {}
+    config = {"model": resolved.get("model"), "data": resolved.get("data"),
+              "writer": {k: writer[k] for k in _OUTPUT_OPTIONS if k in writer}}
+    strategy = resolved.get("strategy") or {}
+    if _approximate(strategy):
+        config["strategy"] = strategy
+    return config
 
 
 class PredictTimer(L.Callback):
@@ -102,23 +138,58 @@ def _prepare_relaunch(output_dir: str) -> None:
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict | None:
-    """Instantiate the configured objects, run ``Trainer.predict`` and, on rank 0, return the summary."""
-    module = instantiate(cfg.model)
-    loader = instantiate(cfg.data)
-    writer = instantiate(cfg.writer, output_dir=str(output_dir))
-    strategy = instantiate(cfg.strategy)
+    """Instantiate the configured objects, run ``Trainer.predict`` on the samples not yet in ``output_dir`` and, on
+    rank 0, return the summary.
+
+    Every process reads ``output_dir`` before any process group exists (``StreamingPredictionWriter.prepare``), so
+    every rank skips the same finished samples; when none is left, no process group is made at all.
+    """
+    silence_known_warnings()
+    requests = instantiate(cfg.data)
+    # not recursive: the recorded model and data configs carry _target_ keys that must stay plain values
+    writer = instantiate(cfg.writer, output_dir=str(output_dir), run_config=run_config(cfg), _recursive_=False,
+                         _convert_="all")
+    if not isinstance(writer, StreamingPredictionWriter):
+        raise TypeError(f"ldp-predict streams and resumes with StreamingPredictionWriter; writer is "
+                        f"{type(writer).__name__}.")
+    loader = writer.prepare(requests, first_process=is_first_process(), min_samples=_world_size(cfg))
+    assert writer.point is not None
     timer = PredictTimer()
-    trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=[writer, timer])
-    start = time.perf_counter()
-    trainer.predict(module, loader, return_predictions=False)
-    total = time.perf_counter() - start
-    if trainer.global_rank != 0:
+    layout, total = "nothing left to do", 0.0
+    if writer.point.remaining:
+        module = instantiate(cfg.model)
+        strategy = instantiate(cfg.strategy)
+        trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=[writer, timer])
+        start = time.perf_counter()
+        trainer.predict(module, loader, return_predictions=False)
+        total = time.perf_counter() - start
+        if trainer.global_rank != 0:
+            return None
+        layout = describe_layout(trainer.strategy)
+    elif is_first_process():
+        timer.seconds = 0.0
+        writer.finish()
+    else:
         return None
-    summary = {"layout": describe_layout(trainer.strategy), "samples": len(writer.indices), "seconds": timer.seconds,
-               "total_seconds": total, "grid": str(output_dir / "grid.png")}
-    if cfg.get("score") is not None and _requests_have(loader.dataset, cfg.score.get("label_key")):
-        summary["score"] = instantiate(cfg.score)(writer.predictions, loader.dataset, writer.indices)
+    summary = {"layout": layout, "samples": writer.point.total, "new": writer.written, "before": writer.point.done,
+               "seconds": timer.seconds, "total_seconds": total, "grid": str(output_dir / "grid.png"),
+               "collected": writer.predictions is not None}
+    if (cfg.get("score") is not None and writer.predictions is not None
+            and _requests_have(requests.dataset, cfg.score.get("label_key"))):
+        summary["score"] = instantiate(cfg.score)(writer.predictions, requests.dataset, writer.indices)
     return summary
+
+
+def _world_size(cfg: DictConfig) -> int:
+    """``trainer.devices * trainer.num_nodes`` when both are integers (1 otherwise): the most data-parallel groups."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    return devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else 1
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that resumes this run: the same overrides, with ``output_dir`` set to this run's folder."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].lstrip("+~") == "output_dir"]
+    return shlex.join(["ldp-predict", *overrides, f"output_dir={output_dir.resolve()}"])
 
 
 def _requests_have(dataset, key: str | None) -> bool:
@@ -135,16 +206,31 @@ def _requests_have(dataset, key: str | None) -> bool:
 @hydra.main(config_path="conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Entry point of ``ldp-predict`` and ``python -m lightning_dit_parallel``; returns the score on rank 0."""
+    silence_known_warnings()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     _prepare_relaunch(str(output_dir))
-    summary = predict(cfg, output_dir)
+    try:
+        summary = predict(cfg, output_dir)
+    except PredictionInterrupted as stop:
+        if is_first_process():
+            print(f"{stop}\nResume with:\n  {resume_command(output_dir)}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except (RunConfigMismatch, FileExistsError):  # the folder was refused before anything ran
+        raise
+    except Exception:
+        if is_first_process() and any(output_dir.glob("manifest.rank*.jsonl")):
+            print(f"The run failed; every finished sample is in {output_dir}. After fixing the cause, resume with:\n"
+                  f"  {resume_command(output_dir)}", file=sys.stderr, flush=True)
+        raise
     if summary is None:
         return None
+    before = f" ({summary['before']} done before, {summary['new']} by this run)" if summary["before"] else ""
+    files = f"{summary['grid']} and {output_dir / 'samples'}/" if summary["collected"] else f"{output_dir / 'samples'}/"
     lines = [
         f"layout:  {summary['layout']}",
-        f"time:    {summary['samples']} samples in {summary['seconds']:.2f} s of prediction loop "
+        f"time:    {summary['samples']} samples{before} in {summary['seconds']:.2f} s of prediction loop "
         f"({summary['total_seconds']:.2f} s for Trainer.predict with process start-up)",
-        f"images:  {summary['grid']} and {output_dir / 'samples'}/",
+        f"images:  {files}",
     ]
     if "score" in summary:
         lines.append(f"quality: {summary['score']:.3f} (share classified as the requested digit)")

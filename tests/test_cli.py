@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from lightning_dit_parallel.cli import predict, single_run_argv
 from lightning_dit_parallel.sampling import DiffusionSampler, PipelineSampler
-from lightning_dit_parallel.writer import OrderedPredictionWriter
+from lightning_dit_parallel.batch_job import StreamingPredictionWriter
 
 CONF = Path(__file__).resolve().parents[1] / "lightning_dit_parallel" / "conf"
 FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3"]
@@ -61,7 +61,7 @@ def test_every_other_group_option_instantiates(group, tmp_path):
         kwargs = {"output_dir": str(tmp_path)} if group == "writer" else {}
         obj = instantiate(node, **kwargs)
         expected = {"model": PipelineSampler if option == "pipeline" else DiffusionSampler, "trainer": L.Trainer,
-                    "data": torch.utils.data.DataLoader, "writer": OrderedPredictionWriter}[group]
+                    "data": torch.utils.data.DataLoader, "writer": StreamingPredictionWriter}[group]
         assert isinstance(obj, expected)
 
 
