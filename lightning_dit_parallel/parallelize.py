@@ -20,6 +20,7 @@ from lightning_dit_parallel.incomplete import check_complete
 from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
 from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.offload import apply_offload
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages, check_cuts_on_every_stage
 from lightning_dit_parallel.plan import DiTPlan, is_within
@@ -96,7 +97,7 @@ class Parallelized:
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] | None = None,
     pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
-    distrifusion: DistriFusionOptions | None = None,
+    distrifusion: DistriFusionOptions | None = None, offload: bool = False,
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
@@ -105,7 +106,9 @@ def parallelize(
     rank holds (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
     doubled batch, the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, the input limits refuse the
     arguments this layout cannot take (``input_limits.py``), and the replicated-input guard (``check_inputs``) checks
-    the uncut arguments (its pre-hook runs first in each DiT forward, then the limits', then CFG's).
+    the uncut arguments (its pre-hook runs first in each DiT forward, then the limits', then CFG's). With ``offload``,
+    host offload comes right after FSDP: the shards FSDP makes stay in host memory (``CPUOffloadPolicy``), and the
+    blocks and encoder layers FSDP does not shard are streamed by ``offload.apply_offload``.
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
@@ -126,12 +129,22 @@ def parallelize(
             there is nothing to band; the VAEs are still looked for, so a module without one fails the same way.
         distrifusion: run the sequence-parallel axis (``ring``) as DistriFusion (stale keys and values of the other
             patches, gathered asynchronously) instead of exact Ring attention; needs ``pp == 1`` and ``ulysses == 1``.
+        offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
+            bring each unit to the device for its forward only. Where FSDP shards a DiT or an encoder, its units'
+            shards are offloaded by FSDP2 (``CPUOffloadPolicy``; the root's shard stays on the device); every other
+            block (pipeline stages, tensor parallelism, sequence or data parallelism alone) and every encoder kept
+            whole (``shard_modules=()``, or a layout that does not shard them) is streamed by
+            ``offload.apply_offload``. The roots (embeddings, final layers) stay on the device. The encoders are
+            ``shard_modules`` or, when that is ``None`` or empty, every transformers ``PreTrainedModel`` outside the
+            DiTs. On a CPU device the weights are already in host memory: the forward is the plain one.
 
     Raises:
         ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
             cannot be banded exactly.
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
             or ``shard_modules`` names a module that does not exist.
+        ValueError: with ``offload``, when there is nothing to offload (no plan names blocks, FSDP shards no DiT and
+            no encoder has layers); pure, on every rank before any collective.
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     result = Parallelized()
@@ -140,13 +153,20 @@ def parallelize(
         raise ValueError(
             f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1 ({layout.describe()})."
         )
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload must be a bool; got {offload!r}.")
     vaes = find_vaes(module) if parallel_vae else []
-    if layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1:
+    if (layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1
+            and not offload):
         return result
     planned = find_planned_modules(module)
+    # with offload, the encoders that are not sharded are streamed whole; given shard_modules are the encoders
+    default_encoders = encoder_paths(module, [path for path, _, _ in planned]) if shard_modules is None or (
+        offload and not shard_modules) else ()
     if shard_modules is None:
-        shard_modules = encoder_paths(module, [path for path, _, _ in planned]) if cuts_memory else ()
+        shard_modules = default_encoders if cuts_memory else ()
     extra = [(path, _submodule(module, path)) for path in shard_modules]
+    whole = [(path, _submodule(module, path)) for path in default_encoders if not extra] if offload else []
     for path in shard_modules:
         overlap = [p for p, _, _ in planned if is_within(p, path) or is_within(path, p)]
         if overlap:
@@ -160,6 +180,8 @@ def parallelize(
     if layout.pp > 1 and layout.sequence_degree > 1:
         _check_pipeline_with_sequence(planned, layout, pipeline or PipelineOptions())
     tp_layouts = _resolve_tensor_parallel(module, planned, layout) if layout.tp > 1 else []  # before any collective
+    if offload:
+        _check_offload(planned, [*extra, *whole], layout)
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
@@ -169,10 +191,13 @@ def parallelize(
                 result.applied.append(apply_tensor_parallel(dit, tp_layout, mesh["tp"]))
             sources = ", ".join(t.source for t in tp_layouts)
             rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {sources}")
-        if layout.fsdp:
-            _apply_fsdp(result, module, planned, mesh)
-        if extra:
-            _shard_encoders(result, extra, mesh, layout.fsdp)
+        sharded_dits = _apply_fsdp(result, module, planned, mesh, offload) if layout.fsdp else False
+        sharded_encoders = _shard_encoders(result, extra, mesh, layout.fsdp, offload) if extra else False
+        if offload:
+            streamed = [] if sharded_dits else planned
+            encoders = whole + ([] if sharded_encoders else extra)
+            _apply_offload(result, streamed, encoders, to_device_on_remove=(layout.pp > 1 or layout.tp > 1)
+                           and mesh.device_type != "cpu")
         pipefusion = layout.pp > 1 and (pipeline or PipelineOptions()).mode == "pipefusion"
         if layout.sequence_degree > 1 and distrifusion is not None:
             groups = SequenceGroups.from_mesh(mesh)
@@ -217,24 +242,70 @@ def _resolve_tensor_parallel(
     return layouts
 
 
-def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool) -> None:
-    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``."""
+def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool,
+                    offload: bool = False) -> bool:
+    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``; whether it
+    sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
-        return
+        return False
     for _, sub in extra:
-        result.applied.append(apply_fsdp(sub, module_units(sub), encoders))
-    rank_zero_log(f"FSDP over {encoders.size()} ranks on the encoders {[p for p, _ in extra]}")
+        result.applied.append(apply_fsdp(sub, module_units(sub), encoders, offload=offload))
+    rank_zero_log(f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
+                  f" {[p for p, _ in extra]}")
+    return True
+
+
+def _check_offload(planned: list[tuple[str, nn.Module, DiTPlan]], encoders: list[tuple[str, nn.Module]],
+                   layout: ParallelLayout) -> None:
+    """``offload=True`` needs something to offload (pure: the same ValueError on every rank, before any
+    collective): a transformer block of a plan, an encoder layer, or a DiT that FSDP shards (its root then streams
+    whole)."""
+    blocks = sum(len(block_units(plan.block_lists(dit))) for _, dit, plan in planned)
+    layers = sum(len(_offload_units(sub)) for _, sub in encoders)
+    sharded = layout.fsdp and int(layout.dp) * int(layout.cfg) * int(layout.ring) * int(layout.ulysses) > 1
+    if not blocks and not layers and not sharded:
+        dits = [path or type(dit).__name__ for path, dit, _ in planned]
+        raise ValueError(
+            f"offload=True has nothing to offload with {layout.describe()}: the plans of {dits} name no transformer"
+            f" blocks (DiTPlan.blocks) and no encoder with layers was found"
+            f" ({[p for p, _ in encoders] or 'none'}); declare the blocks in the plan or use offload=False."
+        )
+
+
+def _offload_units(module: nn.Module) -> list[nn.Module]:
+    """An encoder's streamed units: its layers (``module_units`` without the module itself, which stays on the
+    device)."""
+    return [u for u in module_units(module) if u is not module]
+
+
+def _apply_offload(result: Parallelized, planned: list[tuple[str, nn.Module, DiTPlan]],
+                   encoders: list[tuple[str, nn.Module]], to_device_on_remove: bool) -> None:
+    """Stream the blocks of ``planned`` (with the plans' shared modules as units of their own, as FSDP makes them)
+    and the layers of ``encoders`` from host memory, one unit at a time."""
+    for path, dit, plan in planned:
+        blocks = [b for b in block_units(plan.block_lists(dit)) if not isinstance(b, ReleasedBlock)]
+        shared = [dit.get_submodule(p) for p in plan.shared_modules]
+        if blocks:
+            result.applied.append(apply_offload(dit, [*shared, *blocks], to_device_on_remove=to_device_on_remove))
+    for _, sub in encoders:
+        layers = _offload_units(sub)
+        if layers:
+            result.applied.append(apply_offload(sub, layers))
+    streamed = [path or type(dit).__name__ for path, _, _ in planned] + [path for path, _ in encoders]
+    if streamed:
+        rank_zero_log(f"offload: the blocks and layers of {streamed} stay in host memory, streamed to the device per unit")
 
 
 def _apply_fsdp(
     result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
-) -> None:
-    """FSDP2 per transformer block and on each DiT root."""
+    offload: bool = False,
+) -> bool:
+    """FSDP2 per transformer block and on each DiT root; whether it sharded (not over one rank)."""
     fsdp_mesh = shard_mesh(mesh)
     if fsdp_mesh.size() == 1:
         rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
-        return
+        return False
     for path, dit, plan in planned:
         # a pipeline stage has released other stages' blocks: what remains of them (shared modules) goes to the root
         blocks = [b for b in block_units(plan.block_lists(dit)) if not isinstance(b, ReleasedBlock)]
@@ -242,8 +313,10 @@ def _apply_fsdp(
             rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once")
         # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
         shared = [dit.get_submodule(p) for p in plan.shared_modules]
-        result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh))
-    rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}) on {result.paths}")
+        result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh, offload=offload))
+    where = " (shards in host memory)" if offload else ""
+    rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}){where} on {result.paths}")
+    return True
 
 
 def _apply_parallel_vae(result: Parallelized, vaes: list[tuple[str, nn.Module, VaeCut]], mesh) -> None:

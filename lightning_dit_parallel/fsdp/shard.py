@@ -14,6 +14,11 @@ would meet sharded parameters, so every submodule of a unit gets a pre-hook that
 record (``hidden_states``) by class, so the subclass is registered like the original (see ``encoders.py``).
 A 0-dim parameter (CLIP's ``logit_scale``) has no dim to shard; it stays whole on every rank.
 
+``apply_fsdp(..., offload=True)`` keeps the units' shards in host memory (FSDP2's ``CPUOffloadPolicy``, pinned on
+CUDA): a unit's shard is copied to the device for its all-gather. Moving the module to the device leaves those shards
+on the host (FSDP2's ``_apply`` puts a pinned shard back there); ``remove()`` brings each one to the mesh's device
+just before its all-gather.
+
 ``remove()`` gives the plain module back: every sharded parameter is all-gathered once (a collective,
 in the same order on every rank) and set back as an ordinary ``nn.Parameter``, FSDP's hooks and
 per-module state are deleted and each module gets its own class back. FSDP2 has no public "unshard
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.distributed import _composable_state
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.fsdp.encoders import keep_output_recording
@@ -163,7 +168,8 @@ class FSDPSharding:
         try:
             # one parameter at a time, gathered and moved to the host at once: never the whole model on a device
             self._replace_sharded(
-                lambda p: nn.Parameter(p.full_tensor().detach().cpu(), requires_grad=p.requires_grad),
+                lambda p: nn.Parameter(_on_mesh_device(p, self.mesh).full_tensor().detach().cpu(),
+                                       requires_grad=p.requires_grad),
                 lean=deferred_module_ids(self.root),
             )
         except BaseException:
@@ -203,17 +209,25 @@ class FSDPSharding:
         self.snapshots.clear()
 
 
-def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSDPSharding:
+def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, offload: bool = False) -> FSDPSharding:
     """Shard ``units`` (innermost first; ``root`` last if it is one) with FSDP2 over ``mesh``.
 
     Every unit's parameters are sharded along dim 0 over the mesh and gathered around its forward only
     (``reshard_after_forward=True``). Parameters of ``root`` outside every unit stay as they are.
+
+    With ``offload``, the shards of every unit but ``root`` (when ``root`` is a unit among others) live in host
+    memory, pinned on CUDA (FSDP2's ``CPUOffloadPolicy``): each unit's shard is copied to the device for its
+    all-gather and the gathered parameters are freed after its forward, so the device holds the root's shard and the
+    running unit. The root's own shard (embeddings, final layers: small) stays on the device, where diffusers and
+    transformers read a model's device from its first parameter. On a CPU mesh host and device are the same memory:
+    the policy is applied (torch supports it with gloo) and moves nothing.
 
     Args:
         root: the module that contains every unit (the snapshot for ``remove`` covers its submodules).
         units: modules to shard, each inner unit before any unit that contains it (e.g. a block's submodule
             that the model also calls outside the block, then the blocks, then the root).
         mesh: a 1-D device mesh (see ``shard_mesh``).
+        offload: keep the units' shards in (pinned) host memory between uses.
 
     Raises:
         ValueError: for a unit that is not inside ``root`` or is listed twice, or a mesh that is not 1-D.
@@ -232,7 +246,9 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
         for unit in units:
             # a 0-dim parameter (CLIP's logit_scale) has no dim to shard: it stays whole on every rank
             scalars = {p for p in unit.parameters() if p.ndim == 0}
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True, **({"ignored_params": scalars} if scalars else {}))
+            policy = offload_policy(mesh) if offload and (unit is not root or len(units) == 1) else OffloadPolicy()
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, offload_policy=policy,
+                        **({"ignored_params": scalars} if scalars else {}))
         # transformers looks up the outputs a model records by its class: the FSDP subclass gets the original's
         keep_output_recording((u, sharding.snapshots[id(u)][1].cls) for u in units)
         root_is_unit = any(u is root for u in units)
@@ -243,6 +259,20 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh) -> FSD
         sharding.remove()
         raise
     return sharding
+
+
+def offload_policy(mesh: DeviceMesh) -> CPUOffloadPolicy:
+    """FSDP2's host offload for a unit on ``mesh``: shards in host memory, pinned where the device is CUDA (pinned
+    pages make the host-to-device copies asynchronous; a CPU mesh has no device copy to speed up)."""
+    return CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+
+
+def _on_mesh_device(param: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``param`` with its local shard on the mesh's device: a shard offloaded to host memory goes to the device for
+    the all-gather of ``remove`` (NCCL gathers device tensors only); one parameter at a time."""
+    if mesh.device_type == "cpu" or param.device.type == mesh.device_type:
+        return param
+    return param.to(torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device()))
 
 
 def _outermost(unit: nn.Module, units: list[nn.Module]) -> nn.Module:

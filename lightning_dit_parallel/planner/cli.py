@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bandwidth", default="25GB/s", help="device-to-device bandwidth in a node (default 25GB/s)")
     g.add_argument("--inter-node-bandwidth", default="12.5GB/s", help="bandwidth across nodes (default 12.5GB/s)")
     g.add_argument("--device-type", choices=("cuda", "cpu"), default="cuda")
+    g.add_argument("--host-bandwidth", default="25GB/s",
+                   help="bytes/s a device reads from pinned host memory, for --offload (default 25GB/s)")
     g.add_argument("--calibrate", action="store_true",
                    help="measure compute and link bandwidth on this machine (and its memory unless --memory is given)")
     w = p.add_argument_group("work")
@@ -64,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with FSDP, keep the text and image encoders whole")
     o.add_argument("--no-tp", action="store_true", help="leave tensor parallelism out")
     o.add_argument("--no-parallel-vae", action="store_true", help="leave parallel VAE decode out")
+    o.add_argument("--offload", action="store_true",
+                   help="when no layout fits, consider every layout with its weights in host memory (+offload)")
     o.add_argument("--text-encoder-config", action="append", help="a text encoder config.json (repeatable)")
     o.add_argument("--vae-config", help="a VAE config.json")
     o.add_argument("--top", type=int, help="show only the best N layouts in the table")
@@ -97,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, cfg=args.cfg, cfg_calls=args.cfg_calls, steps=args.steps,
             sequences=dict(args.sequence), flops=flops, bandwidth=bandwidth,
             inter_node_bandwidth=args.inter_node_bandwidth, reserve=args.reserve, device_type=args.device_type,
+            host_bandwidth=args.host_bandwidth,
             allow_approximate=args.allow_approximate, shard_text_encoders=args.shard_text_encoders,
-            axes=Axes(tp=not args.no_tp, parallel_vae=not args.no_parallel_vae),
+            axes=Axes(tp=not args.no_tp, parallel_vae=not args.no_parallel_vae, offload=args.offload),
             text_encoder_configs=args.text_encoder_config, vae_config=args.vae_config,
         )
     except (ValueError, FileNotFoundError) as exc:

@@ -1,8 +1,8 @@
 """The planner's layout record and the enumeration of every valid layout for a model, a world size and a work.
 
 ``PlannedLayout`` holds what ``ParallelLayout`` holds (dp, cfg, pp, ring, ulysses, tp, fsdp) plus what the planner
-also models: parallel VAE decode, the pipeline schedule (micro-batches or PipeFusion patches) and DistriFusion's
-patch-parallel degree. The mesh degrees are validated by ``ParallelLayout`` itself; the rest is checked here
+also models: parallel VAE decode, the pipeline schedule (micro-batches or PipeFusion patches), DistriFusion's
+patch-parallel degree and host offload of the weights (the strategy's ``offload``). The mesh degrees are validated by ``ParallelLayout`` itself; the rest is checked here
 against the model (heads, feature counts, block counts, what the plan supports).
 """
 
@@ -34,6 +34,9 @@ class PlannedLayout:
         parallel_vae: decode the latent in bands across the model-parallel group.
         pp_mode: ``"none"`` (pp = 1), ``"microbatch"`` (exact) or ``"pipefusion"`` (approximate).
         patches: PipeFusion patches per step (``pp_mode="pipefusion"``), else 0.
+        offload: the weights of the blocks and encoder layers live in host memory and are streamed to the device one
+            unit at a time (FSDP shards with ``CPUOffloadPolicy``, else ``offload.apply_offload``); considered only
+            when no layout fits without it (``Axes.offload``).
     """
 
     dp: int = 1
@@ -47,6 +50,7 @@ class PlannedLayout:
     parallel_vae: bool = False
     pp_mode: PipelineMode = "none"
     patches: int = 0
+    offload: bool = False
 
     def __post_init__(self) -> None:
         self.to_parallel_layout()  # the mesh degrees' own checks
@@ -114,6 +118,8 @@ class PlannedLayout:
             text += " +fsdp"
         if self.parallel_vae:
             text += " +pvae"
+        if self.offload:
+            text += " +offload"
         return text
 
     def to_parallel_layout(self) -> ParallelLayout:
@@ -131,12 +137,16 @@ class Axes:
         parallel_vae: parallel VAE decode.
         pipefusion: PipeFusion schedules (approximate).
         distrifusion: DistriFusion (approximate).
+        offload: host offload of the weights (``PlannedLayout.offload``), only when no layout fits without it. Off by
+            default: streaming the weights every step is slow, so it is asked for (``ldp-plan --offload``,
+            ``DiTParallelStrategy(auto=True, offload=True)``).
     """
 
     tp: bool = True
     parallel_vae: bool = True
     pipefusion: bool = True
     distrifusion: bool = True
+    offload: bool = False
 
 
 def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:

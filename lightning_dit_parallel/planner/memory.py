@@ -13,6 +13,11 @@ everything outside the block lists; tensor parallelism cuts the parameters of th
 along dim 0 into ``ceil(rows / N)`` rows per rank and, while a block runs, holds it whole (two blocks on CUDA, where
 the next one is prefetched), and the DiT root's own parameters for the whole forward.
 
+With host offload (``PlannedLayout.offload``) the blocks' and encoder layers' parameters (their FSDP shards with
+FSDP) live in host memory: the device holds the roots (embeddings, final layers; their shard with FSDP) and, while a
+unit runs, that unit brought from the host (with FSDP: its shard copied in and the gathered whole, two blocks on
+CUDA; without: the one running block or layer). ``MemoryEstimate.host_parameters`` counts what stays on the host.
+
 Activations are counted in token-states (``rows x local tokens x width`` elements) at the peak of one block, the
 larger of its attention phase and its MLP phase, plus what the sequence-parallel kernels keep in flight and what
 lives for the whole forward (input, gathered output, text context). The coefficients are measured (see
@@ -74,6 +79,8 @@ class MemoryEstimate:
         image_encoder_peak: activations (and FSDP-gathered layers) while encoding the conditioning image.
         other_parameters: the other components' parameters (ControlNets ...), held whole.
         components: ``(component name, parameter bytes held)`` of every component, in pipeline order.
+        host_parameters: with offload, the parameter bytes one rank keeps in (pinned) host memory instead (not part
+            of ``peak``, which is device memory).
     """
 
     dit_parameters: int
@@ -88,6 +95,7 @@ class MemoryEstimate:
     image_encoder_peak: int = 0
     other_parameters: int = 0
     components: tuple[tuple[str, int], ...] = ()
+    host_parameters: int = 0
 
     @property
     def resident(self) -> int:
@@ -130,6 +138,12 @@ def stage_blocks(spec: ModelSpec, pp: int) -> list[range]:
     return [range(start, start + size) for start, size in zip(starts, sizes)]
 
 
+def _stage(spec: ModelSpec, pp: int, stage: int) -> range:
+    """The blocks of ``spec`` on pipeline stage ``stage`` (the last one for a DiT with fewer stages)."""
+    stages = stage_blocks(spec, pp)
+    return stages[min(stage, len(stages) - 1)]
+
+
 def stage_units(spec: ModelSpec, blocks: range) -> list[Unit]:
     """The units a stage holds: the root, every shared part, its own blocks."""
     return [u for u in spec.units if u.kind != "block" or u.index in blocks]
@@ -141,6 +155,8 @@ def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout,
     shards = layout.shard_degree
     units = stage_units(spec, blocks)
     tp = layout.tp
+    if layout.offload:
+        return offloaded_unit_bytes(units, shards, tp, element, hw)
     held = sum(u.shard_numel(shards, tp) for u in units) * element
     gathered = 0
     if shards > 1:  # the root for the whole forward, the running (and prefetched) blocks
@@ -149,6 +165,37 @@ def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout,
         prefetch = 2 if hw.device_type == "cuda" else 1
         gathered = (sum(whole[id(u)] for u in units if u.kind == "root") + sum(running[:prefetch])) * element
     return held, gathered
+
+
+def offloaded_unit_bytes(units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int,
+                         hw: Hardware) -> tuple[int, int]:
+    """``(held on the device, brought on top while a unit runs)`` with host offload: the root stays (its shard with
+    FSDP), every block, shared part or layer comes from the host. With FSDP (``shards > 1``) a running unit is its
+    shard copied in plus the gathered whole, two of them on CUDA (prefetch), and the root is gathered for the whole
+    forward; without, the one running unit (no prefetch) and, nested in it, the shared parts."""
+    roots = [u for u in units if u.kind == "root"]
+    streamed = [u for u in units if u.kind != "root"]
+    if not streamed and shards > 1:  # nothing but the root: FSDP offloads the root itself
+        roots, streamed = [], roots
+    held = sum(u.shard_numel(shards, tp) for u in roots)
+    whole = sorted((u.local_numel(tp) for u in streamed if u.kind != "shared"), reverse=True)
+    shared = sum(u.local_numel(tp) for u in streamed if u.kind == "shared")
+    if shards > 1:
+        prefetch = 2 if hw.device_type == "cuda" else 1
+        copied = max((u.shard_numel(shards, tp) for u in streamed), default=0)
+        root = sum(u.local_numel(tp) - u.shard_numel(shards, tp) for u in roots)
+        gathered = root + sum(whole[:prefetch]) + copied + shared
+    else:
+        gathered = sum(whole[:1]) + shared
+    return held * element, gathered * element
+
+
+def host_unit_bytes(units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int) -> int:
+    """Bytes of ``units`` that host offload keeps in host memory (their shards with FSDP)."""
+    streamed = [u for u in units if u.kind != "root"]
+    if not streamed and shards > 1:
+        streamed = list(units)
+    return sum(u.shard_numel(shards, tp) for u in streamed) * element
 
 
 def dit_parameter_bytes(spec: ModelSpec, layout: PlannedLayout, element: int, hw: Hardware) -> tuple[int, int]:
@@ -289,11 +336,14 @@ def encoder_work(enc: EncoderSpec, work: Work) -> tuple[int, int]:
 
 def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: int, hw: Hardware,
                   shard: bool) -> tuple[int, int]:
-    """``(held, peak while encoding)`` of one encoder on one rank (sharded with FSDP when ``shard``)."""
+    """``(held, peak while encoding)`` of one encoder on one rank (sharded with FSDP when ``shard``; its layers in host
+    memory with offload)."""
     shards = layout.encoder_shard_degree if shard else 1
     held = sum(u.shard_numel(shards) for u in enc.units) * element
     gathered = 0
-    if shards > 1:
+    if layout.offload:
+        held, gathered = offloaded_unit_bytes(enc.units, shards, 1, element, hw)
+    elif shards > 1:
         layers = sorted((u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "block"), reverse=True)
         root = sum(u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "root")
         gathered = (root + sum(layers[: 2 if hw.device_type == "cuda" else 1])) * element
@@ -352,6 +402,13 @@ def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSp
     names = [*dit_names[: len(dits)]]
     names += ["transformer" if i == 0 else f"transformer_{i + 1}" for i in range(len(names), len(dits))]
     held, gathered, per_dit = dits_parameter_bytes(dits, layout, element, hw)
+    host = 0
+    if layout.offload:  # the busiest stage's blocks of every DiT, and every encoder's layers
+        host = max(sum(host_unit_bytes(stage_units(s, _stage(s, layout.pp, stage)), layout.shard_degree, layout.tp,
+                                       element) for s in dits)
+                   for stage in range(layout.pp))
+        shards = layout.encoder_shard_degree if shard_text_encoders else 1
+        host += sum(host_unit_bytes(e.units, shards, 1, element) for e in (*encoders, *image_encoders))
     te_held, te_peak = text_encoder_bytes(list(encoders), layout, work, element, hw, shard_text_encoders)
     ie_held, ie_peak = text_encoder_bytes(list(image_encoders), layout, work, element, hw, shard_text_encoders)
     vae_params, vae_peak = vae_bytes(vae, grid, work, layout, element)
@@ -369,5 +426,5 @@ def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSp
         vae_parameters=vae_params, vae_decode_peak=vae_peak,
         image_encoder_parameters=ie_held, image_encoder_peak=ie_peak,
         other_parameters=sum(o.numel for o in others) * element,
-        components=tuple(components),
+        components=tuple(components), host_parameters=host,
     )

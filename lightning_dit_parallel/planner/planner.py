@@ -1,5 +1,9 @@
 """``plan_layouts``: every valid layout of a model on some devices for some work, with its memory per rank, bytes
-per step and estimated time, whether it fits, and one recommendation with its reason."""
+per step and estimated time, whether it fits, and one recommendation with its reason.
+
+Host offload (``Axes.offload``) is a last resort: only when no layout fits (none the recommendation may take) is
+every layout estimated again with its weights in host memory (``+offload``), and those are ranked with the others.
+"""
 
 from __future__ import annotations
 
@@ -116,6 +120,8 @@ def plan_layouts(
     inter_node_bandwidth: str | float = "12.5GB/s",
     reserve: str | int = "1GiB",
     device_type: str = "cuda",
+    host_bandwidth: str | float = "25GB/s",
+    offload: bool = False,
     allow_approximate: bool = False,
     shard_text_encoders: bool = True,
     check_inputs: bool = True,
@@ -139,6 +145,8 @@ def plan_layouts(
         bandwidth: bytes/s a device sends within its node; ``inter_node_bandwidth`` across nodes.
         reserve: memory per device kept free.
         device_type: ``"cuda"`` or ``"cpu"`` (prefetch and overlap, see ``Hardware``).
+        host_bandwidth: bytes/s a device reads from pinned host memory (host offload).
+        offload: when no layout fits, consider every layout again with host offload (same as ``Axes(offload=True)``).
         allow_approximate: PipeFusion and DistriFusion may be recommended.
         shard_text_encoders: with FSDP, the text and image encoders are sharded too (``shard_modules``), else
             held whole.
@@ -163,9 +171,13 @@ def plan_layouts(
     hardware = Hardware(devices=devices, nodes=nodes, memory=parse_bytes(memory), flops=parse_rate(flops, "FLOPS"),
                         bandwidth=parse_rate(bandwidth, "/s"),
                         inter_node_bandwidth=parse_rate(inter_node_bandwidth, "/s"),
-                        reserve=parse_bytes(reserve), device_type=device_type)
+                        reserve=parse_bytes(reserve), device_type=device_type,
+                        host_bandwidth=parse_rate(host_bandwidth, "/s"))
+    axes = axes or Axes()
+    if offload and not axes.offload:
+        axes = replace(axes, offload=True)
     return estimate_layouts(models, work, hardware, dtype, allow_approximate=allow_approximate,
-                            shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes or Axes())
+                            shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes)
 
 
 def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dtype: str, *,
@@ -176,7 +188,6 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
     spec = models.dit
     grid = latent_grid(spec.name, spec.config, models.vae, work)
     encoders = list(models.text_encoders)
-    estimates = []
     options = dict(rows=work.rows, tokens=grid.tokens, latent_height=grid.height, samples=work.total_samples,
                    batch=work.batch, cfg_split=work.cfg and work.cfg_calls == "doubled",
                    has_vae=models.vae is not None and models.vae.bands, axes=axes)
@@ -184,7 +195,8 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
     for more in models.more_dits:  # every DiT of the pipeline is cut by the same layout
         valid = set(enumerate_layouts(more, hardware.world_size, **options))
         layouts = [lay for lay in layouts if lay in valid]
-    for layout in layouts:
+
+    def estimate(layout: PlannedLayout) -> LayoutEstimate:
         memory = memory_estimate(spec, encoders, models.vae, grid, work, hardware, layout, element,
                                  shard_text_encoders, more_dits=models.more_dits,
                                  image_encoders=models.image_encoders, others=models.others,
@@ -192,8 +204,12 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
         traffic = bytes_per_step(spec, grid, work, layout, element, check_inputs)
         time = time_estimate(spec, [*encoders, *models.image_encoders], models.vae, grid, work, hardware, layout,
                              element, check_inputs)
-        fits = memory.peak <= hardware.usable_memory
-        estimates.append(LayoutEstimate(layout, memory, traffic, time, fits))
+        return LayoutEstimate(layout, memory, traffic, time, memory.peak <= hardware.usable_memory)
+
+    estimates = [estimate(layout) for layout in layouts]
+    if axes.offload and not any(e.fits and (e.exact or allow_approximate) for e in estimates):
+        # the last resort: the same layouts with the weights in host memory, streamed to the device per unit
+        estimates += [estimate(replace(layout, offload=True)) for layout in layouts]
     if not estimates:
         raise ValueError(
             f"No valid layout of {spec.name} on {hardware.world_size} ranks for this work ({work}); the heads"
@@ -205,7 +221,7 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
 
 def _rank_key(e: LayoutEstimate) -> tuple:
     """Faster first; then fewer bytes, less memory, fewer kinds of parallelism (simpler)."""
-    active = sum(v > 1 for v in e.layout.degrees().values()) + e.layout.fsdp + e.layout.parallel_vae
+    active = sum(v > 1 for v in e.layout.degrees().values()) + e.layout.fsdp + e.layout.parallel_vae + e.layout.offload
     return (round(e.time.total_s, 6), sum(e.bytes_per_step.values()), e.memory.peak, active)
 
 
@@ -225,6 +241,9 @@ def _recommend(ranked: list[LayoutEstimate], hw: Hardware, allow_approximate: bo
             if runner is not None:
                 slower = runner.time.total_s / max(e.time.total_s, 1e-12)
                 reason += f"; next: {runner.layout.describe()} at {slower:.2f}x"
+            if e.layout.offload:
+                reason += (f"; with host offload only (no layout fits without it): {format_size(e.memory.host_parameters)}"
+                           " of weights per rank in pinned host memory, streamed to the device every step")
             out.append(replace(e, recommended=True, reason=reason))
         elif not e.fits:
             needs = f"needs {format_size(e.memory.peak)} per device, {format_size(usable)} usable"

@@ -106,8 +106,11 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
         if name in dit_names:
             parts = [f"1/{shards} FSDP shard" if shards > 1 else "",
                      f"stage of 1/{lay.pp} of the blocks" if lay.pp > 1 else "",
-                     f"1/{lay.tp} of the split layers" if lay.tp > 1 else ""]
+                     f"1/{lay.tp} of the split layers" if lay.tp > 1 else "",
+                     "the root only: the blocks in host memory" if lay.offload else ""]
             return ", ".join(p for p in parts if p) or "whole"
+        if name in encoders and lay.offload:
+            return "the root only: the layers in host memory"
         if name in encoders and shards > 1 and held < encoders[name]:
             return f"1/{shards} FSDP shard"
         return "whole"
@@ -117,7 +120,8 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
         lines.append(f"  {name:<16} {n / GiB:7.2f} GiB  parameters ({cut(name, n)})")
     phases = m.phases
     extra = {
-        "denoising": (f"FSDP-gathered {m.dit_gathered / GiB:.2f}, " if m.dit_gathered else "")
+        "denoising": (f"{'brought from the host' if lay.offload else 'FSDP-gathered'} {m.dit_gathered / GiB:.2f}, "
+                      if m.dit_gathered else "")
         + f"activations {m.activations / GiB:.2f}" + (f", caches {m.caches / GiB:.2f}" if m.caches else ""),
         "text encoding": "gathered layers and activations of the largest text encoder",
         "image encoding": "gathered layers and activations of the image encoder",
@@ -128,6 +132,9 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
             lines.append(f"  {phase:<16} {n / GiB:7.2f} GiB  while it runs ({extra[phase]})")
     lines.append(f"  {'peak':<16} {m.peak / GiB:7.2f} GiB  = {m.resident / GiB:.2f} GiB of parameters held +"
                  f" {m.peak_phase} {phases[m.peak_phase] / GiB:.2f} GiB")
+    if m.host_parameters:
+        lines.append(f"  {'host memory':<16} {m.host_parameters / GiB:7.2f} GiB  offloaded parameters (pinned, streamed"
+                     " to the device per unit; not in the peak)")
     return lines
 
 

@@ -9,6 +9,10 @@ Communication: bytes by method (``traffic.bytes_by_method``) over the bandwidth 
 (the inter-node bandwidth when the axis' ranks span nodes: ranks are laid out with ``tp``, then ``ulysses`` ...
 innermost). Ring and DistriFusion transfers overlap the attention they feed, FSDP's all-gathers overlap compute on
 CUDA (prefetch), everything else is exposed. Latency and kernel efficiency at small sizes are not modelled.
+
+Host offload copies the weights a rank streams (its stage's blocks, FSDP shards with FSDP) from host memory once per
+forward pass over ``host_bandwidth``: hidden behind compute on CUDA with FSDP (its prefetch), exposed otherwise
+(``offload.apply_offload`` copies each block when it starts); the encoders' layers once per batch.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from dataclasses import dataclass
 
 from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import DEGREES, PlannedLayout
-from lightning_dit_parallel.planner.memory import encoder_work, local_tokens, sequence_tokens, stage_blocks
+from lightning_dit_parallel.planner.memory import (
+    encoder_work,
+    host_unit_bytes,
+    local_tokens,
+    sequence_tokens,
+    stage_blocks,
+    stage_units,
+)
 from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec
 from lightning_dit_parallel.planner.tokens import LatentGrid
 from lightning_dit_parallel.planner.traffic import bytes_by_method
@@ -141,8 +152,13 @@ def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec
         elif method == "fsdp" and hw.device_type == "cuda":
             seconds = max(0.0, seconds - compute)
         exposed += seconds
+    if layout.offload:
+        exposed += _offload_seconds(spec, work, hw, layout, element, compute)
     step = (compute + exposed) * work.calls_per_step
     encode = sum(2.0 * enc.numel * math.prod(encoder_work(enc, work)) for enc in encoders) / hw.flops
+    if layout.offload:  # every layer from the host once per batch
+        encode += sum(host_unit_bytes(enc.units, layout.encoder_shard_degree, 1, element)
+                      for enc in encoders) / hw.host_bandwidth
     decode = 0.0
     if vae is not None:
         pixels = grid.height * grid.spatial * grid.width * grid.spatial
@@ -152,3 +168,17 @@ def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec
     batches = -(-work.total_samples // (layout.dp * work.batch))
     total = batches * (work.steps * step + encode + decode)
     return TimeEstimate(compute * work.calls_per_step, exposed * work.calls_per_step, step, encode, decode, total)
+
+
+def _offload_seconds(spec: ModelSpec, work: Work, hw: Hardware, layout: PlannedLayout, element: int,
+                     compute: float) -> float:
+    """Exposed seconds of one DiT call spent copying the busiest stage's offloaded weights from host memory, once per
+    forward pass (micro-batch, PipeFusion patch)."""
+    rows = -(-work.rows // layout.cfg)
+    passes = min(layout.pp, rows) if layout.pp_mode == "microbatch" else layout.patches or 1
+    streamed = max(host_unit_bytes(stage_units(spec, blocks), layout.shard_degree, layout.tp, element)
+                   for blocks in stage_blocks(spec, layout.pp))
+    seconds = passes * streamed / hw.host_bandwidth
+    if layout.fsdp and layout.shard_degree > 1 and hw.device_type == "cuda":
+        return max(0.0, seconds - compute)  # FSDP copies the shards in with its prefetched all-gathers
+    return seconds

@@ -141,6 +141,7 @@ class Hardware:
             is at most ``memory - reserve``.
         device_type: ``"cuda"`` (FSDP prefetches the next block while one runs: two blocks gathered at once;
             transfers overlap compute) or ``"cpu"`` (no prefetch, transfers exposed).
+        host_bandwidth: bytes/s one device reads from pinned host memory (PCIe), for host offload.
     """
 
     devices: int
@@ -151,11 +152,13 @@ class Hardware:
     inter_node_bandwidth: float = 12.5e9
     reserve: int = 2**30
     device_type: Literal["cuda", "cpu"] = "cuda"
+    host_bandwidth: float = 25e9
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.nodes < 1:
             raise ValueError(f"devices and nodes must be >= 1; got devices={self.devices}, nodes={self.nodes}.")
-        if self.memory <= 0 or self.flops <= 0 or self.bandwidth <= 0 or self.inter_node_bandwidth <= 0:
+        if (self.memory <= 0 or self.flops <= 0 or self.bandwidth <= 0 or self.inter_node_bandwidth <= 0
+                or self.host_bandwidth <= 0):
             raise ValueError(f"memory, flops and bandwidths must be positive; got {self}.")
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu'; got {self.device_type!r}.")

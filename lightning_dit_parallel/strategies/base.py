@@ -100,6 +100,13 @@ class DiTParallelStrategy(ParallelStrategy):
             every transformers ``PreTrainedModel`` outside the DiT(s), i.e. the pipeline's text and image encoders
             (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every
             rank of the group the same number of times (diffusers pipelines call each encoder once per batch).
+        offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
+            bring each unit to the device for its forward only, for models that do not fit the devices otherwise
+            (slower: every step copies the weights from the host). With FSDP the shards live on the host (FSDP2's
+            ``CPUOffloadPolicy``); with pipeline stages, tensor parallelism or encoders kept whole each block / layer
+            is copied to the device around its forward (``lightning_dit_parallel.offload``). The DiT's and encoders'
+            roots (embeddings, final layers) stay on the device. A ``ValueError`` at setup when there is nothing to
+            offload. With ``auto``, ``offload=True`` lets the planner offload, only when no layout fits without it.
         check_inputs: check in the first DiT call of every batch that the ranks of each model-parallel group (cfg,
             pp, ring, ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank
             when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
@@ -146,6 +153,7 @@ class DiTParallelStrategy(ParallelStrategy):
         *,
         tp_degree: Degree = 1,
         shard_modules: Sequence[str] | None = None,
+        offload: bool = False,
         check_inputs: CheckInputs = True,
         parallel_vae: bool = False,
         pp_mode: PipelineMode = "microbatch",
@@ -193,6 +201,9 @@ class DiTParallelStrategy(ParallelStrategy):
             self._pipeline.check_stages(pp_degree)
         # None: the default, every transformers encoder when the layout cuts the DiT's memory (fsdp, pp, tp)
         self._shard_modules: tuple[str, ...] | None = None if shard_modules is None else tuple(shard_modules)
+        if not isinstance(offload, bool):
+            raise ValueError(f"offload must be a bool; got {offload!r}.")
+        self._offload = self._offload_requested = offload
         self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
         self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
                                  height, width, frames, memory, plan_options)
@@ -329,12 +340,15 @@ class DiTParallelStrategy(ParallelStrategy):
 
     def _choose_layout(self) -> None:
         """``auto``: the planner's recommended layout becomes the requested one (pure computation on every rank)."""
+        from dataclasses import replace
+
         from lightning_dit_parallel.strategies.auto import choose_layout, supported_axes
 
         assert self._auto is not None
         chosen, plan = choose_layout(
             self.lightning_module, world_size=self.num_nodes * self.num_processes, nodes=self.num_nodes,
-            device=self.root_device, hints=self._auto, axes=supported_axes(type(self), self._auto.allow_approximate),
+            device=self.root_device, hints=self._auto,
+            axes=replace(supported_axes(type(self), self._auto.allow_approximate), offload=self._offload_requested),
             shard_text_encoders=self._shard_modules is None or bool(self._shard_modules),
             check_inputs=bool(self._check_inputs),
         )
@@ -343,6 +357,7 @@ class DiTParallelStrategy(ParallelStrategy):
         mode = "pipefusion" if layout.pp_mode == "pipefusion" else "microbatch"
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
+        self._offload = layout.offload  # with auto, offload=True allows it where nothing fits without
         self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(
             f"strategy=auto chose {layout.describe()} ({self._requested_layout.describe()}) for {plan.models.dit.name},"
@@ -385,7 +400,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
             pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
-            distrifusion=self._distrifusion,
+            distrifusion=self._distrifusion, offload=self._offload,
         )
         # deferred weights (lean from_pretrained, loading.defer_weights): read now, only the parts this rank kept,
         # straight onto its device; then what else the rank keeps moves there
