@@ -229,3 +229,27 @@ def test_device_peak_per_rank_is_its_share(large_wan_folder):
                         logger=False, enable_progress_bar=False)
     trainer.predict(module, prompt_loader(PROMPTS[:1], batch_size=1))
     assert torch.cuda.max_memory_allocated() < 0.8 * whole
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_lean_loading_keeps_the_dtypes_diffusers_and_transformers_give(tmp_path: Path, dtype):
+    """Saved in bfloat16, loaded with and without ``torch_dtype``: every parameter and buffer has the dtype plain
+    ``from_pretrained`` gives it (Wan keeps its norms, time embedder and rotary tables in float32; transformers models
+    load as saved), and the video is the same."""
+    from lightning_dit_parallel.loading import materialize
+
+    wan_pipeline().to(torch.bfloat16).save_pretrained(tmp_path)
+    plain = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=dtype)
+    with lean_from_pretrained():
+        lean = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=dtype)
+    for name, component in lean.components.items():
+        if isinstance(component, torch.nn.Module):
+            reference = getattr(plain, name)
+            expected = {n: t.dtype for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
+            assert {n: t.dtype for n, t in [*component.named_parameters(), *component.named_buffers()]} == expected, name
+            materialize(component)
+    call = {**CALL, "output_type": "pt"}
+    for pipe in (plain, lean):
+        pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(plain(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
+                       lean(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames)

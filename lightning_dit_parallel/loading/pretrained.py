@@ -11,7 +11,8 @@ What the skeleton cannot serve is loaded as usual, whole: another source than a 
 weights, a quantization config, a device map, config overrides, or a checkpoint whose keys do not match the model
 (e.g. a legacy layout that the library converts on load). Persistent buffers stored in the files (small) are read
 at once. The dtype follows ``from_pretrained``: ``torch_dtype`` (diffusers) / ``dtype`` (transformers) when given,
-with the class's ``_keep_in_fp32_modules`` kept in float32, else the dtype the weights were saved in.
+with the class's ``_keep_in_fp32_modules`` kept in float32; without one, diffusers models in the dtype they are
+built in (float32) and transformers models in the dtype the weights were saved in, as the libraries load them.
 """
 
 from __future__ import annotations
@@ -71,11 +72,10 @@ def lean_model(cls: type, source: Any, kwargs: dict[str, Any]) -> nn.Module | No
     files = weight_files(checkpoint)
     model = build_on_meta(lambda: _from_config(cls, folder))
     dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
-    if dtype is None or dtype == "auto":
-        dtype = _saved_dtype(files)
+    if dtype == "auto" or (dtype is None and not _is_diffusers(cls)):
+        dtype = _saved_dtype(files)  # transformers loads as saved; diffusers in the dtype the model is built in
     if isinstance(dtype, torch.dtype):
-        nn.Module.to(model, dtype)  # diffusers' own .to warns about the float32 modules, kept just below
-        _keep_in_float32(model, dtype)
+        _cast_stored(model, dtype)
     if not _covers(model, files):
         log.info("%s: the checkpoint in %s does not match the model's parameters; loading it whole.", cls.__name__,
                  folder)
@@ -122,10 +122,14 @@ def _model_bases() -> list[type]:
     return [*bases, PreTrainedModel]
 
 
-def _from_config(cls: type, folder: Path) -> nn.Module:
+def _is_diffusers(cls: type) -> bool:
     from diffusers import ModelMixin
 
-    if issubclass(cls, ModelMixin):
+    return issubclass(cls, ModelMixin)
+
+
+def _from_config(cls: type, folder: Path) -> nn.Module:
+    if _is_diffusers(cls):
         return cls.from_config(cls.load_config(folder))
     config = cls.config_class.from_pretrained(folder)
     return cls._from_config(config)
@@ -142,22 +146,28 @@ def _saved_dtype(files: dict[str, str]) -> torch.dtype | None:
     return None
 
 
-def _keep_in_float32(model: nn.Module, dtype: torch.dtype) -> None:
-    """The class's ``_keep_in_fp32_modules`` (diffusers: any half dtype; transformers: float16 only) and
-    ``_keep_in_fp32_modules_strict`` (transformers: float16 and bfloat16) back to float32, as ``from_pretrained``
-    keeps them."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return
+def _cast_stored(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast what the checkpoint stores (floating parameters and persistent buffers) to ``dtype`` as the libraries
+    do when loading, except the class's ``_keep_in_fp32_modules`` (diffusers: any dtype; transformers: float16 only)
+    and ``_keep_in_fp32_modules_strict`` (transformers: float16 and bfloat16), matched by name component, which stay
+    float32. Buffers computed in ``__init__`` and not stored (rotary tables) keep the dtype they were built in."""
     from diffusers import ModelMixin
 
-    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if isinstance(model, ModelMixin) or dtype == torch.float16:
-        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if not keep:
-        return
-    for name, module in model.named_modules():
-        if keep & set(name.split(".")):
-            module.to(torch.float32)
+    keep = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        if isinstance(model, ModelMixin) or dtype == torch.float16:
+            keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point():
+            continue
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor.to(target), requires_grad=tensor.requires_grad)
+        else:
+            module._buffers[leaf] = tensor.to(target)
 
 
 def _covers(model: nn.Module, files: dict[str, str]) -> bool:
