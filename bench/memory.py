@@ -32,9 +32,12 @@ LAYOUTS = [
     ("fsdp (dp 2)", 2, ["strategy=fsdp"], dict(dp=2, fsdp=True)),
     ("fsdp x ulysses 2", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1"],
      dict(ulysses=2, fsdp=True)),
+    ("fsdp x ulysses 2, layer units", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1",
+                                          "strategy.fsdp_units=layers"], dict(ulysses=2, fsdp=True)),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
     ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
+    ("fsdp (dp 4), layer units", 4, ["strategy=fsdp", "strategy.fsdp_units=layers"], dict(dp=4, fsdp=True)),
     ("fsdp x ulysses 2 x dp 2", 4, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=2"],
      dict(dp=2, ulysses=2, fsdp=True)),
     ("pipeline 4", 4, ["strategy=pipeline"], dict(pp=4, pp_mode="microbatch")),
@@ -67,7 +70,7 @@ pipe.save_pretrained({str(folder)!r})
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def run(folder: Path, ranks: int, overrides: list[str]) -> list[dict]:
+def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | None = None) -> list[dict]:
     """One ``ldp-predict`` run; the memory record of every rank."""
     with tempfile.TemporaryDirectory() as peaks, tempfile.TemporaryDirectory() as out:
         command = [
@@ -77,6 +80,8 @@ def run(folder: Path, ranks: int, overrides: list[str]) -> list[dict]:
             f"trainer.devices={ranks}", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *overrides,
         ]
         env = {**os.environ, "LDP_PEAK_DIR": peaks, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        if mmap_threshold is not None:  # glibc: tensors above it are mapped and unmapped, never kept in the heap
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(overrides)} on {ranks} ranks failed:\n{done.stderr[-3000:]}")
@@ -112,18 +117,23 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for every process (e.g. 65536). By default glibc raises"
+                             " its threshold after the first large free, and memory freed by a step can then stay in"
+                             " the heap, counted in the resident set although free (GPUs use PyTorch's caching"
+                             " allocator instead)")
     args = parser.parse_args()
     folder = args.folder.with_name(f"{args.folder.name}-{args.layers}x{args.dim}")
     build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, args.text_dim, args.text_layers)
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors")
+    print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}")
     layouts = [entry for entry in LAYOUTS if not (args.quick and entry[1] > 2)]
     reference = None
     print("| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
           " planned / net |")
     print("|---|---|---|---|---|---|---|")
     for name, ranks, overrides, fields in layouts:
-        records = run(folder, ranks, overrides)
+        records = run(folder, ranks, overrides, args.mmap_threshold)
         worst = max(records, key=lambda r: r["peak"] - r["baseline"])
         net = worst["peak"] - worst["baseline"]
         reference = reference or net

@@ -14,7 +14,8 @@ from torch import nn
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import (
-    SHARD_AXES, apply_fsdp, block_units, encoder_mesh, encoder_paths, module_units, shard_mesh, shards_encoders,
+    SHARD_AXES, FsdpUnits, apply_fsdp, block_units, check_fsdp_units, encoder_mesh, encoder_paths, module_units,
+    shard_mesh, shards_encoders, weight_layers,
 )
 from lightning_dit_parallel.incomplete import check_complete
 from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
@@ -97,7 +98,7 @@ class Parallelized:
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] | None = None,
     pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
-    distrifusion: DistriFusionOptions | None = None, offload: bool = False,
+    distrifusion: DistriFusionOptions | None = None, offload: bool = False, fsdp_units: FsdpUnits = "blocks",
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
@@ -137,6 +138,10 @@ def parallelize(
             ``offload.apply_offload``. The roots (embeddings, final layers) stay on the device. The encoders are
             ``shard_modules`` or, when that is ``None`` or empty, every transformers ``PreTrainedModel`` outside the
             DiTs. On a CPU device the weights are already in host memory: the forward is the plain one.
+        fsdp_units: with ``layout.fsdp``, what one FSDP unit of a DiT is, i.e. what a rank gathers whole at once:
+            ``"blocks"`` (each transformer block; fewest all-gathers) or ``"layers"`` (each weight layer - Linear,
+            convolution, embedding - of the blocks and the root, the rest of a block as its own unit: the smallest
+            peak, for the tightest memory, at the price of more, smaller all-gathers). See ``fsdp.weight_layers``.
 
     Raises:
         ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
@@ -147,6 +152,7 @@ def parallelize(
             no encoder has layers); pure, on every rank before any collective.
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
+    check_fsdp_units(fsdp_units)
     result = Parallelized()
     cuts_memory = shards_encoders(layout.fsdp, int(layout.pp), int(layout.tp))
     if shard_modules and not cuts_memory:
@@ -191,7 +197,7 @@ def parallelize(
                 result.applied.append(apply_tensor_parallel(dit, tp_layout, mesh["tp"]))
             sources = ", ".join(t.source for t in tp_layouts)
             rank_zero_log(f"tensor parallel (tp={layout.tp}) on {result.paths}: {sources}")
-        sharded_dits = _apply_fsdp(result, module, planned, mesh, offload) if layout.fsdp else False
+        sharded_dits = _apply_fsdp(result, module, planned, mesh, offload, fsdp_units) if layout.fsdp else False
         sharded_encoders = _shard_encoders(result, extra, mesh, layout.fsdp, offload) if extra else False
         if offload:
             streamed = [] if sharded_dits else planned
@@ -299,9 +305,10 @@ def _apply_offload(result: Parallelized, planned: list[tuple[str, nn.Module, DiT
 
 def _apply_fsdp(
     result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
-    offload: bool = False,
+    offload: bool = False, fsdp_units: FsdpUnits = "blocks",
 ) -> bool:
-    """FSDP2 per transformer block and on each DiT root; whether it sharded (not over one rank)."""
+    """FSDP2 per transformer block (``fsdp_units="layers"``: per weight layer too) and on each DiT root; whether it
+    sharded (not over one rank)."""
     fsdp_mesh = shard_mesh(mesh)
     if fsdp_mesh.size() == 1:
         rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
@@ -313,7 +320,8 @@ def _apply_fsdp(
             rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once")
         # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
         shared = [dit.get_submodule(p) for p in plan.shared_modules]
-        result.applied.append(apply_fsdp(dit, [*shared, *blocks, dit], fsdp_mesh, offload=offload))
+        layers = weight_layers(dit, [*shared, *blocks]) if fsdp_units == "layers" else []
+        result.applied.append(apply_fsdp(dit, [*layers, *shared, *blocks, dit], fsdp_mesh, offload=offload))
     where = " (shards in host memory)" if offload else ""
     rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}){where} on {result.paths}")
     return True

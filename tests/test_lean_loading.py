@@ -34,6 +34,7 @@ CALL = {k: v for k, v in WAN_CALL.items() if k != "output_type"}
 LAYOUTS = {
     "fsdp": lambda: FSDPInferenceStrategy(),
     "fsdp_ulysses2": lambda: FSDPInferenceStrategy(ulysses_degree=2, dp_degree=1),
+    "fsdp_layers_ulysses2": lambda: FSDPInferenceStrategy(ulysses_degree=2, dp_degree=1, fsdp_units="layers"),
     "pipeline2": lambda: PipelineStrategy(pp_degree=2),
     "tp2": lambda: TensorParallelStrategy(tp_degree=2),
 }

@@ -31,6 +31,7 @@ Parallelizers are removed last-applied first, so no other parallelizer's hooks a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -330,3 +331,26 @@ def module_units(module: nn.Module) -> list[nn.Module]:
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (an FSDP-sharded parameter)."""
     return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+#: What one FSDP unit of a DiT is: each transformer block, or each weight layer (see ``weight_layers``).
+FsdpUnits = Literal["blocks", "layers"]
+
+#: Modules that hold a layer's weight matrix (or kernel, or table): the units of ``fsdp_units="layers"``.
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def check_fsdp_units(fsdp_units: str) -> None:
+    """Raise ``ValueError`` unless ``fsdp_units`` is ``"blocks"`` or ``"layers"``."""
+    if fsdp_units not in ("blocks", "layers"):
+        raise ValueError(f"fsdp_units must be 'blocks' or 'layers'; got {fsdp_units!r}.")
+
+
+def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """The weight layers (``WEIGHT_LAYERS`` with parameters) of ``root`` that are not units already, innermost units
+    for ``apply_fsdp`` ahead of ``units``: a rank then gathers one layer at a time (a few MB to a few hundred MB)
+    instead of a whole block; norms, biases of other modules and a block's own parameters stay in the block's unit,
+    the root's in the root's."""
+    taken = {id(u) for u in units}
+    return [m for m in root.modules()
+            if isinstance(m, WEIGHT_LAYERS) and id(m) not in taken and m is not root and any(True for _ in m.parameters())]

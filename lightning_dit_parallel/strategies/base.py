@@ -29,7 +29,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_dit_parallel.fsdp import check_equal_batch_counts, shards_encoders
+from lightning_dit_parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
 from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
 from lightning_dit_parallel.incomplete import unmark_incomplete
 from lightning_dit_parallel.layout import Degree, ParallelLayout
@@ -100,6 +100,9 @@ class DiTParallelStrategy(ParallelStrategy):
             every transformers ``PreTrainedModel`` outside the DiT(s), i.e. the pipeline's text and image encoders
             (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every
             rank of the group the same number of times (diffusers pipelines call each encoder once per batch).
+        fsdp_units: with ``fsdp``, what a rank gathers at once: ``"blocks"`` (each transformer block, the default:
+            fewest all-gathers) or ``"layers"`` (each Linear / convolution / embedding: the lowest peak, for a model
+            that barely fits; more, smaller all-gathers). See ``parallelize``.
         offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
             bring each unit to the device for its forward only, for models that do not fit the devices otherwise
             (slower: every step copies the weights from the host). With FSDP the shards live on the host (FSDP2's
@@ -154,6 +157,7 @@ class DiTParallelStrategy(ParallelStrategy):
         tp_degree: Degree = 1,
         shard_modules: Sequence[str] | None = None,
         offload: bool = False,
+        fsdp_units: FsdpUnits = "blocks",
         check_inputs: CheckInputs = True,
         parallel_vae: bool = False,
         pp_mode: PipelineMode = "microbatch",
@@ -204,6 +208,8 @@ class DiTParallelStrategy(ParallelStrategy):
         if not isinstance(offload, bool):
             raise ValueError(f"offload must be a bool; got {offload!r}.")
         self._offload = self._offload_requested = offload
+        check_fsdp_units(fsdp_units)
+        self._fsdp_units: FsdpUnits = fsdp_units
         self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
         self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
                                  height, width, frames, memory, plan_options)
@@ -400,7 +406,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
             pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
-            distrifusion=self._distrifusion, offload=self._offload,
+            distrifusion=self._distrifusion, offload=self._offload, fsdp_units=self._fsdp_units,
         )
         # deferred weights (lean from_pretrained, loading.defer_weights): read now, only the parts this rank kept,
         # straight onto its device; then what else the rank keeps moves there
