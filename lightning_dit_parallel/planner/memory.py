@@ -159,12 +159,23 @@ def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout,
         return offloaded_unit_bytes(units, shards, tp, element, hw)
     held = sum(u.shard_numel(shards, tp) for u in units) * element
     gathered = 0
-    if shards > 1:  # the root for the whole forward, the running (and prefetched) blocks
-        whole = {id(u): u.local_numel(tp) - u.shard_numel(shards, tp) for u in units}
-        running = sorted((whole[id(u)] for u in units if u.kind == "block"), reverse=True)
-        prefetch = 2 if hw.device_type == "cuda" else 1
-        gathered = (sum(whole[id(u)] for u in units if u.kind == "root") + sum(running[:prefetch])) * element
+    if shards > 1:
+        gathered = fsdp_gathered_numel(units, shards, tp, hw) * element
     return held, gathered
+
+
+def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware) -> int:
+    """Elements FSDP2 holds on top of the shards while a forward runs: the root unsharded for the whole forward, and
+    around the largest block its unsharded parameters plus the all-gather's output buffer and its copy of the shard
+    (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next block is gathered while
+    one runs (prefetch: one more block), with gloo on CPU the collective copies the output once more (measured: 3x a
+    block of a 2-rank shard group on top of the shards)."""
+    root = sum(u.local_numel(tp) for u in units if u.kind == "root")
+    blocks = sorted(((u.local_numel(tp), u.shard_numel(shards, tp)) for u in units if u.kind == "block"), reverse=True)
+    if not blocks:
+        return root
+    whole, shard = blocks[0]
+    return root + 3 * whole + (shard if hw.device_type == "cuda" else 0)
 
 
 def offloaded_unit_bytes(units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int,
@@ -344,9 +355,7 @@ def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: 
     if layout.offload:
         held, gathered = offloaded_unit_bytes(enc.units, shards, 1, element, hw)
     elif shards > 1:
-        layers = sorted((u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "block"), reverse=True)
-        root = sum(u.numel - u.shard_numel(shards) for u in enc.units if u.kind == "root")
-        gathered = (root + sum(layers[: 2 if hw.device_type == "cuda" else 1])) * element
+        gathered = fsdp_gathered_numel(enc.units, shards, 1, hw) * element
     rows, tokens = encoder_work(enc, work)
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
     scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
