@@ -33,11 +33,13 @@ LAYOUTS = [
     ("fsdp x ulysses 2", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1"],
      dict(ulysses=2, fsdp=True)),
     ("fsdp x ulysses 2, layer units", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1",
-                                          "strategy.fsdp_units=layers"], dict(ulysses=2, fsdp=True)),
+                                          "strategy.fsdp_units=layers"],
+     dict(ulysses=2, fsdp=True, fsdp_units="layers")),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
     ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
-    ("fsdp (dp 4), layer units", 4, ["strategy=fsdp", "strategy.fsdp_units=layers"], dict(dp=4, fsdp=True)),
+    ("fsdp (dp 4), layer units", 4, ["strategy=fsdp", "strategy.fsdp_units=layers"],
+     dict(dp=4, fsdp=True, fsdp_units="layers")),
     ("fsdp x ulysses 2 x dp 2", 4, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=2"],
      dict(dp=2, ulysses=2, fsdp=True)),
     ("pipeline 4", 4, ["strategy=pipeline"], dict(pp=4, pp_mode="microbatch")),
@@ -94,15 +96,18 @@ def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | No
 def planned_bytes(folder: Path, ranks: int, fields: dict) -> float | None:
     """``ldp-plan``'s peak memory per rank for this layout and work (weights, activations, gathered layers; not the
     interpreter), or ``None`` where the planner does not list the layout."""
+    from lightning_dit_parallel.planner.layouts import Axes
     from lightning_dit_parallel.planner.planner import plan_layouts
 
     plan = plan_layouts(folder, devices=ranks, memory="1TiB", dtype="float32", height=64, width=64, frames=5,
-                        batch=1, samples=4, cfg=True, cfg_calls="separate", steps=2, device_type="cpu")
+                        batch=1, samples=4, cfg=True, cfg_calls="separate", steps=2, device_type="cpu",
+                        axes=Axes(fsdp_layers=True))
     for estimate in plan.layouts:
         layout = estimate.layout
         if all(getattr(layout, k) == v for k, v in fields.items()) and all(
-                getattr(layout, k) in (1, False, "none", 0) for k in ("dp", "cfg", "pp", "ring", "ulysses", "tp",
-                                                                      "fsdp", "parallel_vae") if k not in fields):
+                getattr(layout, k) in (1, False, "none", 0, "blocks") for k in ("dp", "cfg", "pp", "ring", "ulysses",
+                                                                                "tp", "fsdp", "parallel_vae",
+                                                                                "fsdp_units") if k not in fields):
             return estimate.memory.peak
     return None
 

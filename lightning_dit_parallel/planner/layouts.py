@@ -51,6 +51,7 @@ class PlannedLayout:
     pp_mode: PipelineMode = "none"
     patches: int = 0
     offload: bool = False
+    fsdp_units: str = "blocks"
 
     def __post_init__(self) -> None:
         self.to_parallel_layout()  # the mesh degrees' own checks
@@ -58,6 +59,8 @@ class PlannedLayout:
                                                                       and getattr(self, k) >= 1)}
         if bad:
             raise ValueError(f"Degrees must be positive integers; got {bad} in {self.describe()}.")
+        if self.fsdp_units not in ("blocks", "layers") or (self.fsdp_units == "layers" and not self.fsdp):
+            raise ValueError(f"fsdp_units must be 'blocks', or 'layers' with fsdp; got {self.fsdp_units!r}.")
         if (self.pp > 1) != (self.pp_mode != "none"):
             raise ValueError(f"pp_mode must be 'none' exactly when pp == 1; got {self.describe()}.")
         if (self.pp_mode == "pipefusion") != (self.patches > 0):
@@ -115,7 +118,7 @@ class PlannedLayout:
                 parts.append(part)
         text = " x ".join(parts) or "1 device"
         if self.fsdp:
-            text += " +fsdp"
+            text += " +fsdp(layers)" if self.fsdp_units == "layers" else " +fsdp"
         if self.parallel_vae:
             text += " +pvae"
         if self.offload:
@@ -137,6 +140,8 @@ class Axes:
         parallel_vae: parallel VAE decode.
         pipefusion: PipeFusion schedules (approximate).
         distrifusion: DistriFusion (approximate).
+        fsdp_layers: also FSDP layouts that gather one weight layer at a time (``fsdp_units="layers"``); by default
+            only when no layout fits with block units.
         offload: host offload of the weights (``PlannedLayout.offload``), only when no layout fits without it. Off by
             default: streaming the weights every step is slow, so it is asked for (``ldp-plan --offload``,
             ``DiTParallelStrategy(auto=True, offload=True)``).
@@ -146,6 +151,7 @@ class Axes:
     parallel_vae: bool = True
     pipefusion: bool = True
     distrifusion: bool = True
+    fsdp_layers: bool = False
     offload: bool = False
 
 

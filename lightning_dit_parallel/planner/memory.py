@@ -27,6 +27,8 @@ kernels), so no ``S x S`` score matrix is held.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from lightning_dit_parallel.planner.components import EncoderSpec, OtherSpec, TextEncoderSpec, VaeSpec
@@ -160,22 +162,29 @@ def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout,
     held = sum(u.shard_numel(shards, tp) for u in units) * element
     gathered = 0
     if shards > 1:
-        gathered = fsdp_gathered_numel(units, shards, tp, hw) * element
+        gathered = fsdp_gathered_numel(units, shards, tp, hw, layers=layout.fsdp_units == "layers") * element
     return held, gathered
 
 
-def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware) -> int:
-    """Elements FSDP2 holds on top of the shards while a forward runs: the root unsharded for the whole forward, and
-    around the largest block its unsharded parameters plus the all-gather's output buffer and its copy of the shard
-    (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next block is gathered while
+def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, layers: bool = False) -> int:
+    """Elements FSDP2 holds on top of the shards while a forward runs: the root unsharded for the whole forward (3x
+    while it is gathered), and around the largest block its unsharded parameters plus the all-gather's output buffer
+    and its copy of the shard (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next block is gathered while
     one runs (prefetch: one more block), with gloo on CPU the collective copies the output once more (measured: 3x a
     block of a 2-rank shard group on top of the shards)."""
+    if layers:  # ``fsdp_units="layers"``: a weight matrix (2-D or more) at a time; the rest stays with its unit
+        mats = [math.prod(shape) for u in units for shape in u.local_shapes(tp) if len(shape) >= 2]
+        rest = sum(math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp)
+                   if len(shape) < 2)
+        largest = max(mats, default=0)
+        return rest + 3 * largest + (-(-largest // shards) if hw.device_type == "cuda" else 0)
     root = sum(u.local_numel(tp) for u in units if u.kind == "root")
     blocks = sorted(((u.local_numel(tp), u.shard_numel(shards, tp)) for u in units if u.kind == "block"), reverse=True)
     if not blocks:
-        return root
+        return 3 * root
     whole, shard = blocks[0]
-    return root + 3 * whole + (shard if hw.device_type == "cuda" else 0)
+    # the larger of two moments: the root being gathered, and a block gathered while the root stays gathered
+    return max(3 * root, root + 3 * whole + (shard if hw.device_type == "cuda" else 0))
 
 
 def offloaded_unit_bytes(units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int,

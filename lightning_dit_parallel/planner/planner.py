@@ -207,6 +207,10 @@ def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dty
         return LayoutEstimate(layout, memory, traffic, time, memory.peak <= hardware.usable_memory)
 
     estimates = [estimate(layout) for layout in layouts]
+    sharded = [layout for layout in layouts if layout.fsdp]
+    if axes.fsdp_layers or not any(e.fits and (e.exact or allow_approximate) for e in estimates):
+        # FSDP gathering one weight layer at a time instead of a block: a lower peak, more all-gathers
+        estimates += [estimate(replace(layout, fsdp_units="layers")) for layout in sharded]
     if axes.offload and not any(e.fits and (e.exact or allow_approximate) for e in estimates):
         # the last resort: the same layouts with the weights in host memory, streamed to the device per unit
         estimates += [estimate(replace(layout, offload=True)) for layout in layouts]

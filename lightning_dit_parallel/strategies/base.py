@@ -364,6 +364,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
         self._offload = layout.offload  # with auto, offload=True allows it where nothing fits without
+        if layout.fsdp_units == "layers":  # the planner's choice where nothing fits with block units
+            self._fsdp_units = "layers"
         self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(
             f"strategy=auto chose {layout.describe()} ({self._requested_layout.describe()}) for {plan.models.dit.name},"
