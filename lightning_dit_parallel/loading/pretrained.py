@@ -187,7 +187,11 @@ def _read_stored_buffers(model: nn.Module, files: dict[str, str]) -> None:
     from safetensors import safe_open
 
     state_keys = set(model.state_dict(keep_vars=True))
+    by_file: dict[str, list[tuple[str, torch.Tensor]]] = {}  # each file opened once
     for name, buffer in model.named_buffers():
         if name in files and name in state_keys and buffer is not None:
-            with safe_open(files[name], framework="pt", device="cpu") as f, torch.no_grad():
+            by_file.setdefault(files[name], []).append((name, buffer))
+    for file, buffers in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+            for name, buffer in buffers:
                 buffer.copy_(f.get_tensor(name).reshape(buffer.shape))  # cast to the buffer's dtype
