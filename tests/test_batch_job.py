@@ -248,7 +248,9 @@ def test_a_killed_rank_makes_the_others_fail_within_the_timeout_and_the_rerun_co
     first = run_on_ranks(2, _job, free_port(), str(tmp_path), degrees, n, 1, ("SIGKILL", 1, 1), timeout_s=60,
                          reporting=[0])
     assert first[0]["outcome"] not in ("done", "stopped:143") and first[0]["seconds"] < TIMEOUT_S + 15, first
-    assert {0, 1} <= finished_indices(tmp_path) < set(range(n))
+    # Rank 0 (indices 0, 2, 4) wrote its two batches: the second one on its way out. Rank 1's first batch (index 1)
+    # may have died with it in its writer thread: SIGKILL loses the batches not yet written, at most max_pending.
+    assert {0, 2} <= finished_indices(tmp_path) <= {0, 1, 2}
     again = run_on_ranks(2, _job, free_port(), str(tmp_path), degrees, n, 1, None, timeout_s=60)
     assert [r["outcome"] for r in again] == ["done", "done"], again
     assert_complete(tmp_path, n, reference)

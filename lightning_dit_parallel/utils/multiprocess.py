@@ -9,18 +9,46 @@ rank's traceback.
 from __future__ import annotations
 
 import multiprocessing as mp
+import random
 import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' and port-0 listeners' ports from (Linux; else IANA's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for a process group's store, outside the ephemeral range.
+
+    A port the kernel handed out (binding port 0) is closed again before the store binds it, and meanwhile any
+    connection of any process (gloo opens many) may take it as its own port: the store then fails to bind. Ports
+    below the ephemeral range are never handed out that way, so only another explicit choice can take them.
+    """
+    low, high = _ephemeral_ports()
+    candidates = range(25000, low) if low > 26000 else range(high + 1, 65536)
+    chooser = random.Random()  # not the seeded global generator: forked test processes would pick alike
+    for _ in range(200):
+        port = chooser.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
