@@ -177,6 +177,31 @@ def test_one_process_stops_after_the_batch_and_resumes_to_the_uninterrupted_outp
         StreamingPredictionWriter(tmp_path, resume=False, run_config={"n": n}).prepare(requests(n, 2))
 
 
+class SlowWriter(StreamingPredictionWriter):
+    """Its thread takes longer per batch than the loop: the loop has to wait for it at ``max_pending``."""
+
+    def _write_files(self, *job):
+        time.sleep(0.2)
+        return super()._write_files(*job)
+
+
+def _run_with_a_slow_writer(rank: int, world: int, out: str, n: int) -> int:
+    writer = SlowWriter(out, save_images=False, progress=False, run_config={"n": n}, max_pending=1)
+    loader = writer.prepare(requests(n, 1), first_process=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer])
+    trainer.predict(dit_sampler(build_dit(), steps=STEPS), loader, return_predictions=False)
+    return writer.written
+
+
+def test_a_writer_thread_behind_the_loop_holds_it_back_and_counts_every_sample(tmp_path):
+    n = 9
+    reference = predict_single(dit_sampler(build_dit(), steps=STEPS), requests(n, 1))
+    # In a process of its own: a loop that never stops waiting fails the test after the timeout instead of hanging.
+    assert run_on_ranks(1, _run_with_a_slow_writer, str(tmp_path), n, timeout_s=60) == [n]
+    assert_complete(tmp_path, n, reference)
+
+
 def test_collect_false_keeps_rank_zero_free_of_outputs(tmp_path):
     writer = one_process_run(tmp_path, 3, 2, collect=False)
     assert writer.predictions is None and writer.indices.tolist() == [0, 1, 2]

@@ -66,8 +66,6 @@ def interrupt_after_new_batches(process: subprocess.Popen, run_dir: Path, before
     return process.returncode, stdout, stderr
 
 
-@pytest.mark.xfail(strict=False, reason="Ctrl-C to the whole process group hung once in three CI runs (both ranks"
-                   " get SIGINT; a rank did not exit within 120 s): a known defect being investigated")
 def test_ctrl_c_to_the_process_group_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -288,9 +288,9 @@ class StreamingPredictionWriter(BasePredictionWriter):
                 new = self._write_files(*job)
             else:
                 self._pending.append(self._executor.submit(self._write_files, *job))
-                while len(self._pending) > self.max_pending:
-                    self._pending[0].result()
-                new = self._written_since()
+                while len(self._pending) > self.max_pending:  # the thread is behind: wait for its oldest batch
+                    new += self._pending.popleft().result()
+                new += self._written_since()
             self.hook_seconds += time.perf_counter() - start
         self._agree(new)
 
