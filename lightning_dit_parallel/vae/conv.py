@@ -17,6 +17,12 @@ with fewer than ``top + bottom`` rows (tiny latents on many ranks) is convolved 
 Every tensor argument is treated alike: the input and, for diffusers' causal 3-D convolutions, the cached frames of
 the previous call (they hold the band's rows of earlier frames).
 
+A convolution that pads in its own forward (``F.pad`` order padding in an attribute) may be a wrapper around an
+unpadded ``nn.Conv*`` (HunyuanVideo's and Mochi's causal convolutions, ``F.pad`` in replicate mode): the hooks sit on
+the wrapper, the strips run the wrapper's forward without the height's padding. Only the boundary rows between bands
+are recomputed, so at the image's top and bottom edges the wrapper's own padding (zeros, replicate or reflect of the
+edge band's rows) stands, as in one process.
+
 Traffic per call: ``top`` rows down and ``bottom`` rows up per band boundary (a 3 x 3 convolution: one row each
 way), independent of the number of ranks.
 """
@@ -45,6 +51,8 @@ class ConvHalo:
         attribute: the attribute holding its padding (``padding``, or e.g. ``_padding`` in ``F.pad`` order).
         original: that attribute's value.
         unpadded: the same padding with 0 along the height (set only while a strip is convolved).
+        pair: for a padding in ``F.pad`` order, the index of the height's (top, bottom) pair in it; ``None`` for
+            ``nn.Conv*``'s ``padding`` (symmetric, zeros).
     """
 
     path: str
@@ -53,6 +61,7 @@ class ConvHalo:
     attribute: str
     original: tuple
     unpadded: tuple
+    pair: int | None = None
     handles: list[RemovableHandle] = field(default_factory=list)
     pending: PendingHalos | None = None
 
@@ -62,31 +71,47 @@ class ConvHalo:
         self.handles.clear()
         self.pending = None
 
-    def convolve_unpadded(self, module: nn.Module, args: list, kwargs: dict) -> Tensor:
-        """The convolution's own forward (no hooks) with no padding along the height."""
-        setattr(module, self.attribute, self.unpadded)
+    def convolve(self, module: nn.Module, args: list, kwargs: dict, padding: tuple | None = None) -> Tensor:
+        """The convolution's own forward (no hooks) with ``padding`` (default: none along the height); its output
+        tensor (the first element where the forward returns a tuple, e.g. with a cache)."""
+        setattr(module, self.attribute, self.unpadded if padding is None else padding)
         try:
-            return module.forward(*args, **kwargs)
+            return _first(module.forward(*args, **kwargs))
         finally:
             setattr(module, self.attribute, self.original)
 
+    def edge_padding(self, above: bool, below: bool) -> tuple | None:
+        """The padding with the height's own padding kept only at the image's edges (no band ``above`` / ``below``),
+        for a padding in ``F.pad`` order; ``None`` for ``nn.Conv*``'s symmetric padding."""
+        if self.pair is None:
+            return None
+        padding = list(self.unpadded)
+        padding[self.pair] = 0 if above else self.top
+        padding[self.pair + 1] = 0 if below else self.bottom
+        return tuple(padding)
 
-def conv_halo(module: _ConvNd, path: str, height_dim: int, padding_attribute: str | None) -> ConvHalo | None:
+
+def conv_halo(
+    module: _ConvNd, path: str, height_dim: int, padding_attribute: str | None, holder: nn.Module | None = None
+) -> ConvHalo | None:
     """The halo of a convolution of a banded decoder, or ``None`` when it needs none (kernel height 1, no padding).
     Pure inspection: the module is not changed.
 
     Args:
         module: the convolution.
-        path: its path, for messages.
+        path: the path of ``holder`` (or of ``module``), for messages.
         height_dim: the height's tensor dim, negative (``-2``).
         padding_attribute: for a convolution that pads in its own forward, the attribute with that padding in
             ``F.pad`` order; ``None`` for ``nn.Conv*``'s ``padding``.
+        holder: a wrapper that holds ``padding_attribute`` and pads its input before calling ``module`` (which then
+            must not pad the height); ``None``: ``module`` itself.
 
     Raises:
-        ValueError: for a transposed or strided convolution along the height, padding other than zeros, a
-            ``padding="same"`` string, or padding that changes the height (the bands would not line up).
+        ValueError: for a transposed or strided convolution along the height, padding other than zeros (circular for
+            a wrapper's ``F.pad``), a ``padding="same"`` string, or padding that changes the height (the bands would
+            not line up).
     """
-    name = f"{path} ({type(module).__name__})"
+    name = f"{path} ({type(holder if holder is not None else module).__name__})"
     spatial = len(module.kernel_size)
     if module.transposed or -height_dim > spatial:
         raise ValueError(f"The parallel VAE decode cannot band {name}: transposed or without a height dim.")
@@ -99,14 +124,21 @@ def conv_halo(module: _ConvNd, path: str, height_dim: int, padding_attribute: st
             if module.padding == "valid" and kernel == 1:
                 return None
             raise ValueError(f"The parallel VAE decode cannot band {name}: padding={module.padding!r}; use integers.")
-        attribute, original = "padding", tuple(module.padding)
+        attribute, original, pair = "padding", tuple(module.padding), None
         top = bottom = original[axis]
         unpadded = tuple(0 if i == axis else p for i, p in enumerate(original))
     else:
-        attribute, original = padding_attribute, tuple(getattr(module, padding_attribute))
+        owner = holder if holder is not None else module
+        attribute, original = padding_attribute, tuple(getattr(owner, padding_attribute))
         pair = 2 * (-height_dim - 1)  # F.pad order: (last dim left, last dim right, next-to-last left, ...)
         top, bottom = original[pair], original[pair + 1]
         unpadded = tuple(0 if i in (pair, pair + 1) else p for i, p in enumerate(original))
+        if holder is not None:
+            if not isinstance(module.padding, str) and module.padding[axis]:
+                raise ValueError(f"The parallel VAE decode cannot band {name}: its convolution pads the height too.")
+            mode = getattr(holder, "pad_mode", None) or getattr(holder, "padding_mode", None)
+            if mode == "circular":
+                raise ValueError(f"The parallel VAE decode cannot band {name}: circular padding of the height.")
     if top + bottom != dilation * (kernel - 1):
         raise ValueError(
             f"The parallel VAE decode cannot band {name}: padding {top} + {bottom} along the height changes it"
@@ -116,7 +148,7 @@ def conv_halo(module: _ConvNd, path: str, height_dim: int, padding_attribute: st
         return None
     if module.padding_mode != "zeros":
         raise ValueError(f"The parallel VAE decode cannot band {name}: padding_mode={module.padding_mode!r}.")
-    return ConvHalo(path, top, bottom, attribute, original, unpadded)
+    return ConvHalo(path, top, bottom, attribute, original, unpadded, pair)
 
 
 def install_halo(
@@ -141,7 +173,7 @@ def install_halo(
             )
         halo.pending = PendingHalos(tensors, dim, halo.top, halo.bottom, band)
 
-    def finish(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+    def finish(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple | None:
         pending, halo.pending = halo.pending, None
         if pending is None:
             return None
@@ -150,26 +182,40 @@ def install_halo(
         slots = _slots(args, kwargs)
         tensors = [holder[key] for holder, key in slots]
         rows, span = tensors[0].shape[dim], halo.top + halo.bottom
+        above, below = band.rank > 0, band.rank + 1 < band.size
+        result = _first(output)  # a wrapper's forward may return (output, cache): the cache is the band's own
 
-        def convolve(pieces: list[Tensor]) -> Tensor:
+        def convolve(pieces: list[Tensor], padding: tuple | None = None) -> Tensor:
             for (holder, key), piece in zip(slots, pieces):
                 holder[key] = piece
-            return halo.convolve_unpadded(module, args, kwargs)
+            return halo.convolve(module, args, kwargs, padding)
 
         if rows < span:  # too thin for strips: the whole band again, with both halos
-            # (..., top, ...) + (..., rows, ...) + (..., bottom, ...) -> (..., top + rows + bottom, ...)
-            return convolve([torch.cat([h, t, b], dim=dim) for h, t, b in zip(heads, tensors, tails)])
-        if band.rank > 0 and halo.top:  # output rows [0, top) from (..., top + span, ...) -> (..., top, ...)
+            padding = halo.edge_padding(above, below)
+            if padding is None:  # nn.Conv* padding: zeros at the image's edges, i.e. the zero halos there
+                # (..., top, ...) + (..., rows, ...) + (..., bottom, ...) -> (..., top + rows + bottom, ...)
+                whole = convolve([torch.cat([h, t, b], dim=dim) for h, t, b in zip(heads, tensors, tails)])
+            else:  # F.pad padding: the module's own at the image's edges, the neighbours' rows between bands
+                # (..., [top], ...) + (..., rows, ...) + (..., [bottom], ...) -> (..., rows + halos, ...)
+                whole = convolve([torch.cat([h] * above + [t] + [b] * below, dim=dim)
+                                  for h, t, b in zip(heads, tensors, tails)], padding)
+            return (whole, *output[1:]) if isinstance(output, tuple) else whole
+        if above and halo.top:  # output rows [0, top) from (..., top + span, ...) -> (..., top, ...)
             strip = convolve([torch.cat([h, t.narrow(dim, 0, span)], dim=dim) for h, t in zip(heads, tensors)])
-            output.narrow(dim, 0, halo.top).copy_(strip)
-        if band.rank + 1 < band.size and halo.bottom:  # output rows [rows - bottom, rows)
+            result.narrow(dim, 0, halo.top).copy_(strip)
+        if below and halo.bottom:  # output rows [rows - bottom, rows)
             strip = convolve([torch.cat([t.narrow(dim, rows - span, span), b], dim=dim)
                               for t, b in zip(tensors, tails)])
-            output.narrow(dim, output.shape[dim] - halo.bottom, halo.bottom).copy_(strip)
+            result.narrow(dim, result.shape[dim] - halo.bottom, halo.bottom).copy_(strip)
         return output
 
     halo.handles.append(module.register_forward_pre_hook(start, with_kwargs=True))
     halo.handles.append(module.register_forward_hook(finish, with_kwargs=True))
+
+
+def _first(output: Tensor | tuple) -> Tensor:
+    """The output tensor of a convolution's forward that returns ``(output, cache)`` (CogVideoX's), or the output."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _slots(args: list, kwargs: dict) -> list[tuple[list | dict, int | str]]:
