@@ -29,7 +29,8 @@ class ParallelLayout:
     Args:
         dp: data parallel degree: groups of ranks that generate different samples.
         cfg: classifier-free-guidance parallel degree (1 or 2): the conditional and unconditional halves of
-            the doubled batch run on different ranks.
+            the doubled batch, or the separate conditional and unconditional DiT calls of each step, run on different
+            ranks (see ``lightning_dit_parallel.cfg``).
         pp: pipeline degree: number of stages the transformer blocks are split into.
         ring: ring-attention degree (sequence parallel, point-to-point key/value exchange).
         ulysses: Ulysses degree (sequence parallel, all-to-all between the sequence and the heads).

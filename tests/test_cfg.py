@@ -35,8 +35,9 @@ def _odd_batch(rank: int, world: int) -> str:
     dit = build_dit()
     handle = parallelize(dit, layout, layout.build_mesh("cpu"))
     x = torch.randn(3, 4, 8, 8)
-    try:
-        dit(x, timestep=torch.ones(3), class_labels=torch.zeros(3, dtype=torch.long))
+    try:  # the first step is computed whole (one call or two?); the second step's call shows one call per step
+        for t in (1.0, 2.0):
+            dit(x, timestep=torch.full((3,), t), class_labels=torch.zeros(3, dtype=torch.long))
     except ValueError as exc:
         return str(exc)
     finally:
@@ -47,6 +48,7 @@ def _odd_batch(rank: int, world: int) -> str:
 def test_odd_batch_fails_on_every_rank_before_any_collective():
     for message in run_on_ranks(2, _odd_batch, timeout_s=60):
         assert "forward(hidden_states=...) has batch size 3, which does not divide by 2" in message
+        assert "is called once per denoising step" in message
 
 
 def _remove_restores(rank: int, world: int) -> dict:

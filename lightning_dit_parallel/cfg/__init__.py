@@ -1,4 +1,5 @@
-"""CFG parallel: the unconditional and conditional halves of the guided batch run on different ranks."""
+"""CFG parallel: the unconditional and conditional DiT work (halves of a doubled batch, or two separate calls per
+denoising step) runs on different ranks."""
 
 from lightning_dit_parallel.cfg.parallelize import CFGParallel, apply_cfg_parallel, check_guided
 
