@@ -177,6 +177,19 @@ def test_one_process_stops_after_the_batch_and_resumes_to_the_uninterrupted_outp
         StreamingPredictionWriter(tmp_path, resume=False, run_config={"n": n}).prepare(requests(n, 2))
 
 
+def test_a_signal_while_the_model_loads_stops_before_the_first_batch(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    writer = StreamingPredictionWriter(tmp_path, save_images=False, progress=False, run_config={"n": 3})
+    loader = writer.prepare(requests(3, 1), first_process=True)
+    os.kill(os.getpid(), signal.SIGINT)  # after prepare, before predict: recorded, no KeyboardInterrupt anywhere
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer])
+    with pytest.raises(PredictionInterrupted, match="Stopped by SIGINT .* before the first batch") as stop:
+        trainer.predict(dit_sampler(build_dit(), steps=STEPS), loader, return_predictions=False)
+    assert stop.value.exit_code == 130 and finished_indices(tmp_path) == set()
+    assert signal.getsignal(signal.SIGINT) is handler, "the previous handler is back"
+
+
 class SlowWriter(StreamingPredictionWriter):
     """Its thread takes longer per batch than the loop: the loop has to wait for it at ``max_pending``."""
 

@@ -64,14 +64,33 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> None:
-        """Take over the signals (only possible in the main thread; elsewhere nothing is installed)."""
+        """Take over the signals (only possible in the main thread; elsewhere nothing is installed). Already
+        installed: a signal received since is kept, and ours are put back where someone replaced them since
+        (Lightning installs its SIGTERM handler when ``Trainer.predict`` starts)."""
+        if self.installed:
+            for signum in self._previous:
+                if signal.getsignal(signum) != self._handle:
+                    signal.signal(signum, self._handle)
+            return
         self.received = None
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
+
+    def hand_back_through(self, recorded: dict) -> None:
+        """``recorded``: handlers someone saved while ours were installed, to put back later (Lightning's signal
+        connector saves every handler when ``Trainer.predict`` starts and restores them at its teardown, after ours
+        were restored); ours there are replaced by the handlers ours replaced, so that ours do not come back."""
+        for signum, previous in self._previous.items():
+            if recorded.get(signum) == self._handle:
+                recorded[signum] = previous
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

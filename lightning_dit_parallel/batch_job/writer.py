@@ -222,6 +222,8 @@ class StreamingPredictionWriter(BasePredictionWriter):
             )
         self.point = point = resume_point(total, finished, min_samples)
         remaining = point.remaining
+        if remaining:  # a signal from here on (model loading, process groups) stops the run before its first batch
+            self.stop.install()
         if first_process:
             if recorded is None or recorded.get("num_samples") != total:
                 write_run_file(self.output_dir, self.run_config, total)
@@ -246,32 +248,46 @@ class StreamingPredictionWriter(BasePredictionWriter):
         self._total, self.done_before, self._padding = point.total, point.done, frozenset(point.padding)
         batches = int(trainer.num_predict_batches[0]) if trainer.num_predict_batches else 0
         self._rank = trainer.global_rank
+        saved = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(saved, dict):  # installed by prepare(): Lightning saved ours as the handlers to restore
+            self.stop.hand_back_through(saved)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             self._world = dist.get_world_size()
             # A gloo group of our own: CPU tensors whatever the strategy's backend, and a timeout that lets a rank
             # with one batch fewer wait a whole batch for the others (a dead peer still fails it at once).
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.round_timeout_s))
-            mine = torch.tensor([_data_parallel_rank(trainer), batches, *_checksum(point.requests)])  # (5,)
+            self.stop.install()  # before the first collective: a signal during it is seen in the first round
+            mine = torch.tensor([_data_parallel_rank(trainer), batches, self.stop.received or 0,
+                                 *_checksum(point.requests)])  # (6,)
             everyone = [torch.zeros_like(mine) for _ in range(self._world)]
-            dist.all_gather(everyone, mine, group=self._group)  # world x (5,)
+            dist.all_gather(everyone, mine, group=self._group)  # world x (6,)
             table = torch.stack(everyone).tolist()
-            if len({tuple(row[2:]) for row in table}) != 1:
+            if len({tuple(row[3:]) for row in table}) != 1:
                 raise RuntimeError(
                     f"The ranks see different remaining samples in {self.output_dir} (count, checksums per rank: "
-                    f"{[row[2:] for row in table]}): is another run writing into it, or is it not one folder shared by "
+                    f"{[row[3:] for row in table]}): is another run writing into it, or is it not one folder shared by "
                     "every node?"
                 )
             self._writes = contributors([row[0] for row in table])[self._rank]
             self._rounds = max(row[1] for row in table)
+            early = [(rank, row[2]) for rank, row in enumerate(table) if row[2]]
         else:
+            self.stop.install()
             self._rounds = batches
+            early = [(0, self.stop.received)] if self.stop.received else []
+        if early:  # a signal while the model loaded: every rank stops before the first batch
+            self.stop.restore()
+            raise PredictionInterrupted(
+                f"Stopped by {signal.Signals(early[0][1]).name} (received by rank "
+                f"{', '.join(str(r) for r, _ in early)}) before the first batch; nothing was computed. Run the same "
+                "command again to start.", early[0][1],
+            )
         if self._writes:
             self._manifest = ManifestAppender(self.output_dir, self._rank, self.durable)
             if self.background:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="ldp-writer")
         if self._rank == 0 and self.progress:
             self._progress_line = ProgressLine(point.total, point.done, interval_s=self.progress_interval_s)
-        self.stop.install()
 
     @override
     def write_on_batch_end(
