@@ -74,13 +74,30 @@ def exchange_pair(first: Any, second: Any, group: ProcessGroup, receive_second: 
     rank = dist.get_rank(group)
     sent = 0
     for x in leaves(first):
-        dist.broadcast(x, src=dist.get_global_rank(group, 0), group=group)  # cfg rank 0 -> rank 1, into the placeholder
+        _broadcast_into(x, dist.get_global_rank(group, 0), group)  # cfg rank 0 -> rank 1, into the placeholder
         sent += x.numel() * x.element_size() if rank == 0 else 0
     if receive_second:
         for x in leaves(second):
-            dist.broadcast(x, src=dist.get_global_rank(group, 1), group=group)  # cfg rank 1 -> rank 0
+            _broadcast_into(x, dist.get_global_rank(group, 1), group)  # cfg rank 1 -> rank 0
             sent += x.numel() * x.element_size() if rank == 1 else 0
     return sent
+
+
+def _broadcast_into(x: Tensor, src: int, group: ProcessGroup) -> None:
+    """``dist.broadcast`` of ``x`` from global rank ``src``, in place on the receivers, for any strides.
+
+    A computed output may be a non-contiguous view, e.g. ``(B, S_padded, D)[:, :S]`` after a sequence-parallel
+    gather that removed the padding: gloo sends a tensor's storage in memory order, so such a view would arrive with
+    the padding rows mixed in (a batch of 1 hides it: the slice is then a contiguous prefix). Broadcast a contiguous
+    copy and write it back into ``x``.
+    """
+    if x.is_contiguous():
+        dist.broadcast(x, src=src, group=group)
+        return
+    buffer = x.contiguous()  # same shape, dense
+    dist.broadcast(buffer, src=src, group=group)
+    if dist.get_rank() != src:
+        x.copy_(buffer)
 
 
 def misuse_flag(hidden: Tensor, group: ProcessGroup) -> bool:
