@@ -7,7 +7,9 @@ with Lightning.
 
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.plan import Concat, DiTPlan, Each, Packed, PrefixCount, Split, TokenGrid
+from lightning_dit_parallel.plan import (
+    Concat, DiTPlan, Each, HeadFeatures, HeadProjections, Packed, PrefixCount, Split, TokenGrid,
+)
 from lightning_dit_parallel.plan_check import PlanCheck, check_plan
 from lightning_dit_parallel.planner import plan_layouts
 from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
@@ -28,6 +30,8 @@ __all__ = [
     "DiTParallelStrategy",
     "DiTPlan",
     "Each",
+    "HeadProjections",
+    "HeadFeatures",
     "Packed",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",

@@ -142,6 +142,34 @@ class Each:
             raise TypeError(f"Each(split) needs a Split; got {self.split!r}.")
 
 
+@dataclass(frozen=True)
+class HeadProjections:
+    """An attention module whose processor needs the whole sequence at once: it slices queries and keys by global
+    token positions or builds a mask over them (e.g. Qwen-Image 2.1's block-causal prefill, one attention call per
+    prefix segment). Under Ulysses the all-to-all is made at its projections instead of around
+    ``F.scaled_dot_product_attention``: the outputs of the query, key and value projections go from all heads of this
+    rank's tokens to this rank's heads of every token, (B, S/U, H*D) -> (B, S, H/U*D), the processor runs unchanged
+    on the whole sequence (any mask, slice or KV cache is then exact), and the input of the output projection goes
+    back, (B, S, H/U*D) -> (B, S/U, H*D). Ring attention never holds the whole sequence: a plan with these modules
+    needs ``ring_degree=1`` (sequence/head_parallel.py).
+
+    Args:
+        sequence: the sharded sequence the module's token dim (dim 1) holds.
+        inputs: the query, key and value projections (paths inside the module), each called once per forward on
+            the module's tokens with heads laid out ``(H, D)`` in the last dim.
+        output: the output projection (a path inside the module), called once on the attention's (B, S, H*D).
+    """
+
+    sequence: str = "image"
+    inputs: tuple[str, ...] = ("to_q", "to_k", "to_v")
+    output: str = "to_out.0"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not self.inputs or not self.output:
+            raise ValueError(f"HeadProjections needs input projections and an output projection; got {self}.")
+
+
 #: A tensor's split (one sequence, or a ``Concat`` of several), a count of leading tokens (``PrefixCount``), a
 #: list of any length split alike (``Each``), or a tuple's element-wise splits (``None`` leaves an element alone).
 SplitSpec = Split | Concat | PrefixCount | Each | tuple[Split | Concat | PrefixCount | None, ...]
@@ -184,6 +212,39 @@ class Packed:
             object.__setattr__(self, "blocks", tuple(self.blocks))
             if not self.blocks or any(not isinstance(b, int) or b < 1 for b in self.blocks):
                 raise ValueError(f"Packed blocks must be positive integers; got {self.blocks!r}.")
+
+
+@dataclass(frozen=True)
+class HeadFeatures:
+    """A tensor one dim of which holds values for every head of the attention modules that tensor parallelism splits,
+    heads outermost, e.g. rotary (cos, sin) computed over all heads at once: LTX-Video's ``(B, S, heads * head_dim)``
+    (``dim=-1``), LTX-2's "split" rotary ``(B, heads, S, head_dim / 2)`` (``dim=1``). Tensor parallelism gives each
+    rank the heads ``[r * heads/N, (r+1) * heads/N)``, so it keeps the same slice of this dim: it is cut into N equal
+    contiguous parts and rank r keeps part r, ``(..., F, ...) -> (..., F/N, ...)``.
+
+    Args:
+        dim: the tensor dim that holds the heads' values (negative values count from the end).
+        by_ndim: other dims for tensors of other numbers of dims, ``{ndim: dim}``, e.g. ``{4: 1}`` for a module that
+            returns ``(B, S, H*D)`` or ``(B, H, S, D/2)`` tables depending on its configuration.
+    """
+
+    dim: int = -1
+    by_ndim: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_ndim", MappingProxyType(dict(self.by_ndim)))
+        bad = {n: d for n, d in self.by_ndim.items() if not -n <= d < n}
+        if bad:
+            raise ValueError(f"HeadFeatures(by_ndim={dict(self.by_ndim)}): no such dim in a tensor of that many dims.")
+
+    def dim_of(self, ndim: int) -> int:
+        """The dim to cut in a tensor of ``ndim`` dims."""
+        return self.by_ndim.get(ndim, self.dim)
+
+
+#: A module output whose dims hold per-head values (``HeadFeatures``), or a tuple's element-wise specs (``None``
+#: leaves an element alone).
+HeadFeaturesSpec = HeadFeatures | tuple[HeadFeatures | None, ...]
 
 
 @dataclass(frozen=True)
@@ -253,10 +314,10 @@ class DiTPlan:
             parallelism then raises a ``ValueError`` with this reason. Empty: stages can be cut. FSDP units are cut
             from ``blocks`` either way.
         block_indexed_inputs: forward arguments that the block loop reads by the block's position, e.g. ControlNet
-            residuals (``controlnet_block_samples[index_block // interval]``). A pipeline stage iterates its own blocks
-            only, so their positions are not the model's: a call that passes one of these (not ``None``) under
-            pipeline parallelism raises a ``ValueError`` on every rank. Sequence parallelism cuts them like any
-            argument (``Each`` in ``split_inputs``).
+            residuals (``controlnet_block_samples[index_block // interval]``). Documentation: a pipeline stage's loop
+            counts its blocks from their position in the whole list when the forward uses ``enumerate`` (see
+            ``pipeline/positions.py``), so every stage reads the entries of its own blocks. Sequence parallelism cuts
+            them like any argument (``Each`` in ``split_inputs``).
         sequence_unsupported_inputs: forward arguments that sequence parallelism (and PipeFusion, DistriFusion) does
             not cut, mapped to why, e.g. ControlNet residuals of a layout the plan does not describe: a call that
             passes one (not ``None``) raises a ``ValueError`` with the reason on every rank (``input_limits.py``).
@@ -268,6 +329,27 @@ class DiTPlan:
             diffusers ``Attention`` / ``FeedForward`` / adaLN modules inside the blocks (see ``tensor/default.py``).
             Either way, attention modules whose projections are split get their local head count while tensor
             parallelism is applied, and their q/k normalisations over all heads become ``"sharded_norm"``.
+        tensor_parallel_outputs: submodules (anywhere in the DiT, e.g. a rotary embedding computed once before the
+            blocks) whose output holds values for all heads of the split attention modules, e.g. LTX-Video's rotary
+            ``(cos, sin)`` over ``heads * head_dim`` features that its processor applies before splitting heads:
+            ``{"rope": (HeadFeatures(-1), HeadFeatures(-1))}``. Under tensor parallelism each rank keeps its heads'
+            part of the output (``HeadFeatures``); a tuple output is cut element-wise. Patterns as in
+            ``split_outputs``.
+        tensor_parallel_unsupported: patterns of modules that tensor parallelism cannot split exactly, mapped to
+            why, e.g. an attention whose processor returns a head-split output that no projection gathers: a model
+            with a matching module is refused at setup (a ``ValueError`` with the reason, on every rank, before any
+            collective). ``"*"`` refuses every model of the class; ``"pattern!name"`` counts only the matching modules
+            that have no submodule ``name`` (e.g. EasyAnimate's attentions without their own text projections,
+            ``"transformer_blocks.*.attn1!add_k_proj"``).
+        head_parallel_attention: patterns of attention modules whose processor needs the whole sequence (masks or
+            slices by global token positions), mapped to their ``HeadProjections``, e.g. Qwen-Image 2.1's
+            ``{"transformer_blocks.*.attn": HeadProjections("joint")}``. Exact under Ulysses (the all-to-all is made at
+            the projections); a layout with ``ring_degree > 1`` is refused at setup.
+        optional_modules: module paths or patterns that some configs of the class leave out, e.g. Cosmos'
+            ``"learnable_pos_embed"`` (``extra_pos_embed_type=None``) or Sana's ``"transformer_blocks.*.attn2"``
+            (``cross_attention_dim=None``). When one matches no module of a model, every entry of the plan keyed by
+            it or by a path inside it is dropped for that model (``bound_to``, which ``plan_for`` applies to a
+            module); a path not listed here must exist.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -287,6 +369,10 @@ class DiTPlan:
     block_indexed_inputs: tuple[str, ...] = ()
     sequence_unsupported_inputs: Mapping[str, str] = field(default_factory=dict)
     tensor_parallel: Mapping[str, TensorParallelStyle | Packed] = field(default_factory=dict)
+    tensor_parallel_outputs: Mapping[str, HeadFeaturesSpec] = field(default_factory=dict)
+    tensor_parallel_unsupported: Mapping[str, str] = field(default_factory=dict)
+    head_parallel_attention: Mapping[str, HeadProjections] = field(default_factory=dict)
+    optional_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention",
@@ -301,6 +387,14 @@ class DiTPlan:
         object.__setattr__(self, "sequence_unsupported_inputs", MappingProxyType(dict(self.sequence_unsupported_inputs)))
         object.__setattr__(self, "block_indexed_inputs", tuple(self.block_indexed_inputs))
         object.__setattr__(self, "tensor_parallel", MappingProxyType(dict(self.tensor_parallel)))
+        object.__setattr__(self, "tensor_parallel_outputs", MappingProxyType(dict(self.tensor_parallel_outputs)))
+        object.__setattr__(self, "tensor_parallel_unsupported",
+                           MappingProxyType(dict(self.tensor_parallel_unsupported)))
+        bad_outputs = {p: s for p, s in self.tensor_parallel_outputs.items() if not _head_features_spec(s)}
+        if bad_outputs:
+            raise ValueError(
+                f"tensor_parallel_outputs must map to a HeadFeatures or a tuple of them; got {bad_outputs}."
+            )
         bad = {p: s for p, s in self.tensor_parallel.items()
                if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
         if bad:
@@ -310,22 +404,28 @@ class DiTPlan:
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
         object.__setattr__(self, "shared_modules", tuple(self.shared_modules))
+        object.__setattr__(self, "optional_modules", tuple(self.optional_modules))
+        object.__setattr__(self, "head_parallel_attention", MappingProxyType(dict(self.head_parallel_attention)))
         if "" in self.split_module_inputs:
             raise ValueError(
                 "split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs."
             )
-        if not self.split_inputs and not self.split_outputs and not self.split_module_inputs:
+        if not (self.split_inputs or self.split_outputs or self.split_module_inputs
+                or self.split_module_inputs_each_call):
             raise ValueError(
-                "A DiTPlan needs at least one split point (split_inputs, split_module_inputs or split_outputs)."
+                "A DiTPlan needs at least one split point (split_inputs, split_module_inputs, split_outputs or"
+                " split_module_inputs_each_call)."
             )
         if not self.gather_outputs:
             raise ValueError("A DiTPlan needs at least one gather point (gather_outputs).")
         folded = [path for path, split in self.gather_outputs.items() if getattr(split, "folded", False)]
         if folded:
             raise ValueError(f"gather_outputs {folded} are folded splits, which cut per group and cannot be gathered.")
-        if not self.self_attention and not self.linear_attention and not self.replicated_tail_attention:
+        if not (self.self_attention or self.linear_attention or self.replicated_tail_attention
+                or self.head_parallel_attention):
             raise ValueError(
-                "A DiTPlan needs at least one self_attention (or linear_attention, replicated_tail_attention) pattern."
+                "A DiTPlan needs at least one self_attention (or linear_attention, replicated_tail_attention,"
+                " head_parallel_attention) pattern."
             )
         split_sequences = {s.sequence for s in self._all_splits()}
         for kind in ("self_attention", "linear_attention", "replicated_tail_attention"):
@@ -335,6 +435,12 @@ class DiTPlan:
                         f"{kind}[{pattern!r}] = {order} must name sequences that are split; split sequences:"
                         f" {sorted(split_sequences)}."
                     )
+        for pattern, heads in self.head_parallel_attention.items():
+            if not isinstance(heads, HeadProjections) or heads.sequence not in split_sequences:
+                raise ValueError(
+                    f"head_parallel_attention[{pattern!r}] = {heads!r} must be a HeadProjections of a sequence that is"
+                    f" split; split sequences: {sorted(split_sequences)}."
+                )
         counts = [spec for spec in self._all_specs() if isinstance(spec, PrefixCount)]
         uncut = sorted({c.sequence for c in counts} - split_sequences)
         if uncut:
@@ -405,6 +511,13 @@ class DiTPlan:
             if any(fnmatch.fnmatchcase(path, p) for p in self.cross_attention):
                 yield path, module
 
+    def bound_to(self, model: nn.Module) -> DiTPlan:
+        """This plan for one model: the entries under ``optional_modules`` that the model does not have are dropped
+        (see ``plan_optional.py``); the plan itself when the model has them all."""
+        from lightning_dit_parallel.plan_optional import without_absent
+
+        return without_absent(self, model)
+
     def block_position(self, path: str) -> tuple[str, int] | None:
         """``(block list path, index)`` when ``path`` is a block of one of the plan's block lists, else ``None``."""
         for list_path in self.blocks:
@@ -430,6 +543,13 @@ def _matching(model: nn.Module, patterns: Mapping[str, object]) -> Iterator[tupl
             if fnmatch.fnmatchcase(path, pattern):
                 yield path, module, value
                 break
+
+
+def _head_features_spec(spec: object) -> bool:
+    """A ``HeadFeatures``, or a tuple of ``HeadFeatures`` and ``None`` with at least one ``HeadFeatures``."""
+    if isinstance(spec, tuple):
+        return all(isinstance(s, HeadFeatures) or s is None for s in spec) and any(s is not None for s in spec)
+    return isinstance(spec, HeadFeatures)
 
 
 def _leaves(spec: object) -> Iterator[object]:

@@ -15,6 +15,8 @@ PLAN = DiTPlan(
     split_inputs={"block_controlnet_hidden_states": Each(Split("video", 1))},
     # rope: (cos, sin), each (F*H*W, D); learnable_pos_embed: (B, F*H*W, C).
     split_outputs={"rope": (Split("video", 0), Split("video", 0)), "learnable_pos_embed": Split("video", 1)},
+    # Cosmos-Predict2 and 2.5 configure extra_pos_embed_type=None: no learnable position embedding.
+    optional_modules=("learnable_pos_embed",),
     # The forward passes the timestep embeddings whole to every block and to norm_out.
     split_module_inputs_each_call={
         "transformer_blocks.*": {"embedded_timestep": PER_TOKEN, "temb": PER_TOKEN},
@@ -27,6 +29,11 @@ PLAN = DiTPlan(
     self_attention={"transformer_blocks.*.attn1": ("video",)},
     # attn2 attends to the whole text (with its key-padding mask) and, in Cosmos 2.5, the image context.
     cross_attention=("transformer_blocks.*.attn2",),
+    tensor_parallel_unsupported={
+        "transformer_blocks.*.attn2.q_img": "the image-context attention of CosmosAttention (q_img, k_img, v_img)"
+        " reshapes into heads of out_dim // heads features, out_dim being the model width: with its heads split"
+        " over the ranks that size would be wrong.",
+    },
 )
 
 PLANS = {"CosmosTransformer3DModel": PLAN}

@@ -18,6 +18,15 @@ PLAN = DiTPlan(
     # projections) and in the blocks after ``mmdit_layers`` (one projection over cat([text, video], dim=1)) alike;
     # rotary is applied to the video part, query[:, :, T:].
     self_attention={"transformer_blocks.*.attn1": ("text", "video")},
+    # The blocks after mmdit_layers (their attention has no text projections add_*_proj) attend with one projection
+    # over cat([text, video]) and return the text part of the attention output without an output projection (no
+    # to_add_out); the block adds it to the text stream. Models whose blocks are all MMDiT blocks are split.
+    tensor_parallel_unsupported={
+        "transformer_blocks.*.attn1!add_k_proj": "its blocks after mmdit_layers return the text part of the"
+        " attention output without an output projection and add it to the text stream, so the heads that tensor"
+        " parallelism splits would have no projection to gather them (a model whose blocks are all MMDiT blocks,"
+        " mmdit_layers >= num_layers, is split).",
+    },
 )
 
 PLANS = {"EasyAnimateTransformer3DModel": PLAN}

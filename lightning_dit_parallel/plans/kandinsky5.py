@@ -21,6 +21,21 @@ PLAN = DiTPlan(
     self_attention={"visual_transformer_blocks.*.self_attention": ("video",)},
     # cross_attention attends from the cut video queries to the replicated text.
     cross_attention=("visual_transformer_blocks.*.cross_attention",),
+    # Kandinsky5's own attention, feed-forward and modulation modules (not diffusers' Attention / FeedForward): heads
+    # of both attentions and the MLP features split; the per-sample modulation (B, k * hidden) split and gathered.
+    tensor_parallel={
+        "visual_transformer_blocks.*.self_attention.to_query": "colwise",
+        "visual_transformer_blocks.*.self_attention.to_key": "colwise",
+        "visual_transformer_blocks.*.self_attention.to_value": "colwise",
+        "visual_transformer_blocks.*.self_attention.out_layer": "rowwise",
+        "visual_transformer_blocks.*.cross_attention.to_query": "colwise",
+        "visual_transformer_blocks.*.cross_attention.to_key": "colwise",
+        "visual_transformer_blocks.*.cross_attention.to_value": "colwise",
+        "visual_transformer_blocks.*.cross_attention.out_layer": "rowwise",
+        "visual_transformer_blocks.*.feed_forward.in_layer": "colwise",
+        "visual_transformer_blocks.*.feed_forward.out_layer": "rowwise",
+        "visual_transformer_blocks.*.visual_modulation.out_layer": "colwise_gather",
+    },
 )
 
 PLANS = {"Kandinsky5Transformer3DModel": PLAN}

@@ -1,7 +1,7 @@
 """Plan for diffusers' ``LTXVideoTransformer3DModel`` (LTX-Video: video self-attention with 3-D rotary,
 cross-attention to text)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, HeadFeatures, Split
 
 PLAN = DiTPlan(
     # Patchified latents (B, F*H*W, C) are cut along tokens. A per-token timestep (B, F*H*W) (image-to-video and
@@ -16,6 +16,10 @@ PLAN = DiTPlan(
     self_attention={"transformer_blocks.*.attn1": ("video",)},
     # attn2 attends from the cut video queries to the whole text (with its key-padding mask): no communication.
     cross_attention=("transformer_blocks.*.attn2",),
+    # LTXVideoAttnProcessor rotates to_q(x) and to_k(x), (B, S, heads * head_dim), with (cos, sin) of the same
+    # width before it splits heads: under tensor parallelism each rank keeps its heads' features of both tables,
+    # (B, S, inner) -> (B, S, inner/N).
+    tensor_parallel_outputs={"rope": (HeadFeatures(-1), HeadFeatures(-1))},
 )
 
 PLANS = {"LTXVideoTransformer3DModel": PLAN}

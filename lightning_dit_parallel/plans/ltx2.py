@@ -1,11 +1,13 @@
 """Plan for diffusers' ``LTX2VideoTransformer3DModel`` (LTX-2: video and audio token streams, self-attention within
 each, cross-attention to text, and attention between the two streams)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, HeadFeatures, Split
 
 #: Rotary (cos, sin) of one stream, (B, S, D) interleaved or (B, H, S, D/2) "split": the tokens are dim -2 of both.
 VIDEO_ROTARY = (Split("video", -2), Split("video", -2))
 AUDIO_ROTARY = (Split("audio", -2), Split("audio", -2))
+#: The heads' values of a rotary table: interleaved (B, S, heads * head_dim) at dim -1, "split" (B, heads, S, D/2) at 1.
+HEADS_ROTARY = (HeadFeatures(-1, by_ndim={4: 1}), HeadFeatures(-1, by_ndim={4: 1}))
 
 PLAN = DiTPlan(
     # Video (B, Sv, C) and audio (B, Sa, C) latents are cut, each along its own tokens; so are per-token timesteps
@@ -45,6 +47,14 @@ PLAN = DiTPlan(
         "transformer_blocks.*.audio_to_video_attn",
         "transformer_blocks.*.video_to_audio_attn",
     ),
+    # Every attention of the blocks rotates its projected features, all heads at once, with tables computed before
+    # the blocks: under tensor parallelism each rank keeps its heads' part of each table.
+    tensor_parallel_outputs={
+        "rope": HEADS_ROTARY,
+        "audio_rope": HEADS_ROTARY,
+        "cross_attn_rope": HEADS_ROTARY,
+        "cross_attn_audio_rope": HEADS_ROTARY,
+    },
 )
 
 PLANS = {"LTX2VideoTransformer3DModel": PLAN}

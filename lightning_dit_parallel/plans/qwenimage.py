@@ -1,7 +1,8 @@
-"""Plan for diffusers' ``QwenImageTransformer2DModel`` (MMDiT: joint attention over text and image tokens, a text
-mask, complex 3-axis rotary); ``QwenImage21Transformer2DModel`` has none (block-causal attention, see UNSUPPORTED)."""
+"""Plans for diffusers' ``QwenImageTransformer2DModel`` (MMDiT: joint attention over text and image tokens, a text
+mask, complex 3-axis rotary) and ``QwenImage21Transformer2DModel`` (one joint sequence, block-causal attention: exact
+under Ulysses, see QWEN21)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Each, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, HeadProjections, Split
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C), condition images (edit models) included, are cut along tokens before img_in.
@@ -29,14 +30,26 @@ PLAN = DiTPlan(
     self_attention={"transformer_blocks.*.attn": ("text", "image")},
 )
 
-PLANS = {"QwenImageTransformer2DModel": PLAN}
+#: Qwen-Image 2.1: one joint sequence (text rows with condition-image tokens substituted at their slots, then the
+#: target image), built inside the forward, with block-causal attention: the SDPA processor slices queries and keys by
+#: global token positions (one call per prefix segment), the flex processor takes a BlockMask over them, and the KV
+#: cache keeps the prefix by token count. All need the whole sequence, which Ulysses gives each rank after its
+#: all-to-all: it is made at the attention projections (HeadProjections), so the processor runs unchanged on every
+#: token of this rank's heads. Ring is refused (a ring rank never holds the whole sequence).
+QWEN21 = DiTPlan(
+    # The joint sequence (B, S, hidden) exists only from the block loop on: cut where the first block receives it.
+    split_module_inputs={"transformer_blocks.0": {"hidden_states": Split("joint", 1)}},
+    # The per-token modulation selector (S,) (target tokens from the sampled timestep, the rest from t = 0) is passed
+    # whole to every block and to norm_out: cut at each call. The rotary table (S, D/2), the key mask (B, S) and the
+    # segments stay whole: the attention runs on the whole sequence.
+    split_module_inputs_each_call={
+        "transformer_blocks.*": {"target_token_mask": Split("joint", 0, ndim=1)},
+        "norm_out": {"target_token_mask": Split("joint", 0, ndim=1)},
+    },
+    # proj_out: (B, S/N, p*p*C) -> (B, S, p*p*C).
+    gather_outputs={"proj_out": Split("joint", 1)},
+    blocks=("transformer_blocks",),
+    head_parallel_attention={"transformer_blocks.*.attn": HeadProjections("joint")},
+)
 
-#: Classes of this family that sequence parallelism cannot run exactly, and why.
-UNSUPPORTED = {
-    "QwenImage21Transformer2DModel": (
-        "its attention is block-causal: the attention processor slices queries and keys by global token positions"
-        " (one attention call per text or condition-image segment of the prefix, causal within text, then the target"
-        " image over all keys), and the KV-cache modes keep the prefix by token count; a sharded sequence cannot"
-        " reproduce these, and sequence-parallel attention supports key-padding masks only."
-    ),
-}
+PLANS = {"QwenImageTransformer2DModel": PLAN, "QwenImage21Transformer2DModel": QWEN21}

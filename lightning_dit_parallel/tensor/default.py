@@ -16,8 +16,14 @@ For a plan without ``tensor_parallel`` and a class without diffusers' ``_tp_plan
   weights (6 of the 18 ``hidden**2`` of a DiT block). diffusers' own ``_tp_plan``s keep the modulation whole; it is
   added to them too.
 
-A block module that would leave heads split with nothing to gather them (an attention without an output
-projection, like Flux's single-stream blocks) is an error that asks for the layout in the plan.
+* single-stream blocks that project attention and MLP together (Flux, Chroma, HunyuanVideo, HunyuanImage: an
+  attention ``attn`` without output projection, an MLP up projection ``proj_mlp`` and ``proj_out`` over
+  ``cat([attention output, MLP hidden])``, recognised by ``proj_out``'s input features being exactly the two widths):
+  ``proj_mlp`` column-wise and ``proj_out`` packed row-wise (each part split on its own), so one all-reduce gives
+  every rank the whole output.
+
+Any other block module that would leave heads split with nothing to gather them (an attention without an output
+projection) is an error that asks for the layout in the plan.
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_dit_parallel.plan import Packed
+from lightning_dit_parallel.tensor.lora import is_linear
 from lightning_dit_parallel.tensor.styles import Spec
 
-#: Projections to head-split features, and fused ones with their number of equal parts.
-_QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+#: Projections to head-split features, and fused ones with their number of equal parts (``*_t``: HiDream's text stream).
+_QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_q_t", "to_k_t", "to_v_t")
 _FUSED_QKV = {"to_qkv": 3, "to_kv": 2, "to_added_qkv": 3, "to_added_kv": 2}
+#: Projections to one value per head (LTX-2's gated attention: ``to_gate_logits``, (B, S, heads) gates that scale each
+#: head's output), split column-wise with the heads.
+_PER_HEAD = ("to_gate_logits",)
 #: diffusers activations of ``FeedForward.net[0]``: plain ones, and gated ones whose ``proj`` gives two halves.
 _PLAIN_ACTIVATIONS = ("GELU", "ApproximateGELU", "LinearActivation")
 _GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")
@@ -60,10 +70,12 @@ def default_block_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
     """
     layout: dict[str, Spec] = {}
     attention = _attention_classes()
+    single_stream = _single_stream_layout(block, prefix)
+    layout.update(single_stream)
     for path, module in block.named_modules():
         full = f"{prefix}.{path}" if path else prefix
         if isinstance(module, attention):
-            layout.update(_attention_layout(module, full))
+            layout.update(_attention_layout(module, full, projected_by_block=bool(single_stream) and path == "attn"))
         elif type(module).__name__ == "FeedForward" and isinstance(getattr(module, "net", None), nn.ModuleList):
             layout.update(_feed_forward_layout(module, full))
     layout.update(per_sample_layout(block, prefix))
@@ -77,9 +89,9 @@ def per_sample_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
     for path, module in block.named_modules():
         full = f"{prefix}.{path}" if path else prefix
         kind = type(module).__name__
-        if kind in _MODULATIONS and isinstance(getattr(module, "linear", None), nn.Linear):
+        if kind in _MODULATIONS and is_linear(getattr(module, "linear", None)):
             layout[f"{full}.linear"] = "colwise_gather"  # (B, k*hidden/N) -> all-gather -> (B, k*hidden)
-        elif kind == "TimestepEmbedding" and all(isinstance(getattr(module, n, None), nn.Linear)
+        elif kind == "TimestepEmbedding" and all(is_linear(getattr(module, n, None))
                                                  for n in ("linear_1", "linear_2")):
             layout[f"{full}.linear_1"] = "colwise"
             layout[f"{full}.linear_2"] = "rowwise"  # (B, hidden) all-reduced
@@ -88,29 +100,55 @@ def per_sample_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
     return layout
 
 
-def _attention_layout(attn: nn.Module, path: str) -> dict[str, Spec]:
+def _single_stream_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
+    """``proj_mlp`` column-wise and ``proj_out`` packed row-wise for a block whose ``proj_out`` projects
+    ``cat([attn output, proj_mlp output])`` (its input features are exactly the two widths); ``{}`` for other blocks.
+
+    (B, S, hidden) -> attn heads (B, S, inner/N) and proj_mlp (B, S, mlp/N) -> cat (B, S, (inner + mlp)/N)
+    -> proj_out, all-reduced -> (B, S, hidden).
+    """
+    attn, mlp, out = (getattr(block, n, None) for n in ("attn", "proj_mlp", "proj_out"))
+    query = getattr(attn, "to_q", None)
+    if not (isinstance(attn, _attention_classes()) and all(is_linear(m) for m in (mlp, out, query))):
+        return {}
+    if getattr(attn, "to_out", None) is not None or out.in_features != query.out_features + mlp.out_features:
+        return {}
+    return {f"{prefix}.proj_mlp": "colwise",
+            f"{prefix}.proj_out": Packed("rowwise", (query.out_features, mlp.out_features))}
+
+
+def _attention_layout(attn: nn.Module, path: str, projected_by_block: bool = False) -> dict[str, Spec]:
+    """Styles of an attention's projections; ``projected_by_block``: its head-split output goes to a projection of
+    its block (``_single_stream_layout``), so it needs no ``to_out``."""
     layout: dict[str, Spec] = {}
     for name in _QKV:
-        if isinstance(getattr(attn, name, None), nn.Linear):
+        if is_linear(getattr(attn, name, None)):
             layout[f"{path}.{name}"] = "colwise"
     for name, parts in _FUSED_QKV.items():
-        if isinstance(getattr(attn, name, None), nn.Linear):
+        if is_linear(getattr(attn, name, None)):
             layout[f"{path}.{name}"] = Packed("colwise", (1,) * parts)
     if not layout:
         return layout
+    for name in _PER_HEAD:
+        if is_linear(getattr(attn, name, None)):
+            layout[f"{path}.{name}"] = "colwise"
     out = getattr(attn, "to_out", None)
-    if isinstance(out, (nn.ModuleList, nn.Sequential)) and len(out) and isinstance(out[0], nn.Linear):
+    if isinstance(out, (nn.ModuleList, nn.Sequential)) and len(out) and is_linear(out[0]):
         layout[f"{path}.to_out.0"] = "rowwise"
-    elif isinstance(out, nn.Linear):
+    elif is_linear(out):
         layout[f"{path}.to_out"] = "rowwise"
-    else:
+    elif not projected_by_block:  # (a single-stream block's proj_out gathers the heads: _single_stream_layout)
         raise ValueError(
             f"{path} ({type(attn).__name__}) has no output projection (to_out): the default layout cannot tell which"
             f" module receives its head-split output. {HOW_TO_DECLARE}"
         )
-    separate_query = any(isinstance(getattr(attn, n, None), nn.Linear) for n in ("add_q_proj", "to_added_qkv"))
+    if is_linear(getattr(attn, "to_q_t", None)):  # HiDream's text stream has its own output projection
+        if not is_linear(getattr(attn, "to_out_t", None)):
+            raise ValueError(f"{path} ({type(attn).__name__}) has to_q_t but no to_out_t to gather its heads.")
+        layout[f"{path}.to_out_t"] = "rowwise"
+    separate_query = any(is_linear(getattr(attn, n, None)) for n in ("add_q_proj", "to_added_qkv"))
     if separate_query and not getattr(attn, "context_pre_only", False):
-        if not isinstance(getattr(attn, "to_add_out", None), nn.Linear):
+        if not is_linear(getattr(attn, "to_add_out", None)):
             raise ValueError(
                 f"{path} ({type(attn).__name__}) projects a second (context) stream but has no to_add_out to gather"
                 f" its heads. {HOW_TO_DECLARE}"
@@ -123,9 +161,9 @@ def _feed_forward_layout(ff: nn.Module, path: str) -> dict[str, Spec]:
     activation = ff.net[0]
     kind = type(activation).__name__
     known = kind in (*_PLAIN_ACTIVATIONS, *_GATED_ACTIVATIONS)
-    if not known or not isinstance(getattr(activation, "proj", None), nn.Linear):
+    if not known or not is_linear(getattr(activation, "proj", None)):
         raise ValueError(f"{path}: FeedForward with activation {kind} has no known up projection. {HOW_TO_DECLARE}")
-    downs = [i for i, m in enumerate(ff.net) if isinstance(m, nn.Linear)]
+    downs = [i for i, m in enumerate(ff.net) if is_linear(m)]
     if not downs:
         raise ValueError(f"{path}: FeedForward without a Linear after its activation. {HOW_TO_DECLARE}")
     up: Spec = Packed("colwise", (1, 1)) if kind in _GATED_ACTIVATIONS else "colwise"

@@ -12,8 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 #: Integer attributes of an attention module that count heads or head-split features (diffusers' ``heads``,
-#: ``kv_heads``, ``inner_dim``, ``inner_kv_dim``; timm-style ``num_heads``).
-HEAD_ATTRIBUTES = ("heads", "num_heads", "kv_heads", "inner_dim", "inner_kv_dim")
+#: ``kv_heads``, ``inner_dim``, ``inner_kv_dim``; timm-style ``num_heads``), and ``mlp_hidden_dim``, the MLP width of
+#: an attention that also computes its block's MLP (Flux.2's parallel self-attention: its fused projection is packed,
+#: each part split, and its processor divides the output in the ratio ``3 * inner_dim : mlp_hidden_dim * factor``).
+HEAD_ATTRIBUTES = ("heads", "num_heads", "kv_heads", "inner_dim", "inner_kv_dim", "mlp_hidden_dim")
 
 
 def head_count(module: nn.Module) -> int | None:

@@ -6,11 +6,14 @@ projections keep ``out/N`` rows of their weight as a ``Shard(0)`` DTensor and re
 last dim; row-wise ones keep ``in/N`` columns (``Shard(1)``) and all-reduce their partial outputs
 (``Partial`` -> ``Replicate``). Per block that is two all-reduces of the hidden states, attention output and MLP
 down projection (four for a two-stream block). The attention modules whose projections are split get their local
-head counts (``heads.py``) so that diffusers' processors reshape into the rank's own heads.
+head counts (``heads.py``) so that diffusers' processors reshape into the rank's own heads, and the modules whose
+output holds values for all heads (``DiTPlan.tensor_parallel_outputs``, e.g. LTX's rotary tables) get a forward hook
+that keeps this rank's heads' part (``features.py``). peft LoRA layers arrive expanded into their base layer and
+adapter factors (``lora.py``), each an ``nn.Linear`` with a plain style.
 
-``remove()`` gives the plain module back: every parameter a style replaced is gathered into an ordinary
-``nn.Parameter`` (a collective over the tp group, in the same order on every rank; a parameter FSDP's removal has
-already gathered is taken as it is), packed parts put back in model order, the hooks and attributes that
+``remove()`` gives the plain module back (the output hooks removed): every parameter a style replaced is gathered
+into an ordinary ``nn.Parameter`` (a collective over the tp group, in the same order on every rank; a parameter FSDP's
+removal has already gathered is taken as it is), packed parts put back in model order, the hooks and attributes that
 ``parallelize_module`` added are deleted and the head counts restored. FSDP on top is removed first
 (parallelizers are removed last-applied first).
 """
@@ -27,9 +30,11 @@ from torch.distributed.tensor.parallel import parallelize_module
 from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.loading.deferred import DEFERRED_ATTR, deferred_module_ids
 from lightning_dit_parallel.plan import Packed
+from lightning_dit_parallel.tensor.features import install_output_cuts
 from lightning_dit_parallel.tensor.heads import local_head_attributes
 from lightning_dit_parallel.tensor.resolve import TensorParallelLayout, block_of
 from lightning_dit_parallel.tensor.styles import Spec, packed_sizes, torch_style, unpack
+from lightning_dit_parallel.utils.hooks import remove_handles
 from lightning_dit_parallel.utils.memory import local_tensor
 
 #: ``nn.Module`` attributes holding the forward hooks that ``parallelize_module`` registers, keyed by hook id.
@@ -99,8 +104,10 @@ class TensorParallel:
     layout: TensorParallelLayout
     targets: list[_Target] = field(default_factory=list)
     heads: list[tuple[nn.Module, dict[str, tuple[int, int]]]] = field(default_factory=list)
+    handles: list = field(default_factory=list)  # forward hooks cutting per-head outputs (features.py)
 
     def remove(self) -> None:
+        remove_handles(self.handles)
         for module, attributes in self.heads:
             for name, (whole, _) in attributes.items():
                 setattr(module, name, whole)
@@ -117,6 +124,7 @@ class TensorParallel:
     def discard(self) -> None:
         """Undo tensor parallelism without a collective (after a failed predict, see ``incomplete.py``): sharded
         parameters become meta tensors of their full shape and the model is marked incomplete."""
+        remove_handles(self.handles)
         for module, attributes in self.heads:
             for name, (whole, _) in attributes.items():
                 setattr(module, name, whole)
@@ -156,6 +164,9 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
                 installed.heads.append((modules[path], attributes))
                 for name, (_, local) in attributes.items():
                     setattr(modules[path], name, local)
+        present_outputs = {path: spec for path, spec in layout.outputs.items() if path in modules}
+        installed.handles.extend(install_output_cuts(modules, present_outputs, mesh.get_local_rank(), mesh.size(),
+                                                     type(model).__name__))
     except BaseException:
         installed.remove()
         raise

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.plan import DiTPlan, Packed
+from lightning_dit_parallel.plan import DiTPlan, HeadFeaturesSpec, Packed
 from lightning_dit_parallel.tensor.default import default_block_layout, per_sample_layout
+from lightning_dit_parallel.tensor.features import resolve_outputs
 from lightning_dit_parallel.tensor.heads import check_heads, head_count
+from lightning_dit_parallel.tensor.lora import expand_lora, is_linear
 from lightning_dit_parallel.tensor.norms import norm_features, norm_kind
 from lightning_dit_parallel.tensor.styles import Spec, packed_sizes
 
-#: q/k normalisations of an attention module that may normalise over all heads at once.
-QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+#: q/k normalisations of an attention module that may normalise over all heads at once (diffusers' names; HiDream's
+#: attention calls them ``q_rms_norm`` / ``k_rms_norm``, and ``*_t`` for its text stream).
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k", "q_rms_norm", "k_rms_norm", "q_rms_norm_t",
+            "k_rms_norm_t")
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,15 @@ class TensorParallelLayout:
         attention: paths of the attention modules whose heads are split (their head counts become local).
         blocks: paths of the blocks, in order (``parallelize_module`` runs once per block).
         source: where the layout came from, for messages.
+        outputs: module path -> ``HeadFeatures`` spec, for the modules whose output is cut to this rank's heads
+            (``DiTPlan.tensor_parallel_outputs``, see ``features.py``).
     """
 
     styles: Mapping[str, Spec]
     attention: tuple[str, ...]
     blocks: tuple[str, ...]
     source: str
+    outputs: Mapping[str, HeadFeaturesSpec] = field(default_factory=dict)
 
 
 def block_paths(model: nn.Module, plan: DiTPlan) -> list[str]:
@@ -59,10 +66,12 @@ def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
     ``"sharded_norm"`` for their q/k norms over all heads.
 
     Raises:
-        ValueError: for a plan without blocks, a pattern that matches nothing or a module outside the blocks, two
-            styles for one module, a style on a module of the wrong kind, or a q/k norm that cannot be sharded.
+        ValueError: for a model with a module the plan's ``tensor_parallel_unsupported`` names (with its reason), a
+            plan without blocks, a pattern that matches nothing or a module outside the blocks, two styles for one
+            module, a style on a module of the wrong kind, or a q/k norm that cannot be sharded.
     """
     name = type(model).__name__
+    check_supported(model, plan)
     blocks = block_paths(model, plan)
     if not blocks:
         raise ValueError(
@@ -89,7 +98,30 @@ def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
     attention = _split_attention(modules, styles)
     _add_sharded_norms(modules, styles, attention)
     _check_kinds(modules, styles, source)
-    return TensorParallelLayout(dict(styles), tuple(attention), tuple(blocks), source)
+    styles = expand_lora(modules, styles)  # LoRA layers: their base layer and adapter factors (lora.py)
+    outputs = resolve_outputs(modules, plan.tensor_parallel_outputs, f"the plan of {name}")
+    return TensorParallelLayout(dict(styles), tuple(attention), tuple(blocks), source, outputs)
+
+
+def check_supported(model: nn.Module, plan: DiTPlan) -> None:
+    """Refuse a model with a module that the plan's ``tensor_parallel_unsupported`` names.
+
+    Raises:
+        ValueError: naming the class, the module and the plan's reason.
+    """
+    for key, reason in plan.tensor_parallel_unsupported.items():
+        pattern, _, lacking = key.partition("!")  # "pattern!name": the matching modules without a submodule "name"
+        if pattern == "*" and not lacking:
+            found = [""]
+        else:
+            found = [p for p, m in model.named_modules() if p and fnmatch.fnmatchcase(p, pattern)
+                     and not (lacking and hasattr(m, lacking) and isinstance(getattr(m, lacking), nn.Module))]
+        if found:
+            where = f" ({found[0]})" if found[0] else ""
+            raise ValueError(
+                f"{type(model).__name__}{where} cannot be split by tensor parallelism: {reason} Use tp_degree=1 (the"
+                " other parallelisms, e.g. ulysses_degree or fsdp=True, apply)."
+            )
 
 
 def translate_tp_plan(tp_plan: Mapping[str, object], source: str) -> dict[str, Spec]:
@@ -150,7 +182,7 @@ def _add_sharded_norms(modules: dict[str, nn.Module], styles: dict[str, Spec], a
         attn = modules[path]
         heads = head_count(attn)
         features = [modules[p].out_features for p, s in styles.items()
-                    if p.rpartition(".")[0] == path and s == "colwise" and isinstance(modules[p], nn.Linear)]
+                    if p.rpartition(".")[0] == path and s == "colwise" and is_linear(modules[p])]
         inner = attn.__dict__.get("inner_dim") if isinstance(attn.__dict__.get("inner_dim"), int) else None
         inner = inner or (features[0] if features else None)
         head_dim = getattr(attn, "head_dim", None) or (inner // heads if inner and heads else None)
@@ -179,8 +211,9 @@ def _check_kinds(modules: dict[str, nn.Module], styles: dict[str, Spec], source:
                 )
         elif spec == "colwise_gather" and isinstance(module, nn.Embedding):
             continue  # the table split over the embedding dim
-        elif not isinstance(module, nn.Linear):
-            raise ValueError(f"{source}: {path} is a {type(module).__name__}; style {spec!r} needs an nn.Linear.")
+        elif not is_linear(module):
+            raise ValueError(f"{source}: {path} is a {type(module).__name__}; style {spec!r} needs an nn.Linear (or a"
+                             " peft LoRA layer around one).")
 
 
 def check_layout(model: nn.Module, plan: DiTPlan, tp_layout: TensorParallelLayout, layout: ParallelLayout) -> None:
