@@ -12,7 +12,8 @@ over whatever was cut. A ``DiTPlan`` says more, and the translation reads the re
   ``"audio"``, any other ``"latent"`` (``hidden_states``, ``img_ids``, ``timestep``, ``proj_out``). The elements
   of a cut tuple output are named after the variables the module's forward returns (``return vid_freqs,
   txt_freqs``: latent, text; ``return freqs_cos, freqs_sin``: latent, latent).
-* **Attention modules** are the outermost diffusers ``Attention`` / ``AttentionModuleMixin`` modules. One is
+* **Attention modules** are the outermost diffusers ``Attention`` / ``AttentionModuleMixin`` modules inside the block
+  lists (one outside them, as MiniMax-H3's text refiner, runs before the cuts or after the gathers, as it is). One is
   cross-attention when it says so (``is_cross_attention``) or when its caller passes it an
   ``encoder_hidden_states`` and it has no added key/value projections (``added_kv_proj_dim``). With added
   projections and a context it is joint self-attention over text and latent tokens, in the order its processor's
@@ -23,7 +24,10 @@ over whatever was cut. A ``DiTPlan`` says more, and the translation reads the re
 A ``_cp_plan`` entry on one module becomes a cut of ``split_inputs`` (the model), ``split_module_inputs`` (a
 module) or ``split_outputs`` (``split_output=True``); an entry with ``*`` is cut at every call of every block
 (``split_module_inputs_each_call``); ``expected_dims`` becomes ``Split.ndim`` (a tensor with another number of dims
-is left whole, as diffusers does); a ``ContextParallelOutput`` becomes a ``gather_outputs`` entry.
+is left whole, as diffusers does); a ``ContextParallelOutput`` becomes a ``gather_outputs`` entry (when the plan cuts
+one sequence, every gather is of that sequence, whatever the module's name: MiniMax-H3's ``audio_proj_out`` runs over
+the whole packed sequence). A key naming an entry past the end of a ``ModuleList`` names nothing: diffusers' plans list
+every block of their largest config (Helios: blocks 0-39).
 
 A sequence the ``_cp_plan`` cuts but no self-attention attends over (LTX's text, which only cross-attention reads,
 relying on diffusers' attention backend to gather its keys) is left whole: cross-attention here reads replicated
@@ -41,7 +45,7 @@ import inspect
 import re
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -142,7 +146,9 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
             " Use the model without enable_parallelism()."
         )
     cuts = _read_cp_plan(model, cp_plan, where)
-    roles = attention_roles(model)
+    blocks = block_lists(model)
+    # attention outside the block lists (MiniMax-H3's text refiner) runs before any cut or after the gathers: as it is
+    roles = [r for r in attention_roles(model) if any(r.path.startswith(f"{b}.") for b in blocks)]
     cut = cuts.sequences()
 
     def fail(what: str) -> ValueError:
@@ -163,6 +169,11 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
             f"no attention module of {cls.__name__} (diffusers Attention or AttentionModuleMixin) attends over the cut"
             f" sequences {sorted(cut)}; found {[(r.path, r.kind, r.order) for r in roles]}."
         )
+    if len(cut) == 1:
+        # with one cut sequence, every gathered output carries it, whatever its name says (MiniMax-H3 runs proj_out
+        # and audio_proj_out over the whole packed sequence, then selects each modality's rows)
+        (only,) = cut
+        cuts.gather_outputs = {path: replace(split, sequence=only) for path, split in cuts.gather_outputs.items()}
     gathered = {split.sequence: path for path, split in cuts.gather_outputs.items()}
     never_cut = {s: path for s, path in gathered.items() if s not in cut}
     if never_cut:
@@ -182,7 +193,6 @@ def translate_cp_plan(model: nn.Module) -> DiTPlan:
                 f"cross-attention {role.path} reads {context} as keys and values while the _cp_plan cuts"
                 f" {sorted(cut)}; gathering them for every call needs diffusers' attention backend."
             )
-    blocks = block_lists(model)
     paths = [p for p, _ in model.named_modules()]
     return DiTPlan(
         split_inputs=cuts.split_inputs,
@@ -301,7 +311,8 @@ def _split(sequence: str, cp_input: Any) -> Split:
 
 
 def _expand(model: nn.Module, module_id: str, where: str) -> list[str]:
-    """The module paths a ``_cp_plan`` key names (``*`` is every entry of a ``ModuleList``)."""
+    """The module paths a ``_cp_plan`` key names (``*`` is every entry of a ``ModuleList``; an index past the end
+    of a ``ModuleList`` names nothing, as diffusers' plans list every block of their largest config)."""
     if module_id.count("*") > 1:
         raise ValueError(f"{where}[{module_id!r}]: diffusers allows one '*' per module path.")
     paths = [""]
@@ -315,6 +326,10 @@ def _expand(model: nn.Module, module_id: str, where: str) -> list[str]:
                 expanded.extend(_join(path, str(i)) for i in range(len(module)))
             elif atom in module._modules:
                 expanded.append(_join(path, atom))
+            elif isinstance(module, nn.ModuleList) and atom.isdigit():
+                # an entry past the end of a block list: the _cp_plan enumerates the blocks of its largest config
+                # (Helios: blocks 0-39 whatever num_layers); a shallower model has nothing there
+                continue
             else:
                 raise ValueError(
                     f"{where}[{module_id!r}] names no module of {type(model).__name__}: {path or 'the model'} has no"

@@ -1,12 +1,9 @@
 """Forward arguments that a layout cannot parallelize exactly: an error at the call, not a wrong or broken result.
 
-Two kinds come from the plan (``DiTPlan``):
-
-* ``block_indexed_inputs``: read by the block's position inside the block loop (ControlNet residuals,
-  ``samples[index_block // interval]``). A pipeline stage iterates only its own blocks, so under ``pp > 1`` the
-  positions are wrong.
-* ``sequence_unsupported_inputs``: arguments the plan's cuts do not cover, with the reason, under sequence
-  parallelism (Ulysses, Ring, DistriFusion) and PipeFusion.
+They come from the plan (``DiTPlan.sequence_unsupported_inputs``): arguments the plan's cuts do not cover, with the
+reason, under sequence parallelism (Ulysses, Ring, DistriFusion) and PipeFusion. (Arguments read by the block's
+position, ``block_indexed_inputs``, are taken under pipeline stages: a stage's loop counts its blocks from their
+global position, see ``pipeline/positions.py``.)
 
 A forward pre-hook on the DiT raises a ``ValueError`` when a call passes one of them (not ``None``). The arguments of
 a model-parallel group are identical on its ranks (see ``guard.py``), so every rank raises together, before any
@@ -43,13 +40,6 @@ def refused_inputs(plan: DiTPlan, layout: ParallelLayout, patched: bool) -> dict
     refused: dict[str, str] = {}
     if patched:
         refused.update(plan.sequence_unsupported_inputs)
-    if layout.pp > 1:
-        for name in plan.block_indexed_inputs:
-            refused[name] = (
-                f"the DiT reads it by the block's position in its block loop (ControlNet residuals), but each of the"
-                f" {layout.pp} pipeline stages iterates only its own blocks, so it would reach the wrong blocks; use"
-                " pp_degree=1 with it (sequence, CFG, tensor and data parallelism and FSDP take it)"
-            )
     return refused
 
 

@@ -36,7 +36,8 @@ def unregister_plan(cls: type[nn.Module]) -> None:
 
 def plan_for(module: nn.Module | type) -> DiTPlan | None:
     """The plan for a module or class: registered plans, then a ``dit_plan`` class attribute, then the plans
-    that ship for diffusers families, then (for a module, not a class) the translation of diffusers' own
+    that ship for diffusers families (for a module, bound to it: see ``DiTPlan.optional_modules``), then (for a
+    module, not a class) the translation of diffusers' own
     ``_cp_plan`` of its class (``cp_plan.py``, which reads the rest from the module) unless the class is known to
     have no exact plan; ``None`` when there is none.
 
@@ -45,14 +46,13 @@ def plan_for(module: nn.Module | type) -> DiTPlan | None:
     """
     cls = module if isinstance(module, type) else type(module)
     for klass in cls.__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-        attr = klass.__dict__.get("dit_plan")
-        if isinstance(attr, DiTPlan):
-            return attr
-        plan = builtin_plan(klass)
+        plan = _REGISTRY.get(klass)
+        if plan is None:
+            attr = klass.__dict__.get("dit_plan")
+            plan = attr if isinstance(attr, DiTPlan) else builtin_plan(klass)
         if plan is not None:
-            return plan
+            # a module gets the plan of its config: entries of optional modules it lacks dropped (plan_optional.py)
+            return plan if isinstance(module, type) else plan.bound_to(module)
     if not isinstance(module, type) and has_cp_plan(module) and unsupported_reason(cls) is None:
         return translate_cp_plan(module)
     return None

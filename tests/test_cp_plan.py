@@ -1,6 +1,7 @@
 """diffusers' own ``_cp_plan`` translated into a ``DiTPlan`` (``cp_plan.py``), with the shipped plans hidden.
 
-Five classes that carry a ``_cp_plan`` (Flux, Flux2, Qwen-Image, Wan, LTX-Video) run inside one ``Trainer.predict``
+Seven classes that carry a ``_cp_plan`` (Flux, Flux2, Qwen-Image, Wan, LTX-Video, Helios with 4 of the 40 blocks its
+``_cp_plan`` enumerates, MiniMax-H3 with its video and audio outputs gathered) run inside one ``Trainer.predict``
 launch per layout (Ulysses and Ring on 2 and 4 ranks) and must equal their one-process output within relative 1e-5
 on every rank. Token counts divide neither 2 nor 4; Qwen and LTX get a partly padded text mask.
 """
@@ -14,12 +15,14 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HeliosTransformer3DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
 )
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3Transformer3DModel
 from torch import nn
 
 from lightning_dit_parallel import SequenceParallelStrategy, plan_for, registry
@@ -113,6 +116,46 @@ def ltx_inputs(frames: int, size: int, text: int):
     return make
 
 
+def build_helios() -> HeliosTransformer3DModel:
+    """4 blocks: its _cp_plan gathers at blocks 0-39 whatever the depth (the entries past the end name nothing)."""
+    return seeded_model(lambda: HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=4, rope_dim=(4, 4, 4),
+    ))
+
+
+def build_minimax_h3() -> MiniMaxH3Transformer3DModel:
+    return seeded_model(lambda: MiniMaxH3Transformer3DModel(
+        num_attention_heads=4, attention_head_dim=24, hidden_size=48, num_layers=2, num_refiner_layers=1, ffn_dim=64,
+        in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
+        time_embed_hidden_dim=32, time_embed_dim=32, rope_freq_dim=4,
+    ))
+
+
+def minimax_h3_inputs(text: int, video: int, audio: int):
+    """One packed sequence of text, video and audio rows (text + video + audio tokens), two noise levels."""
+    length = text + video + audio
+
+    def make(model: MiniMaxH3Transformer3DModel) -> dict:
+        ids = torch.arange(length)
+        return dict(
+            hidden_states=randn(1, video, 16, seed=1).repeat(2, 1, 1),  # patchified video rows, CFG: twice
+            audio_hidden_states=randn(1, audio, 8, seed=3).repeat(2, 1, 1),
+            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
+            timestep=torch.tensor([500.0, 0.0]),  # the noise level of the latents, and the clean text's
+            timestep_indices=(ids < text).long(), token_tags=torch.tensor([2] * text + [0] * video + [1] * audio),
+            position_ids=torch.stack([ids, ids % 4, ids % 3], dim=1), text_indices=ids[:text],
+            video_indices=ids[text:text + video], audio_indices=ids[text + video:], return_dict=False,
+        )
+
+    return make
+
+
+def video_and_audio(output) -> torch.Tensor:
+    """Both outputs, (B, V, C) video and (B, A, C') audio rows, flattened side by side."""
+    return torch.cat([output[0].flatten(1), output[1].flatten(1)], dim=1)
+
+
 CASES = [
     ZooCase("cp_flux-16img-8txt", zoo_flux.build, zoo_flux.inputs(4, 4, 8)),
     ZooCase("cp_flux-15img-3txt", zoo_flux.build, zoo_flux.inputs(3, 5, 3)),
@@ -120,6 +163,9 @@ CASES = [
     ZooCase("cp_qwen-15img-7txt", build_qwen, qwen_inputs(3, 5, 7)),
     ZooCase("cp_wan-27vid-7txt", build_wan, wan_inputs(3, 6, 7)),
     ZooCase("cp_ltx-27vid-7txt", build_ltx, ltx_inputs(3, 3, 7)),
+    ZooCase("cp_helios-27vid-7txt", build_helios, wan_inputs(3, 6, 7)),
+    # 3 text + 9 video + 3 audio = 15 packed rows; proj_out and audio_proj_out both gathered
+    ZooCase("cp_minimax_h3-15rows", build_minimax_h3, minimax_h3_inputs(3, 9, 3), video_and_audio),
 ]
 
 LAYOUTS = {

@@ -145,14 +145,39 @@ def test_each_call_patterns_name_the_outermost_modules():
     assert [hook.path for hook in module_input_hooks(plan, model)] == ["transformer_blocks.0", "transformer_blocks.1"]
 
 
-def test_class_without_an_exact_plan_fails_with_the_reason():
-    from diffusers import QwenImage21Transformer2DModel
+def test_class_without_an_exact_plan_fails_with_the_reason(monkeypatch):
+    """A diffusers class that a family lists in ``UNSUPPORTED`` fails with the reason (no family lists one today:
+    Qwen-Image 2.1, the last, runs under Ulysses; see tests/zoo/qwenimage21.py)."""
+    from lightning_dit_parallel import registry
 
-    model = QwenImage21Transformer2DModel(
-        in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, context_in_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    )
-    assert plan_for(model) is None
-    match = r"QwenImage21Transformer2DModel \(transformer\) cannot be parallelized exactly: its attention is block-causal"
-    with pytest.raises(ValueError, match=match):
-        find_planned_modules(nn.ModuleDict({"text_encoder": nn.Linear(2, 2), "transformer": model}))
+    class Blocked(nn.Module):
+        pass
+
+    monkeypatch.setattr(registry, "unsupported_reason", lambda cls: "its attention is odd." if cls is Blocked else None)
+    with pytest.raises(ValueError, match=r"Blocked \(transformer\) cannot be parallelized exactly: its attention is odd"):
+        find_planned_modules(nn.ModuleDict({"text_encoder": nn.Linear(2, 2), "transformer": Blocked()}))
+
+
+def test_optional_modules_are_dropped_for_the_configs_without_them():
+    """Cosmos-Predict2 (``extra_pos_embed_type=None``) has no ``learnable_pos_embed``: ``plan_for`` the model gives the
+    plan without that cut (the class's plan keeps it); a plan entry that is not listed as optional stays required."""
+    from dataclasses import replace
+
+    from diffusers import CosmosTransformer3DModel
+
+    from lightning_dit_parallel.plan_optional import without_absent
+
+    from tests.zoo import cosmos
+
+    with_pos, without = cosmos.build()(), cosmos.build(extra_pos_embed_type=None)()
+    assert plan_for(with_pos) is plan_for(CosmosTransformer3DModel)
+    assert "learnable_pos_embed" in plan_for(CosmosTransformer3DModel).split_outputs
+    assert "learnable_pos_embed" not in plan_for(without).split_outputs
+    assert "rope" in plan_for(without).split_outputs
+    required = replace(plan_for(CosmosTransformer3DModel), optional_modules=())
+    assert without_absent(required, without) is required  # nothing optional: the sequence-parallel check then fails
+    from lightning_dit_parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+
+    with pytest.raises(ValueError, match=r"Plan module paths \['learnable_pos_embed'\] do not exist"):
+        apply_sequence_parallel(without, required, SequenceGroups())

@@ -51,9 +51,18 @@ def references(cases) -> dict[str, torch.Tensor]:
     return predict_zoo_single(cases)
 
 
+#: families whose attention needs the whole sequence on a rank (``HeadProjections``): Ulysses only; Ring and USP are
+#: refused at setup (tests/test_head_parallel.py)
+ULYSSES_ONLY = ("qwenimage21",)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zoo_equals_one_process(layout: str, cases, references, tmp_path: Path, record_property):
     devices, degrees = LAYOUTS[layout]
+    if degrees.get("ring_degree", 1) > 1:
+        cases = [c for c in cases if family(c) not in ULYSSES_ONLY]
+    if not cases:
+        pytest.skip(f"no selected family runs under {layout}")
     strategy = SequenceParallelStrategy(**degrees, start_method="fork")
     outputs = predict_zoo(cases, strategy, devices, tmp_path)
     errors: dict[str, float] = {}
@@ -93,3 +102,4 @@ def test_plan_hooks_on_one_rank_change_nothing(case: ZooCase):
         finally:
             handle.remove()
     assert torch.equal(output, reference)
+

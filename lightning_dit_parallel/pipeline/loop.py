@@ -15,8 +15,9 @@ with a plan. Which tensors of a boundary call are sent: all except those that ar
 to this rank's first block call (loop invariants such as the timestep embedding, rotary angles or the text
 context, which the receiving stage computes itself from the same inputs).
 
-Known limit: a loop that uses the block's index (``enumerate``, e.g. controlnet residuals in Flux) sees
-indices counted from this stage's first block.
+A loop that counts its blocks with ``enumerate`` (ControlNet residuals read by position, Chroma's per-block
+modulation) counts them from their position in the whole list: each view carries the position of its first item
+(``positions.OFFSET_ATTRIBUTE``), which ``positions.stage_enumerate`` starts from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.pipeline.comm import StageLink
+from lightning_dit_parallel.pipeline.positions import OFFSET_ATTRIBUTE
 from lightning_dit_parallel.pipeline.stages import StageAssignment
 from lightning_dit_parallel.utils.hooks import remove_handles
 
@@ -50,12 +52,18 @@ class StageLoop:
         self.link = link
         owned = assignment.owned(link.stage)
         self._items: list[list[nn.Module]] = [[] for _ in lists]
+        # the position, inside each list, of the first item this stage yields (0 for a list it yields nothing of)
+        self._offsets: list[int | None] = [None for _ in lists]
         for block in owned:
             list_index, index = assignment.locate(block)
             self._items[list_index].append(lists[list_index][1][index])
+            if self._offsets[list_index] is None:
+                self._offsets[list_index] = index
         if not link.is_last:
-            list_index, _ = assignment.locate(owned.stop)
+            list_index, index = assignment.locate(owned.stop)
             self._items[list_index].append(_SendToNextStage(self))
+            if self._offsets[list_index] is None:
+                self._offsets[list_index] = index
         first_list, first_index = assignment.locate(owned.start)
         self._first_block = lists[first_list][1][first_index]
         last_list, last_index = assignment.locate(owned.stop - 1)
@@ -72,6 +80,7 @@ class StageLoop:
             self._classes.append(type(blocks))
             blocks.__class__ = _stage_blocks_class(type(blocks))
             blocks._pipeline_items = self._items[list_index]
+            setattr(blocks, OFFSET_ATTRIBUTE, self._offsets[list_index] or 0)
         self._handles.append(self._first_block.register_forward_pre_hook(self._enter_stage, with_kwargs=True))
         self._handles.append(self._last_block.register_forward_pre_hook(self._enter_last_block))
         return self
@@ -82,6 +91,7 @@ class StageLoop:
         for (_, blocks), cls in zip(self.lists, self._classes):
             blocks.__class__ = cls
             del blocks._pipeline_items
+            delattr(blocks, OFFSET_ATTRIBUTE)
         self._classes.clear()
         if wait:
             self.wait()

@@ -22,6 +22,8 @@ from lightning_dit_parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.pipeline.options import DEFAULT_TEXT_TOKENS
 from lightning_dit_parallel.pipeline.patch_attention import PatchAttention
 from lightning_dit_parallel.pipeline.pipefusion import PipeFusionForward, check_pipefusion_plan
+from lightning_dit_parallel.pipeline.positions import GlobalPositions
+from lightning_dit_parallel.pipeline.positions import install as install_global_positions
 from lightning_dit_parallel.pipeline.stages import (
     StageAssignment,
     assign_stages,
@@ -54,6 +56,7 @@ class PipelineParallel:
     released: list[str]
     loop: StageLoop
     driver: MicroBatchForward | PipeFusionForward
+    positions: GlobalPositions
     previous_forward: object = _MISSING
     removed: bool = field(default=False)
 
@@ -91,6 +94,7 @@ class PipelineParallel:
         if isinstance(self.driver, PipeFusionForward):
             self.driver.remove()
         self.loop.remove(wait)
+        self.positions.remove()
         if self.previous_forward is _MISSING:
             del self.model.forward
         else:
@@ -159,4 +163,5 @@ def apply_pipeline(
             options.text_tokens or DEFAULT_TEXT_TOKENS,
         )
     model.forward = driver
-    return PipelineParallel(model, plan, assignment, released, loop, driver, previous)
+    positions = install_global_positions(model)  # enumerate(blocks) counts a stage's blocks from their position
+    return PipelineParallel(model, plan, assignment, released, loop, driver, positions, previous)

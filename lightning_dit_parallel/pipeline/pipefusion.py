@@ -182,7 +182,8 @@ def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
             inputs (a module that needs a whole cut sequence in the middle of the blocks).
     """
     not_applied = [
-        name for name in ("linear_attention", "token_grids", "replicated_tail_attention", "gather_module_inputs")
+        name for name in ("linear_attention", "token_grids", "replicated_tail_attention", "gather_module_inputs",
+                          "head_parallel_attention")
         if getattr(plan, name)
     ]
     if not_applied:

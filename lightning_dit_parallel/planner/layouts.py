@@ -224,6 +224,8 @@ def _degrees_valid(spec: ModelSpec, dp: int, cfg: int, pp: int, ring: int, ulyss
         return False
     if pp > 1 and tp > 1:
         return False  # stage sharding and tensor parallelism are not composed
+    if (ring > 1 or distri > 1) and spec.ring_unsupported:
+        return False  # the attention needs the whole sequence on a rank: Ulysses only
     if distri > 1 and (pp * ring * ulysses * tp > 1 or tokens < distri):
         return False  # DistriFusion composes with CFG and data parallel only (its patches are padded like shards)
     if ring * ulysses > 1 and not spec.self_attention and not any(a.kind == "linear" for a in spec.attention):

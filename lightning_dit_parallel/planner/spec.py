@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.planner.tp_shape import inside_norm, is_text_stream, tensor_parallel_shape, with_norm_roles
+from lightning_dit_parallel.sequence.head_parallel import head_parallel_modules
 
 AttentionKind = Literal["self", "cross", "linear", "tail"]
 
@@ -150,6 +151,8 @@ class ModelSpec:
         dtype: the dtype of its parameters (``"float32"`` for a model built from its config).
         tp_unsupported: why tensor parallelism cannot shard this model ("" when it can).
         tp_sizes: every feature count tensor parallelism splits (a degree must divide them all).
+        ring_unsupported: why ring attention (and DistriFusion) cannot run this plan ("" when it can): attention
+            that needs the whole sequence on a rank (``DiTPlan.head_parallel_attention``), Ulysses only.
     """
 
     name: str
@@ -168,6 +171,7 @@ class ModelSpec:
     dtype: str = "float32"
     tp_unsupported: str = ""
     tp_sizes: tuple[int, ...] = ()
+    ring_unsupported: str = ""
 
     @property
     def num_blocks(self) -> int:
@@ -244,6 +248,8 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
         dtype=str(next((p.dtype for p in model.parameters()), "float32")).removeprefix("torch."),
         tp_unsupported=tp.reason,
         tp_sizes=tp.sizes,
+        ring_unsupported=(f"the attention of {list(plan.head_parallel_attention)} needs the whole sequence on a rank"
+                          " (Ulysses only)" if plan.head_parallel_attention else ""),
     )
 
 
@@ -288,6 +294,8 @@ def _attention_specs(model: nn.Module, plan: DiTPlan, block_modules: list[nn.Mod
     found: list[AttentionSpec] = []
     kinds: list[tuple[AttentionKind, Iterable]] = [
         ("self", plan.self_attention_modules(model)),
+        # Ulysses at the projections: the traffic and heads of Ulysses attention over the cut sequence
+        ("self", ((path, module, (heads.sequence,)) for path, module, heads in head_parallel_modules(plan, model))),
         ("tail", plan.replicated_tail_modules(model)),
         ("linear", plan.linear_attention_modules(model)),
         ("cross", ((path, module, ()) for path, module in plan.cross_attention_modules(model))),

@@ -11,12 +11,15 @@ from tests.zoo import ZooCase, randn, seeded_model, text_mask
 TEXT_DIM, CHANNELS, IMAGE_DIM = 16, 4, 8
 
 
-def build(image_context: bool = False):
+def build(image_context: bool = False, extra_pos_embed_type: str | None = "learnable"):
+    """``extra_pos_embed_type=None``: Cosmos-Predict2 and 2.5, no learnable position embedding (a module the plan lists
+    as optional)."""
+
     def factory() -> CosmosTransformer3DModel:
         return CosmosTransformer3DModel(
             in_channels=CHANNELS + 1, out_channels=CHANNELS, num_attention_heads=4, attention_head_dim=12,
             num_layers=2, text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(8, 16, 16), patch_size=(1, 2, 2),
-            concat_padding_mask=False, extra_pos_embed_type="learnable",
+            concat_padding_mask=False, extra_pos_embed_type=extra_pos_embed_type,
             img_context_dim_in=IMAGE_DIM if image_context else None, img_context_num_tokens=3, img_context_dim_out=48,
         )
 
@@ -49,4 +52,6 @@ CASES = [
     ZooCase("cosmos-16vid-8txt", build(), inputs(2, 4, 8, 8, per_frame_timestep=False, image_context=False)),
     ZooCase("cosmos-27vid-7txt-perframe-imgctx", build(image_context=True),
             inputs(3, 6, 6, 7, per_frame_timestep=True, image_context=True)),
+    ZooCase("cosmos-15vid-7txt-noextrapos", build(extra_pos_embed_type=None),
+            inputs(1, 6, 10, 7, per_frame_timestep=False, image_context=False)),
 ]

@@ -9,10 +9,12 @@ from tests.zoo import ZooCase, randn, seeded_model, text_mask
 TEXT_DIM = 16
 
 
-def build(zero_cond_t: bool = False):
+def build(zero_cond_t: bool = False, use_layer3d_rope: bool = False):
+    """``use_layer3d_rope``: Qwen-Image-Layered's rotary (another ``pos_embed`` class)."""
     return lambda: seeded_model(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
         joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
+        use_layer3d_rope=use_layer3d_rope,
     ))
 
 
@@ -39,4 +41,6 @@ CASES = [
     ZooCase("qwenimage-15img-3txt-nomask", build(), inputs([(3, 5)], 3, masked=False)),
     # zero_cond_t: a 3x5 target and a 2x2 condition image, 19 tokens in all
     ZooCase("qwenimage-zerocond-19img-7txt", build(zero_cond_t=True), inputs([(3, 5), (2, 2)], 7)),
+    # Qwen-Image-Layered: layer3d rotary over a 3x5 image and a 2x2 layer
+    ZooCase("qwenimage-layered-19img-7txt", build(use_layer3d_rope=True), inputs([(3, 5), (2, 2)], 7)),
 ]
