@@ -11,6 +11,7 @@ from typing import Protocol
 
 from torch import nn
 
+from lightning_dit_parallel.cache import StepCacheConfig, apply_step_cache, check_step_cache, decision_group
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import (
@@ -27,7 +28,10 @@ from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages,
 from lightning_dit_parallel.plan import DiTPlan, is_within
 from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.regional_compile import CompileOption, apply_regional_compile, check_compile_option
+from lightning_dit_parallel.sequence.backends import LSEFallback
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.tensor import (
     TensorParallelLayout,
     apply_tensor_parallel,
@@ -94,18 +98,28 @@ class Parallelized:
             if begin is not None:
                 begin()
 
+    def end_batch(self) -> None:
+        """The batch's predict step returned: parallelizers that check a whole batch's DiT calls (CFG parallel's call
+        pattern) raise here, the same ``ValueError`` on every rank."""
+        for item in self.applied:
+            end = getattr(item, "end_batch", None)
+            if end is not None:
+                end()
+
 
 def parallelize(
     module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] | None = None,
     pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
     distrifusion: DistriFusionOptions | None = None, offload: bool = False, fsdp_units: FsdpUnits = "blocks",
+    cache: StepCacheConfig | None = None, compile: CompileOption = False, lse_fallback: LSEFallback = "warn",
+    ulysses_overlap: UlyssesOverlap = "auto",
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
     Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
     stages and pipeline the forward, tensor parallelism (``tp``) splits the heads and MLP features of the blocks a
     rank holds (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
-    doubled batch, the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, the input limits refuse the
+    doubled batch or pairs the separate conditional and unconditional calls of each step (``cfg/``), the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, the input limits refuse the
     arguments this layout cannot take (``input_limits.py``), and the replicated-input guard (``check_inputs``) checks
     the uncut arguments (its pre-hook runs first in each DiT forward, then the limits', then CFG's). With ``offload``,
     host offload comes right after FSDP: the shards FSDP makes stay in host memory (``CPUOffloadPolicy``), and the
@@ -142,6 +156,17 @@ def parallelize(
             ``"blocks"`` (each transformer block; fewest all-gathers) or ``"layers"`` (each weight layer - Linear,
             convolution, embedding - of the blocks and the root, the rest of a block as its own unit: the smallest
             peak, for the tightest memory, at the price of more, smaller all-gathers). See ``fsdp.weight_layers``.
+        cache: step caching (``lightning_dit_parallel.cache``), installed last but for the guard, also in one process
+            (every degree 1); one decision per model-parallel group (``cache.apply``). Refused (``ValueError``, before
+            any collective) with PipeFusion and DistriFusion.
+        compile: regional compilation after every parallelizer: ``torch.compile`` on each block of the plans' block
+            lists (``True``: the default backend, or a backend name; ``regional_compile.py``).
+        lse_fallback: sequence parallelism's Ring/USP with an attention backend (``set_attention_backend``) that gives
+            no log-sum-exp: ``"warn"`` once and use torch's kernel for the ring blocks, or ``"error"``.
+        ulysses_overlap: Ulysses attention (ring degree 1) in head groups whose all-to-alls overlap the attention of
+            the others: ``False`` (off), ``True`` (2 groups), an int (that many, at most heads / ulysses_degree), or
+            ``"auto"`` (what ``bench/ulysses_overlap.py`` measured faster on the device type; off where no gain was
+            measured). Exact either way; see ``sequence/ulysses.py``.
 
     Raises:
         ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
@@ -164,6 +189,10 @@ def parallelize(
     vaes = find_vaes(module) if parallel_vae else []
     if (layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1
             and not offload):
+        if cache is not None:  # one process (or data parallel only): caching alone
+            planned = find_planned_modules(module)
+            _check_step_cache(planned, layout, cache, pipeline, distrifusion)
+            _apply_step_cache(result, module, planned, mesh, cache, layout.fsdp)
         return result
     planned = find_planned_modules(module)
     # with offload, the encoders that are not sharded are streamed whole; given shard_modules are the encoders
@@ -179,6 +208,10 @@ def parallelize(
             raise ValueError(
                 f"shard_modules entry {path!r} overlaps the planned DiT(s) {overlap}, which FSDP shards already."
             )
+    check_compile_option(compile)
+    if lse_fallback not in ("warn", "error"):
+        raise ValueError(f"lse_fallback must be 'warn' or 'error', got {lse_fallback!r}.")
+    check_overlap_option(ulysses_overlap)
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
     if distrifusion is not None:
@@ -188,6 +221,8 @@ def parallelize(
     tp_layouts = _resolve_tensor_parallel(module, planned, layout) if layout.tp > 1 else []  # before any collective
     if offload:
         _check_offload(planned, [*extra, *whole], layout)
+    if cache is not None:
+        _check_step_cache(planned, layout, cache, pipeline, distrifusion)
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
@@ -213,11 +248,13 @@ def parallelize(
         elif layout.sequence_degree > 1 and not pipefusion:  # PipeFusion shards each patch itself
             groups = SequenceGroups.from_mesh(mesh)
             for _, dit, plan in planned:
-                result.applied.append(apply_sequence_parallel(dit, plan, groups))
+                result.applied.append(apply_sequence_parallel(
+                    dit, plan, groups, lse_fallback=lse_fallback, ulysses_overlap=ulysses_overlap
+                ))
             rank_zero_log(f"sequence parallel (ring={layout.ring}, ulysses={layout.ulysses}) on {result.paths}")
         if layout.cfg > 1:
             for _, dit, plan in planned:
-                result.applied.append(apply_cfg_parallel(dit, plan, mesh.get_group("cfg")))
+                result.applied.append(apply_cfg_parallel(dit, plan, mesh.get_group("cfg"), fsdp=bool(sharded_dits)))
             rank_zero_log(f"cfg parallel (cfg={layout.cfg}) on {result.paths}")
         if vaes and layout.model_parallel_degree > 1:
             _apply_parallel_vae(result, vaes, mesh)
@@ -226,6 +263,10 @@ def parallelize(
             refused = refused_inputs(plan, layout, patched)
             if refused:
                 result.applied.append(apply_input_limits(dit, refused))
+        if cache is not None:  # after every parallelizer but the guard: its hooks see their arguments
+            _apply_step_cache(result, module, planned, mesh, cache, layout.fsdp)
+        if compile is not False:
+            result.applied.append(apply_regional_compile([(dit, plan) for _, dit, plan in planned], compile))
         if check_inputs_option(check_inputs) and layout.model_parallel_degree > 1:
             group = replicated_group(mesh)
             for _, dit, _ in planned:  # last applied, so its pre-hook runs first and sees the uncut arguments
@@ -260,6 +301,27 @@ def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], me
     rank_zero_log(f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
                   f" {[p for p, _ in extra]}")
     return True
+
+
+def _check_step_cache(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, cache: StepCacheConfig,
+                      pipeline: PipelineOptions | None, distrifusion: DistriFusionOptions | None) -> None:
+    """Step caching's refusals (pure: the same ValueError on every rank, before any collective)."""
+    options = pipeline or PipelineOptions()
+    for _, dit, plan in planned:
+        assignment = assign_stages(dit, plan, int(layout.pp), options.layers_per_stage) if layout.pp > 1 else None
+        check_step_cache(cache, dit, plan, pipefusion=layout.pp > 1 and options.mode == "pipefusion",
+                         distrifusion=distrifusion is not None, assignment=assignment)
+
+
+def _apply_step_cache(result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
+                      cache: StepCacheConfig, fsdp: bool) -> None:
+    """Step caching on every planned DiT; the deciding group over the cfg, ring, ulysses and tp axes (with FSDP also
+    its shard axes), the pipeline stages linked by their stage loop."""
+    group = decision_group(mesh, fsdp) if mesh is not None else None
+    links = {id(item.model): item.loop.link for item in result.applied if hasattr(item, "loop") and hasattr(item, "model")}
+    for _, dit, plan in planned:
+        result.applied.append(apply_step_cache(dit, plan, cache, group, links.get(id(dit)), steps_source=module))
+    rank_zero_log(f"step cache ({cache.describe()}) on {result.paths or [type(d).__name__ for _, d, _ in planned]}")
 
 
 def _check_offload(planned: list[tuple[str, nn.Module, DiTPlan]], encoders: list[tuple[str, nn.Module]],

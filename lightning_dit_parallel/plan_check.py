@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dit_parallel.layout import ParallelLayout
@@ -46,7 +45,9 @@ from lightning_dit_parallel.registry import HOW_TO_DECLARE, plan_for
 from lightning_dit_parallel.sequence.attention import local_sdpa
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
+from lightning_dit_parallel.sequence.backends import local_attend
+from lightning_dit_parallel.utils.attention_route import route_attention_during_forward
+from lightning_dit_parallel.utils.hooks import remove_handles
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 from lightning_dit_parallel.utils.sharpen import SHARPNESS, sharpen_attention
 
@@ -235,11 +236,14 @@ def silent_self_attention(model: nn.Module, plan: DiTPlan, args: tuple, kwargs: 
     for path, module, _ in plan.self_attention_modules(model):
         handles.append(module.register_forward_pre_hook(lambda m, a, path=path: ran.add(path)))
 
-        def kernel(*a, path=path, **kw):
+        def kernel(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, path=path, backend=None):
             called.add(path)
-            return local_sdpa(*a, **kw)
+            if backend is None:
+                return local_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                  enable_gqa=enable_gqa)
+            return local_attend(backend, path)(q, k, v, attn_mask=mask, scale=scale)
 
-        handles.extend(swap_sdpa_during_forward(module, kernel))
+        handles.extend(route_attention_during_forward(module, kernel, path))
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -266,7 +270,7 @@ class _Probe:
         watched = [(f"{path}.{i}", block) for path, blocks in plan.block_lists(model) for i, block in enumerate(blocks)]
         attention = [(path, module) for path, module, _ in plan.self_attention_modules(model)]
         for path, module in attention:
-            handles.append(module.register_forward_pre_hook(self._recorder(path)))
+            handles.append(module.register_forward_hook(self._recorder(path)))
         for path, module in [*watched, *attention]:
             handles.append(module.register_forward_pre_hook(self._arguments(path, module), with_kwargs=True))
         return handles
@@ -284,14 +288,9 @@ class _Probe:
         return hook
 
     def _recorder(self, path: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            kernel = F.scaled_dot_product_attention  # the sequence-parallel kernel, swapped in for this forward
-
-            def recording(*a, **kw):
-                self.sharded.add(path)
-                return kernel(*a, **kw)
-
-            F.scaled_dot_product_attention = recording  # the plan's hook puts back the original after the forward
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            # after the plan's check hook, which raises when the module's forward did not call its kernel
+            self.sharded.add(path)
 
         return hook
 

@@ -8,16 +8,25 @@ the inverse all-to-all restores the sequence shard.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dit_parallel.sequence.backends import LSEFallback, local_attend, local_attend_with_lse
 from lightning_dit_parallel.sequence.comm import group_rank
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.ring import ring_attention
-from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads, check_heads, ulysses_attention
+from lightning_dit_parallel.sequence.ulysses import (
+    HeadsToSequence,
+    QKVToHeads,
+    UlyssesOverlap,
+    check_heads,
+    overlap_head_groups,
+    ulysses_attention,
+)
 
-#: The unpatched kernel, captured at import: the sequence-parallel kernel calls it for local attention.
+#: torch's kernel (nothing replaces it: attention is routed per module and thread, ``utils/attention_route.py``).
 local_sdpa = F.scaled_dot_product_attention
 
 #: key_valid(key_shards, query_shards) -> (Bm, len(key_shards) * local tokens) key mask, or (Bm, len(query_shards) *
@@ -26,7 +35,8 @@ ShardMaskFn = Callable[..., "Tensor | None"]
 
 
 def sequence_parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, groups: SequenceGroups, key_valid: ShardMaskFn, scale: float | None, where: str
+    q: Tensor, k: Tensor, v: Tensor, groups: SequenceGroups, key_valid: ShardMaskFn, scale: float | None, where: str,
+    backend: Any = None, lse_fallback: LSEFallback = "warn", overlap: UlyssesOverlap = "auto",
 ) -> Tensor:
     """Attention of this rank's query shard over the whole sharded sequence.
 
@@ -36,6 +46,10 @@ def sequence_parallel_attention(
         key_valid: real-token mask for the concatenation of the given sequence-parallel shards.
         scale: softmax scale.
         where: the attention module's path, for error messages.
+        backend: the diffusers attention backend of the local attention (``None``: torch's SDPA); see ``backends.py``.
+        lse_fallback: a backend without log-sum-exp under Ring: ``"warn"`` once and use torch's kernel, or ``"error"``.
+        overlap: Ulysses alone (no ring): process the heads in groups whose all-to-alls overlap the attention of the
+            others (``ulysses.UlyssesOverlap``); the ring path of USP does one all-to-all each way.
 
     Returns:
         (B, H, S_local, D), equal to this shard's rows of attention over the unsharded sequence.
@@ -57,10 +71,15 @@ def sequence_parallel_attention(
         return key_valid(shards_of(block), query_shards=shards_of(own_block))
 
     if r == 1:
-        return ulysses_attention(q, k, v, groups.ulysses, ring_block_valid(0), scale, attention=local_sdpa)
+        head_groups = overlap_head_groups(overlap, q.shape[1] // u, q.device.type, where)  # before any collective
+        return ulysses_attention(
+            q, k, v, groups.ulysses, ring_block_valid(0), scale, attention=local_attend(backend, where),
+            head_groups=head_groups,
+        )
     assert groups.ring is not None
+    attend = local_attend_with_lse(backend, where, lse_fallback)  # may refuse: before any collective
     q, k, v = QKVToHeads(q, k, v, groups.ulysses).wait()  # 3 x (B, H, S/N, D) -> 3 x (B, H/U, S*U/N, D)
-    out = ring_attention(q, k, v, groups.ring, ring_block_valid, scale)
+    out = ring_attention(q, k, v, groups.ring, ring_block_valid, scale, attend)
     return HeadsToSequence(out, groups.ulysses).wait()  # (B, H/U, S*U/N, D) -> (B, H, S/N, D)
 
 

@@ -7,9 +7,11 @@ The DiT's own forward is not changed. Hooks:
 * forward hooks cut the outputs of ``split_outputs`` modules and gather those of ``gather_outputs``;
 * pre-hooks at every call cut ``split_module_inputs_each_call`` and gather ``gather_module_inputs``
   (``module_inputs.py``); replicated-tail attention modules get the kernel of ``replicated_tail.py``;
-* around every self-attention module of the plan, ``F.scaled_dot_product_attention`` is replaced by the
-  sequence-parallel kernel for the duration of that module's forward only (a key-padding ``attn_mask`` the model
-  passes is gathered over the shards, see ``masks.py``). Cross-attention modules keep
+* every self-attention module of the plan has its attention routed to the sequence-parallel kernel for the
+  duration of its forward, in this thread only (``utils/attention_route.py``: through diffusers' dispatcher, whose
+  backend the user chose with ``set_attention_backend`` then runs the local attention, see ``backends.py``; or
+  ``F.scaled_dot_product_attention`` called directly). A key-padding ``attn_mask`` the model
+  passes is gathered over the shards, see ``masks.py``. Cross-attention modules keep
   the local kernel: their queries are sharded, their keys and values (text) are replicated;
 * around every linear-attention module, its sums over key tokens are all-reduced (``linear_attention.py``);
 * token-grid modules (convolutions over the sharded tokens) run on a window with a halo (``token_grid.py``).
@@ -31,7 +33,13 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.plan import DiTPlan, Split, SplitSpec, module_paths
 from lightning_dit_parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
+from lightning_dit_parallel.sequence.backends import LSEFallback, check_backend
 from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.sequence.head_parallel import (
+    check_head_parallel,
+    head_parallel_modules,
+    install_head_parallel,
+)
 from lightning_dit_parallel.sequence.linear_attention import install_linear_attention
 from lightning_dit_parallel.sequence.masks import shard_key_masks
 from lightning_dit_parallel.sequence.module_inputs import (
@@ -42,9 +50,10 @@ from lightning_dit_parallel.sequence.module_inputs import (
 from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_hooks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers
-from lightning_dit_parallel.sequence.ulysses import check_heads
+from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_heads, check_overlap_option, overlap_head_groups
 from lightning_dit_parallel.splits import LengthFn, as_tensor, cut_arguments, cut_value
-from lightning_dit_parallel.utils.hooks import remove_handles, swap_sdpa_during_forward
+from lightning_dit_parallel.utils.attention_route import route_attention_during_forward
+from lightning_dit_parallel.utils.hooks import remove_handles
 
 #: require_state(where) -> the sharding state of the forward in progress (raises outside one).
 StateFn = Callable[[str], ShardingState]
@@ -65,6 +74,8 @@ class SequenceParallel:
     handles: list[RemovableHandle] = field(default_factory=list)
     state: ShardingState | None = None
     attention: AttentionFactory | None = None
+    lse_fallback: LSEFallback = "warn"
+    ulysses_overlap: UlyssesOverlap = "auto"
 
     def remove(self) -> None:
         remove_handles(self.handles)
@@ -116,7 +127,9 @@ class SequenceParallel:
         calls = [0]
         custom = None if self.attention is None else self.attention(path, order, self._require_state)
 
-        def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   backend=None):
+            # backend: the diffusers attention backend the user set (None: the model called F.sdpa itself)
             if custom is not None:
                 calls[0] += 1
                 return custom(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -130,9 +143,13 @@ class SequenceParallel:
                     f"{path}: the plan says this attention runs over {order} with {expected} local tokens, but it got"
                     f" query {tuple(query.shape)} and key {tuple(key.shape)} (B, H, S, D). Check the plan."
                 )
+            check_backend(backend, query, key, value, path)  # refusals: on every rank alike, before any collective
             key_valid = shard_key_masks(state, order, attn_mask, query.device, path)
             calls[0] += 1
-            return sequence_parallel_attention(query, key, value, self.groups, key_valid, scale, path)
+            return sequence_parallel_attention(
+                query, key, value, self.groups, key_valid, scale, path, backend=backend, lse_fallback=self.lse_fallback,
+                overlap=self.ulysses_overlap,
+            )
 
         def reset_hook(module: nn.Module, args: tuple) -> None:
             calls[0] = 0
@@ -140,9 +157,10 @@ class SequenceParallel:
         def check_hook(module: nn.Module, args: tuple, output):
             if calls[0] == 0:
                 raise RuntimeError(
-                    f"{path} is declared as self-attention over the sharded sequence, but it never called"
-                    " F.scaled_dot_product_attention, so it attended to local tokens only. Use an attention processor"
-                    " that calls F.scaled_dot_product_attention (e.g. diffusers' AttnProcessor2_0), or fix the plan."
+                    f"{path} is declared as self-attention over the sharded sequence, but it reached neither"
+                    " diffusers' attention dispatcher (dispatch_attention_fn with the processor's _attention_backend and"
+                    " _parallel_config) nor F.scaled_dot_product_attention, so it attended to local tokens only. Use an"
+                    " attention processor that does, or fix the plan."
                 )
             return output
 
@@ -152,6 +170,14 @@ class SequenceParallel:
         if self.state is None:
             raise RuntimeError(f"{path} ran outside a forward of the parallelized {type(self.model).__name__}.")
         return self.state
+
+
+def _ignoring_backend(kernel: Callable) -> Callable:
+    """A kernel with SDPA's signature that runs torch's SDPA whatever backend the model set (``backend`` dropped)."""
+    def routed(*args, backend=None, **kwargs):
+        return kernel(*args, **kwargs)
+
+    return routed
 
 
 def lengths(state: ShardingState) -> LengthFn:
@@ -180,7 +206,7 @@ def split_target(plan: DiTPlan, modules: Mapping[str, nn.Module], path: str) -> 
 
 def apply_sequence_parallel(
     model: nn.Module, plan: DiTPlan, groups: SequenceGroups, *, attention: AttentionFactory | None = None,
-    per_forward: bool = True,
+    per_forward: bool = True, lse_fallback: LSEFallback = "warn", ulysses_overlap: UlyssesOverlap = "auto",
 ) -> SequenceParallel:
     """Install the plan's split, gather and attention hooks on ``model``.
 
@@ -195,12 +221,23 @@ def apply_sequence_parallel(
         attention: the kernel of each self-attention module (default: Ulysses, Ring or USP over ``groups``).
         per_forward: start a ``ShardingState`` and cut ``split_inputs`` in a pre-hook of every forward of the DiT;
             ``False`` leaves that to the caller (``SequenceParallel.begin`` / ``end``).
+        lse_fallback: Ring/USP with an attention backend that gives no log-sum-exp: ``"warn"`` once and run the ring
+            blocks on torch's kernel, or ``"error"`` (see ``sequence/backends.py``).
+        ulysses_overlap: Ulysses alone: process the heads in groups, each group's all-to-all overlapping another's
+            attention (``False``/1: off, ``True``: 2 groups, an int: that many, ``"auto"``: what was measured faster on
+            the device type; see ``sequence/ulysses.py``). Exact either way.
 
     Raises:
         ValueError: for a path or pattern that matches nothing, a module listed as both self- and
             cross-attention, or heads that do not split.
     """
-    sp = SequenceParallel(model, plan, groups, inspect.signature(model.forward), attention=attention)
+    if lse_fallback not in ("warn", "error"):
+        raise ValueError(f"lse_fallback must be 'warn' or 'error', got {lse_fallback!r}.")
+    check_overlap_option(ulysses_overlap)
+    sp = SequenceParallel(
+        model, plan, groups, inspect.signature(model.forward), attention=attention, lse_fallback=lse_fallback,
+        ulysses_overlap=ulysses_overlap,
+    )
     missing_inputs = [n for n in plan.split_inputs if n not in sp.signature.parameters]
     if missing_inputs:
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
@@ -251,6 +288,15 @@ def apply_sequence_parallel(
         heads = getattr(module, "heads", getattr(module, "num_heads", None))  # diffusers / timm-style names
         if isinstance(heads, int):
             check_heads(heads, groups.ulysses_size, groups.size, path)
+            if groups.ring_size == 1 and sp.attention is None:  # a number of head groups that cannot be: refused here
+                overlap_head_groups(ulysses_overlap, heads // groups.ulysses_size, "cpu", path)  # (device: auto only)
+    head_parallel = head_parallel_modules(plan, model)  # Ulysses at the projections (head_parallel.py)
+    if plan.head_parallel_attention and not head_parallel and not holds_released_blocks(modules):
+        raise ValueError(
+            f"Plan head_parallel_attention patterns {list(plan.head_parallel_attention)} match no module of"
+            f" {type(model).__name__}."
+        )
+    check_head_parallel(plan, head_parallel, groups, sp.attention is not None, type(model).__name__)
 
     if per_forward:
         sp.handles.append(model.register_forward_pre_hook(sp._begin_forward, with_kwargs=True))
@@ -269,14 +315,15 @@ def apply_sequence_parallel(
     for path, module, order in attention:
         kernel, reset_hook, check_hook = sp._attention_hooks(path, order)
         sp.handles.append(module.register_forward_pre_hook(reset_hook))
-        sp.handles.extend(swap_sdpa_during_forward(module, kernel))
+        sp.handles.extend(route_attention_during_forward(module, kernel, path))
         sp.handles.append(module.register_forward_hook(check_hook))
     for path, module, order in tails:
         kernel, reset_hook, check_hook = replicated_tail_hooks(path, order, sp._require_state)
         sp.handles.append(module.register_forward_pre_hook(reset_hook))
-        sp.handles.extend(swap_sdpa_during_forward(module, kernel))
+        sp.handles.extend(route_attention_during_forward(module, _ignoring_backend(kernel), path))
         sp.handles.append(module.register_forward_hook(check_hook))
     sp.handles.extend(install_module_input_hooks(input_hooks, sp._require_state))
+    sp.handles.extend(install_head_parallel(head_parallel, groups, sp._require_state))
     for path, module, order in linear:
         sp.handles.extend(install_linear_attention(module, path, order, groups, sp._require_state))
     if grids:

@@ -23,7 +23,8 @@ KeyValidFn = Callable[[int], "Tensor | None"]
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, key_valid: KeyValidFn, scale: float | None
+    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, key_valid: KeyValidFn, scale: float | None,
+    attend: Callable[..., tuple[Tensor, Tensor]] = attention_with_lse,
 ) -> Tensor:
     """Exact softmax attention of local queries over the keys and values of every rank in ``group``.
 
@@ -34,6 +35,8 @@ def ring_attention(
         group: the ring.
         key_valid: mask of real keys for the block that started on ring rank ``i``.
         scale: softmax scale (``None``: 1/sqrt(D)).
+        attend: the block kernel, ``attention_with_lse``'s signature and results (e.g. the user's attention backend,
+            ``backends.local_attend_with_lse``).
 
     Returns:
         (B, H, Sq, D), as if attention had run over the concatenation of all blocks.
@@ -49,7 +52,7 @@ def ring_attention(
         block = (rank - step) % size  # the ring rank this kv block started on
         valid = key_valid(block)
         if has_keys(valid):
-            block_out, block_lse = attention_with_lse(q, kv[0], kv[1], valid, scale)
+            block_out, block_lse = attend(q, kv[0], kv[1], valid, scale)
             if out is None:
                 out, lse = block_out.float(), block_lse
             else:

@@ -29,8 +29,12 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_dit_parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
 from lightning_dit_parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
 from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
+from lightning_dit_parallel.regional_compile import CompileOption, check_compile_option
+from lightning_dit_parallel.sequence.backends import LSEFallback
+from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.incomplete import unmark_incomplete
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
@@ -115,11 +119,31 @@ class DiTParallelStrategy(ParallelStrategy):
             when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
             ``"every_call"``: in every DiT call (also catches per-step noise of a stochastic scheduler); ``False``:
             off. See ``lightning_dit_parallel.guard``.
+        cache: step caching, ``None`` (default), ``"fbcache"`` (First-Block Cache: the first block always runs; the other
+            blocks are skipped, their cached residual added, while the first block's output residual changes less than
+            the threshold) or ``"teacache"`` (TeaCache-style: skipped while the accumulated relative change of the first
+            block's input stays under it). Approximate; one decision per model-parallel group (every rank of a
+            sequence / tensor-parallel / CFG group and every pipeline stage takes the same branch). Not with PipeFusion
+            or DistriFusion (``ValueError``). See ``lightning_dit_parallel.cache``.
+        cache_threshold: the threshold of ``cache``; ``None``: the method's default (fbcache 0.08, teacache 0.05); 0 never
+            skips.
+        cache_options: ``CacheOptions`` or a dict of them: ``warmup_steps`` (1), ``final_steps`` (1), ``max_skips``
+            (None), ``num_steps`` (None: found), ``first_blocks`` (fbcache, 1).
         parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
             ``AutoencoderKLWan``, ... found by class, see ``lightning_dit_parallel.vae``) decodes its latents cut into
             bands along the height over the ranks of each model-parallel group, exactly (halo rows per convolution,
             group-norm statistics reduced over the bands); ``vae.decode(...)`` and pipeline calls are unchanged. The
             encoder stays whole. A module without such a VAE is a ``ValueError`` at setup.
+        compile: regional compilation once the DiT is parallelized: ``torch.compile`` on each transformer block of its
+            plan (``True``: torch's default backend; or a backend name such as ``"aot_eager"``). See
+            ``lightning_dit_parallel.regional_compile``.
+        lse_fallback: Ring/USP with an attention backend chosen by ``set_attention_backend`` that gives no
+            log-sum-exp: ``"warn"`` once and run the ring blocks on torch's kernel (default), or ``"error"`` (a
+            ``ValueError`` on every rank). See ``lightning_dit_parallel.sequence.backends``.
+        ulysses_overlap: Ulysses attention (ring_degree 1) in head groups whose all-to-alls overlap the attention of
+            the others: ``False`` (off), ``True`` (2 groups), an int (that many, at most heads / ulysses_degree), or
+            ``"auto"`` (default: what ``bench/ulysses_overlap.py`` measured faster on the device type; off where no
+            gain was measured). Exact either way. See ``lightning_dit_parallel.sequence.ulysses``.
         cross_node: with ``Trainer(num_nodes > 1)``, what to do when a degree puts ranks of one Ulysses group (or
             tensor-parallel group) on different nodes, so that its per-layer all-to-all (all-reduce) crosses the
             network: ``"warn"`` (default) or ``"error"`` (a ``ValueError`` on every rank before any collective). The
@@ -159,7 +183,13 @@ class DiTParallelStrategy(ParallelStrategy):
         offload: bool = False,
         fsdp_units: FsdpUnits = "blocks",
         check_inputs: CheckInputs = True,
+        cache: CacheMethod | None = None,
+        cache_threshold: float | None = None,
+        cache_options: CacheOptions | dict[str, Any] | None = None,
         parallel_vae: bool = False,
+        compile: CompileOption = False,
+        lse_fallback: LSEFallback = "warn",
+        ulysses_overlap: UlyssesOverlap = "auto",
         pp_mode: PipelineMode = "microbatch",
         num_patches: int | None = None,
         warmup_steps: int = 1,
@@ -223,6 +253,20 @@ class DiTParallelStrategy(ParallelStrategy):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
         self._check_inputs = check_inputs_option(check_inputs)
+        check_compile_option(compile)
+        if lse_fallback not in ("warn", "error"):
+            raise ValueError(f"lse_fallback must be 'warn' or 'error', got {lse_fallback!r}.")
+        self._compile: CompileOption = compile
+        self._lse_fallback: LSEFallback = lse_fallback
+        check_overlap_option(ulysses_overlap)
+        self._ulysses_overlap: UlyssesOverlap = ulysses_overlap
+        self._cache: StepCacheConfig | None = cache_config(cache, cache_threshold, cache_options)
+        if self._cache is not None and pp_mode == "pipefusion":
+            raise ValueError(
+                f"cache={cache!r} does not compose with PipeFusion (pp_mode='pipefusion'): it runs each step as patch"
+                " passes over stale activations, which a skipped step would leave staler still. Use pp_mode='microbatch'"
+                " or cache=None."
+            )
         if not isinstance(parallel_vae, bool):
             raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
         self._parallel_vae = parallel_vae
@@ -408,7 +452,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._parallelized = parallelize(
             self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
             pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
-            distrifusion=self._distrifusion, offload=self._offload, fsdp_units=self._fsdp_units,
+            distrifusion=self._distrifusion, offload=self._offload, fsdp_units=self._fsdp_units, cache=self._cache,
+            compile=self._compile, lse_fallback=self._lse_fallback, ulysses_overlap=self._ulysses_overlap,
         )
         # deferred weights (lean from_pretrained, loading.defer_weights): read now, only the parts this rank kept,
         # straight onto its device; then what else the rank keeps moves there
@@ -488,17 +533,28 @@ class DiTParallelStrategy(ParallelStrategy):
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         self.begin_batch()
-        return super().predict_step(*args, **kwargs)
+        output = super().predict_step(*args, **kwargs)
+        self.end_batch()
+        return output
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         self.begin_batch()
-        return super().validation_step(*args, **kwargs)
+        output = super().validation_step(*args, **kwargs)
+        self.end_batch()
+        return output
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         self.begin_batch()
-        return super().test_step(*args, **kwargs)
+        output = super().test_step(*args, **kwargs)
+        self.end_batch()
+        return output
+
+    def step_cache_stats(self) -> list:
+        """With ``cache``: this rank's ``CacheStats`` of the current batch, one per DiT (``[]`` without caching)."""
+        applied = self._parallelized.applied if self._parallelized is not None else []
+        return [item.stats for item in applied if hasattr(item, "stats") and hasattr(item, "skipped_output")]
 
     def begin_batch(self) -> None:
         """Stateful parallelizers (PipeFusion's key/value caches and step count) start afresh. Called before every
@@ -506,6 +562,12 @@ class DiTParallelStrategy(ParallelStrategy):
         inputs."""
         if self._parallelized is not None:
             self._parallelized.begin_batch()
+
+    def end_batch(self) -> None:
+        """Parallelizers that check a whole batch's DiT calls (CFG parallel's call pattern) raise here when it cannot be
+        served. Called after every predict, validation and test step."""
+        if self._parallelized is not None:
+            self._parallelized.end_batch()
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -1,0 +1,309 @@
+"""Step caching (``lightning_dit_parallel.cache``): one decision per model-parallel group, on every exact layout.
+
+- Threshold 0 never skips: every layout gives the uncached one-process output (rtol 1e-5).
+- A positive threshold skips steps: every rank of a model-parallel group returns the same output and skipped the same
+  steps (> 0), and the output equals the one-process cached run (the decision is reduced over the group, so it is the
+  one the one-process run takes on the whole tensors).
+- Shards that would decide differently on their own (a threshold between the two Ulysses shards' own statistics)
+  still take one branch: no hang, equal outputs.
+
+One launch of 2 ranks and one of 4 run every case in a row (``tests/in_process.py``), as under torchrun.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+
+from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel.cache import (
+    CachedSingleDeviceStrategy,
+    CacheOptions,
+    apply_step_cache,
+    cache_config,
+    check_step_cache,
+)
+from lightning_dit_parallel.registry import find_planned_modules
+from tests.distributed import free_port, run_on_ranks
+from tests.in_process import external_launch
+from tests.models import build_dit, build_sd3, build_wan, dit_sampler, requests, sd3_sampler, text_requests
+
+STEPS = 8
+#: thresholds that skip some of the STEPS steps of the test DiT (its per-step changes are 0.15 .. 0.9)
+THRESHOLDS = {"fbcache": 0.3, "teacache": 0.35}
+#: A cached run against the one-process cached run: the same decisions (skipped steps compared exactly), and the output
+#: within 2e-5 rather than the exact methods' 1e-5: a skipped step adds the residual of an earlier step, carrying that
+#: step's rounding (tensor parallelism's all-reduce order) into the later steps once more. Measured: tensor parallel 2,
+#: uncached 5.3e-6, fbcache 1.04e-5 (relative L2 2.5e-6 both); the other layouts stay under 1e-5.
+CACHED_TOLERANCE = 2e-5
+
+
+def _module(steps: int = STEPS):
+    # 5 x 5 = 25 image tokens: does not divide by 2 or 4; 4 heads for Ulysses 2 x tensor parallel 2
+    return dit_sampler(build_dit(sample_size=10, layers=4), steps=steps)
+
+
+def _one_process(cache: str | None, threshold: float | None, batch_size: int = 2) -> tuple[torch.Tensor, list[int]]:
+    """The one-process run, cached as the strategies cache it; outputs and skipped steps per batch."""
+    module = _module()
+    installed = []
+    if cache is not None:
+        (_, dit, plan), = find_planned_modules(module)
+        installed.append(apply_step_cache(dit, plan, cache_config(cache, threshold), steps_source=module))
+    outputs, skipped = [], []
+    for batch in requests(2, batch_size=batch_size):
+        for item in installed:
+            item.begin_batch()
+        outputs.append(module.sample(batch))
+        skipped += [item.stats.skipped_steps for item in installed]
+    for item in installed:
+        item.remove()
+    return torch.cat(outputs), skipped
+
+
+class _Stats(L.Callback):
+    def __init__(self) -> None:
+        self.stats = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.stats += trainer.strategy.step_cache_stats()
+
+
+def _predict(layout: dict, world: int, cache: str | None, threshold: float | None) -> tuple[torch.Tensor, list]:
+    stats = _Stats()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=DiTParallelStrategy(**layout, cache=cache, cache_threshold=threshold), callbacks=[stats],
+    )
+    outputs = trainer.predict(_module(), requests(2, batch_size=2))
+    return torch.cat(outputs), stats.stats
+
+
+#: Layouts and the runs of each: None is threshold 0 (fbcache), a method name its THRESHOLDS entry. Every layout runs
+#: threshold 0; each method runs on about half of them (process starts are the costly part).
+LAYOUTS_2 = {
+    "ulysses": (dict(ulysses_degree=2), (None, "fbcache", "teacache")),
+    "ring": (dict(ring_degree=2), (None, "fbcache")),
+    "tp": (dict(tp_degree=2), (None, "fbcache")),
+    "fsdp_ulysses": (dict(ulysses_degree=2, fsdp=True), (None, "teacache")),
+    "pipeline": (dict(pp_degree=2, num_microbatches=1), (None, "fbcache", "teacache")),
+    "pipeline_microbatches": (dict(pp_degree=2), ("fbcache",)),
+    "cfg": (dict(cfg_degree=2), (None, "teacache")),
+    "dp": (dict(dp_degree=2), (None, "fbcache")),
+    "fsdp_dp": (dict(dp_degree=2, fsdp=True), ("teacache",)),
+}
+LAYOUTS_4 = {
+    "usp": (dict(ulysses_degree=2, ring_degree=2), (None, "fbcache")),
+    "cfg_ulysses": (dict(cfg_degree=2, ulysses_degree=2), (None, "teacache")),
+    "pipeline_ulysses": (dict(pp_degree=2, ulysses_degree=2, num_microbatches=1), (None, "fbcache")),
+    "tp_ulysses": (dict(tp_degree=2, ulysses_degree=2), ("fbcache",)),
+}
+#: each rank has its own samples: compared with one-process runs of one sample, decisions per data-parallel group
+PER_SAMPLE = {"dp", "fsdp_dp"}
+#: with FSDP the whole FSDP group decides together, dp included: as the one-process run on all its samples at once
+JOINT_SAMPLES = {"fsdp_dp"}
+#: micro-batches decide one by one (the uncond and cond halves here): not the one-process whole-batch decision
+PER_MICROBATCH = {"pipeline_microbatches"}
+
+
+def _cases(rank: int, world: int, port: int, harness_port: int, layouts: dict, straddle: bool) -> dict:
+    torch.set_num_threads(1)
+    results: dict = {}
+    with external_launch(rank, world, port, harness_port):
+        for name, (layout, runs) in layouts.items():
+            for cache in runs:
+                out, stats = _predict(layout, world, cache or "fbcache", THRESHOLDS[cache] if cache else 0.0)
+                results[(name, cache)] = (out.tolist(), [s.skipped_steps for s in stats])  # lists: no shared memory
+                if name == "ulysses" and cache is None:
+                    never = stats  # threshold 0: every step's statistic is reduced and recorded, none skipped
+        if straddle:
+            results["straddle"] = _straddle(never)
+    return results
+
+
+def _straddle(never: list) -> dict:
+    """Ulysses 2, fbcache: a threshold between the two shards' own statistics of the first decided step (from the
+    threshold-0 run's ``never``), which is the same step in a run with that threshold (nothing skipped before it)."""
+    local, reduced, change = never[0].decisions[0]
+    own = [_ratio(local), _ratio([r - m for r, m in zip(reduced, local)])]  # this shard's, the other shard's
+    threshold = round(sum(own) / 2, 6)  # the same on both ranks (rounded: their float sums may differ in the last bit)
+    out, stats = _predict(dict(ulysses_degree=2), 2, "fbcache", threshold)
+    local, reduced, change = stats[0].decisions[0]
+    return dict(own=own, threshold=threshold, change=change, out=out.tolist(), skipped=[s.skipped_steps for s in stats])
+
+
+def _ratio(sums: list[float]) -> float:
+    return sum(sums[0::2]) / sum(sums[1::2])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _check(results: list[dict], layouts: dict) -> list[str]:
+    failures = []
+    plain, _ = _one_process(None, None)
+    plain_each, _ = _one_process(None, None, batch_size=1)
+    cached = {c: _one_process(c, t) for c, t in THRESHOLDS.items()}
+    cached_each = {c: _one_process(c, t, batch_size=1) for c, t in THRESHOLDS.items()}
+    for name, (_, runs) in layouts.items():
+        per_sample = name in PER_SAMPLE
+        for rank, result in enumerate(results):
+            if None not in runs:
+                continue
+            expected = plain_each[rank : rank + 1] if per_sample else plain
+            error = _relative(torch.tensor(result[(name, None)][0]), expected)
+            if not error <= 1e-5:
+                failures.append(f"{name}, threshold 0, rank {rank}: relative error {error:.2e} vs the uncached run")
+        for cache in [c for c in runs if c is not None]:
+            outs = [torch.tensor(r[(name, cache)][0]) for r in results]
+            skipped = [r[(name, cache)][1] for r in results]
+            if per_sample:
+                for rank, (out, steps) in enumerate(zip(outs, skipped)):
+                    reference, reference_skipped = cached[cache] if name in JOINT_SAMPLES else cached_each[cache]
+                    if name not in JOINT_SAMPLES:
+                        reference_skipped = reference_skipped[rank : rank + 1]
+                    if not _relative(out, reference[rank : rank + 1]) <= CACHED_TOLERANCE or steps != reference_skipped:
+                        failures.append(f"{name}, {cache}, rank {rank}: not the one-process run of its sample"
+                                        f" (skipped {steps} vs {reference_skipped})")
+                continue
+            if any(not torch.equal(out, outs[0]) for out in outs):
+                failures.append(f"{name}, {cache}: the ranks' outputs differ")
+            if any(s != skipped[0] for s in skipped) or not sum(skipped[0]) > 0:
+                failures.append(f"{name}, {cache}: skipped steps per rank {skipped} (must be equal and > 0)")
+            if name not in PER_MICROBATCH:
+                reference, reference_skipped = cached[cache]
+                error = _relative(outs[0], reference)
+                if not error <= CACHED_TOLERANCE or skipped[0] != reference_skipped:
+                    failures.append(f"{name}, {cache}: relative error {error:.2e}, skipped {skipped[0]} vs the"
+                                    f" one-process cached run ({reference_skipped})")
+    return failures
+
+
+def test_step_cache_on_two_ranks():
+    results = run_on_ranks(2, _cases, free_port(), free_port(), LAYOUTS_2, True, timeout_s=600)
+    failures = _check(results, LAYOUTS_2)
+    straddle = [r["straddle"] for r in results]
+    own, threshold = straddle[0]["own"], straddle[0]["threshold"]
+    assert min(own) < threshold < max(own), f"the shards' own statistics {own} do not straddle {threshold}"
+    assert all(s["threshold"] == threshold for s in straddle)
+    assert straddle[0]["change"] == straddle[1]["change"]  # the reduced statistic, bit for bit
+    assert straddle[0]["out"] == straddle[1]["out"] and straddle[0]["skipped"] == straddle[1]["skipped"]
+    assert not failures, "\n".join(failures)
+
+
+def test_step_cache_on_four_ranks():
+    results = run_on_ranks(4, _cases, free_port(), free_port(), LAYOUTS_4, False, timeout_s=600)
+    failures = _check(results, LAYOUTS_4)
+    assert not failures, "\n".join(failures)
+
+
+# -- one process, interface, refusals -------------------------------------------------------------------------
+
+
+def test_threshold_zero_is_the_plain_run_and_a_threshold_skips():
+    plain, _ = _one_process(None, None)
+    for cache in THRESHOLDS:
+        never, skipped = _one_process(cache, 0.0)
+        assert torch.equal(never, plain) and skipped == [0]
+        cached, skipped = _one_process(cache, THRESHOLDS[cache])
+        assert skipped[0] > 0 and not torch.equal(cached, plain)
+
+
+def test_schedule_options_bound_the_skips():
+    module = _module(steps=12)
+    (_, dit, plan), = find_planned_modules(module)
+    options = CacheOptions(warmup_steps=3, final_steps=2, max_skips=1)
+    cache = apply_step_cache(dit, plan, cache_config("fbcache", 10.0, options), steps_source=module)  # skip whenever allowed
+    cache.begin_batch()
+    skipped_at = []  # read at the last block, once the step's branch is taken
+    hook = cache.infos[-1].block.register_forward_pre_hook(lambda *_: skipped_at.append(cache.skip))
+    module.sample(next(iter(requests(2))))
+    hook.remove()
+    cache.remove()
+    # warm-up 0..2 and the last 2 computed; never 2 skips in a row
+    assert skipped_at == [False, False, False, True, False, True, False, True, False, True, False, False]
+
+
+def test_joint_attention_blocks_cache_both_streams():
+    """SD3 blocks return (encoder_hidden_states, hidden_states): both carried; its last block (context_pre_only,
+    returning (None, hidden_states)) always runs."""
+    module = sd3_sampler(build_sd3(), steps=STEPS)
+    (_, dit, plan), = find_planned_modules(module)
+    cache = apply_step_cache(dit, plan, cache_config("teacache", 10.0), steps_source=module)
+    cache.begin_batch()
+    module.sample(next(iter(text_requests(2))))
+    first = cache.by_index[0]
+    assert first.mapping is not None and len([p for p in first.mapping if p is not None]) == 2
+    assert cache.by_index[1].mapping is None
+    assert cache.stats.skipped_steps > 0 and cache.stats.skipped_block_calls == cache.stats.skipped_steps
+    cache.remove()
+    assert all("forward" not in m.__dict__ for m in dit.modules())
+
+
+def test_single_device_strategy_caches():
+    stats = _Stats()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[stats],
+                        strategy=CachedSingleDeviceStrategy(cache="fbcache", cache_threshold=THRESHOLDS["fbcache"]))
+    out = torch.cat(trainer.predict(_module(), requests(2)))
+    reference, skipped = _one_process("fbcache", THRESHOLDS["fbcache"])
+    assert torch.equal(out, reference) and [s.skipped_steps for s in stats.stats] == skipped
+
+
+def test_cache_arguments_are_validated():
+    assert SequenceParallelStrategy(ulysses_degree=2, cache="fbcache")._cache.threshold == 0.08
+    assert DiTParallelStrategy(cache="teacache")._cache.threshold == 0.05
+    with pytest.raises(ValueError, match="need cache='fbcache' or 'teacache'"):
+        SequenceParallelStrategy(ulysses_degree=2, cache_threshold=0.1)
+    with pytest.raises(ValueError, match="cache must be None or one of"):
+        DiTParallelStrategy(cache="deepcache")
+    with pytest.raises(ValueError, match="Unknown cache_options"):
+        DiTParallelStrategy(cache="fbcache", cache_options={"warmup": 2})
+    with pytest.raises(ValueError, match="does not compose with PipeFusion"):
+        PipelineStrategy(pp_degree=2, mode="pipefusion", cache="fbcache")
+    module = _module()
+    (_, dit, plan), = find_planned_modules(module)
+    with pytest.raises(ValueError, match="does not compose with DistriFusion"):
+        check_step_cache(cache_config("teacache"), dit, plan, distrifusion=True)
+    with pytest.raises(ValueError, match="fbcache runs the first 4 blocks always"):
+        check_step_cache(cache_config("fbcache", None, {"first_blocks": 4}), dit, plan)
+
+
+def test_command_line_reaches_the_cache():
+    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+        ulysses = compose(config_name="predict", overrides=["strategy.cache=fbcache", "strategy.cache_threshold=0.1"])
+        none = compose(config_name="predict", overrides=["strategy=none", "strategy.cache=teacache",
+                                                          "strategy.cache_options={max_skips: 2}"])
+    strategy = instantiate(ulysses.strategy)
+    assert strategy._cache.method == "fbcache" and strategy._cache.threshold == 0.1
+    single = instantiate(none.strategy)
+    assert isinstance(single, CachedSingleDeviceStrategy) and single._cache.options.max_skips == 2
+
+
+def test_diffusers_cache_contexts_keep_their_own_state():
+    """A pipeline that calls the transformer twice per step names the calls (``cache_context("cond")`` ...): each
+    context counts its own steps and keeps its own residuals; ``num_inference_steps`` there sets the final steps."""
+    dit = build_wan()
+    (_, _, plan), = find_planned_modules(dit)
+    cache = apply_step_cache(dit, plan, cache_config("fbcache", 10.0))  # skip whenever the schedule allows
+    cache.begin_batch()
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(encoder_hidden_states=torch.randn(1, 7, 16, generator=generator))
+    latents = torch.randn(1, 4, 2, 6, 6, generator=generator)
+    skipped = {"cond": [], "uncond": []}
+    with torch.no_grad():
+        for step in range(5):
+            for name in ("cond", "uncond"):
+                with dit.cache_context(name, step_index=step, num_inference_steps=5):
+                    dit(latents * (1 - 0.05 * step), timestep=torch.tensor([900.0 - 150 * step]), **inputs)
+                    skipped[name].append(cache.stats.skipped_steps)
+    assert sorted(key[0] for key in cache._states) == ["cond", "uncond"]
+    # per context: step 0 warm-up, 1-3 skipped, 4 the final step (from the context's num_inference_steps) computed;
+    # the counts are of both contexts together, read after each call
+    assert skipped["cond"] == [0, 1, 3, 5, 6] and skipped["uncond"] == [0, 2, 4, 6, 6]
+    cache.remove()
+    assert "cache_context" not in dit.__dict__
