@@ -92,7 +92,7 @@ def _dit_variants(args: argparse.Namespace, world: int, device: torch.device) ->
 
     from lightning_dit_parallel import ParallelLayout, parallelize
 
-    side = int(round(args.tokens**0.5))
+    side = round(args.tokens**0.5)
     if side * side != args.tokens:
         raise ValueError(f"--tokens must be a square number for the DiT workload, got {args.tokens}.")
     layout = ParallelLayout(ulysses=world).resolve(world)

@@ -50,7 +50,12 @@ from lightning_dit_parallel.sequence.module_inputs import (
 from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_hooks
 from lightning_dit_parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers
-from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_heads, check_overlap_option, overlap_head_groups
+from lightning_dit_parallel.sequence.ulysses import (
+    UlyssesOverlap,
+    check_heads,
+    check_overlap_option,
+    overlap_head_groups,
+)
 from lightning_dit_parallel.splits import LengthFn, as_tensor, cut_arguments, cut_value
 from lightning_dit_parallel.utils.attention_route import route_attention_during_forward
 from lightning_dit_parallel.utils.hooks import remove_handles

@@ -10,7 +10,7 @@ while the attention of another runs (``ulysses_attention``'s ``head_groups``). S
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from lightning_dit_parallel.sequence.masks import as_4d
 #: ``False`` (or 1): one all-to-all each way per attention call; ``True``: 2 head groups; an int G >= 1: G head groups
 #: (at most the H/U heads a rank attends to); ``"auto"``: what was measured faster on the device type
 #: (``AUTO_HEAD_GROUPS``).
-UlyssesOverlap = Union[bool, int, Literal["auto"]]
+UlyssesOverlap = bool | int | Literal["auto"]
 
 #: Head groups ``"auto"`` picks per device type, from ``bench/ulysses_overlap.py``. CPU (gloo, 2 ranks, 4096 tokens, 1
 #: thread each): no gain from overlap - the all-to-all is ~5-8% of an attention call, and the grouped calls without
