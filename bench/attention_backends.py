@@ -25,8 +25,18 @@ import torch
 from lightning_dit_parallel.sequence.backends import check_backend, local_attend, local_attend_with_lse
 from lightning_dit_parallel.sequence.local_attention import merge_partial
 
-BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex", "flash",
-            "_flash_3", "sage", "xformers")
+BACKENDS = (
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "_native_math",
+    "flex",
+    "flash",
+    "_flash_3",
+    "sage",
+    "xformers",
+)
 
 
 def _time(fn, reps: int, device: torch.device) -> float:
@@ -53,8 +63,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, args.tokens, args.head_dim, generator=g).to(device, dtype)
-               for _ in range(3))  # (B, H, S, D)
+    q, k, v = (
+        torch.randn(args.batch, args.heads, args.tokens, args.head_dim, generator=g).to(device, dtype) for _ in range(3)
+    )  # (B, H, S, D)
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())  # float32
     half = args.tokens // 2
     rows = []
@@ -74,15 +85,21 @@ def run(args: argparse.Namespace) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
             row["skipped"] = f"{type(err).__name__}: ...{str(err)[-110:]}"
         rows.append(row)
-    print(f"device {device} {dtype} B={args.batch} H={args.heads} S={args.tokens} D={args.head_dim};"
-          f" torch SDPA {sdpa_ms:.3f} ms")
-    print(f"{'backend':>18} {'attend ms':>10} {'x SDPA':>7} {'+lse ms':>9} {'attend err':>11} {'2-block merge err':>18}")
+    print(
+        f"device {device} {dtype} B={args.batch} H={args.heads} S={args.tokens} D={args.head_dim};"
+        f" torch SDPA {sdpa_ms:.3f} ms"
+    )
+    print(
+        f"{'backend':>18} {'attend ms':>10} {'x SDPA':>7} {'+lse ms':>9} {'attend err':>11} {'2-block merge err':>18}"
+    )
     for row in rows:
         if "skipped" in row:
             print(f"{row['backend']:>18}  skipped: {row['skipped']}")
             continue
-        print(f"{row['backend']:>18} {row['attend_ms']:10.3f} {row['attend_ms'] / sdpa_ms:7.2f} {row['lse_ms']:9.3f}"
-              f" {row['attend_err']:11.2e} {row['merge_err']:18.2e}")
+        print(
+            f"{row['backend']:>18} {row['attend_ms']:10.3f} {row['attend_ms'] / sdpa_ms:7.2f} {row['lse_ms']:9.3f}"
+            f" {row['attend_err']:11.2e} {row['merge_err']:18.2e}"
+        )
     return rows
 
 

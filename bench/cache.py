@@ -42,7 +42,7 @@ def _single(variant: str, thresholds: dict, steps: int):
     module = digits_sampler(num_inference_steps=steps)
     cache = None
     if variant != "none":
-        (_, dit, plan), = find_planned_modules(module)
+        ((_, dit, plan),) = find_planned_modules(module)
         cache = apply_step_cache(dit, plan, cache_config(variant, thresholds[variant]), steps_source=module)
 
     def run(batch):
@@ -74,19 +74,28 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     singles = {v: _single(v, args.thresholds, args.steps) for v in VARIANTS}
     parallels = {v: _parallel(v, args.thresholds, args.steps, world) for v in VARIANTS}
     results: dict = {}
-    for layout, runs, timer in (("one process", singles, time_rank_zero), (f"ulysses {world}", parallels, time_all_ranks)):
+    for layout, runs, timer in (
+        ("one process", singles, time_rank_zero),
+        (f"ulysses {world}", parallels, time_all_ranks),
+    ):
         for variant, run in runs.items():
             box: list = []
             timer(lambda run=run, box=box: box.append(run(batch)))  # warm-up, and the outputs
             if box:
                 out, stats = box[0]
                 results[(layout, variant)] = dict(
-                    out=out, skipped=stats.skipped_steps if stats else 0, steps=stats.steps if stats else args.steps,
-                    bytes=stats.cached_bytes if stats else 0, times=[], cpu=[],
+                    out=out,
+                    skipped=stats.skipped_steps if stats else 0,
+                    steps=stats.steps if stats else args.steps,
+                    bytes=stats.cached_bytes if stats else 0,
+                    times=[],
+                    cpu=[],
                 )
     for _ in range(args.reps):  # alternating, so that drift between repetitions cancels in the ratios
-        for layout, runs, timer in (("one process", singles, time_rank_zero),
-                                    (f"ulysses {world}", parallels, time_all_ranks)):
+        for layout, runs, timer in (
+            ("one process", singles, time_rank_zero),
+            (f"ulysses {world}", parallels, time_all_ranks),
+        ):
             for variant, run in runs.items():
                 seconds, cpu = timer(lambda run=run: run(batch))
                 if (layout, variant) in results:
@@ -114,10 +123,14 @@ def main() -> None:
     merged = results[0]  # rank 0 holds every figure (the one-process runs ran there)
     reference = merged[("one process", "none")]["out"]
     labels = _batch(args.samples)["class_label"]
-    print(f"digits DiT, {args.samples} samples, {args.steps} DDIM steps, CFG 2.0, {args.threads} thread(s) per rank;"
-          f" thresholds {args.thresholds}; {args.reps} repetitions")
-    print("| layout | cache | steps skipped | time (s, median) | speedup vs uncached | speedup, CPU time | rel. L2 vs"
-          " uncached | PSNR (dB) | class accuracy | cached residuals per rank |")
+    print(
+        f"digits DiT, {args.samples} samples, {args.steps} DDIM steps, CFG 2.0, {args.threads} thread(s) per rank;"
+        f" thresholds {args.thresholds}; {args.reps} repetitions"
+    )
+    print(
+        "| layout | cache | steps skipped | time (s, median) | speedup vs uncached | speedup, CPU time | rel. L2 vs"
+        " uncached | PSNR (dB) | class accuracy | cached residuals per rank |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (layout, variant), r in merged.items():
         base = merged[(layout, "none")]
@@ -125,11 +138,21 @@ def main() -> None:
         spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if variant != "none" else ""
         cpu = [b / t for b, t in zip(base["cpu"], r["cpu"])]  # CPU seconds: less sensitive to a loaded machine
         rel = float((r["out"] - reference).norm() / reference.norm())
-        print(f"| {layout} | {variant} | {r['skipped']}/{r['steps']} | {statistics.median(r['times']):.3f} |"
-              f" {statistics.median(ratios):.2f}{spread} | {statistics.median(cpu):.2f} | {rel:.2e} | {_psnr(r['out'], reference):.1f} |"
-              f" {class_accuracy(r['out'], labels):.2f} | {r['bytes'] / 1024:.1f} KiB |")
-    outs = [res[(f"ulysses {args.world}", v)]["out"] for res in results for v in VARIANTS if (f"ulysses {args.world}", v) in res]
-    print(f"every rank's Ulysses output identical: {all(torch.equal(a, b) for a, b in zip(outs, outs[len(VARIANTS):]))}")
+        print(
+            f"| {layout} | {variant} | {r['skipped']}/{r['steps']} | {statistics.median(r['times']):.3f} |"
+            f" {statistics.median(ratios):.2f}{spread} | {statistics.median(cpu):.2f} | {rel:.2e} |"
+            f" {_psnr(r['out'], reference):.1f} |"
+            f" {class_accuracy(r['out'], labels):.2f} | {r['bytes'] / 1024:.1f} KiB |"
+        )
+    outs = [
+        res[(f"ulysses {args.world}", v)]["out"]
+        for res in results
+        for v in VARIANTS
+        if (f"ulysses {args.world}", v) in res
+    ]
+    print(
+        f"every rank's Ulysses output identical: {all(torch.equal(a, b) for a, b in zip(outs, outs[len(VARIANTS) :]))}"
+    )
 
 
 if __name__ == "__main__":

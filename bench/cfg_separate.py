@@ -36,9 +36,18 @@ CHANNELS, TEXT_DIM, TEXT_TOKENS = 16, 64, 32
 def build(args: argparse.Namespace) -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=args.hidden // 32, attention_head_dim=32, in_channels=CHANNELS,
-        out_channels=CHANNELS, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden, num_layers=args.layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
+        patch_size=(1, 2, 2),
+        num_attention_heads=args.hidden // 32,
+        attention_head_dim=32,
+        in_channels=CHANNELS,
+        out_channels=CHANNELS,
+        text_dim=TEXT_DIM,
+        freq_dim=64,
+        ffn_dim=4 * args.hidden,
+        num_layers=args.layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=256,
     ).eval()
 
 
@@ -86,10 +95,20 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         errors.append(error())
     handle.end_batch()
     output_bytes = start.numel() * start.element_size()
-    return {"first": (first_single, first_parallel), "single": single, "parallel": par, "errors": errors,
-            "single_cpu": single_cpu, "parallel_cpu": par_cpu, "ceiling": ceiling,
-            "latents": latents["parallel"].flatten().tolist(),  # plain values: tensors do not survive the queue
-            "sent": sent, "output_bytes": output_bytes, "computed": cfg.computed_calls, "skipped": cfg.skipped_calls}
+    return {
+        "first": (first_single, first_parallel),
+        "single": single,
+        "parallel": par,
+        "errors": errors,
+        "single_cpu": single_cpu,
+        "parallel_cpu": par_cpu,
+        "ceiling": ceiling,
+        "latents": latents["parallel"].flatten().tolist(),  # plain values: tensors do not survive the queue
+        "sent": sent,
+        "output_bytes": output_bytes,
+        "computed": cfg.computed_calls,
+        "skipped": cfg.skipped_calls,
+    }
 
 
 def main() -> None:
@@ -105,30 +124,45 @@ def main() -> None:
     r0, r1 = run_on_ranks(2, _worker, args, threads=args.threads, timeout_s=1800)
     single, par = statistics.median(r0["single"]), statistics.median(r0["parallel"])
     ratios = [p / s for s, p in zip(r0["single"], r0["parallel"])]
-    print(f"Wan transformer, {args.layers} layers, hidden {args.hidden}, {tokens} video tokens + {TEXT_TOKENS} text,"
-          f" batch 1; a step = conditional + unconditional call; {args.threads} thread(s) per process,"
-          f" {args.reps} steps after the first")
+    print(
+        f"Wan transformer, {args.layers} layers, hidden {args.hidden}, {tokens} video tokens + {TEXT_TOKENS} text,"
+        f" batch 1; a step = conditional + unconditional call; {args.threads} thread(s) per process,"
+        f" {args.reps} steps after the first"
+    )
     print(f"  one process       : {single:.3f} s per step (spread {min(r0['single']):.3f}-{max(r0['single']):.3f})")
     print(f"  cfg=2 on 2 ranks  : {par:.3f} s per step (spread {min(r0['parallel']):.3f}-{max(r0['parallel']):.3f})")
-    print(f"  ratio parallel / one process: {par / single:.2f} (median of per-step ratios"
-          f" {statistics.median(ratios):.2f}; target <= 0.6)")
+    print(
+        f"  ratio parallel / one process: {par / single:.2f} (median of per-step ratios"
+        f" {statistics.median(ratios):.2f}; target <= 0.6)"
+    )
     print(f"  ratio of the fastest steps: {min(r0['parallel']) / min(r0['single']):.2f}")
     ceiling = statistics.median(c / s for s, c in zip(r0["single"], r0["ceiling"]))
-    print(f"  what this machine allows now: both ranks running one plain call at once / one process's step ="
-          f" {ceiling:.2f} (0.5 with two free cores)")
+    print(
+        f"  what this machine allows now: both ranks running one plain call at once / one process's step ="
+        f" {ceiling:.2f} (0.5 with two free cores)"
+    )
     cpu_ratio = statistics.median(r0["parallel_cpu"]) / statistics.median(r0["single_cpu"])
-    print(f"  CPU seconds per step, busiest rank / one process: {cpu_ratio:.2f} (the work split, whatever the free"
-          " cores)")
-    print(f"  first step (the call pattern is learned: both calls on both ranks): {r0['first'][1]:.3f} s vs"
-          f" {r0['first'][0]:.3f} s in one process")
-    print(f"  DiT forwards per rank: computed {r0['computed']} / {r1['computed']}, skipped {r0['skipped']} /"
-          f" {r1['skipped']} (one process: {2 * (args.reps + 1)})")
+    print(
+        f"  CPU seconds per step, busiest rank / one process: {cpu_ratio:.2f} (the work split, whatever the free cores)"
+    )
+    print(
+        f"  first step (the call pattern is learned: both calls on both ranks): {r0['first'][1]:.3f} s vs"
+        f" {r0['first'][0]:.3f} s in one process"
+    )
+    print(
+        f"  DiT forwards per rank: computed {r0['computed']} / {r1['computed']}, skipped {r0['skipped']} /"
+        f" {r1['skipped']} (one process: {2 * (args.reps + 1)})"
+    )
     same = r0["latents"] == r1["latents"]
-    print(f"  max relative error of the latents after each step (rank 0 against one process): {max(r0['errors']):.1e};"
-          f" rank 1's latents {'equal' if same else 'DIFFER from'} rank 0's")
+    print(
+        f"  max relative error of the latents after each step (rank 0 against one process): {max(r0['errors']):.1e};"
+        f" rank 1's latents {'equal' if same else 'DIFFER from'} rank 0's"
+    )
     per_step = statistics.median(r0["sent"]), statistics.median(r1["sent"])
-    print(f"  bytes sent per step: rank 0 {per_step[0]} B, rank 1 {per_step[1]} B; the output is"
-          f" {r0['output_bytes']} B (DESIGN.md: one all-gather of the output, i.e. each rank sends its output once)")
+    print(
+        f"  bytes sent per step: rank 0 {per_step[0]} B, rank 1 {per_step[1]} B; the output is"
+        f" {r0['output_bytes']} B (DESIGN.md: one all-gather of the output, i.e. each rank sends its output once)"
+    )
 
 
 if __name__ == "__main__":

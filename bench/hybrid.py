@@ -33,9 +33,9 @@ from diffusers import DiTTransformer2DModel
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize, save_weights
 from lightning_dit_parallel.utils.comm_counter import CommCounter
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
+from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 #: name -> ParallelLayout keyword arguments.
 LAYOUTS: dict[str, dict] = {
@@ -57,8 +57,15 @@ def config(tokens: int, hidden: int, heads: int, layers: int) -> dict:
     if side * side != tokens:
         raise ValueError(f"--tokens must be a square number (patch grid side**2), got {tokens}.")
     return dict(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=4,
-        num_layers=layers, sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        sample_size=2 * side,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
     )
 
 
@@ -162,9 +169,14 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
         par.append(wall)
         par_cpu.append(cpu)
     return {
-        "single": single, "parallel": par, "single_cpu": single_cpu, "parallel_cpu": par_cpu, "error": error,
+        "single": single,
+        "parallel": par,
+        "single_cpu": single_cpu,
+        "parallel_cpu": par_cpu,
+        "error": error,
         "bytes": dict(counter.bytes_sent),
-        "held": held, "full": full_bytes,
+        "held": held,
+        "full": full_bytes,
         "expected": expected_bytes(layout, cfg, args.tokens, batch, full_bytes),
     }
 
@@ -190,8 +202,13 @@ def _load_worker(rank: int, world: int, args: argparse.Namespace, name: str | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", nargs="*", default=list(DEFAULT_LAYOUTS), choices=list(LAYOUTS),
-                        help="layouts of the step table (none: loading only)")
+    parser.add_argument(
+        "--layouts",
+        nargs="*",
+        default=list(DEFAULT_LAYOUTS),
+        choices=list(LAYOUTS),
+        help="layouts of the step table (none: loading only)",
+    )
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -204,12 +221,17 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
 
-    config(args.tokens, args.hidden, args.heads, args.layers)  # rejects a --tokens that is not square, before any launch
-    print(f"one step = DiT forward over the doubled batch ({2 * args.batch} rows per dp group), {args.tokens} tokens,"
-          f" hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process,"
-          f" {args.reps} reps after warm-up, one process and the layout alternating")
-    print(f"{'layout':20} {'ranks':>5} {'1 proc s':>9} {'layout s':>9} {'speedup':>8} {'spread s':>12} {'rel err':>8}"
-          f" {'CPU-time ratio':>14} {'params/rank':>12} {'step peak MiB':>14}")
+    # rejects a --tokens that is not square, before any launch
+    config(args.tokens, args.hidden, args.heads, args.layers)
+    print(
+        f"one step = DiT forward over the doubled batch ({2 * args.batch} rows per dp group), {args.tokens} tokens,"
+        f" hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process,"
+        f" {args.reps} reps after warm-up, one process and the layout alternating"
+    )
+    print(
+        f"{'layout':20} {'ranks':>5} {'1 proc s':>9} {'layout s':>9} {'speedup':>8} {'spread s':>12} {'rel err':>8}"
+        f" {'CPU-time ratio':>14} {'params/rank':>12} {'step peak MiB':>14}"
+    )
     rows = []
     for name in args.layouts:
         layout = ParallelLayout(**LAYOUTS[name])
@@ -222,15 +244,25 @@ def main() -> None:
         peak = f"{max(r['par_peak'] for r in memory) / MiB:.0f} / {memory[0]['single_peak'] / MiB:.0f}"
         cpu_ratio = statistics.median(r0["single_cpu"]) / statistics.median(r0["parallel_cpu"])
         spread = f"{min(r0['parallel']):.2f}-{max(r0['parallel']):.2f}"
-        print(f"{name:20} {world:>5} {single:>9.3f} {par:>9.3f} {single / par:>7.2f}x {spread:>12} {r0['error']:>8.1e}"
-              f" {cpu_ratio:>13.2f}x {held:>11.2f}x {peak:>14}")
+        print(
+            f"{name:20} {world:>5} {single:>9.3f} {par:>9.3f} {single / par:>7.2f}x {spread:>12} {r0['error']:>8.1e}"
+            f" {cpu_ratio:>13.2f}x {held:>11.2f}x {peak:>14}"
+        )
         rows.append((name, results))
-    print("\nCPU-time ratio: the one process's CPU seconds per step / the most CPU seconds any rank spent on the"
-          " step (communication included); unlike the wall-clock speedup it does not depend on free cores")
-    print("step peak: peak RSS growth during one step, the busiest rank / one process (activations, gathered"
-          " parameters and communication buffers; measured in a separate run with large blocks unmapped on free)")
-    print(f"params/rank: the largest parameter bytes any rank holds between steps / the whole model"
-          f" ({rows[0][1][0]['full'] / MiB:.1f} MiB)" if rows else "")
+    print(
+        "\nCPU-time ratio: the one process's CPU seconds per step / the most CPU seconds any rank spent on the"
+        " step (communication included); unlike the wall-clock speedup it does not depend on free cores"
+    )
+    print(
+        "step peak: peak RSS growth during one step, the busiest rank / one process (activations, gathered"
+        " parameters and communication buffers; measured in a separate run with large blocks unmapped on free)"
+    )
+    print(
+        f"params/rank: the largest parameter bytes any rank holds between steps / the whole model"
+        f" ({rows[0][1][0]['full'] / MiB:.1f} MiB)"
+        if rows
+        else ""
+    )
     print("bytes sent per rank per step (measured: the most any rank sent / expected from DESIGN.md):")
     for name, results in rows:
         expected = results[0]["expected"]
@@ -248,16 +280,20 @@ def main() -> None:
         # saved by a child process: memory this process freed would be inherited, already resident, by the
         # forked loaders and hide their growth
         total = run_on_ranks(1, _save_worker, load_cfg, file, threads=args.threads, timeout_s=1800)[0]
-        print(f"\nloading {total / MiB:.0f} MiB of weights (hidden {args.load_hidden}, {args.load_layers} layers) from"
-              " safetensors: peak RSS growth per rank while reading")
+        print(
+            f"\nloading {total / MiB:.0f} MiB of weights (hidden {args.load_hidden}, {args.load_layers} layers) from"
+            " safetensors: peak RSS growth per rank while reading"
+        )
         single = run_on_ranks(1, _load_worker, args, None, file, threads=args.threads, timeout_s=1800)[0]
         print(f"  {'one process':20} growth {single['growth'] / MiB:8.1f} MiB, holds {single['held'] / MiB:8.1f} MiB")
         for name in LOAD_LAYOUTS:
             results = run_on_ranks(2, _load_worker, args, name, file, threads=args.threads, timeout_s=1800)
             growth = max(r["growth"] for r in results)
             held = max(r["held"] for r in results)
-            print(f"  {name:20} growth {growth / MiB:8.1f} MiB ({growth / single['growth']:.2f} of one process),"
-                  f" holds {held / MiB:8.1f} MiB ({held / single['held']:.2f})")
+            print(
+                f"  {name:20} growth {growth / MiB:8.1f} MiB ({growth / single['growth']:.2f} of one process),"
+                f" holds {held / MiB:8.1f} MiB ({held / single['held']:.2f})"
+            )
 
 
 def _world(layout: ParallelLayout) -> int:

@@ -32,8 +32,15 @@ def build(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransformer2D
         raise ValueError(f"--tokens must be a square number (patch grid side**2), got {tokens}.")
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=4,
-        num_layers=layers, sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        sample_size=2 * side,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
     ).eval()
 
 
@@ -80,10 +87,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per batch (one checked call each)")
     args = parser.parse_args()
-    print(f"DiT step (Ulysses 2 on 2 ranks, batch 2 = one CFG sample), hidden {args.hidden}, {args.heads} heads,"
-          f" {args.layers} layers, {args.threads} thread(s) per rank, {args.reps} reps after warm-up")
-    columns = (("step s", 8), ("step+guard s", 13), ("difference", 10), ("guard alone ms", 15), ("guard / step", 13),
-               (f"per step, {args.steps} steps", 20))
+    print(
+        f"DiT step (Ulysses 2 on 2 ranks, batch 2 = one CFG sample), hidden {args.hidden}, {args.heads} heads,"
+        f" {args.layers} layers, {args.threads} thread(s) per rank, {args.reps} reps after warm-up"
+    )
+    columns = (
+        ("step s", 8),
+        ("step+guard s", 13),
+        ("difference", 10),
+        ("guard alone ms", 15),
+        ("guard / step", 13),
+        (f"per step, {args.steps} steps", 20),
+    )
     print(f"{'tokens':>6} " + " ".join(f"{name:>{width}}" for name, width in columns))
     for tokens in args.tokens:
         r = run_on_ranks(2, _worker, args, tokens, threads=args.threads, timeout_s=1800)[0]

@@ -30,22 +30,41 @@ LAYOUTS = [
     ("one process", 1, ["strategy=none"], {}),
     ("ulysses 2 (replicated)", 2, ["strategy=ulysses", "strategy.ulysses_degree=2"], dict(ulysses=2)),
     ("fsdp (dp 2)", 2, ["strategy=fsdp"], dict(dp=2, fsdp=True)),
-    ("fsdp x ulysses 2", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1"],
-     dict(ulysses=2, fsdp=True)),
-    ("fsdp x ulysses 2, layer units", 2, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1",
-                                          "strategy.fsdp_units=layers"],
-     dict(ulysses=2, fsdp=True, fsdp_units="layers")),
+    (
+        "fsdp x ulysses 2",
+        2,
+        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1"],
+        dict(ulysses=2, fsdp=True),
+    ),
+    (
+        "fsdp x ulysses 2, layer units",
+        2,
+        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1", "strategy.fsdp_units=layers"],
+        dict(ulysses=2, fsdp=True, fsdp_units="layers"),
+    ),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
     ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
-    ("fsdp (dp 4), layer units", 4, ["strategy=fsdp", "strategy.fsdp_units=layers"],
-     dict(dp=4, fsdp=True, fsdp_units="layers")),
-    ("fsdp x ulysses 2 x dp 2", 4, ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=2"],
-     dict(dp=2, ulysses=2, fsdp=True)),
+    (
+        "fsdp (dp 4), layer units",
+        4,
+        ["strategy=fsdp", "strategy.fsdp_units=layers"],
+        dict(dp=4, fsdp=True, fsdp_units="layers"),
+    ),
+    (
+        "fsdp x ulysses 2 x dp 2",
+        4,
+        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=2"],
+        dict(dp=2, ulysses=2, fsdp=True),
+    ),
     ("pipeline 4", 4, ["strategy=pipeline"], dict(pp=4, pp_mode="microbatch")),
     ("tp 4", 4, ["strategy=tp", "strategy.tp_degree=4"], dict(tp=4)),
-    ("pipeline 2 x ulysses 2, fsdp", 4, ["strategy=hybrid", "strategy.pp_degree=2", "strategy.cfg_degree=1",
-                                         "strategy.ulysses_degree=2"], dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch")),
+    (
+        "pipeline 2 x ulysses 2, fsdp",
+        4,
+        ["strategy=hybrid", "strategy.pp_degree=2", "strategy.cfg_degree=1", "strategy.ulysses_degree=2"],
+        dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch"),
+    ),
 ]
 
 
@@ -59,9 +78,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from transformers import UMT5Config, UMT5EncoderModel
 from tests.pipelines import WORDS, tiny_wan_vae, word_tokenizer
 torch.manual_seed(0)
-transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads={heads}, attention_head_dim={dim // heads},
-    in_channels=4, out_channels=4, text_dim={text_dim}, freq_dim=256, ffn_dim={ffn}, num_layers={layers},
-    cross_attn_norm=True, rope_max_seq_len=64).eval()
+transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads={heads},
+    attention_head_dim={dim // heads}, in_channels=4, out_channels=4, text_dim={text_dim}, freq_dim=256, ffn_dim={ffn},
+    num_layers={layers}, cross_attn_norm=True, rope_max_seq_len=64).eval()
 encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model={text_dim}, d_kv=64, d_ff={text_dim * 2},
     num_layers={text_layers}, num_heads={text_dim // 64}, relative_attention_num_buckets=8, decoder_start_token_id=0,
     pad_token_id=0, eos_token_id=1)).eval()
@@ -76,10 +95,21 @@ def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | No
     """One ``ldp-predict`` run; the memory record of every rank."""
     with tempfile.TemporaryDirectory() as peaks, tempfile.TemporaryDirectory() as out:
         command = [
-            sys.executable, str(ROOT / "bench" / "peak_run.py"), "model=pipeline", f"model.path={folder}",
-            "data=prompts", "data.prompts=[a red cat,a blue dog,a green bird,a big dog]", "model.call.num_inference_steps=2",
-            "model.call.height=64", "model.call.width=64", "model.call.num_frames=5", "+model.call.guidance_scale=4.0",
-            f"trainer.devices={ranks}", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *overrides,
+            sys.executable,
+            str(ROOT / "bench" / "peak_run.py"),
+            "model=pipeline",
+            f"model.path={folder}",
+            "data=prompts",
+            "data.prompts=[a red cat,a blue dog,a green bird,a big dog]",
+            "model.call.num_inference_steps=2",
+            "model.call.height=64",
+            "model.call.width=64",
+            "model.call.num_frames=5",
+            "+model.call.guidance_scale=4.0",
+            f"trainer.devices={ranks}",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={out}",
+            *overrides,
         ]
         env = {**os.environ, "LDP_PEAK_DIR": peaks, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         if mmap_threshold is not None:  # glibc: tensors above it are mapped and unmapped, never kept in the heap
@@ -99,15 +129,29 @@ def planned_bytes(folder: Path, ranks: int, fields: dict) -> float | None:
     from lightning_dit_parallel.planner.layouts import Axes
     from lightning_dit_parallel.planner.planner import plan_layouts
 
-    plan = plan_layouts(folder, devices=ranks, memory="1TiB", dtype="float32", height=64, width=64, frames=5,
-                        batch=1, samples=4, cfg=True, cfg_calls="separate", steps=2, device_type="cpu",
-                        axes=Axes(fsdp_layers=True))
+    plan = plan_layouts(
+        folder,
+        devices=ranks,
+        memory="1TiB",
+        dtype="float32",
+        height=64,
+        width=64,
+        frames=5,
+        batch=1,
+        samples=4,
+        cfg=True,
+        cfg_calls="separate",
+        steps=2,
+        device_type="cpu",
+        axes=Axes(fsdp_layers=True),
+    )
     for estimate in plan.layouts:
         layout = estimate.layout
         if all(getattr(layout, k) == v for k, v in fields.items()) and all(
-                getattr(layout, k) in (1, False, "none", 0, "blocks") for k in ("dp", "cfg", "pp", "ring", "ulysses",
-                                                                                "tp", "fsdp", "parallel_vae",
-                                                                                "fsdp_units") if k not in fields):
+            getattr(layout, k) in (1, False, "none", 0, "blocks")
+            for k in ("dp", "cfg", "pp", "ring", "ulysses", "tp", "fsdp", "parallel_vae", "fsdp_units")
+            if k not in fields
+        ):
             return estimate.memory.peak
     return None
 
@@ -122,11 +166,15 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
-    parser.add_argument("--mmap-threshold", type=int, default=None,
-                        help="glibc's MALLOC_MMAP_THRESHOLD_ for every process (e.g. 65536). By default glibc raises"
-                             " its threshold after the first large free, and memory freed by a step can then stay in"
-                             " the heap, counted in the resident set although free (GPUs use PyTorch's caching"
-                             " allocator instead)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for every process (e.g. 65536). By default glibc raises"
+        " its threshold after the first large free, and memory freed by a step can then stay in"
+        " the heap, counted in the resident set although free (GPUs use PyTorch's caching"
+        " allocator instead)",
+    )
     args = parser.parse_args()
     folder = args.folder.with_name(f"{args.folder.name}-{args.layers}x{args.dim}")
     build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, args.text_dim, args.text_layers)
@@ -134,8 +182,10 @@ def main() -> None:
     print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}")
     layouts = [entry for entry in LAYOUTS if not (args.quick and entry[1] > 2)]
     reference = None
-    print("| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
-          " planned / net |")
+    print(
+        "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
+        " planned / net |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, ranks, overrides, fields in layouts:
         records = run(folder, ranks, overrides, args.mmap_threshold)
@@ -145,8 +195,11 @@ def main() -> None:
         planned = planned_bytes(folder, ranks, fields)
         planned_text = "- | -" if planned is None else f"{planned / GB:.2f} | {planned / net:.2f}"
         cuda = "" if worst["cuda_peak"] is None else f" (device {worst['cuda_peak'] / GB:.2f})"
-        print(f"| {name} | {ranks} | {worst['peak'] / GB:.2f}{cuda} | {net / GB:.2f} | **{net / reference:.2f}** |"
-              f" {planned_text} |", flush=True)
+        print(
+            f"| {name} | {ranks} | {worst['peak'] / GB:.2f}{cuda} | {net / GB:.2f} | **{net / reference:.2f}** |"
+            f" {planned_text} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

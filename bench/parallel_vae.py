@@ -8,8 +8,8 @@ with the banded VAE; every process has the same threads (a rank stands for a dev
 glibc returning freed blocks at once): the peak RSS growth of one decode in one process and per rank, above what
 the process holds before it (weights included in neither). The "ceiling" is the speedup a perfect split would
 reach on the machine at the time: N times the one-process time over the time of N processes each decoding the whole
-latent at once; the CPU-seconds ratio (one process / the busiest rank) is the split of the work, whatever the load. With ``--device cuda`` (NCCL, one GPU per rank) memory
-is ``torch.cuda.max_memory_allocated`` growth instead.
+latent at once; the CPU-seconds ratio (one process / the busiest rank) is the split of the work, whatever the load. With
+``--device cuda`` (NCCL, one GPU per rank) memory is ``torch.cuda.max_memory_allocated`` growth instead.
 
 Bytes: each rank's sends during one banded decode (``CommCounter``) next to the figures predicted from the decoder's
 layers: halo rows of every convolution (point-to-point; DESIGN.md table: "halo rows per convolution"), the
@@ -43,9 +43,15 @@ MiB = 2**20
 def build(args: argparse.Namespace) -> AutoencoderKL:
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-        norm_num_groups=32, sample_size=8 * args.latent,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=8 * args.latent,
     ).eval()
     vae.encoder = None  # decode only: the encoder's weights would only add to every process' baseline
     return vae.to(args.device)
@@ -64,11 +70,13 @@ def expected_bytes(vae: AutoencoderKL, z: torch.Tensor, ranks: int, rank: int) -
     handles = []
     for module in vae.decoder.modules():
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a: shapes["conv"].append((a[0].shape, m.padding[0]))))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a: shapes["conv"].append((a[0].shape, m.padding[0])))
+            )
         elif isinstance(module, nn.GroupNorm):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a: shapes["norm"].append((a[0].shape[0], m.num_groups))))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a: shapes["norm"].append((a[0].shape[0], m.num_groups)))
+            )
         elif type(module).__name__ == "Attention":
             handles.append(module.register_forward_pre_hook(lambda m, a: shapes["attention"].append(a[0].shape)))
     with torch.no_grad():
@@ -159,7 +167,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace, memory_run: bool) -
         par.append(time_all_ranks(banded))
         concurrent.append(time_all_ranks(plain)[0])  # every rank decodes the whole latent at once
     return {
-        "single": single, "parallel": par, "concurrent": concurrent, "error": error, "bytes": dict(counter.bytes_sent),
+        "single": single,
+        "parallel": par,
+        "concurrent": concurrent,
+        "error": error,
+        "bytes": dict(counter.bytes_sent),
         "expected": expected,
     }
 
@@ -174,33 +186,42 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="only the timing run (time and bytes)")
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
-    print(f"AutoencoderKL (SD widths) decode of a {args.latent} x {args.latent} latent ({8 * args.latent} x"
-          f" {8 * args.latent} image) on {args.ranks} ranks ({args.device}, {args.threads} thread(s) per process)")
+    print(
+        f"AutoencoderKL (SD widths) decode of a {args.latent} x {args.latent} latent ({8 * args.latent} x"
+        f" {8 * args.latent} image) on {args.ranks} ranks ({args.device}, {args.threads} thread(s) per process)"
+    )
     if not args.skip_memory:
         memory = run_on_ranks(args.ranks, _worker, args, True, threads=args.threads, timeout_s=3600, backend=backend)
         single, worst = memory[0]["single"], max(m["parallel"] for m in memory)
         print(f"\nweights per process: {memory[0]['weights'] / MiB:.0f} MiB (the whole VAE; not in the figures below)")
         per_rank = ", ".join(f"{m['parallel'] / MiB:.0f}" for m in memory)
-        print(f"peak memory of the decode: one process {single / MiB:.0f} MiB; per rank {per_rank} MiB; ratio (busiest"
-              f" rank / one process) {worst / single:.2f}")
+        print(
+            f"peak memory of the decode: one process {single / MiB:.0f} MiB; per rank {per_rank} MiB; ratio (busiest"
+            f" rank / one process) {worst / single:.2f}"
+        )
     timing = run_on_ranks(args.ranks, _worker, args, False, threads=args.threads, timeout_s=3600, backend=backend)
     r = timing[0]
     single_wall, par_wall = [s[0] for s in r["single"]], [p[0] for p in r["parallel"]]
     speedup = statistics.median(s / p for s, p in zip(single_wall, par_wall))
     ceiling = statistics.median(args.ranks * s / c for s, c in zip(single_wall, r["concurrent"]))
     cpu = statistics.median(s[1] / p[1] for s, p in zip(r["single"], r["parallel"]))
-    print(f"time: one process {statistics.median(single_wall):.2f} s, {args.ranks} ranks {statistics.median(par_wall):.2f} s"
-          f" (spread {min(par_wall):.2f}-{max(par_wall):.2f}); speedup {speedup:.2f}x, ceiling {ceiling:.2f}x (N x one"
-          f" process / N processes decoding the whole latent at once), CPU seconds one process / busiest rank {cpu:.2f}x"
-          " (medians of adjacent ratios)")
+    print(
+        f"time: one process {statistics.median(single_wall):.2f} s,"
+        f" {args.ranks} ranks {statistics.median(par_wall):.2f} s"
+        f" (spread {min(par_wall):.2f}-{max(par_wall):.2f}); speedup {speedup:.2f}x, ceiling {ceiling:.2f}x (N x one"
+        f" process / N processes decoding the whole latent at once), CPU seconds one process / busiest rank {cpu:.2f}x"
+        " (medians of adjacent ratios)"
+    )
     print(f"max relative error against one process: {max(t['error'] for t in timing):.1e}")
     print("\nbytes sent per rank per decode, measured / predicted from the decoder's layers:")
     for rank, t in enumerate(timing):
         measured, expected = t["bytes"], t["expected"]
         gathered = sum(v for k, v in expected.items() if k.startswith("all_gather"))
         parts = ", ".join(f"{k.split()[1]} {v / MiB:.3f}" for k, v in expected.items() if k.startswith("all_gather"))
-        print(f"  rank {rank}: halo p2p {measured.get('p2p', 0) / MiB:.3f} / {expected['p2p'] / MiB:.3f} MiB;"
-              f" all-gather {measured.get('all_gather', 0) / MiB:.3f} / {gathered / MiB:.3f} MiB ({parts})")
+        print(
+            f"  rank {rank}: halo p2p {measured.get('p2p', 0) / MiB:.3f} / {expected['p2p'] / MiB:.3f} MiB;"
+            f" all-gather {measured.get('all_gather', 0) / MiB:.3f} / {gathered / MiB:.3f} MiB ({parts})"
+        )
 
 
 if __name__ == "__main__":

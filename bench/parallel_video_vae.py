@@ -44,8 +44,11 @@ LATENTS = {
     "dc": (1, 4, 192, 192),
 }
 CLASSES = {
-    "cogvideox": "AutoencoderKLCogVideoX", "ltx": "AutoencoderKLLTXVideo", "hunyuan": "AutoencoderKLHunyuanVideo",
-    "mochi": "AutoencoderKLMochi", "dc": "AutoencoderDC",
+    "cogvideox": "AutoencoderKLCogVideoX",
+    "ltx": "AutoencoderKLLTXVideo",
+    "hunyuan": "AutoencoderKLHunyuanVideo",
+    "mochi": "AutoencoderKLMochi",
+    "dc": "AutoencoderDC",
 }
 
 
@@ -101,9 +104,17 @@ def _worker(rank: int, world: int, scale: float) -> dict:
         error = None
         if reference is not None:
             error = ((out - reference).abs().max() / reference.abs().max()).item()
-        results[name] = {"single": single, "parallel": banded_peak, "error": error, "shape": tuple(z.shape),
-                         "output": tuple(out.shape), "output_bytes": out.numel() * out.element_size()}
-        del vae, out, reference
+        results[name] = {
+            "single": single,
+            "parallel": banded_peak,
+            "error": error,
+            "shape": tuple(z.shape),
+            "output": tuple(out.shape),
+            "output_bytes": out.numel() * out.element_size(),
+        }
+        # Release the model before the next one is built (after ``del vae``, pyflakes reads ``decode`` as using an
+        # unbound name).
+        vae = out = reference = None
     return results
 
 
@@ -123,10 +134,12 @@ def main() -> None:
             rows.setdefault(name, {})[ranks] = (single, worst, per_rank[0][name]["error"])
             r0 = per_rank[0][name]
             each = ", ".join(f"{r[name]['parallel'] / MiB:.1f}" for r in per_rank)
-            print(f"{CLASSES[name]:26s} latent {r0['shape']} -> {r0['output']} on {ranks} ranks: one process"
-                  f" {single / MiB:6.1f} MiB, per rank {each} MiB; busiest / one process {worst / single:.2f}"
-                  f" (output {r0['output_bytes'] / MiB:.1f} MiB, gathered whole on every rank); max relative error"
-                  f" {r0['error']:.1e}")
+            print(
+                f"{CLASSES[name]:26s} latent {r0['shape']} -> {r0['output']} on {ranks} ranks: one process"
+                f" {single / MiB:6.1f} MiB, per rank {each} MiB; busiest / one process {worst / single:.2f}"
+                f" (output {r0['output_bytes'] / MiB:.1f} MiB, gathered whole on every rank); max relative error"
+                f" {r0['error']:.1e}"
+            )
     print("\n| VAE | " + " | ".join(f"peak per rank / one process, {n} ranks" for n in args.ranks) + " |")
     print("|---|" + "---|" * len(args.ranks))
     for name, by_ranks in rows.items():

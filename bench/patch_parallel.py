@@ -47,8 +47,15 @@ def build_dit(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransform
     side = int(round(tokens**0.5))
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=8, num_layers=layers,
-        sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=2 * side,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
     ).eval()
 
 
@@ -63,8 +70,14 @@ def build_flux(hidden: int, heads: int, double: int, single: int, sharpen: float
     (logits times its square: peaked, as in a trained model, so that stale keys matter)."""
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=hidden // heads,
-        num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=32,
+        patch_size=1,
+        in_channels=16,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=hidden // heads,
+        num_attention_heads=heads,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
         axes_dims_rope=(hidden // heads // 4, 3 * hidden // heads // 8, 3 * hidden // heads // 8),
     ).eval()
     generator = torch.Generator().manual_seed(1)
@@ -108,29 +121,43 @@ def _distrifusion_worker(rank: int, world: int, args: argparse.Namespace) -> dic
         exact_s.append(time_all_ranks(exact_step))
         forward(patched)  # stale from here on
         stale_s.append(time_all_ranks(lambda: forward(patched)))
-    return {"plain": plain_s, "exact": exact_s, "stale": stale_s, "bytes": dict(counter.bytes_sent), "error": error,
-            "load": os.getloadavg()[0]}
+    return {
+        "plain": plain_s,
+        "exact": exact_s,
+        "stale": stale_s,
+        "bytes": dict(counter.bytes_sent),
+        "error": error,
+        "load": os.getloadavg()[0],
+    }
 
 
 def report_distrifusion(args: argparse.Namespace) -> None:
     n = args.degree
-    print(f"\nDistriFusion: DiT {args.layers} blocks, hidden {args.hidden}, one image of {args.tokens} tokens,"
-          f" {n} patches")
+    print(
+        f"\nDistriFusion: DiT {args.layers} blocks, hidden {args.hidden}, one image of {args.tokens} tokens,"
+        f" {n} patches"
+    )
     r = run_on_ranks(n, _distrifusion_worker, args, threads=args.threads, timeout_s=1800)[0]
     plain, exact, spread = _median_ratio(r["plain"], r["exact"])
     _, stale, stale_spread = _median_ratio(r["plain"], r["stale"])
-    print(f"  one process {plain:.3f} s; exact step (warm-up) {exact:.3f} s ({spread}): {plain / exact:.2f}x;"
-          f" stale step {stale:.3f} s ({stale_spread}): {plain / stale:.2f}x; stale vs exact {exact / stale:.2f}x")
-    print(f"  warm-up step vs one process: rel. max diff {r['error']:.1e}; load average {r['load']:.1f} on"
-          f" {os.cpu_count()} cores")
+    print(
+        f"  one process {plain:.3f} s; exact step (warm-up) {exact:.3f} s ({spread}): {plain / exact:.2f}x;"
+        f" stale step {stale:.3f} s ({stale_spread}): {plain / stale:.2f}x; stale vs exact {exact / stale:.2f}x"
+    )
+    print(
+        f"  warm-up step vs one process: rel. max diff {r['error']:.1e}; load average {r['load']:.1f} on"
+        f" {os.cpu_count()} cores"
+    )
     p_hs = args.tokens * args.hidden * 4  # float32
     table = 2 * p_hs * args.layers
     sent = r["bytes"].get("all_gather", 0)
     kv_sent = 2 * p_hs / n * (n - 1) * args.layers
-    print(f"  bytes per stale step, rank 0: all_gather {sent / 2**20:.3f} MiB sent: the keys and values of its patch to"
-          f" {n - 1} peer(s), 2 (N-1)/N p*hs per layer = {kv_sent / 2**20:.3f} MiB (as much received), plus the output"
-          f" gather; DESIGN.md table: 2 p*hs per layer x {args.layers} layers = {table / 2**20:.3f} MiB (all keys and"
-          " values of the step, of which each rank holds 1/N already)")
+    print(
+        f"  bytes per stale step, rank 0: all_gather {sent / 2**20:.3f} MiB sent: the keys and values of its patch to"
+        f" {n - 1} peer(s), 2 (N-1)/N p*hs per layer = {kv_sent / 2**20:.3f} MiB (as much received), plus the output"
+        f" gather; DESIGN.md table: 2 p*hs per layer x {args.layers} layers = {table / 2**20:.3f} MiB (all keys and"
+        " values of the step, of which each rank holds 1/N already)"
+    )
 
 
 # -- PipeFusion x Ulysses ----------------------------------------------------------------------------------------
@@ -155,28 +182,39 @@ def _pipefusion_ulysses_worker(rank: int, world: int, args: argparse.Namespace) 
     for _ in range(args.reps):
         plain_s.append(time_rank_zero(lambda: forward(plain)))
         piped_s.append(time_all_ranks(lambda: forward(piped)))
-    return {"plain": plain_s, "piped": piped_s, "bytes": dict(counter.bytes_sent), "error": error,
-            "load": os.getloadavg()[0]}
+    return {
+        "plain": plain_s,
+        "piped": piped_s,
+        "bytes": dict(counter.bytes_sent),
+        "error": error,
+        "load": os.getloadavg()[0],
+    }
 
 
 def report_pipefusion_ulysses(args: argparse.Namespace) -> None:
     world = 4
-    print(f"\nPipeFusion 2 stages x Ulysses 2 ({world} ranks): DiT {args.layers} blocks, hidden {args.hidden}, one"
-          f" image of {args.tokens} tokens, {args.patches} patches, one patched step")
+    print(
+        f"\nPipeFusion 2 stages x Ulysses 2 ({world} ranks): DiT {args.layers} blocks, hidden {args.hidden}, one"
+        f" image of {args.tokens} tokens, {args.patches} patches, one patched step"
+    )
     results = run_on_ranks(world, _pipefusion_ulysses_worker, args, threads=args.threads, timeout_s=1800)
     r = results[0]
     plain, piped, spread = _median_ratio(r["plain"], r["piped"])
-    print(f"  one process {plain:.3f} s, {world} ranks {piped:.3f} s ({spread}): {plain / piped:.2f}x; warm-up step"
-          f" rel. max diff {r['error']:.1e}; load average {r['load']:.1f} on {os.cpu_count()} cores")
+    print(
+        f"  one process {plain:.3f} s, {world} ranks {piped:.3f} s ({spread}): {plain / piped:.2f}x; warm-up step"
+        f" rel. max diff {r['error']:.1e}; load average {r['load']:.1f} on {os.cpu_count()} cores"
+    )
     p_hs = args.tokens * args.hidden * 4
     u, layers_per_stage = 2, args.layers // 2
     for rank, res in enumerate(results):
         measured = ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in sorted(res["bytes"].items()))
         print(f"  rank {rank} (stage {rank // u}): {measured}")
     a2a = 4 / u * p_hs * (u - 1) / u * layers_per_stage
-    print(f"  DESIGN.md table per rank: Ulysses (4/N) p*hs per layer x {layers_per_stage} layers of the stage, times"
-          f" (U-1)/U that leaves the rank: {a2a / 2**20:.3f} MiB all_to_all; PipeFusion 2 p*hs per step: stage 0's"
-          f" {u} ranks send p*hs/U each of the hidden states, {p_hs / u / 2**20:.3f} MiB p2p")
+    print(
+        f"  DESIGN.md table per rank: Ulysses (4/N) p*hs per layer x {layers_per_stage} layers of the stage, times"
+        f" (U-1)/U that leaves the rank: {a2a / 2**20:.3f} MiB all_to_all; PipeFusion 2 p*hs per step: stage 0's"
+        f" {u} ranks send p*hs/U each of the hidden states, {p_hs / u / 2**20:.3f} MiB p2p"
+    )
 
 
 # -- PipeFusion's text tokens -----------------------------------------------------------------------------------
@@ -187,15 +225,22 @@ def flux_sampler(args: argparse.Namespace, steps: int) -> DiffusionSampler:
 
     side = int(round(args.flux_tokens**0.5))
     return DiffusionSampler(
-        build_flux(args.hidden, args.heads, 2, 4, args.sharpen), FlowMatchEulerDiscreteScheduler(shift=3.0),
-        FluxConditioning(side, side), latent_shape=(side * side, 16), num_inference_steps=steps, guidance_scale=4.0,
+        build_flux(args.hidden, args.heads, 2, 4, args.sharpen),
+        FlowMatchEulerDiscreteScheduler(shift=3.0),
+        FluxConditioning(side, side),
+        latent_shape=(side * side, 16),
+        num_inference_steps=steps,
+        guidance_scale=4.0,
     )
 
 
 def text_batch(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(7)
-    return {"index": torch.tensor([0]), "prompt_embeds": torch.randn(1, args.text_tokens, 64, generator=generator),
-            "pooled_embeds": torch.randn(1, 32, generator=generator)}
+    return {
+        "index": torch.tensor([0]),
+        "prompt_embeds": torch.randn(1, args.text_tokens, 64, generator=generator),
+        "pooled_embeds": torch.randn(1, 32, generator=generator),
+    }
 
 
 def _text_worker(rank: int, world: int, args: argparse.Namespace) -> dict:
@@ -215,9 +260,15 @@ def _text_worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     x = torch.randn(2, side * side, 16, generator=torch.Generator().manual_seed(2))
     ids = torch.zeros(side * side, 3)
     ids[:, 1], ids[:, 2] = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
-    inputs = {"hidden_states": x, "encoder_hidden_states": torch.randn(2, args.text_tokens, 64),
-              "pooled_projections": torch.randn(2, 32), "timestep": torch.tensor([0.5, 0.5]), "img_ids": ids,
-              "txt_ids": torch.zeros(args.text_tokens, 3), "return_dict": False}
+    inputs = {
+        "hidden_states": x,
+        "encoder_hidden_states": torch.randn(2, args.text_tokens, 64),
+        "pooled_projections": torch.randn(2, 32),
+        "timestep": torch.tensor([0.5, 0.5]),
+        "img_ids": ids,
+        "txt_ids": torch.zeros(args.text_tokens, 3),
+        "return_dict": False,
+    }
 
     def forward(model):
         with torch.no_grad():
@@ -237,14 +288,18 @@ def _text_worker(rank: int, world: int, args: argparse.Namespace) -> dict:
 
 
 def report_text(args: argparse.Namespace) -> None:
-    print(f"\nPipeFusion text modes: Flux-shaped DiT (hidden {args.hidden}, 2 double + 4 single blocks, seeded random"
-          f" weights, attention sharpened x{args.sharpen:g}), {args.flux_tokens} image + {args.text_tokens} text tokens,"
-          f" 2 stages, {args.patches_text} patches, warm-up 1, vs exact one-process sampling (latents)")
+    print(
+        f"\nPipeFusion text modes: Flux-shaped DiT (hidden {args.hidden}, 2 double + 4 single blocks, seeded random"
+        f" weights, attention sharpened x{args.sharpen:g}), {args.flux_tokens} image + {args.text_tokens} text tokens,"
+        f" 2 stages, {args.patches_text} patches, warm-up 1, vs exact one-process sampling (latents)"
+    )
     exact = {steps: flux_sampler(args, steps).sample(text_batch(args)) for steps in args.text_steps}
     r = run_on_ranks(2, _text_worker, args, threads=args.threads, timeout_s=3600)[0]
     m, s, t = args.patches_text, args.flux_tokens, args.text_tokens
-    print("| text_tokens | steps | max abs diff / max abs | mean abs diff / mean abs | PSNR dB (peak max abs)"
-          " | tokens per step vs exact | patched step vs one process |")
+    print(
+        "| text_tokens | steps | max abs diff / max abs | mean abs diff / mean abs | PSNR dB (peak max abs)"
+        " | tokens per step vs exact | patched step vs one process |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in ("every_patch", "per_step"):
         plain, piped, _ = _median_ratio(*r[("time", mode)])
@@ -255,8 +310,10 @@ def report_text(args: argparse.Namespace) -> None:
             mse = diff.pow(2).mean().item()
             psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
             mean = diff.mean().item() / ref.abs().mean().item()
-            print(f"| {mode} | {steps} | {diff.max().item() / peak:.4f} | {mean:.5f} | {psnr:.1f} | {work:.2f} |"
-                  f" {plain / piped:.2f}x |")
+            print(
+                f"| {mode} | {steps} | {diff.max().item() / peak:.4f} | {mean:.5f} | {psnr:.1f} | {work:.2f} |"
+                f" {plain / piped:.2f}x |"
+            )
 
 
 def main() -> None:

@@ -27,8 +27,12 @@ BASELINE = current_rss()
 def _record() -> None:
     out = Path(os.environ["LDP_PEAK_DIR"])
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    record = {"rank": rank, "baseline": BASELINE, "peak": peak_rss(),
-              "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    record = {
+        "rank": rank,
+        "baseline": BASELINE,
+        "peak": peak_rss(),
+        "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

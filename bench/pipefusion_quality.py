@@ -46,8 +46,9 @@ def exact_images(steps: int, samples: int, weights: str | None) -> torch.Tensor:
     return sampler.sample(request_batch(samples))  # (N, 1, 16, 16) in [0, 1]
 
 
-def _worker(rank: int, world: int, method: str, configs: list[tuple[int, int, int]], samples: int,
-            weights: str | None) -> list:
+def _worker(
+    rank: int, world: int, method: str, configs: list[tuple[int, int, int]], samples: int, weights: str | None
+) -> list:
     batch = request_batch(samples)
     if method == "pipefusion":
         pp_group, groups = dist.group.WORLD, None
@@ -91,9 +92,11 @@ def main() -> None:
     torch.set_num_threads(1)
     labels = request_batch(args.samples)["class_label"]
     guidance = digits_sampler(weights=args.weights).guidance_scale
-    print(f"digits DiT (64 tokens, 4 blocks) vs exact one-process sampling, {args.samples} images, DDIM, guidance"
-          f" {guidance} (the default sampler); PipeFusion on {args.stages} stages, PipeFusion x Ulysses on 2 x 2 ranks,"
-          " DistriFusion on N ranks\n")
+    print(
+        f"digits DiT (64 tokens, 4 blocks) vs exact one-process sampling, {args.samples} images, DDIM, guidance"
+        f" {guidance} (the default sampler); PipeFusion on {args.stages} stages, PipeFusion x Ulysses on 2 x 2 ranks,"
+        " DistriFusion on N ranks\n"
+    )
     exact = {steps: exact_images(steps, args.samples, args.weights) for steps in args.steps}
     rows = []
     for method in args.methods:
@@ -111,14 +114,18 @@ def main() -> None:
                 if any(not torch.equal(torch.from_numpy(r[i][0]), images) for r in ranks[1:]):
                     raise AssertionError(f"ranks returned different images for {method} {patches} W={warmup} {steps}")
                 rows.append((method, patches, warmup, steps, images))
-    print("| method | patches M / ranks N | warm-up W | steps | max abs diff | mean abs diff | PSNR dB"
-          " | class acc. method | class acc. exact |")
+    print(
+        "| method | patches M / ranks N | warm-up W | steps | max abs diff | mean abs diff | PSNR dB"
+        " | class acc. method | class acc. exact |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, patches, warmup, steps, images in rows:
         diff = (images - exact[steps]).abs()
-        print(f"| {method} | {patches} | {warmup} | {steps} | {diff.max().item():.4f} | {diff.mean().item():.5f} |"
-              f" {psnr(images, exact[steps]):.1f} | {class_accuracy(images, labels):.3f} |"
-              f" {class_accuracy(exact[steps], labels):.3f} |")
+        print(
+            f"| {method} | {patches} | {warmup} | {steps} | {diff.max().item():.4f} | {diff.mean().item():.5f} |"
+            f" {psnr(images, exact[steps]):.1f} | {class_accuracy(images, labels):.3f} |"
+            f" {class_accuracy(exact[steps], labels):.3f} |"
+        )
 
 
 if __name__ == "__main__":

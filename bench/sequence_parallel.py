@@ -5,9 +5,10 @@ started once; inside them, alternating, rank 0 times the plain model alone (the 
 other ranks wait at a barrier) and then all ranks time the parallelized copy of the same seeded model.
 Reported: median time of each, their ratio, the spread, and the bytes each rank sent during one parallel
 forward next to the figure the table in DESIGN.md predicts. Speedup and ceiling are medians of the ratios of
-adjacent measurements (one repetition each), so that the machine's drift between repetitions cancels. The "ceiling" column is the speedup a perfect
-split would reach on this machine: N times the one-process time over the time of N processes each running
-the whole forward at once (shared caches, memory bandwidth and neighbours slow concurrent processes down).
+adjacent measurements (one repetition each), so that the machine's drift between repetitions cancels. The "ceiling"
+column is the speedup a perfect split would reach on this machine: N times the one-process time over the time of N
+processes each running the whole forward at once (shared caches, memory bandwidth and neighbours slow concurrent
+processes down).
 
     python bench/sequence_parallel.py                      # ulysses and ring on 2 ranks, usp on 4
     python bench/sequence_parallel.py --methods ring --tokens 1024 --reps 3
@@ -35,12 +36,21 @@ def build(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransformer2D
         raise ValueError(f"--tokens must be a square number (patch grid side**2), got {tokens}.")
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=4,
-        num_layers=layers, sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        sample_size=2 * side,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
     ).eval()
 
 
-def expected_bytes(method: str, ulysses: int, ring: int, tokens: int, hidden: int, layers: int, batch: int) -> dict[str, float]:
+def expected_bytes(
+    method: str, ulysses: int, ring: int, tokens: int, hidden: int, layers: int, batch: int
+) -> dict[str, float]:
     """Per rank per forward, from the DESIGN.md table (p tokens, hs hidden, float32), plus the output gather."""
     p_hs = tokens * hidden * 4 * batch
     n = ulysses * ring
@@ -77,7 +87,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace, method: str) -> dic
         par.append(time_all_ranks(lambda: forward(parallel))[0])
         concurrent.append(time_all_ranks(lambda: forward(plain))[0])  # every rank runs the whole model at once
     return {
-        "single": single, "parallel": par, "concurrent": concurrent, "bytes": dict(counter.bytes_sent), "error": error
+        "single": single,
+        "parallel": par,
+        "concurrent": concurrent,
+        "bytes": dict(counter.bytes_sent),
+        "error": error,
     }
 
 
@@ -92,8 +106,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks and the baseline)")
     args = parser.parse_args()
-    print(f"DiT forward, {args.tokens} tokens, hidden {args.hidden}, {args.heads} heads, {args.layers} layers,"
-          f" batch {args.batch}, {args.threads} thread(s) per process, {args.reps} reps after warm-up")
+    print(
+        f"DiT forward, {args.tokens} tokens, hidden {args.hidden}, {args.heads} heads, {args.layers} layers,"
+        f" batch {args.batch}, {args.threads} thread(s) per process, {args.reps} reps after warm-up"
+    )
     header = (
         f"{'method':8} {'ranks':>5} {'1 proc s':>9} {'N ranks s':>10} {'speedup':>8} {'ceiling':>8} {'spread':>14}"
         f" {'rel err':>8}"

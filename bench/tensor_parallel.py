@@ -39,15 +39,36 @@ MiB = 2**20
 
 #: name -> (class, config) of real models, built on the meta device.
 SHAPES = {
-    "DiT-XL/2": (DiTTransformer2DModel, dict(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
-        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32,
-    )),
+    "DiT-XL/2": (
+        DiTTransformer2DModel,
+        dict(
+            num_attention_heads=16,
+            attention_head_dim=72,
+            in_channels=4,
+            out_channels=8,
+            num_layers=28,
+            sample_size=32,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            norm_num_groups=32,
+        ),
+    ),
     "Flux.1-dev": (FluxTransformer2DModel, dict(guidance_embeds=True)),
-    "Wan2.1-14B": (WanTransformer3DModel, dict(
-        num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
-        freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    )),
+    "Wan2.1-14B": (
+        WanTransformer3DModel,
+        dict(
+            num_attention_heads=40,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=13824,
+            num_layers=40,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        ),
+    ),
 }
 
 
@@ -71,8 +92,15 @@ def build(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransformer2D
         raise ValueError(f"--tokens must be a square number (patch grid side**2), got {tokens}.")
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=4,
-        num_layers=layers, sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        sample_size=2 * side,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
     ).eval()
 
 
@@ -105,8 +133,14 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         par_cpu.append(cpu)
         concurrent.append(time_all_ranks(lambda: forward(plain))[0])  # every rank runs the whole model at once
     return {
-        "single": single, "parallel": par, "concurrent": concurrent, "single_cpu": single_cpu, "parallel_cpu": par_cpu,
-        "error": error, "events": funcol.events, "guard": dict(c10d.bytes_sent),
+        "single": single,
+        "parallel": par,
+        "concurrent": concurrent,
+        "single_cpu": single_cpu,
+        "parallel_cpu": par_cpu,
+        "error": error,
+        "events": funcol.events,
+        "guard": dict(c10d.bytes_sent),
     }
 
 
@@ -130,11 +164,15 @@ def main() -> None:
             shares = [run_on_ranks(n, _params_worker, name, timeout_s=600, reporting=[0])[0] for n in (2, 4)]
             print(f"  {name:12} {shares[0]:>6.3f} {shares[1]:>6.3f}")
 
-    print(f"\nDiT forward over the doubled batch ({2 * args.batch} rows), {args.tokens} tokens, hidden {args.hidden},"
-          f" {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process, {args.reps} reps after"
-          " warm-up, one process and tp alternating")
-    print(f"{'tp':>3} {'1 proc s':>9} {'tp s':>8} {'speedup':>8} {'ceiling':>8} {'CPU-time ratio':>15}"
-          f" {'spread s':>12} {'rel err':>8}")
+    print(
+        f"\nDiT forward over the doubled batch ({2 * args.batch} rows), {args.tokens} tokens, hidden {args.hidden},"
+        f" {args.heads} heads, {args.layers} layers; {args.threads} thread(s) per process, {args.reps} reps after"
+        " warm-up, one process and tp alternating"
+    )
+    print(
+        f"{'tp':>3} {'1 proc s':>9} {'tp s':>8} {'speedup':>8} {'ceiling':>8} {'CPU-time ratio':>15}"
+        f" {'spread s':>12} {'rel err':>8}"
+    )
     rows = []
     for world in args.ranks:
         results = run_on_ranks(world, _step_worker, args, threads=args.threads, timeout_s=1800)
@@ -142,24 +180,30 @@ def main() -> None:
         speedup = statistics.median(s / p for s, p in zip(r["single"], r["parallel"]))
         ceiling = statistics.median(world * s / c for s, c in zip(r["single"], r["concurrent"]))
         cpu_ratio = statistics.median(r["single_cpu"]) / max(statistics.median(x["parallel_cpu"]) for x in results)
-        print(f"{world:>3} {statistics.median(r['single']):>9.3f} {statistics.median(r['parallel']):>8.3f}"
-              f" {speedup:>7.2f}x {ceiling:>7.2f}x {cpu_ratio:>14.2f}x"
-              f" {min(r['parallel']):>5.3f}-{max(r['parallel']):<6.3f} {r['error']:>8.1e}")
+        print(
+            f"{world:>3} {statistics.median(r['single']):>9.3f} {statistics.median(r['parallel']):>8.3f}"
+            f" {speedup:>7.2f}x {ceiling:>7.2f}x {cpu_ratio:>14.2f}x"
+            f" {min(r['parallel']):>5.3f}-{max(r['parallel']):<6.3f} {r['error']:>8.1e}"
+        )
         rows.append((world, r))
     p_hs = 2 * args.batch * args.tokens * args.hidden * 4  # float32 bytes of the (B, p, hs) hidden states
-    print(f"\nbytes per layer and rank (p*hs = {p_hs / MiB:.3f} MiB: {2 * args.batch} x {args.tokens} tokens x"
-          f" {args.hidden} x 4 B):")
+    print(
+        f"\nbytes per layer and rank (p*hs = {p_hs / MiB:.3f} MiB: {2 * args.batch} x {args.tokens} tokens x"
+        f" {args.hidden} x 4 B):"
+    )
     for world, r in rows:
         layers, ring = args.layers, 2 * (world - 1) / world
         tokens = [b for kind, b in r["events"] if kind == "all_reduce" and b == p_hs]  # (B, p, hs): attention, MLP
         other = [(kind, b) for kind, b in r["events"] if not (kind == "all_reduce" and b == p_hs)]
         other_sent = sum(b * ring if kind == "all_reduce" else b * (world - 1) for kind, b in other)
-        print(f"  tp={world}: {len(tokens) / layers:.0f} all-reduces of p*hs per layer, sent"
-              f" {len(tokens) * ring / layers:.2f} p*hs (ring all-reduce: 2 x 2(N-1)/N = {2 * ring:.2f} p*hs;"
-              f" DESIGN.md table: 4 p*hs, the bound for many ranks); per-sample collectives (modulation, embedders)"
-              f" {other_sent / layers / 1024:.1f} KiB per layer"
-              f" ({other_sent / layers / p_hs:.4f} p*hs, {len(other)} calls per forward); input check"
-              f" {sum(r['guard'].values()) / 1024:.1f} KiB per forward")
+        print(
+            f"  tp={world}: {len(tokens) / layers:.0f} all-reduces of p*hs per layer, sent"
+            f" {len(tokens) * ring / layers:.2f} p*hs (ring all-reduce: 2 x 2(N-1)/N = {2 * ring:.2f} p*hs;"
+            f" DESIGN.md table: 4 p*hs, the bound for many ranks); per-sample collectives (modulation, embedders)"
+            f" {other_sent / layers / 1024:.1f} KiB per layer"
+            f" ({other_sent / layers / p_hs:.4f} p*hs, {len(other)} calls per forward); input check"
+            f" {sum(r['guard'].values()) / 1024:.1f} KiB per forward"
+        )
 
 
 if __name__ == "__main__":

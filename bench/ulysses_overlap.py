@@ -60,9 +60,11 @@ def _attention_variants(args: argparse.Namespace, world: int, device: torch.devi
     group = dist.group.WORLD
     fns: dict[str, Callable[[], object]] = {}
     for g in args.groups:
-        fns[f"G={g}"] = (lambda g=g: ulysses_attention(q, k, v, group, None, None, head_groups=g))
+        fns[f"G={g}"] = lambda g=g: ulysses_attention(q, k, v, group, None, None, head_groups=g)
     most = max(args.groups)
-    if most > 1:  # control: the same head groups, each all-to-all waited for at once (what grouping costs or saves alone)
+    if (
+        most > 1
+    ):  # control: the same head groups, each all-to-all waited for at once (what grouping costs or saves alone)
         sizes = head_group_sizes(args.heads, world, most)
 
         def grouped_without_overlap():
@@ -97,16 +99,29 @@ def _dit_variants(args: argparse.Namespace, world: int, device: torch.device) ->
         raise ValueError(f"--tokens must be a square number for the DiT workload, got {args.tokens}.")
     layout = ParallelLayout(ulysses=world).resolve(world)
     mesh = layout.build_mesh(device.type)
-    x = torch.randn(args.batch, 4, 2 * side, 2 * side, generator=torch.Generator().manual_seed(1)).to(device, args.dtype)
+    x = torch.randn(args.batch, 4, 2 * side, 2 * side, generator=torch.Generator().manual_seed(1)).to(
+        device, args.dtype
+    )
     t = torch.full((args.batch,), 10, device=device)
     labels = torch.arange(args.batch, device=device) % 10
     fns, outputs = {}, {}
     for g in args.groups:
         torch.manual_seed(0)
-        model = DiTTransformer2DModel(
-            num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=4, out_channels=4,
-            num_layers=args.layers, sample_size=2 * side, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
-        ).eval().to(device)
+        model = (
+            DiTTransformer2DModel(
+                num_attention_heads=args.heads,
+                attention_head_dim=args.head_dim,
+                in_channels=4,
+                out_channels=4,
+                num_layers=args.layers,
+                sample_size=2 * side,
+                patch_size=2,
+                num_embeds_ada_norm=10,
+                norm_num_groups=4,
+            )
+            .eval()
+            .to(device)
+        )
         if args.dtype != torch.float32:
             model.to(args.dtype)
         parallelize(model, layout, mesh, ulysses_overlap=g)
@@ -125,7 +140,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, workload: str) -> d
     build = _attention_variants if workload == "attention" else _dit_variants
     fns, outputs = build(args, world, device)
     reference = outputs[f"G={args.groups[0]}"].float()
-    errors = {name: ((out.float() - reference).abs().max() / reference.abs().max()).item() for name, out in outputs.items()}
+    errors = {
+        name: ((out.float() - reference).abs().max() / reference.abs().max()).item() for name, out in outputs.items()
+    }
     for fn in fns.values():  # warm-up
         _timed(fn, device)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -143,7 +160,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2, help="DiT blocks of the dit workload")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], help="head groups; the first is the baseline")
+    parser.add_argument(
+        "--groups", type=int, nargs="+", default=[1, 2, 4], help="head groups; the first is the baseline"
+    )
     parser.add_argument("--workloads", nargs="+", default=["attention", "dit"], choices=["attention", "dit"])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -152,19 +171,26 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if args.heads % args.ranks or max(args.groups) > args.heads // args.ranks:
-        parser.error(f"--heads {args.heads} must divide by --ranks {args.ranks}, and --groups be at most the"
-                     f" {args.heads // args.ranks} heads per rank; got {args.groups}.")
+        parser.error(
+            f"--heads {args.heads} must divide by --ranks {args.ranks}, and --groups be at most the"
+            f" {args.heads // args.ranks} heads per rank; got {args.groups}."
+        )
     if args.backend == "nccl" and torch.cuda.device_count() < args.ranks:
-        print(f"ulysses overlap benchmark: --backend nccl needs {args.ranks} GPUs (one per rank), found"
-              f" {torch.cuda.device_count()}; nothing measured.")
+        print(
+            f"ulysses overlap benchmark: --backend nccl needs {args.ranks} GPUs (one per rank), found"
+            f" {torch.cuda.device_count()}; nothing measured."
+        )
         return
-    print(f"Ulysses overlap, {args.ranks} ranks ({args.backend}), {args.tokens} tokens, {args.heads} heads x"
-          f" {args.head_dim}, batch {args.batch}, {str(args.dtype).removeprefix('torch.')}, {args.threads} thread(s) per"
-          f" rank, {args.reps} reps after warm-up; baseline G={args.groups[0]}")
+    print(
+        f"Ulysses overlap, {args.ranks} ranks ({args.backend}), {args.tokens} tokens, {args.heads} heads x"
+        f" {args.head_dim}, batch {args.batch}, {str(args.dtype).removeprefix('torch.')}, {args.threads} thread(s) per"
+        f" rank, {args.reps} reps after warm-up; baseline G={args.groups[0]}"
+    )
     for workload in args.workloads:
         title = "one attention call" if workload == "attention" else f"DiT forward, {args.layers} blocks"
-        r = run_on_ranks(args.ranks, _worker, args, workload, threads=args.threads, timeout_s=1200,
-                         backend=args.backend)[0]
+        r = run_on_ranks(
+            args.ranks, _worker, args, workload, threads=args.threads, timeout_s=1200, backend=args.backend
+        )[0]
         base = r["times"][f"G={args.groups[0]}"]
         print(f"\n{title}:")
         print(f"  {'variant':16} {'median ms':>10} {'min-max ms':>16} {'plain/this':>11} {'rel err':>8}")
@@ -173,8 +199,10 @@ def main() -> None:
             err = r["errors"].get(name)
             err_text = f"{err:>8.1e}" if err is not None else f"{'-':>8}"
             ratio_text = f"{ratio:>10.2f}x" if name.startswith("G=") else f"{'-':>11}"
-            print(f"  {name:16} {1e3 * statistics.median(times):>10.2f} {1e3 * min(times):>7.2f}-{1e3 * max(times):<8.2f}"
-                  f" {ratio_text} {err_text}")
+            print(
+                f"  {name:16} {1e3 * statistics.median(times):>10.2f} {1e3 * min(times):>7.2f}-{1e3 * max(times):<8.2f}"
+                f" {ratio_text} {err_text}"
+            )
 
 
 if __name__ == "__main__":

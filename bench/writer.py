@@ -37,16 +37,24 @@ def _rank_entry() -> None:
     from lightning_dit_parallel.utils.memory import peak_rss
 
     figures: dict = {}
-    start, end, finish = (StreamingPredictionWriter.on_predict_start, StreamingPredictionWriter.on_predict_end,
-                          StreamingPredictionWriter.finish)
+    start, end, finish = (
+        StreamingPredictionWriter.on_predict_start,
+        StreamingPredictionWriter.on_predict_end,
+        StreamingPredictionWriter.finish,
+    )
 
     def timed_start(self, trainer, pl_module):
         start(self, trainer, pl_module)
         figures["t0"] = time.perf_counter()
 
     def timed_end(self, trainer, pl_module):
-        figures.update(loop_s=time.perf_counter() - figures["t0"], write_s=self.write_seconds,
-                       hook_s=self.hook_seconds, round_s=self.round_seconds, written=self.written)
+        figures.update(
+            loop_s=time.perf_counter() - figures["t0"],
+            write_s=self.write_seconds,
+            hook_s=self.hook_seconds,
+            round_s=self.round_seconds,
+            written=self.written,
+        )
         end(self, trainer, pl_module)
 
     def timed_finish(self):
@@ -72,8 +80,14 @@ def _rank_entry() -> None:
 def run(samples: int, steps: int, layout: str, collect: str, foreground: bool, work: Path) -> list[dict]:
     out = work / f"figures-{samples}"
     out.mkdir()
-    overrides = [f"data.dataset.num_samples={samples}", f"model.num_inference_steps={steps}", "data.batch_size=10",
-                 f"writer.collect={collect}", f"output_dir={work / f'run-{samples}'}", "writer.progress=false"]
+    overrides = [
+        f"data.dataset.num_samples={samples}",
+        f"model.num_inference_steps={steps}",
+        "data.batch_size=10",
+        f"writer.collect={collect}",
+        f"output_dir={work / f'run-{samples}'}",
+        "writer.progress=false",
+    ]
     if layout == "dp":
         overrides.append("strategy.ulysses_degree=1")
     if foreground:
@@ -93,23 +107,31 @@ def main() -> None:
     parser.add_argument("--collect", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--foreground", action="store_true", help="write in the loop (writer.background=false)")
     args = parser.parse_args()
-    print(f"digits DiT, 2 processes x 1 thread, layout {args.layout}, {args.steps} steps, batch 10, "
-          f"collect={args.collect}, {'foreground' if args.foreground else 'background'} writes")
-    print(f"{'samples':>8} {'rank':>4} {'peak MiB':>9} {'loop s':>8} {'thread s':>8} {'loop-side s':>11} "
-          f"{'share':>7} {'round s':>8} {'round %':>8} {'collect s':>9}")
+    print(
+        f"digits DiT, 2 processes x 1 thread, layout {args.layout}, {args.steps} steps, batch 10, "
+        f"collect={args.collect}, {'foreground' if args.foreground else 'background'} writes"
+    )
+    print(
+        f"{'samples':>8} {'rank':>4} {'peak MiB':>9} {'loop s':>8} {'thread s':>8} {'loop-side s':>11} "
+        f"{'share':>7} {'round s':>8} {'round %':>8} {'collect s':>9}"
+    )
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         for samples in args.samples:
             for r in run(samples, args.steps, args.layout, args.collect, args.foreground, Path(tmp)):
                 loop = r.get("loop_s", float("nan"))
-                print(f"{samples:>8} {r['rank']:>4} {r['peak'] / 2**20:>9.1f} {loop:>8.2f} {r.get('write_s', 0):>8.3f} "
-                      f"{r.get('hook_s', 0):>11.3f} {100 * r.get('hook_s', 0) / loop:>6.2f}% {r.get('round_s', 0):>8.3f} "
-                      f"{100 * r.get('round_s', 0) / loop:>7.2f}% {r.get('finish_s', float('nan')):>9.3f}")
+                print(
+                    f"{samples:>8} {r['rank']:>4} {r['peak'] / 2**20:>9.1f} {loop:>8.2f} {r.get('write_s', 0):>8.3f} "
+                    f"{r.get('hook_s', 0):>11.3f} {100 * r.get('hook_s', 0) / loop:>6.2f}% {r.get('round_s', 0):>8.3f} "
+                    f"{100 * r.get('round_s', 0) / loop:>7.2f}% {r.get('finish_s', float('nan')):>9.3f}"
+                )
                 if r["rank"] == 0:
                     peaks[samples] = r["peak"]
     first, last = min(peaks), max(peaks)
-    print(f"rank 0 peak: {peaks[last] / 2**20:.1f} MiB for {last} samples vs {peaks[first] / 2**20:.1f} MiB for "
-          f"{first} ({(peaks[last] - peaks[first]) / 2**20:+.1f} MiB)")
+    print(
+        f"rank 0 peak: {peaks[last] / 2**20:.1f} MiB for {last} samples vs {peaks[first] / 2**20:.1f} MiB for "
+        f"{first} ({(peaks[last] - peaks[first]) / 2**20:+.1f} MiB)"
+    )
 
 
 if __name__ == "__main__":

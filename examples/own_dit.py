@@ -110,8 +110,16 @@ class DiT(nn.Module):
         self_attention={"blocks.*.attn": ("image",)},
     )
 
-    def __init__(self, input_size: int = 8, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 64,
-                 depth: int = 2, num_heads: int = 4, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        input_size: int = 8,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 64,
+        depth: int = 2,
+        num_heads: int = 4,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels, self.out_channels = in_channels, 2 * in_channels
@@ -162,8 +170,12 @@ def make_module(transformer: DiT, steps: int = 4, guidance_scale: float = 4.0) -
     """The sampling LightningModule: DDIM with classifier-free guidance over ``transformer``."""
     size = transformer.input_size
     return DiffusionSampler(
-        transformer, DDIMScheduler(num_train_timesteps=100, clip_sample=False), DiTConditioning(),
-        latent_shape=(transformer.in_channels, size, size), num_inference_steps=steps, guidance_scale=guidance_scale,
+        transformer,
+        DDIMScheduler(num_train_timesteps=100, clip_sample=False),
+        DiTConditioning(),
+        latent_shape=(transformer.in_channels, size, size),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
     )
 
 
@@ -200,7 +212,9 @@ def main() -> None:
         single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
         reference = torch.cat(single.predict(seeded_module(), requests(4)))
         error = ((samples - reference).abs().max() / reference.abs().max()).item()
-        print(f"{tuple(samples.shape)} samples on {args.devices} processes; max relative error vs 1 process: {error:.1e}")
+        print(
+            f"{tuple(samples.shape)} samples on {args.devices} processes; max relative error vs 1 process: {error:.1e}"
+        )
 
 
 if __name__ == "__main__":

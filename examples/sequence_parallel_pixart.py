@@ -26,12 +26,24 @@ from lightning_dit_parallel.sampling import DiffusionSampler, TextConditioning
 def make_module(sample_size: int) -> DiffusionSampler:
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=sample_size, patch_size=2, cross_attention_dim=64, caption_channels=32, norm_num_groups=4,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=sample_size,
+        patch_size=2,
+        cross_attention_dim=64,
+        caption_channels=32,
+        norm_num_groups=4,
     )
     return DiffusionSampler(
-        transformer, DDIMScheduler(num_train_timesteps=100), TextConditioning(out_channels=4),
-        latent_shape=(4, sample_size, sample_size), num_inference_steps=4, guidance_scale=4.0,
+        transformer,
+        DDIMScheduler(num_train_timesteps=100),
+        TextConditioning(out_channels=4),
+        latent_shape=(4, sample_size, sample_size),
+        num_inference_steps=4,
+        guidance_scale=4.0,
     )
 
 
@@ -60,8 +72,10 @@ def main() -> None:
         reference = torch.cat(single.predict(make_module(args.size), requests(4)))
         error = ((images - reference).abs().max() / reference.abs().max()).item()
         ranks_per_node = args.devices if args.num_nodes > 1 else None
-        print(f"{strategy.layout.describe(ranks_per_node)}: {tuple(images.shape)} images,"
-              f" max relative error vs one process {error:.1e}")
+        print(
+            f"{strategy.layout.describe(ranks_per_node)}: {tuple(images.shape)} images,"
+            f" max relative error vs one process {error:.1e}"
+        )
 
 
 if __name__ == "__main__":

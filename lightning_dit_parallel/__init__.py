@@ -8,7 +8,15 @@ with Lightning.
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallelize import parallelize
 from lightning_dit_parallel.plan import (
-    Concat, DiTPlan, Each, HeadFeatures, HeadProjections, Packed, PrefixCount, Split, TokenGrid,
+    Concat,
+    DiTPlan,
+    Each,
+    HeadFeatures,
+    HeadProjections,
+    Packed,
+    PrefixCount,
+    Split,
+    TokenGrid,
 )
 from lightning_dit_parallel.plan_check import PlanCheck, check_plan
 from lightning_dit_parallel.planner import plan_layouts

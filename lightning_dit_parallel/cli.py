@@ -27,7 +27,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from lightning_dit_parallel.batch_job import PredictionInterrupted, RunConfigMismatch, StreamingPredictionWriter
-from lightning_dit_parallel.batch_job.resume import RANK_VARIABLES as _RANK_VARIABLES
 from lightning_dit_parallel.batch_job.resume import is_first_process
 from lightning_dit_parallel.known_warnings import silence_known_warnings
 
@@ -66,8 +65,11 @@ _OUTPUT_OPTIONS = ("index_key", "save_tensors", "save_images", "image_scale", "f
 def _approximate(strategy: dict[str, Any]) -> bool:
     """Whether the strategy's outputs depend on its layout (PipeFusion, DistriFusion, or auto allowing them)."""
     target = str(strategy.get("_target_", ""))
-    return ("pipefusion" in (strategy.get("mode"), strategy.get("pp_mode")) or target.endswith("PatchParallelStrategy")
-            or bool(strategy.get("allow_approximate")))
+    return (
+        "pipefusion" in (strategy.get("mode"), strategy.get("pp_mode"))
+        or target.endswith("PatchParallelStrategy")
+        or bool(strategy.get("allow_approximate"))
+    )
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -78,8 +80,11 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     writer = resolved.get("writer") or {}
-    config = {"model": resolved.get("model"), "data": resolved.get("data"),
-              "writer": {k: writer[k] for k in _OUTPUT_OPTIONS if k in writer}}
+    config = {
+        "model": resolved.get("model"),
+        "data": resolved.get("data"),
+        "writer": {k: writer[k] for k in _OUTPUT_OPTIONS if k in writer},
+    }
     strategy = resolved.get("strategy") or {}
     if _approximate(strategy):
         config["strategy"] = strategy
@@ -147,11 +152,13 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict | None:
     silence_known_warnings()
     requests = instantiate(cfg.data)
     # not recursive: the recorded model and data configs carry _target_ keys that must stay plain values
-    writer = instantiate(cfg.writer, output_dir=str(output_dir), run_config=run_config(cfg), _recursive_=False,
-                         _convert_="all")
+    writer = instantiate(
+        cfg.writer, output_dir=str(output_dir), run_config=run_config(cfg), _recursive_=False, _convert_="all"
+    )
     if not isinstance(writer, StreamingPredictionWriter):
-        raise TypeError(f"ldp-predict streams and resumes with StreamingPredictionWriter; writer is "
-                        f"{type(writer).__name__}.")
+        raise TypeError(
+            f"ldp-predict streams and resumes with StreamingPredictionWriter; writer is {type(writer).__name__}."
+        )
     loader = writer.prepare(requests, first_process=is_first_process(), min_samples=_world_size(cfg))
     assert writer.point is not None
     timer = PredictTimer()
@@ -171,11 +178,21 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict | None:
         writer.finish()
     else:
         return None
-    summary = {"layout": layout, "samples": writer.point.total, "new": writer.written, "before": writer.point.done,
-               "seconds": timer.seconds, "total_seconds": total, "grid": str(output_dir / "grid.png"),
-               "collected": writer.predictions is not None}
-    if (cfg.get("score") is not None and writer.predictions is not None
-            and _requests_have(requests.dataset, cfg.score.get("label_key"))):
+    summary = {
+        "layout": layout,
+        "samples": writer.point.total,
+        "new": writer.written,
+        "before": writer.point.done,
+        "seconds": timer.seconds,
+        "total_seconds": total,
+        "grid": str(output_dir / "grid.png"),
+        "collected": writer.predictions is not None,
+    }
+    if (
+        cfg.get("score") is not None
+        and writer.predictions is not None
+        and _requests_have(requests.dataset, cfg.score.get("label_key"))
+    ):
         summary["score"] = instantiate(cfg.score)(writer.predictions, requests.dataset, writer.indices)
     return summary
 
@@ -219,8 +236,12 @@ def main(cfg: DictConfig) -> float | None:
         raise
     except Exception:
         if is_first_process() and any(output_dir.glob("manifest.rank*.jsonl")):
-            print(f"The run failed; every finished sample is in {output_dir}. After fixing the cause, resume with:\n"
-                  f"  {resume_command(output_dir)}", file=sys.stderr, flush=True)
+            print(
+                f"The run failed; every finished sample is in {output_dir}. After fixing the cause, resume with:\n"
+                f"  {resume_command(output_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     if summary is None:
         return None

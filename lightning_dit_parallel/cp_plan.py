@@ -118,7 +118,8 @@ def attention_roles(model: nn.Module) -> list[AttentionRole]:
 def block_lists(model: nn.Module) -> tuple[str, ...]:
     """The model's ``ModuleList`` children that hold attention modules, in registration order."""
     return tuple(
-        name for name, child in model.named_children()
+        name
+        for name, child in model.named_children()
         if isinstance(child, nn.ModuleList) and any(_is_attention(m) for m in child.modules())
     )
 
@@ -221,8 +222,11 @@ class _Cuts:
 
     def _all(self) -> list[SplitSpec]:
         module_inputs = [*self.split_module_inputs.values(), *self.split_module_inputs_each_call.values()]
-        return [*self.split_inputs.values(), *(s for args in module_inputs for s in args.values()),
-                *self.split_outputs.values()]
+        return [
+            *self.split_inputs.values(),
+            *(s for args in module_inputs for s in args.values()),
+            *self.split_outputs.values(),
+        ]
 
     def sequences(self) -> set[str]:
         """Every sequence some entry cuts."""
@@ -230,6 +234,7 @@ class _Cuts:
 
     def leave_whole(self, sequences: set[str]) -> None:
         """Drop every cut of ``sequences`` (a tuple keeps its other elements' cuts)."""
+
         def keep(spec: SplitSpec) -> SplitSpec | None:
             if isinstance(spec, tuple):
                 kept = tuple(None if s is None or s.sequence in sequences else s for s in spec)
@@ -373,8 +378,9 @@ def _role(model: nn.Module, path: str, module: nn.Module) -> AttentionRole:
                 f" which {processor.__name__} concatenates text and latent tokens cannot be read from its code (found"
                 f" {list(orders)}). Declare a plan with register_plan."
             )
-        return AttentionRole(path, "self", orders[0], reason=f"joint attention; {processor.__name__} concatenates"
-                                                            f" {orders[0]}")
+        return AttentionRole(
+            path, "self", orders[0], reason=f"joint attention; {processor.__name__} concatenates {orders[0]}"
+        )
     # a single-stream block (one attention module) may concatenate the streams before its attention
     orders = concat_orders(caller.forward) if sum(map(_is_attention, parent.children())) == 1 else ()
     if len(orders) > 1:
@@ -455,9 +461,13 @@ def _call_arguments(forward: Callable, attribute: str, module: nn.Module) -> tup
     parameters = list(inspect.signature(module.forward).parameters)
     tree = _syntax(forward)
     calls = [
-        node for node in (ast.walk(tree) if tree is not None else ())
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute
-        and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+        node
+        for node in (ast.walk(tree) if tree is not None else ())
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == attribute
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
     ]
 
     def argument(call: ast.Call, name: str) -> ast.AST | None:
@@ -505,7 +515,7 @@ def _patterns(values: Mapping[str, Any], paths: list[str], blocks: tuple[str, ..
 
 def _block_pattern(path: str, blocks: tuple[str, ...]) -> str:
     for block_list in blocks:
-        head, sep, rest = path[len(block_list) + 1:].partition(".")
+        head, sep, rest = path[len(block_list) + 1 :].partition(".")
         if path.startswith(f"{block_list}.") and head.isdigit():
             return f"{block_list}.*{sep}{rest}"
     return path

@@ -214,8 +214,10 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _message(model: str, name: str, classes: list[list[int]]) -> str:
-    held = "; ".join(f"rank{'s' if len(c) > 1 else ''} {', '.join(map(str, c))} hold{'' if len(c) > 1 else 's'} "
-                     f"value {i + 1}" for i, c in enumerate(classes))
+    held = "; ".join(
+        f"rank{'s' if len(c) > 1 else ''} {', '.join(map(str, c))} hold{'' if len(c) > 1 else 's'} value {i + 1}"
+        for i, c in enumerate(classes)
+    )
     return (
         f"The ranks of a model-parallel group must call {model}.forward with identical inputs, but argument"
         f" {name!r} differs between them ({held}). A rank-dependent random state gives each rank different noise,"

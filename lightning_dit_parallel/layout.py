@@ -53,9 +53,15 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         degrees = self.degrees()
-        bad = {k: v for k, v in degrees.items() if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1))}
+        bad = {
+            k: v
+            for k, v in degrees.items()
+            if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1))
+        }
         if bad:
-            raise ValueError(f"Every parallel degree must be a positive integer or 'auto'; got {bad} in {self.describe()}.")
+            raise ValueError(
+                f"Every parallel degree must be a positive integer or 'auto'; got {bad} in {self.describe()}."
+            )
         autos = [k for k, v in degrees.items() if v == "auto"]
         if len(autos) > 1:
             raise ValueError(f"At most one parallel degree may be 'auto'; got {autos} in {self.describe()}.")
@@ -103,8 +109,8 @@ class ParallelLayout:
         if autos:
             if world_size % fixed:
                 raise ValueError(
-                    f"Cannot resolve {autos[0]}='auto': the other degrees multiply to {fixed}, which does not divide the"
-                    f" world size {world_size} ({self.describe()})."
+                    f"Cannot resolve {autos[0]}='auto': the other degrees multiply to {fixed}, which does not divide"
+                    f" the world size {world_size} ({self.describe()})."
                 )
             resolved = replace(self, **{autos[0]: world_size // fixed})
             return resolved.resolve(world_size)

@@ -66,7 +66,7 @@ def axes_across_nodes(degrees: Mapping[str, int], ranks_per_node: int) -> tuple[
 def group_span(degrees: Mapping[str, int], axis: str) -> int:
     """How many consecutive ranks one group of ``axis`` spans: its degree times the degrees of the axes inside it."""
     names = list(degrees)
-    return math.prod(int(degrees[a]) for a in names[names.index(axis):])
+    return math.prod(int(degrees[a]) for a in names[names.index(axis) :])
 
 
 def describe_nodes(degrees: Mapping[str, int], ranks_per_node: int) -> str:
@@ -74,9 +74,11 @@ def describe_nodes(degrees: Mapping[str, int], ranks_per_node: int) -> str:
     world = math.prod(int(d) for d in degrees.values())
     across = axes_across_nodes(degrees, ranks_per_node)
     count = world // ranks_per_node
-    return (f"{count} node{'s' if count != 1 else ''} x {ranks_per_node} rank{'s' if ranks_per_node != 1 else ''},"
-            " across nodes: "
-            f"{', '.join(across) if across else 'none'}")
+    return (
+        f"{count} node{'s' if count != 1 else ''} x {ranks_per_node} rank{'s' if ranks_per_node != 1 else ''},"
+        " across nodes: "
+        f"{', '.join(across) if across else 'none'}"
+    )
 
 
 def cross_node_problems(degrees: Mapping[str, int], ranks_per_node: int) -> list[str]:
@@ -86,7 +88,7 @@ def cross_node_problems(degrees: Mapping[str, int], ranks_per_node: int) -> list
     for axis, collective in NODE_LOCAL_AXES.items():
         if axis not in across:
             continue
-        inner = list(degrees)[list(degrees).index(axis):]
+        inner = list(degrees)[list(degrees).index(axis) :]
         span = group_span(degrees, axis)
         problems.append(
             f"the {collective} crosses nodes: one {axis} group spans {span} consecutive ranks"
@@ -146,6 +148,13 @@ def is_numbered_by_node(global_rank: int, node_rank: int, local_rank: int, ranks
 
 
 __all__ = [
-    "NODE_LOCAL_AXES", "CrossNodePolicy", "CrossNodeWarning", "axes_across_nodes", "check_node_placement",
-    "cross_node_problems", "describe_nodes", "group_span", "is_numbered_by_node",
+    "NODE_LOCAL_AXES",
+    "CrossNodePolicy",
+    "CrossNodeWarning",
+    "axes_across_nodes",
+    "check_node_placement",
+    "cross_node_problems",
+    "describe_nodes",
+    "group_span",
+    "is_numbered_by_node",
 ]

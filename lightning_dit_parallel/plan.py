@@ -375,8 +375,14 @@ class DiTPlan:
     optional_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("split_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention",
-                     "token_grids"):
+        for name in (
+            "split_inputs",
+            "split_outputs",
+            "gather_outputs",
+            "self_attention",
+            "linear_attention",
+            "token_grids",
+        ):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         module_inputs = {path: MappingProxyType(dict(args)) for path, args in self.split_module_inputs.items()}
         object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
@@ -384,19 +390,25 @@ class DiTPlan:
             frozen = {path: MappingProxyType(dict(args)) for path, args in getattr(self, name).items()}
             object.__setattr__(self, name, MappingProxyType(frozen))
         object.__setattr__(self, "replicated_tail_attention", MappingProxyType(dict(self.replicated_tail_attention)))
-        object.__setattr__(self, "sequence_unsupported_inputs", MappingProxyType(dict(self.sequence_unsupported_inputs)))
+        object.__setattr__(
+            self, "sequence_unsupported_inputs", MappingProxyType(dict(self.sequence_unsupported_inputs))
+        )
         object.__setattr__(self, "block_indexed_inputs", tuple(self.block_indexed_inputs))
         object.__setattr__(self, "tensor_parallel", MappingProxyType(dict(self.tensor_parallel)))
         object.__setattr__(self, "tensor_parallel_outputs", MappingProxyType(dict(self.tensor_parallel_outputs)))
-        object.__setattr__(self, "tensor_parallel_unsupported",
-                           MappingProxyType(dict(self.tensor_parallel_unsupported)))
+        object.__setattr__(
+            self, "tensor_parallel_unsupported", MappingProxyType(dict(self.tensor_parallel_unsupported))
+        )
         bad_outputs = {p: s for p, s in self.tensor_parallel_outputs.items() if not _head_features_spec(s)}
         if bad_outputs:
             raise ValueError(
                 f"tensor_parallel_outputs must map to a HeadFeatures or a tuple of them; got {bad_outputs}."
             )
-        bad = {p: s for p, s in self.tensor_parallel.items()
-               if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES}
+        bad = {
+            p: s
+            for p, s in self.tensor_parallel.items()
+            if not isinstance(s, Packed) and s not in TENSOR_PARALLEL_STYLES
+        }
         if bad:
             raise ValueError(
                 f"tensor_parallel styles must be one of {list(TENSOR_PARALLEL_STYLES)} or a Packed(...); got {bad}."
@@ -410,8 +422,9 @@ class DiTPlan:
             raise ValueError(
                 "split_module_inputs names submodules; put the DiT's own forward arguments in split_inputs."
             )
-        if not (self.split_inputs or self.split_outputs or self.split_module_inputs
-                or self.split_module_inputs_each_call):
+        if not (
+            self.split_inputs or self.split_outputs or self.split_module_inputs or self.split_module_inputs_each_call
+        ):
             raise ValueError(
                 "A DiTPlan needs at least one split point (split_inputs, split_module_inputs, split_outputs or"
                 " split_module_inputs_each_call)."
@@ -421,8 +434,12 @@ class DiTPlan:
         folded = [path for path, split in self.gather_outputs.items() if getattr(split, "folded", False)]
         if folded:
             raise ValueError(f"gather_outputs {folded} are folded splits, which cut per group and cannot be gathered.")
-        if not (self.self_attention or self.linear_attention or self.replicated_tail_attention
-                or self.head_parallel_attention):
+        if not (
+            self.self_attention
+            or self.linear_attention
+            or self.replicated_tail_attention
+            or self.head_parallel_attention
+        ):
             raise ValueError(
                 "A DiTPlan needs at least one self_attention (or linear_attention, replicated_tail_attention,"
                 " head_parallel_attention) pattern."

@@ -43,9 +43,9 @@ from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.registry import HOW_TO_DECLARE, plan_for
 from lightning_dit_parallel.sequence.attention import local_sdpa
+from lightning_dit_parallel.sequence.backends import local_attend
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.sequence.backends import local_attend
 from lightning_dit_parallel.utils.attention_route import route_attention_during_forward
 from lightning_dit_parallel.utils.hooks import remove_handles
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
@@ -91,7 +91,9 @@ class LayoutCheck:
     def passed(self) -> bool:
         """The run finished, no planned self-attention is silent and the error is within the tolerance."""
         return (
-            self.error is None and not self.silent_attention and self.max_relative_error is not None
+            self.error is None
+            and not self.silent_attention
+            and self.max_relative_error is not None
             and self.max_relative_error <= self.tolerance
         )
 
@@ -131,10 +133,14 @@ class PlanCheck:
             if check.error:
                 lines.append(f"    error: {check.error}")
             lines.append(f"    sharded attention: {_summary(check.sharded_attention)}")
-            lines.append(f"    planned self-attention that never called F.scaled_dot_product_attention:"
-                         f" {_summary(check.silent_attention)}")
-            lines.append("    uncut arguments with the length of a cut sequence (likely missing splits):"
-                         + ("".join(f"\n      {a}" for a in check.uncut_arguments) or " none"))
+            lines.append(
+                f"    planned self-attention that never called F.scaled_dot_product_attention:"
+                f" {_summary(check.silent_attention)}"
+            )
+            lines.append(
+                "    uncut arguments with the length of a cut sequence (likely missing splits):"
+                + ("".join(f"\n      {a}" for a in check.uncut_arguments) or " none")
+            )
         lines.append(f"verdict: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
@@ -192,10 +198,19 @@ def check_plan(
         if isinstance(worst, str):
             error, worst = worst, None
         sequences = sequences or results[0]["sequences"]
-        checks.append(LayoutCheck(
-            name, ulysses, ring, worst, tuple(results[0]["sharded"]), silent, tuple(results[0]["uncut"]), error,
-            tolerance,
-        ))
+        checks.append(
+            LayoutCheck(
+                name,
+                ulysses,
+                ring,
+                worst,
+                tuple(results[0]["sharded"]),
+                silent,
+                tuple(results[0]["uncut"]),
+                error,
+                tolerance,
+            )
+        )
     return PlanCheck(type(model).__name__, plan, sequences, tuple(checks), tolerance)
 
 
@@ -239,8 +254,16 @@ def silent_self_attention(model: nn.Module, plan: DiTPlan, args: tuple, kwargs: 
         def kernel(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, path=path, backend=None):
             called.add(path)
             if backend is None:
-                return local_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                  enable_gqa=enable_gqa)
+                return local_sdpa(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
+                    scale=scale,
+                    enable_gqa=enable_gqa,
+                )
             return local_attend(backend, path)(q, k, v, attn_mask=mask, scale=scale)
 
         handles.extend(route_attention_during_forward(module, kernel, path))
@@ -278,8 +301,12 @@ class _Probe:
     def _root(self, sp):
         signature = inspect.signature(sp.model.forward)
         # an argument the plan cuts by name somewhere (e.g. at the first block) is whole in the DiT's forward
-        cut_later = {name for kind in ("split_module_inputs", "split_module_inputs_each_call")
-                     for args in getattr(sp.plan, kind, {}).values() for name in args}
+        cut_later = {
+            name
+            for kind in ("split_module_inputs", "split_module_inputs_each_call")
+            for args in getattr(sp.plan, kind, {}).values()
+            for name in args
+        }
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.state = sp.state
@@ -341,7 +368,14 @@ class _Probe:
 
 
 def _run_layout(
-    rank: int, world_size: int, model: nn.Module, plan: DiTPlan, args: tuple, kwargs: dict, ulysses: int, ring: int,
+    rank: int,
+    world_size: int,
+    model: nn.Module,
+    plan: DiTPlan,
+    args: tuple,
+    kwargs: dict,
+    ulysses: int,
+    ring: int,
     pick: Callable[[Any], Tensor],
 ) -> dict[str, Any]:
     layout = ParallelLayout(ulysses=ulysses, ring=ring).resolve(world_size)
@@ -356,7 +390,10 @@ def _run_layout(
     except Exception as exc:  # noqa: BLE001 -- reported as this layout's error; every rank fails the same way
         error = f"{type(exc).__name__}: {exc}"
     return {
-        "output": output, "error": error, "sharded": sorted(probe.sharded), "uncut": probe.uncut(),
+        "output": output,
+        "error": error,
+        "sharded": sorted(probe.sharded),
+        "uncut": probe.uncut(),
         "sequences": {name: whole for name, (whole, _) in probe.cut_lengths().items()},
     }
 
@@ -453,8 +490,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
             raise ValueError(f"{options.factory} must return (model, inputs), got {type(made).__name__}.")
         result = check_plan(
-            made[0], made[1], [name for name in options.layouts.split(",") if name], tolerance=options.tolerance,
-            sharpen=options.sharpen or None, timeout_s=options.timeout,
+            made[0],
+            made[1],
+            [name for name in options.layouts.split(",") if name],
+            tolerance=options.tolerance,
+            sharpen=options.sharpen or None,
+            timeout_s=options.timeout,
         )
     except (ValueError, TypeError, ImportError) as exc:
         print(f"ldp-check-plan: {exc}", file=sys.stderr)

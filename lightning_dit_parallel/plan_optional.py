@@ -19,9 +19,18 @@ from lightning_dit_parallel.plan import DiTPlan, module_paths
 
 #: the plan's fields keyed by module path or pattern (mappings) or holding them (tuples)
 _MAPPING_FIELDS = (
-    "split_module_inputs", "split_outputs", "gather_outputs", "self_attention", "linear_attention", "token_grids",
-    "split_module_inputs_each_call", "gather_module_inputs", "replicated_tail_attention", "tensor_parallel",
-    "tensor_parallel_outputs", "tensor_parallel_unsupported",
+    "split_module_inputs",
+    "split_outputs",
+    "gather_outputs",
+    "self_attention",
+    "linear_attention",
+    "token_grids",
+    "split_module_inputs_each_call",
+    "gather_module_inputs",
+    "replicated_tail_attention",
+    "tensor_parallel",
+    "tensor_parallel_outputs",
+    "tensor_parallel_unsupported",
 )
 _TUPLE_FIELDS = ("cross_attention", "shared_modules")
 
@@ -65,8 +74,13 @@ def without_absent(plan: DiTPlan, model: nn.Module) -> DiTPlan:
 
 def _under(key: str, absent: list[str]) -> bool:
     """Whether the plan key (a path or pattern) names an absent optional module or something inside it."""
-    return any(key == path or key.startswith(path + ".") or fnmatch.fnmatchcase(key, path)
-               or fnmatch.fnmatchcase(key, path + ".*") for path in absent)
+    return any(
+        key == path
+        or key.startswith(path + ".")
+        or fnmatch.fnmatchcase(key, path)
+        or fnmatch.fnmatchcase(key, path + ".*")
+        for path in absent
+    )
 
 
 __all__ = ["absent_optional_modules", "without_absent"]

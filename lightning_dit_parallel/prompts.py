@@ -19,8 +19,12 @@ class PromptRequests(Dataset):
         negative_prompt: one negative prompt for every request (``None``: the pipeline's default).
     """
 
-    def __init__(self, prompts: Sequence[str] | str | None = None, file: str | Path | None = None,
-                 negative_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        prompts: Sequence[str] | str | None = None,
+        file: str | Path | None = None,
+        negative_prompt: str | None = None,
+    ) -> None:
         if (prompts is None) == (file is None):
             raise ValueError("Give the prompts either as a list (data.prompts) or as a file (data.file), not both.")
         if file is not None:
@@ -43,7 +47,11 @@ class PromptRequests(Dataset):
         return request
 
 
-def prompt_loader(prompts: Sequence[str] | str | None = None, file: str | Path | None = None,
-                  negative_prompt: str | None = None, batch_size: int = 1) -> DataLoader:
+def prompt_loader(
+    prompts: Sequence[str] | str | None = None,
+    file: str | Path | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 1,
+) -> DataLoader:
     """A ``DataLoader`` over ``PromptRequests`` (in order; the writer orders the outputs by index anyway)."""
     return DataLoader(PromptRequests(prompts, file, negative_prompt), batch_size=batch_size, shuffle=False)

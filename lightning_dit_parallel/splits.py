@@ -53,8 +53,9 @@ def cut_value(value: Any, spec: SplitSpec, cut: CutFn, where: str, length: Lengt
         if not isinstance(value, (tuple, list)):
             raise TypeError(f"{where}: the plan cuts every element of a list, got a {type(value).__name__}.")
         # k x (..., S, ...) -> k x (..., cut(S), ...)
-        return type(value)(x if x is None else cut_value(x, spec.split, cut, f"{where}[{i}]", length)
-                           for i, x in enumerate(value))
+        return type(value)(
+            x if x is None else cut_value(x, spec.split, cut, f"{where}[{i}]", length) for i, x in enumerate(value)
+        )
     if not isinstance(value, (tuple, list)) or len(value) != len(spec):
         got = f"{type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else type(value).__name__
         raise TypeError(f"{where}: the plan splits a {len(spec)}-tuple, got {got}.")
@@ -120,7 +121,8 @@ def cut_concat(x: Tensor, concat: Concat, cut: CutFn, length: LengthFn | None, w
     sizes = [rest if name is None else lengths[name] for name in concat.sequences]
     parts = x.split(sizes, dim=dim)  # (..., L_1 + ... + L_k, ...) -> k x (..., L_i, ...)
     cut_parts = [
-        part if name is None else cut(part, Split(name, concat.dim), where) for part, name in zip(parts, concat.sequences)
+        part if name is None else cut(part, Split(name, concat.dim), where)
+        for part, name in zip(parts, concat.sequences)
     ]
     return torch.cat(cut_parts, dim=dim)  # k x (..., cut(L_i), ...) -> (..., sum of cut(L_i), ...)
 
@@ -156,7 +158,12 @@ def cut_prefix_count(count: Any, spec: PrefixCount, cut: CutFn, length: LengthFn
 
 
 def cut_arguments(
-    signature: inspect.Signature, specs: Mapping[str, SplitSpec], args: tuple, kwargs: dict, cut: CutFn, where: str,
+    signature: inspect.Signature,
+    specs: Mapping[str, SplitSpec],
+    args: tuple,
+    kwargs: dict,
+    cut: CutFn,
+    where: str,
     length: LengthFn | None = None,
 ) -> tuple[tuple, dict]:
     """Cut the forward arguments named in ``specs``; arguments that are ``None`` or absent are left alone.

@@ -41,7 +41,12 @@ def save_video(video: Tensor, path_stem: Path, fps: int = 8) -> Path:
     path = path_stem.with_suffix(".mp4")
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec="libx264rgb", pix_fmt_out="rgb24", macro_block_size=1,
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264rgb",
+        pix_fmt_out="rgb24",
+        macro_block_size=1,
         output_params=["-qp", "0"],  # lossless: the decoded frames equal the PNGs
     )
     writer.send(None)
@@ -64,7 +69,8 @@ def read_video(path: Path) -> Tensor:
 
 
 def save_videos(videos: Tensor, names: list[str], directory: Path, fps: int = 8) -> list[Path]:
-    """``<directory>/<name>.mp4`` (or ``.gif``) and ``<directory>/<name>/<frame>.png`` for every video (N, F, C, H, W)."""
+    """``<directory>/<name>.mp4`` (or ``.gif``) and ``<directory>/<name>/<frame>.png`` for every video
+    (N, F, C, H, W)."""
     if videos.ndim != 5:
         raise ValueError(f"expected videos (N, F, C, H, W), got shape {tuple(videos.shape)}.")
     if len(names) != videos.shape[0]:

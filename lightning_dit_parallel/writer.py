@@ -22,8 +22,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_dit_parallel.images import save_grid, save_images
-from lightning_dit_parallel.videos import save_videos
 from lightning_dit_parallel.utils.logging import rank_zero_log
+from lightning_dit_parallel.videos import save_videos
 
 
 def _data_parallel_rank(trainer: pl.Trainer) -> int:
@@ -89,8 +89,10 @@ class OrderedPredictionWriter(BasePredictionWriter):
     ) -> None:
         super().__init__(write_interval="batch_and_epoch")
         if grid_columns < 1 or (image_scale != "auto" and (not isinstance(image_scale, int) or image_scale < 1)):
-            raise ValueError(f"grid_columns and image_scale must be >= 1 (or image_scale 'auto'), got {grid_columns}"
-                             f" and {image_scale!r}.")
+            raise ValueError(
+                f"grid_columns and image_scale must be >= 1 (or image_scale 'auto'), got {grid_columns}"
+                f" and {image_scale!r}."
+            )
         if fps < 1:
             raise ValueError(f"fps must be >= 1, got {fps}.")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -115,19 +117,31 @@ class OrderedPredictionWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
-        batch: Any, batch_idx: int, dataloader_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         if dataloader_idx != 0:
-            raise ValueError(f"{type(self).__name__} supports one predict dataloader, got dataloader_idx={dataloader_idx}.")
+            raise ValueError(
+                f"{type(self).__name__} supports one predict dataloader, got dataloader_idx={dataloader_idx}."
+            )
         if not isinstance(batch, dict) or self.index_key not in batch:
             keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(f"The batch needs global sample indices under {self.index_key!r}; it has {keys}.")
         if not isinstance(prediction, Tensor):
-            raise TypeError(f"{type(self).__name__} gathers tensors; predict_step returned {type(prediction).__name__}.")
+            raise TypeError(
+                f"{type(self).__name__} gathers tensors; predict_step returned {type(prediction).__name__}."
+            )
         indices = torch.as_tensor(batch[self.index_key]).reshape(-1).cpu()  # (B,)
         if prediction.shape[0] != indices.shape[0]:
-            raise ValueError(f"predict_step returned {prediction.shape[0]} outputs for a batch of {indices.shape[0]} samples.")
+            raise ValueError(
+                f"predict_step returned {prediction.shape[0]} outputs for a batch of {indices.shape[0]} samples."
+            )
         self._local.append((indices, prediction.detach().cpu()))
         texts = batch.get(self.text_key)
         if texts is not None:
@@ -136,7 +150,11 @@ class OrderedPredictionWriter(BasePredictionWriter):
 
     @override
     def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
     ) -> None:
         indices, outputs = self._local_tensors()
         dataset = getattr(trainer.predict_dataloaders, "dataset", None)
@@ -157,7 +175,8 @@ class OrderedPredictionWriter(BasePredictionWriter):
     def _local_tensors(self) -> tuple[Tensor, Tensor | None]:
         if not self._local:
             return torch.empty(0, dtype=torch.long), None
-        return torch.cat([i for i, _ in self._local]), torch.cat([p for _, p in self._local])  # (N_local,), (N_local, ...)
+        # (N_local,), (N_local, ...)
+        return torch.cat([i for i, _ in self._local]), torch.cat([p for _, p in self._local])
 
     def _gather(self, trainer: pl.Trainer, indices: Tensor, outputs: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Gather (indices, outputs) of one rank per data-parallel group on rank 0; ``None`` on other ranks."""
@@ -177,8 +196,10 @@ class OrderedPredictionWriter(BasePredictionWriter):
         for rank, (dp_rank, rank_indices) in enumerate(shared):
             reference = first_of.setdefault(dp_rank, rank_indices)
             if not torch.equal(reference, rank_indices):
-                raise RuntimeError(f"Ranks with data-parallel rank {dp_rank} predicted different samples: "
-                                   f"{reference.tolist()} vs {rank_indices.tolist()} (rank {rank}).")
+                raise RuntimeError(
+                    f"Ranks with data-parallel rank {dp_rank} predicted different samples: "
+                    f"{reference.tolist()} vs {rank_indices.tolist()} (rank {rank})."
+                )
         for part in received:
             if part is not None:
                 self._texts.update(part[2])

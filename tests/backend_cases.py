@@ -29,7 +29,9 @@ def _math_attention(query, key, value, attn_mask, scale):
     q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))  # -> (B, H, S, D)
     scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)  # (B, H, Sq, Sk)
     if attn_mask is not None:
-        scores = scores + attn_mask.double() if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, -math.inf)
+        scores = (
+            scores + attn_mask.double() if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, -math.inf)
+        )
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
     out = torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v  # (B, H, Sq, D)
     return out.transpose(1, 2).to(query.dtype), lse.transpose(1, 2).float()  # (B, S, H, D), (B, S, H)
@@ -39,7 +41,8 @@ def register_test_backends(calls: Counter) -> Callable[[], None]:
     """Register the two test backends, and wrap every registered backend to count its calls in ``calls`` (keys:
     backend name, and ``"<name>+lse"`` for calls with ``return_lse=True``). Returns a function that restores the
     registry."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
     saved = (dict(registry._backends), dict(registry._constraints), dict(registry._supported_arg_names))
 
@@ -55,6 +58,7 @@ def register_test_backends(calls: Counter) -> Callable[[], None]:
     registry.register(AttentionBackendName(WITH_LSE))(with_lse)
     registry.register(AttentionBackendName(WITHOUT_LSE))(without_lse)
     for member, fn in list(registry._backends.items()):
+
         @functools.wraps(fn)
         def counting(*args, _fn=fn, _name=getattr(member, "value", member), **kwargs):
             calls[_name + ("+lse" if kwargs.get("return_lse") else "")] += 1
@@ -63,6 +67,7 @@ def register_test_backends(calls: Counter) -> Callable[[], None]:
         registry._backends[member] = counting
 
     from torch.nn.attention import flex_attention
+
     flex = flex_attention.flex_attention
 
     def counting_flex(*args, **kwargs):

@@ -48,7 +48,10 @@ def external_launch(rank: int, world: int, port: int, harness_port: int | None) 
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         else:
             dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{harness_port}", rank=rank, world_size=world,
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{harness_port}",
+                rank=rank,
+                world_size=world,
                 timeout=timedelta(seconds=60),
             )
 
@@ -56,7 +59,11 @@ def external_launch(rank: int, world: int, port: int, harness_port: int | None) 
 def predict_here(module: L.LightningModule, loader, strategy, devices: int) -> torch.Tensor:
     """``trainer.predict`` in this process (see ``external_launch``); this rank's outputs, concatenated."""
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     outputs = trainer.predict(module, loader)

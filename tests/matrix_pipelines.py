@@ -52,9 +52,10 @@ def _wan_text(pipe, prompts: list[str], tokens: int) -> tuple[Tensor, Tensor]:
     needs ftfy, not installed); the text encoder still runs inside the module, on every rank."""
     from diffusers import WanPipeline
 
-    return tuple(WanPipeline._get_t5_prompt_embeds(pipe, p, max_sequence_length=tokens,
-                                                   device=torch.device("cpu"))
-                 for p in (prompts, [""] * len(prompts)))
+    return tuple(
+        WanPipeline._get_t5_prompt_embeds(pipe, p, max_sequence_length=tokens, device=torch.device("cpu"))
+        for p in (prompts, [""] * len(prompts))
+    )
 
 
 # -- builders -----------------------------------------------------------------------------------------------------
@@ -68,18 +69,35 @@ def wan22_i2v_pipeline(seed: int = 0):
     def expert(s: int):
         torch.manual_seed(s)
         model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=12, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=12,
+            in_channels=12,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            rope_max_seq_len=32,
         )
         randomize_zero_init(model, s)
         return sharpen_attention(model.eval())
 
     base = wan_pipeline(seed)
-    return _disable_progress(WanImageToVideoPipeline(
-        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_processor=None, image_encoder=None,
-        transformer=expert(seed), transformer_2=expert(seed + 1), boundary_ratio=0.9,
-    ))
+    return _disable_progress(
+        WanImageToVideoPipeline(
+            tokenizer=base.tokenizer,
+            text_encoder=base.text_encoder,
+            vae=base.vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            image_processor=None,
+            image_encoder=None,
+            transformer=expert(seed),
+            transformer_2=expert(seed + 1),
+            boundary_ratio=0.9,
+        )
+    )
 
 
 def ltx_pipeline(seed: int = 0):
@@ -91,14 +109,24 @@ def ltx_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = LTXVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-        num_layers=2, caption_channels=16,
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=16,
     )
     randomize_zero_init(transformer, seed)
-    return _disable_progress(LTXPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=ltx_vae(seed), text_encoder=t5_encoder(seed=seed),
-        tokenizer=word_tokenizer(), transformer=sharpen_attention(transformer.eval()),
-    ))
+    return _disable_progress(
+        LTXPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=ltx_vae(seed),
+            text_encoder=t5_encoder(seed=seed),
+            tokenizer=word_tokenizer(),
+            transformer=sharpen_attention(transformer.eval()),
+        )
+    )
 
 
 def hunyuan_video_pipeline(seed: int = 0):
@@ -110,11 +138,17 @@ def hunyuan_video_pipeline(seed: int = 0):
     from tests.zoo import hunyuan_video
 
     text = hunyuan_video_text_pipeline(seed)
-    return _disable_progress(HunyuanVideoPipeline(
-        text_encoder=text.text_encoder, tokenizer=text.tokenizer, transformer=hunyuan_video.build()(),
-        vae=hunyuan_vae(seed), scheduler=text.scheduler, text_encoder_2=text.text_encoder_2,
-        tokenizer_2=text.tokenizer_2,
-    ))
+    return _disable_progress(
+        HunyuanVideoPipeline(
+            text_encoder=text.text_encoder,
+            tokenizer=text.tokenizer,
+            transformer=hunyuan_video.build()(),
+            vae=hunyuan_vae(seed),
+            scheduler=text.scheduler,
+            text_encoder_2=text.text_encoder_2,
+            tokenizer_2=text.tokenizer_2,
+        )
+    )
 
 
 def cogvideox_pipeline(seed: int = 0):
@@ -131,25 +165,52 @@ def cogvideox_pipeline(seed: int = 0):
 
     from tests.zoo import seeded_model
 
-    transformer = seeded_model(lambda: CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
-        max_text_seq_length=TEXT_TOKENS, use_rotary_positional_embeddings=True,
-    ), seed)
+    transformer = seeded_model(
+        lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=16,
+            num_layers=2,
+            sample_width=8,
+            sample_height=8,
+            sample_frames=5,
+            patch_size=2,
+            max_text_seq_length=TEXT_TOKENS,
+            use_rotary_positional_embeddings=True,
+        ),
+        seed,
+    )
 
     scheduler = CogVideoXDDIMScheduler(
-        num_train_timesteps=100, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False,
+        num_train_timesteps=100,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        clip_sample=False,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
-        norm_num_groups=4, temporal_compression_ratio=2,
-        down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=2,
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
     ).eval()
-    return _disable_progress(CogVideoXPipeline(
-        tokenizer=word_tokenizer(), text_encoder=t5_encoder(seed=seed), vae=vae,
-        transformer=transformer, scheduler=scheduler,
-    ))
+    return _disable_progress(
+        CogVideoXPipeline(
+            tokenizer=word_tokenizer(),
+            text_encoder=t5_encoder(seed=seed),
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+    )
 
 
 def sana_pipeline(seed: int = 0):
@@ -161,14 +222,27 @@ def sana_pipeline(seed: int = 0):
     from tests.zoo import sana
 
     torch.manual_seed(seed)
-    gemma = Gemma2Model(Gemma2Config(
-        vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, pad_token_id=0,
-    )).eval()
-    return _disable_progress(SanaPipeline(
-        tokenizer=word_tokenizer(), text_encoder=gemma, vae=dc_vae(seed), transformer=sana.build(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    ))
+    gemma = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(WORDS) + 3,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=0,
+        )
+    ).eval()
+    return _disable_progress(
+        SanaPipeline(
+            tokenizer=word_tokenizer(),
+            text_encoder=gemma,
+            vae=dc_vae(seed),
+            transformer=sana.build(),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+    )
 
 
 def flux_controlnet_pipeline(seed: int = 0):
@@ -179,15 +253,30 @@ def flux_controlnet_pipeline(seed: int = 0):
     base = flux_pipeline(seed)
     torch.manual_seed(seed + 1)
     controlnet = FluxControlNetModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
     )
     randomize_zero_init(controlnet, seed + 1)
-    return _disable_progress(FluxControlNetPipeline(
-        scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, transformer=base.transformer,
-        controlnet=sharpen_attention(controlnet.eval()),
-    ))
+    return _disable_progress(
+        FluxControlNetPipeline(
+            scheduler=base.scheduler,
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            text_encoder_2=base.text_encoder_2,
+            tokenizer_2=base.tokenizer_2,
+            transformer=base.transformer,
+            controlnet=sharpen_attention(controlnet.eval()),
+        )
+    )
 
 
 def sd3_pipeline(seed: int = 0):
@@ -198,18 +287,36 @@ def sd3_pipeline(seed: int = 0):
 
     def clip(s: int):
         torch.manual_seed(s)
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(WORDS) + 3, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=TEXT_TOKENS, pad_token_id=0, bos_token_id=0, eos_token_id=1, projection_dim=4,
-        )).eval()
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(WORDS) + 3,
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=TEXT_TOKENS,
+                pad_token_id=0,
+                bos_token_id=0,
+                eos_token_id=1,
+                projection_dim=4,
+            )
+        ).eval()
 
     vae = tiny_vae(seed)
     vae.register_to_config(shift_factor=0.0)
-    return _disable_progress(StableDiffusion3Pipeline(
-        transformer=build_sd3(seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip(seed), tokenizer=word_tokenizer(), text_encoder_2=clip(seed + 1),
-        tokenizer_2=word_tokenizer(), text_encoder_3=t5_encoder(seed=seed), tokenizer_3=word_tokenizer(),
-    ))
+    return _disable_progress(
+        StableDiffusion3Pipeline(
+            transformer=build_sd3(seed=seed),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae,
+            text_encoder=clip(seed),
+            tokenizer=word_tokenizer(),
+            text_encoder_2=clip(seed + 1),
+            tokenizer_2=word_tokenizer(),
+            text_encoder_3=t5_encoder(seed=seed),
+            tokenizer_3=word_tokenizer(),
+        )
+    )
 
 
 def qwenimage_pipeline(seed: int = 0):
@@ -220,18 +327,33 @@ def qwenimage_pipeline(seed: int = 0):
     from tests.vaes import qwen_vae
     from tests.zoo import qwenimage
 
-    return _disable_progress(QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=qwen_vae(seed), text_encoder=None, tokenizer=None,
-        transformer=qwenimage.build()(),
-    ))
+    return _disable_progress(
+        QwenImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=qwen_vae(seed),
+            text_encoder=None,
+            tokenizer=None,
+            transformer=qwenimage.build()(),
+        )
+    )
 
 
 def flux_lora_state_dict(transformer, seed: int = 3, rank: int = 4) -> dict[str, Tensor]:
     """A diffusers-format LoRA for every attention and feed-forward projection of Flux's blocks (non-zero
     ``lora_B``, so that it changes the output)."""
     generator = torch.Generator().manual_seed(seed)
-    targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.to_add_out",
-               "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out")
+    targets = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_mlp",
+        "proj_out",
+    )
     state = {}
     for path, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and "blocks." in path and path.endswith(targets):
@@ -257,8 +379,15 @@ def _plain(pipe, prompts: list[str], generators: list[torch.Generator], call: di
 
 def _wan_i2v(pipe, prompts, generators, call) -> Tensor:
     embeds, negative = _wan_text(pipe, prompts, call["max_sequence_length"])
-    return _call_output(pipe(image=_image(call["height"]), prompt_embeds=embeds, negative_prompt_embeds=negative,
-                             generator=generators, **call))
+    return _call_output(
+        pipe(
+            image=_image(call["height"]),
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            generator=generators,
+            **call,
+        )
+    )
 
 
 def _flux_controlnet(pipe, prompts, generators, call) -> Tensor:
@@ -271,13 +400,20 @@ def _qwenimage(pipe, prompts, generators, call) -> Tensor:
 
     n = len(prompts)
     seeds = [sum(map(ord, p)) for p in prompts]
-    embeds = torch.cat([torch.randn(1, 7, qwenimage.TEXT_DIM, generator=torch.Generator().manual_seed(s))
-                        for s in seeds])  # (B, 7, D)
+    embeds = torch.cat(
+        [torch.randn(1, 7, qwenimage.TEXT_DIM, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )  # (B, 7, D)
     negative = torch.randn(1, 5, qwenimage.TEXT_DIM, generator=torch.Generator().manual_seed(7)).repeat(n, 1, 1)
-    return _call_output(pipe(
-        prompt_embeds=embeds, prompt_embeds_mask=torch.ones(n, 7, dtype=torch.long), negative_prompt_embeds=negative,
-        negative_prompt_embeds_mask=torch.ones(n, 5, dtype=torch.long), generator=generators, **call,
-    ))
+    return _call_output(
+        pipe(
+            prompt_embeds=embeds,
+            prompt_embeds_mask=torch.ones(n, 7, dtype=torch.long),
+            negative_prompt_embeds=negative,
+            negative_prompt_embeds_mask=torch.ones(n, 5, dtype=torch.long),
+            generator=generators,
+            **call,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -304,8 +440,9 @@ def save(entry: MatrixPipeline, folder: Path) -> Path:
     pipe = entry.build()
     pipe.save_pretrained(folder)
     if entry.lora:
-        pipe.save_lora_weights(folder, transformer_lora_layers=flux_lora_state_dict(pipe.transformer),
-                               weight_name=LORA_FILE)
+        pipe.save_lora_weights(
+            folder, transformer_lora_layers=flux_lora_state_dict(pipe.transformer), weight_name=LORA_FILE
+        )
     return folder
 
 
@@ -320,10 +457,25 @@ def load(entry: MatrixPipeline, folder: Path):
 
 
 #: image 48 x 48 with 8x VAEs: latents 6 x 6, 9 tokens (patch 2); 20 x 20 with 2x VAEs packed 2 x 2: 25 tokens
-WAN = dict(height=48, width=48, num_frames=1, num_inference_steps=2, guidance_scale=4.0,
-           max_sequence_length=TEXT_TOKENS, output_type="pt")
-FLUX = dict(height=20, width=20, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS,
-            true_cfg_scale=2.0, negative_prompt="a green bird", output_type="pt")
+WAN = dict(
+    height=48,
+    width=48,
+    num_frames=1,
+    num_inference_steps=2,
+    guidance_scale=4.0,
+    max_sequence_length=TEXT_TOKENS,
+    output_type="pt",
+)
+FLUX = dict(
+    height=20,
+    width=20,
+    num_inference_steps=2,
+    guidance_scale=3.5,
+    max_sequence_length=TEXT_TOKENS,
+    true_cfg_scale=2.0,
+    negative_prompt="a green bird",
+    output_type="pt",
+)
 
 PIPELINES: dict[str, MatrixPipeline] = {
     # 9 video tokens, 9 text tokens
@@ -334,35 +486,89 @@ PIPELINES: dict[str, MatrixPipeline] = {
     # two experts (boundary 900: step 1 on transformer, step 2 on transformer_2)
     "wan22_i2v": MatrixPipeline(wan22_i2v_pipeline, WAN, _wan_i2v),
     # sizes must divide by 32: latents 1 x 4 x 4 (8x spatial), patch 1: 16 video tokens (even); 9 text tokens
-    "ltx": MatrixPipeline(ltx_pipeline, dict(
-        height=32, width=32, num_frames=1, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=TEXT_TOKENS,
-        decode_timestep=0.05, decode_noise_scale=0.025, output_type="pt")),
+    "ltx": MatrixPipeline(
+        ltx_pipeline,
+        dict(
+            height=32,
+            width=32,
+            num_frames=1,
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            max_sequence_length=TEXT_TOKENS,
+            decode_timestep=0.05,
+            decode_noise_scale=0.025,
+            output_type="pt",
+        ),
+    ),
     # sizes must divide by 16: latents 1 x 4 x 12 (4x spatial), patch 2: 12 video tokens (even) and 9 text tokens
     # after the template's crop (joint sequence 21); true CFG with a negative prompt
-    "hunyuan_video": MatrixPipeline(hunyuan_video_pipeline, dict(
-        height=16, width=48, num_frames=1, num_inference_steps=2, guidance_scale=6.0, true_cfg_scale=2.0,
-        negative_prompt="a green bird", max_sequence_length=TEXT_TOKENS, prompt_template=HUNYUAN_TEMPLATE,
-        output_type="pt")),
+    "hunyuan_video": MatrixPipeline(
+        hunyuan_video_pipeline,
+        dict(
+            height=16,
+            width=48,
+            num_frames=1,
+            num_inference_steps=2,
+            guidance_scale=6.0,
+            true_cfg_scale=2.0,
+            negative_prompt="a green bird",
+            max_sequence_length=TEXT_TOKENS,
+            prompt_template=HUNYUAN_TEMPLATE,
+            output_type="pt",
+        ),
+    ),
     # latents 3 x 6 x 6 (5 frames, 2x temporal, 4x spatial), patch 2: 27 video tokens and 9 text tokens
-    "cogvideox": MatrixPipeline(cogvideox_pipeline, dict(
-        height=24, width=24, num_frames=5, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=TEXT_TOKENS,
-        output_type="pt")),
+    "cogvideox": MatrixPipeline(
+        cogvideox_pipeline,
+        dict(
+            height=24,
+            width=24,
+            num_frames=5,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            max_sequence_length=TEXT_TOKENS,
+            output_type="pt",
+        ),
+    ),
     # sizes must divide by 32: latents 8 x 8 (DC-AE 4x), patch 1: 64 image tokens (even); 9 text tokens
-    "sana": MatrixPipeline(sana_pipeline, dict(
-        height=32, width=32, num_inference_steps=2, guidance_scale=4.5, max_sequence_length=TEXT_TOKENS,
-        complex_human_instruction=None, use_resolution_binning=False, clean_caption=False, output_type="pt")),
+    "sana": MatrixPipeline(
+        sana_pipeline,
+        dict(
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=4.5,
+            max_sequence_length=TEXT_TOKENS,
+            complex_human_instruction=None,
+            use_resolution_binning=False,
+            clean_caption=False,
+            output_type="pt",
+        ),
+    ),
     # 25 image tokens + 9 text tokens; a LoRA adapter loaded; true CFG
     "flux_lora": MatrixPipeline(flux_pipeline, FLUX, lora=True),
-    "flux_controlnet": MatrixPipeline(flux_controlnet_pipeline, {**FLUX, "controlnet_conditioning_scale": 0.7},
-                                      _flux_controlnet),
+    "flux_controlnet": MatrixPipeline(
+        flux_controlnet_pipeline, {**FLUX, "controlnet_conditioning_scale": 0.7}, _flux_controlnet
+    ),
     # latents 10 x 10, patch 2: 25 image tokens
-    "sd3": MatrixPipeline(sd3_pipeline, dict(
-        height=20, width=20, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=TEXT_TOKENS,
-        output_type="pt")),
+    "sd3": MatrixPipeline(
+        sd3_pipeline,
+        dict(
+            height=20,
+            width=20,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            max_sequence_length=TEXT_TOKENS,
+            output_type="pt",
+        ),
+    ),
     # latents 6 x 6 packed 2 x 2: 9 image tokens; true CFG with text of 7 and 5 tokens
     "qwenimage": MatrixPipeline(
-        qwenimage_pipeline, dict(height=48, width=48, num_inference_steps=2, true_cfg_scale=4.0, output_type="pt"),
-        _qwenimage, load_kwargs=dict(text_encoder=None, tokenizer=None)),
+        qwenimage_pipeline,
+        dict(height=48, width=48, num_inference_steps=2, true_cfg_scale=4.0, output_type="pt"),
+        _qwenimage,
+        load_kwargs=dict(text_encoder=None, tokenizer=None),
+    ),
 }
 
 #: the rows of the docs table

@@ -71,7 +71,8 @@ CASES: dict[str, Case] = {
         "pixart", lambda **kw: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, **kw), samples=5, writer=True
     ),
     "refused": Case(
-        "dit", lambda **kw: SequenceParallelStrategy(ulysses_degree=4, cross_node="error", **kw),
+        "dit",
+        lambda **kw: SequenceParallelStrategy(ulysses_degree=4, cross_node="error", **kw),
         error="Refusing the layout (cross_node='error')",
     ),
     # 2 nodes x 1 rank
@@ -91,16 +92,23 @@ class _DieOnNode(L.Callback):
             os._exit(3)
 
 
-def run_case(name: str, out: Path, num_nodes: int, devices: int, die: _DieOnNode | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+def run_case(
+    name: str, out: Path, num_nodes: int, devices: int, die: _DieOnNode | None = None, timeout: float | None = None
+) -> dict[str, Any]:
     """Run one case in this process; returns (and writes) this rank's record."""
     case = CASES[name]
     strategy = case.strategy(**({} if timeout is None else {"timeout": timeout}))
     writer = OrderedPredictionWriter(save_images=False, save_tensors=False) if case.writer else None
     callbacks = [SaveRankOutputs(out / name), *([writer] if writer else []), *([die] if die else [])]
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     error, start = None, time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
@@ -114,7 +122,9 @@ def run_case(name: str, out: Path, num_nodes: int, devices: int, die: _DieOnNode
     layout = strategy._layout
     record = {
         "environment": type(trainer.strategy.cluster_environment).__name__,
-        "global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
+        "global_rank": trainer.global_rank,
+        "node_rank": trainer.node_rank,
+        "local_rank": trainer.local_rank,
         "world_size": trainer.world_size,
         "layout": None if layout is None else layout.describe(devices),
         "across": None if layout is None else list(layout.axes_across_nodes(devices)),

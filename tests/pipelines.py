@@ -27,8 +27,16 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 def t5_encoder(d_model: int = 16, seed: int = 0) -> T5EncoderModel:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=len(WORDS) + 3,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return T5EncoderModel(config).eval()
 
@@ -36,9 +44,14 @@ def t5_encoder(d_model: int = 16, seed: int = 0) -> T5EncoderModel:
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, layers_per_block=1,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
         sample_size=16,
     ).eval()
 
@@ -47,13 +60,25 @@ def pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
     """PixArt-Sigma at latent 8 x 8 (image 16 x 16 after the 2x VAE), 4 heads, caption dim 16."""
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, cross_attention_dim=32, caption_channels=16, norm_num_groups=4, interpolation_scale=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=16,
+        norm_num_groups=4,
+        interpolation_scale=1,
     )
     randomize_zero_init(transformer, seed)
     pipe = PixArtSigmaPipeline(
-        tokenizer=word_tokenizer(), text_encoder=t5_encoder(seed=seed), vae=tiny_vae(seed),
-        transformer=sharpen_attention(transformer.eval()), scheduler=DDIMScheduler(num_train_timesteps=100),
+        tokenizer=word_tokenizer(),
+        text_encoder=t5_encoder(seed=seed),
+        vae=tiny_vae(seed),
+        transformer=sharpen_attention(transformer.eval()),
+        scheduler=DDIMScheduler(num_train_timesteps=100),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -61,8 +86,14 @@ def pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
 
 #: Call arguments for the tiny PixArt-Sigma pipeline: 16 x 16 images (8 x 8 latents, 16 image tokens).
 PIXART_CALL = dict(
-    height=16, width=16, num_inference_steps=2, guidance_scale=4.0, use_resolution_binning=False,
-    max_sequence_length=TEXT_TOKENS, clean_caption=False, output_type="pt",
+    height=16,
+    width=16,
+    num_inference_steps=2,
+    guidance_scale=4.0,
+    use_resolution_binning=False,
+    max_sequence_length=TEXT_TOKENS,
+    clean_caption=False,
+    output_type="pt",
 )
 
 
@@ -71,8 +102,16 @@ def umt5_encoder(d_model: int = 16, seed: int = 0):
 
     torch.manual_seed(seed)
     config = UMT5Config(
-        vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=len(WORDS) + 3,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return UMT5EncoderModel(config).eval()
 
@@ -83,8 +122,13 @@ def tiny_wan_vae(seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
     ).eval()
 
 
@@ -94,21 +138,40 @@ def wan_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
     )
     randomize_zero_init(transformer, seed)
     pipe = WanPipeline(
-        tokenizer=word_tokenizer(), text_encoder=umt5_encoder(seed=seed), vae=tiny_wan_vae(seed),
-        transformer=sharpen_attention(transformer.eval()), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=word_tokenizer(),
+        text_encoder=umt5_encoder(seed=seed),
+        vae=tiny_wan_vae(seed),
+        transformer=sharpen_attention(transformer.eval()),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 #: Wan: 5 frames of 32 x 32 (latents 2 x 4 x 4: 8 video tokens), 2 steps.
-WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
-                max_sequence_length=TEXT_TOKENS, output_type="pt")
+WAN_CALL = dict(
+    height=32,
+    width=32,
+    num_frames=5,
+    num_inference_steps=2,
+    guidance_scale=4.0,
+    max_sequence_length=TEXT_TOKENS,
+    output_type="pt",
+)
 
 
 def clip_encoder(hidden: int = 8, seed: int = 0):
@@ -117,8 +180,15 @@ def clip_encoder(hidden: int = 8, seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=TEXT_TOKENS, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        vocab_size=len(WORDS) + 3,
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_TOKENS,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     return CLIPTextModel(config).eval()
 
@@ -130,15 +200,27 @@ def flux_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
     )
     randomize_zero_init(transformer, seed)
     vae = tiny_vae(seed)
     vae.register_to_config(shift_factor=0.0)  # Flux's pipeline shifts the latents by it
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_encoder(seed=seed),
-        tokenizer=word_tokenizer(), text_encoder_2=t5_encoder(seed=seed), tokenizer_2=word_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_encoder(seed=seed),
+        tokenizer=word_tokenizer(),
+        text_encoder_2=t5_encoder(seed=seed),
+        tokenizer_2=word_tokenizer(),
         transformer=sharpen_attention(transformer.eval()),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -146,8 +228,9 @@ def flux_pipeline(seed: int = 0):
 
 
 #: Flux: 20 x 20 images (latents 4 x 10 x 10, packed 5 x 5 = 25 image tokens, plus 9 text tokens), 2 steps.
-FLUX_CALL = dict(height=20, width=20, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS,
-                 output_type="pt")
+FLUX_CALL = dict(
+    height=20, width=20, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS, output_type="pt"
+)
 
 
 def clip_vision_encoder(hidden: int = 16, seed: int = 0):
@@ -157,7 +240,11 @@ def clip_vision_encoder(hidden: int = 16, seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
         patch_size=8,
     )
     return CLIPVisionModel(config).eval()
@@ -171,24 +258,45 @@ def wan_i2v_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=12, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, image_dim=16,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=12,
+        in_channels=12,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
+        image_dim=16,
         added_kv_proj_dim=48,
     )
     randomize_zero_init(transformer, seed)
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     pipe = WanImageToVideoPipeline(
-        tokenizer=word_tokenizer(), text_encoder=umt5_encoder(seed=seed), vae=tiny_wan_vae(seed),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_processor=processor,
-        image_encoder=clip_vision_encoder(seed=seed), transformer=sharpen_attention(transformer.eval()),
+        tokenizer=word_tokenizer(),
+        text_encoder=umt5_encoder(seed=seed),
+        vae=tiny_wan_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=processor,
+        image_encoder=clip_vision_encoder(seed=seed),
+        transformer=sharpen_attention(transformer.eval()),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 #: Wan I2V: a 32 x 32 image to 5 frames (latents 2 x 4 x 4), 2 steps.
-WAN_I2V_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
-                    max_sequence_length=TEXT_TOKENS, output_type="pt")
+WAN_I2V_CALL = dict(
+    height=32,
+    width=32,
+    num_frames=5,
+    num_inference_steps=2,
+    guidance_scale=4.0,
+    max_sequence_length=TEXT_TOKENS,
+    output_type="pt",
+)
 
 
 def hunyuan_video_text_pipeline(seed: int = 0):
@@ -198,17 +306,38 @@ def hunyuan_video_text_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    llama = LlamaModel(LlamaConfig(
-        vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=0,
-    )).eval()
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(WORDS) + 3, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1,
-    )).eval()
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(WORDS) + 3,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=0,
+        )
+    ).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(WORDS) + 3,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
     pipe = HunyuanVideoPipeline(
-        text_encoder=llama, tokenizer=word_tokenizer(), transformer=None, vae=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=clip, tokenizer_2=word_tokenizer(),
+        text_encoder=llama,
+        tokenizer=word_tokenizer(),
+        transformer=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder_2=clip,
+        tokenizer_2=word_tokenizer(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -36,8 +36,13 @@ def load_rank_outputs(dirpath: Path, world_size: int) -> list[torch.Tensor]:
 def predict_on_ranks(module: L.LightningModule, loader, strategy, devices: int, dirpath: Path) -> list[torch.Tensor]:
     """``Trainer.predict`` on ``devices`` CPU processes; returns every rank's outputs."""
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SaveRankOutputs(dirpath)],
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveRankOutputs(dirpath)],
     )
     trainer.predict(module, loader, return_predictions=False)
     return load_rank_outputs(dirpath, devices)
@@ -45,7 +50,9 @@ def predict_on_ranks(module: L.LightningModule, loader, strategy, devices: int, 
 
 def predict_single(module: L.LightningModule, loader) -> torch.Tensor:
     """The one-process reference output."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     return torch.cat(trainer.predict(module, loader))
 
 
@@ -62,7 +69,9 @@ def assert_exact(outputs: list[torch.Tensor], reference: torch.Tensor, what: str
     prefix = f"{what}, " if what else ""
     errors = []
     for rank, out in enumerate(outputs):
-        assert out.shape == reference.shape, f"{prefix}rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        assert out.shape == reference.shape, (
+            f"{prefix}rank {rank}: shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        )
         errors.append(max_relative_error(out, reference))
         assert errors[-1] <= 1e-5, f"{prefix}rank {rank}: max relative error {errors[-1]:.2e}"
     return max(errors)

@@ -3,8 +3,9 @@
 For Flux, Wan 2.2 and QwenImage (token counts that do not divide 2 or 4, a text mask on QwenImage), the backends of
 ``CASES`` (diffusers' ``native``, ``_native_math``, ``flex`` and two backends the test registers in diffusers' registry,
 one with ``return_lse`` and masks, one with neither) under Ulysses, Ring and USP on 2 and 4 gloo ranks must equal the
-one-process output of the same model on the same backend (float32, relative 1e-5); each world size is one launch. Call counters prove the chosen backend did the attention: Ulysses calls it, Ring calls its log-sum-exp
-(or warns once and uses torch's kernel when it has none).
+one-process output of the same model on the same backend (float32, relative 1e-5); each world size is one launch. Call
+counters prove the chosen backend did the attention: Ulysses calls it, Ring calls its log-sum-exp (or warns once and
+uses torch's kernel when it has none).
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def test_backends_exact_under_every_layout(world):
             assert plain > 0, f"{key}: the backend was not called ({used})"
         elif backend in (WITH_LSE, "flex"):  # Ring/USP: ring blocks on the backend's log-sum-exp
             assert lse > 0, f"{key}: ring blocks did not use the backend's lse ({used})"
-        others = {k for k in used if k.split("+")[0] not in (backend, ROUTER_NAME, "flex_attention" if backend == "flex" else "")}
+        others = {
+            k
+            for k in used
+            if k.split("+")[0] not in (backend, ROUTER_NAME, "flex_attention" if backend == "flex" else "")
+        }
         assert not others, f"{key}: other backends ran: {used}"
     fallbacks = [w for w in warnings if repr(WITHOUT_LSE) in w and "no log-sum-exp" in w]
     assert len(fallbacks) == 1, warnings  # the backend without return_lse: warned once, then torch's kernel
@@ -103,7 +108,9 @@ def test_two_threads_two_models_do_not_interfere():
     never sees B's calls. With a process-wide swap of F.scaled_dot_product_attention B would land in A's kernel."""
     flux_case = _case("flux-15img-3txt")
     dit_a, dit_b, flux_a, flux_b = build_dit(), build_dit(), flux_case.build(), flux_case.build()
-    dit_inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2]))
+    dit_inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2])
+    )
     with torch.no_grad():
         expected_dit = dit_b(**dit_inputs).sample
         expected_flux = flux_case.output(flux_b(**flux_case.inputs(flux_b)))
@@ -142,7 +149,9 @@ def test_two_threads_two_models_do_not_interfere():
         assert seen and set(seen) == {"A"}, seen
         assert torch.equal(results["dit"], expected_dit) and torch.equal(results["flux"], expected_flux)
     # nothing left behind: the processors are as the user left them, F.sdpa is torch's
-    assert all(getattr(m.processor, "_parallel_config", None) is None for m in flux_a.modules() if hasattr(m, "processor"))
+    assert all(
+        getattr(m.processor, "_parallel_config", None) is None for m in flux_a.modules() if hasattr(m, "processor")
+    )
     assert torch.nn.functional.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
 
 
@@ -202,7 +211,9 @@ def _refusals(rank: int, world: int) -> dict[str, str]:
         for module in silent.modules():
             if hasattr(module, "set_processor"):
                 module.set_processor(AttnProcessor())  # explicit softmax(QK^T)V: neither the dispatcher nor F.sdpa
-        dit_inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2]))
+        dit_inputs = dict(
+            hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2])
+        )
         attempt("silent", silent, dit_inputs, ring)
     finally:
         restore()
@@ -251,7 +262,8 @@ def test_backend_kernels_on_gpu(backend):
     valid = torch.ones(2, 300, dtype=torch.bool, device="cuda")
     valid[1, 250:] = False  # the second sample's last 50 keys are padding
     masked = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=valid[:, None, None, :])
+        q.float(), k.float(), v.float(), attn_mask=valid[:, None, None, :]
+    )
     a, lse_a = with_lse(q, k[:, :, :128], v[:, :, :128], valid[:, :128], None)
     b, lse_b = with_lse(q, k[:, :, 128:], v[:, :, 128:], valid[:, 128:], None)
     assert relative(merge_partial(a, lse_a, b, lse_b)[0], masked) < tolerance

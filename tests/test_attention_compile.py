@@ -32,7 +32,8 @@ def _compiled(rank: int, world: int, backend: str) -> dict[str, float]:
     case = flux.CASES[1]  # flux-15img-3txt
     errors = {}
     for layout, ulysses, attention, how in (
-        ("ulysses4", 4, "native", "whole"), ("ring4", 1, "flex", "regional"),
+        ("ulysses4", 4, "native", "whole"),
+        ("ring4", 1, "flex", "regional"),
     ):
         torch._dynamo.reset()
         model = case.build()
@@ -49,15 +50,20 @@ def _compiled(rank: int, world: int, backend: str) -> dict[str, float]:
                 runner = model
             try:
                 for step in range(2):  # the second call runs the cached graphs
-                    errors[f"{layout}/{how}/{step}"] = max_relative_error(case.output(runner(**case.inputs(model))), reference)
+                    errors[f"{layout}/{how}/{step}"] = max_relative_error(
+                        case.output(runner(**case.inputs(model))), reference
+                    )
             finally:
                 handle.remove()
             if how == "regional":
                 assert all(b._compiled_call_impl is None for b in model.transformer_blocks)
     torch._dynamo.reset()  # a model that calls F.scaled_dot_product_attention itself (the thread-local SDPA route)
     dit = build_dit(sample_size=6)
-    dit_inputs = dict(hidden_states=torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)),
-                      timestep=torch.tensor([1, 1]), class_labels=torch.tensor([1, 2]))  # 9 tokens: padded shards
+    dit_inputs = dict(
+        hidden_states=torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)),
+        timestep=torch.tensor([1, 1]),
+        class_labels=torch.tensor([1, 2]),
+    )  # 9 tokens: padded shards
     with torch.no_grad():
         reference = dit(**dit_inputs).sample
         handle = apply_sequence_parallel(dit, plan_for(dit), layout_groups(rank, world, 2))
@@ -70,7 +76,9 @@ def _compiled(rank: int, world: int, backend: str) -> dict[str, float]:
 
 def test_compiled_parallel_transformer_is_exact():
     results = run_on_ranks(4, _compiled, BACKEND, timeout_s=900)
-    problems = [f"rank {r} {k}: {e:.2e}" for r, errors in enumerate(results) for k, e in errors.items() if not e <= 1e-5]
+    problems = [
+        f"rank {r} {k}: {e:.2e}" for r, errors in enumerate(results) for k, e in errors.items() if not e <= 1e-5
+    ]
     assert not problems, "\n".join(problems)
     assert len(results[0]) == 6
 

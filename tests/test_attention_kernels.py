@@ -67,8 +67,12 @@ def _model_mask(kind: str, token_valid: torch.Tensor) -> torch.Tensor:
         m = token_valid.float()
         return m[:, None, None, :] * m[:, None, :, None]  # (B, 1, S, S)
     if kind == "float-outer-inf":  # padded query rows fully masked, real rows a key mask
-        return torch.zeros(token_valid.shape).masked_fill(~token_valid, float("-inf"))[:, None, None, :].expand(
-            -1, -1, token_valid.shape[1], -1).masked_fill(~token_valid[:, None, :, None], float("-inf"))
+        return (
+            torch.zeros(token_valid.shape)
+            .masked_fill(~token_valid, float("-inf"))[:, None, None, :]
+            .expand(-1, -1, token_valid.shape[1], -1)
+            .masked_fill(~token_valid[:, None, :, None], float("-inf"))
+        )
     return torch.zeros(token_valid.shape).masked_fill(~token_valid, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
 
 
@@ -96,8 +100,8 @@ def _masked_cases(rank: int, world: int) -> dict[str, float]:
         for lens, text_valid in [((7, 10), (7, 4)), ((3, 13), (1, 3)), ((8, 8), (8, 2))]:
             q, k, v = _qkv(lens)
             token_valid = torch.ones(2, sum(lens), dtype=torch.bool)
-            token_valid[0, text_valid[0]:lens[0]] = False
-            token_valid[1, text_valid[1]:lens[0]] = False
+            token_valid[0, text_valid[0] : lens[0]] = False
+            token_valid[1, text_valid[1] : lens[0]] = False
             for kind in ("bool-keys", "bool-outer", "float-keys", "float-outer", "float-outer-inf"):
                 ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_model_mask(kind, token_valid))
                 out = _masked_sharded_attention(groups, ("text", "image"), lens, q, k, v, token_valid, kind)

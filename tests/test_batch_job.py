@@ -153,8 +153,14 @@ class SignalAtBatch(L.Callback):
 def one_process_run(out: Path, n: int, batch_size: int, callbacks=(), **writer_options) -> StreamingPredictionWriter:
     writer = StreamingPredictionWriter(out, save_images=False, progress=False, run_config={"n": n}, **writer_options)
     loader = writer.prepare(requests(n, batch_size), first_process=True)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[writer, *callbacks])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer, *callbacks],
+    )
     trainer.predict(dit_sampler(build_dit(), steps=STEPS), loader, return_predictions=False)
     return writer
 
@@ -182,8 +188,14 @@ def test_a_signal_while_the_model_loads_stops_before_the_first_batch(tmp_path):
     writer = StreamingPredictionWriter(tmp_path, save_images=False, progress=False, run_config={"n": 3})
     loader = writer.prepare(requests(3, 1), first_process=True)
     os.kill(os.getpid(), signal.SIGINT)  # after prepare, before predict: recorded, no KeyboardInterrupt anywhere
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     with pytest.raises(PredictionInterrupted, match="Stopped by SIGINT .* before the first batch") as stop:
         trainer.predict(dit_sampler(build_dit(), steps=STEPS), loader, return_predictions=False)
     assert stop.value.exit_code == 130 and finished_indices(tmp_path) == set()
@@ -201,8 +213,14 @@ class SlowWriter(StreamingPredictionWriter):
 def _run_with_a_slow_writer(rank: int, world: int, out: str, n: int) -> int:
     writer = SlowWriter(out, save_images=False, progress=False, run_config={"n": n}, max_pending=1)
     loader = writer.prepare(requests(n, 1), first_process=True)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(dit_sampler(build_dit(), steps=STEPS), loader, return_predictions=False)
     return writer.written
 
@@ -224,8 +242,16 @@ def test_collect_false_keeps_rank_zero_free_of_outputs(tmp_path):
 # -- several ranks, in place (as under torchrun) -----------------------------------------------------------------
 
 
-def _job(rank: int, world: int, port: int, out: str, degrees: dict, n: int, batch_size: int,
-         fault: tuple[str, int, int] | None) -> dict:
+def _job(
+    rank: int,
+    world: int,
+    port: int,
+    out: str,
+    degrees: dict,
+    n: int,
+    batch_size: int,
+    fault: tuple[str, int, int] | None,
+) -> dict:
     """One run of the job on this rank; ``fault`` = (what, rank, batch_idx): a signal to self, or SIGKILL."""
     module = dit_sampler(build_dit(), steps=STEPS)
     if fault is not None and fault[1] == rank:
@@ -240,8 +266,15 @@ def _job(rank: int, world: int, port: int, out: str, degrees: dict, n: int, batc
     with external_launch(rank, world, port, None):  # a peer may be dead: no group of all ranks on exit
         writer = StreamingPredictionWriter(out, save_images=False, progress=False, run_config={"n": n})
         loader = writer.prepare(requests(n, batch_size), first_process=rank == 0, min_samples=world)
-        trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DiTParallelStrategy(**degrees, timeout=TIMEOUT_S),
-                            logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy=DiTParallelStrategy(**degrees, timeout=TIMEOUT_S),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[writer],
+        )
         start = time.monotonic()
         try:
             trainer.predict(module, loader, return_predictions=False)
@@ -283,8 +316,9 @@ def test_interrupted_ranks_stop_together_and_a_rerun_gives_the_uninterrupted_out
 def test_a_killed_rank_makes_the_others_fail_within_the_timeout_and_the_rerun_completes(tmp_path):
     n, degrees = 6, dict(dp_degree=2)
     reference = predict_single(dit_sampler(build_dit(), steps=STEPS), requests(n, 1))
-    first = run_on_ranks(2, _job, free_port(), str(tmp_path), degrees, n, 1, ("SIGKILL", 1, 1), timeout_s=60,
-                         reporting=[0])
+    first = run_on_ranks(
+        2, _job, free_port(), str(tmp_path), degrees, n, 1, ("SIGKILL", 1, 1), timeout_s=60, reporting=[0]
+    )
     assert first[0]["outcome"] not in ("done", "stopped:143") and first[0]["seconds"] < TIMEOUT_S + 15, first
     # Rank 0 (indices 0, 2, 4) wrote its two batches: the second one on its way out. Rank 1's first batch (index 1)
     # may have died with it in its writer thread: SIGKILL loses the batches not yet written, at most max_pending.

@@ -23,7 +23,10 @@ def test_cfg_parallel_on_two_ranks_equals_single_process(family, tmp_path):
 
 def test_guidance_off_is_a_clear_error(tmp_path):
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
         strategy=DiTParallelStrategy(cfg_degree=2, start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match=r"cfg_degree=2 splits the doubled .* guidance_scale=1.0"):

@@ -19,7 +19,13 @@ from lightning_dit_parallel.prompts import prompt_loader
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.pipelines import (
-    FLUX_CALL, TEXT_TOKENS, WAN_CALL, WAN_I2V_CALL, flux_pipeline, wan_i2v_pipeline, wan_pipeline,
+    FLUX_CALL,
+    TEXT_TOKENS,
+    WAN_CALL,
+    WAN_I2V_CALL,
+    flux_pipeline,
+    wan_i2v_pipeline,
+    wan_pipeline,
 )
 from tests.zoo import qwenimage, randn, wan22
 
@@ -37,8 +43,13 @@ def wan22_pipeline():
 
     base, other = wan_pipeline(0), wan_pipeline(1)
     pipe = WanPipeline(
-        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
-        transformer=base.transformer, transformer_2=other.transformer, boundary_ratio=0.7,
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=base.transformer,
+        transformer_2=other.transformer,
+        boundary_ratio=0.7,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -59,7 +70,10 @@ class HoldsPipeline(L.LightningModule):
                 self.seen[name] = []
                 dit.get_submodule(blocks).register_forward_pre_hook(
                     lambda m, args, kwargs, name=name: self.seen[name].append(
-                        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+                        (args[0] if args else kwargs["hidden_states"]).shape[0]
+                    ),
+                    with_kwargs=True,
+                )
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(int(i)) for i in batch["index"]]
@@ -76,12 +90,14 @@ class HoldsWanI2V(HoldsPipeline):
 
         pixels = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(5)) * 255
         image = Image.fromarray(pixels.to(torch.uint8).numpy())
-        embeds = [WanPipeline._get_t5_prompt_embeds(self.pipe, p, max_sequence_length=TEXT_TOKENS,
-                                                    device=torch.device("cpu"))
-                  for p in (list(batch["prompt"]), [""] * len(batch["prompt"]))]
+        embeds = [
+            WanPipeline._get_t5_prompt_embeds(self.pipe, p, max_sequence_length=TEXT_TOKENS, device=torch.device("cpu"))
+            for p in (list(batch["prompt"]), [""] * len(batch["prompt"]))
+        ]
         generators = [torch.Generator("cpu").manual_seed(int(i)) for i in batch["index"]]
-        return self.pipe(image=image, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], generator=generators,
-                         **self.call).frames
+        return self.pipe(
+            image=image, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], generator=generators, **self.call
+        ).frames
 
 
 def qwenimage_pipeline():
@@ -89,8 +105,13 @@ def qwenimage_pipeline():
     latents are the output (no text encoder, no VAE)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
-                             tokenizer=None, transformer=qwenimage.build()())
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=qwenimage.build()(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -105,9 +126,12 @@ class HoldsQwenImage(HoldsPipeline):
         negative = randn(1, 5, qwenimage.TEXT_DIM, seed=7).repeat(len(index), 1, 1)  # (B, 5, D)
         generators = [torch.Generator("cpu").manual_seed(i) for i in index]
         return self.pipe(
-            prompt_embeds=embeds, prompt_embeds_mask=torch.ones(len(index), 7, dtype=torch.long),
-            negative_prompt_embeds=negative, negative_prompt_embeds_mask=torch.ones(len(index), 5, dtype=torch.long),
-            generator=generators, **self.call,
+            prompt_embeds=embeds,
+            prompt_embeds_mask=torch.ones(len(index), 7, dtype=torch.long),
+            negative_prompt_embeds=negative,
+            negative_prompt_embeds_mask=torch.ones(len(index), 5, dtype=torch.long),
+            generator=generators,
+            **self.call,
         ).images
 
 
@@ -117,8 +141,9 @@ QWEN = dict(height=48, width=48, num_inference_steps=3, true_cfg_scale=4.0, outp
 PIPELINES = {
     "wan": lambda call=WAN: HoldsPipeline(wan_pipeline, call, "frames", "blocks.0"),
     "wan22": lambda call=None: HoldsPipeline(wan22_pipeline, {**WAN, "num_inference_steps": 4}, "frames", "blocks.0"),
-    "wan_i2v": lambda call=None: HoldsWanI2V(wan_i2v_pipeline, {**WAN_I2V_CALL, "num_inference_steps": 3}, "frames",
-                                             "blocks.0"),
+    "wan_i2v": lambda call=None: HoldsWanI2V(
+        wan_i2v_pipeline, {**WAN_I2V_CALL, "num_inference_steps": 3}, "frames", "blocks.0"
+    ),
     "flux": lambda call=FLUX: HoldsPipeline(flux_pipeline, call, "images", "transformer_blocks.0"),
     "qwenimage": lambda call=None: HoldsQwenImage(qwenimage_pipeline, QWEN, "images", "transformer_blocks.0"),
 }
@@ -136,8 +161,10 @@ class ManualLoop(L.LightningModule):
         text = wan22.randn(1, 5, wan22.TEXT_DIM, seed=2)
         for i, n in enumerate(self.calls):
             t = torch.tensor([900.0 - 200 * i])
-            outs = [self.transformer(latents, timestep=t, encoder_hidden_states=text * (j + 1), return_dict=False)[0]
-                    for j in range(n)]
+            outs = [
+                self.transformer(latents, timestep=t, encoder_hidden_states=text * (j + 1), return_dict=False)[0]
+                for j in range(n)
+            ]
             latents = latents - 0.1 * sum(outs)
         return latents
 
@@ -159,12 +186,22 @@ def _cases(world: int) -> list[tuple[str, str, int, dict]]:
     """(name, pipeline, prompts per batch, further strategy arguments)."""
     if world == 2:
         # the replicated-input guard checking every call: it runs in the calls a rank skips too
-        return [("wan b1", "wan", 1, {}), ("wan b2", "wan", 2, {}), ("wan22 b1", "wan22", 1, {}),
-                ("wan i2v b1", "wan_i2v", 1, {}), ("flux b1", "flux", 1, {}), ("flux b2", "flux", 2, {}),
-                ("qwenimage b2", "qwenimage", 2, {}),
-                ("wan b1 every_call", "wan", 1, {"check_inputs": "every_call"})]
-    return [("wan b1", "wan", 1, {}), ("wan b2", "wan", 2, {}), ("flux b1", "flux", 1, {}),
-            ("qwenimage b1", "qwenimage", 1, {})]
+        return [
+            ("wan b1", "wan", 1, {}),
+            ("wan b2", "wan", 2, {}),
+            ("wan22 b1", "wan22", 1, {}),
+            ("wan i2v b1", "wan_i2v", 1, {}),
+            ("flux b1", "flux", 1, {}),
+            ("flux b2", "flux", 2, {}),
+            ("qwenimage b2", "qwenimage", 2, {}),
+            ("wan b1 every_call", "wan", 1, {"check_inputs": "every_call"}),
+        ]
+    return [
+        ("wan b1", "wan", 1, {}),
+        ("wan b2", "wan", 2, {}),
+        ("flux b1", "flux", 1, {}),
+        ("qwenimage b1", "qwenimage", 1, {}),
+    ]
 
 
 def _references(world: int) -> dict:
@@ -201,27 +238,38 @@ def _run(rank: int, world: int, ports: tuple[int, int], refs: dict) -> list[str]
                 failures.append(f"{name}, rank {rank}: output {tuple(out.shape)}, relative error {error:.2e}")
             expected = {k: _expected_calls(v, batch) for k, v in ref_seen.items()}
             if module.seen != expected:
-                failures.append(f"{name}, rank {rank}: block calls {module.seen}, expected {expected}"
-                                f" (one process: {ref_seen})")
+                failures.append(
+                    f"{name}, rank {rank}: block calls {module.seen}, expected {expected} (one process: {ref_seen})"
+                )
             for key in module.seen:  # teardown restored the plain DiT: no instance forward, no hooks on the root
                 dit = getattr(module.pipe, key)
                 if "forward" in dit.__dict__ or dit._forward_hooks or dit._forward_pre_hooks:
                     failures.append(f"{name}, rank {rank}: {key} not restored after teardown")
         if world == 2:
-            unguided = outcome(PIPELINES["wan"]({**WAN, "guidance_scale": 1.0}), DiTParallelStrategy(cfg_degree=2),
-                               PROMPTS[:1], 1)
-            for part in ("WanTransformer3DModel.forward(hidden_states=...) has batch size 1", "called once per"
-                         " denoising step", "guidance_scale > 1"):
+            unguided = outcome(
+                PIPELINES["wan"]({**WAN, "guidance_scale": 1.0}), DiTParallelStrategy(cfg_degree=2), PROMPTS[:1], 1
+            )
+            for part in (
+                "WanTransformer3DModel.forward(hidden_states=...) has batch size 1",
+                "called once per denoising step",
+                "guidance_scale > 1",
+            ):
                 if part not in unguided:
                     failures.append(f"guidance off, rank {rank}: {part!r} not in {unguided!r}")
             fsdp = outcome(PIPELINES["wan"](), DiTParallelStrategy(cfg_degree=2, fsdp=True), PROMPTS[:1], 1)
             if "FSDP (fsdp=True) shards the weights over the cfg axis" not in fsdp:
                 failures.append(f"fsdp, rank {rank}: {fsdp!r}")
-            for calls, part in (([2, 1, 2], "the step with t=700 made one call of WanTransformer3DModel.forward"
-                                              " only, before a call with t=500"),
-                                ([2, 2, 1], "the step with t=500 made one call of WanTransformer3DModel.forward"
-                                              " only, at the end of the batch"),
-                                ([3, 3], "was called 3 times with the same timestep (t=900)")):
+            for calls, part in (
+                (
+                    [2, 1, 2],
+                    "the step with t=700 made one call of WanTransformer3DModel.forward only, before a call with t=500",
+                ),
+                (
+                    [2, 2, 1],
+                    "the step with t=500 made one call of WanTransformer3DModel.forward only, at the end of the batch",
+                ),
+                ([3, 3], "was called 3 times with the same timestep (t=900)"),
+            ):
                 message = outcome(ManualLoop(calls), DiTParallelStrategy(cfg_degree=2), ["x"], 1)
                 if part not in message:
                     failures.append(f"calls per step {calls}, rank {rank}: {part!r} not in {message!r}")
@@ -245,8 +293,9 @@ def _decide(pattern: CallPattern, steps: list[int], batch: int = 1, shapes=None,
         for j in range(n):
             shape = shapes[j] if shapes else 4
             key = step_key(torch.tensor([900.0 - i])) if pattern.step_argument else None
-            decisions.append(pattern.next_call(key, ("hidden_states", batch),
-                                               call_signature({"x": torch.zeros(shape)}, None)))
+            decisions.append(
+                pattern.next_call(key, ("hidden_states", batch), call_signature({"x": torch.zeros(shape)}, None))
+            )
     return decisions
 
 

@@ -13,9 +13,9 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
+from lightning_dit_parallel.batch_job import StreamingPredictionWriter
 from lightning_dit_parallel.cli import predict, single_run_argv
 from lightning_dit_parallel.sampling import DiffusionSampler, PipelineSampler
-from lightning_dit_parallel.batch_job import StreamingPredictionWriter
 
 CONF = Path(__file__).resolve().parents[1] / "lightning_dit_parallel" / "conf"
 FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3"]
@@ -50,8 +50,10 @@ def test_every_other_group_option_instantiates(group, tmp_path):
         from tests.pipelines import pixart_sigma_pipeline
 
         pixart_sigma_pipeline().save_pretrained(tmp_path / "pipeline")
-    required = {"model": {"pipeline": [f"model.path={tmp_path / 'pipeline'}"]},
-                "data": {"prompts": ["data.prompts=[a red cat]"]}}
+    required = {
+        "model": {"pipeline": [f"model.path={tmp_path / 'pipeline'}"]},
+        "data": {"prompts": ["data.prompts=[a red cat]"]},
+    }
     for option in options(group):
         cfg = compose_predict([f"{group}={option}", *required.get(group, {}).get(option, [])])
         node = cfg[group]
@@ -60,21 +62,34 @@ def test_every_other_group_option_instantiates(group, tmp_path):
             continue  # composes; instantiating needs CUDA
         kwargs = {"output_dir": str(tmp_path)} if group == "writer" else {}
         obj = instantiate(node, **kwargs)
-        expected = {"model": PipelineSampler if option == "pipeline" else DiffusionSampler, "trainer": L.Trainer,
-                    "data": torch.utils.data.DataLoader, "writer": StreamingPredictionWriter}[group]
+        expected = {
+            "model": PipelineSampler if option == "pipeline" else DiffusionSampler,
+            "trainer": L.Trainer,
+            "data": torch.utils.data.DataLoader,
+            "writer": StreamingPredictionWriter,
+        }[group]
         assert isinstance(obj, expected)
 
 
 def test_multirun_relaunch_keeps_config_flags_and_the_job_overrides_only():
     argv = ["ldp-predict", "-m", "--config-name", "predict", "strategy=ulysses,ring", "trainer.devices=2"]
     assert single_run_argv(argv, ["strategy=ring", "trainer.devices=2"]) == [
-        "ldp-predict", "--config-name", "predict", "strategy=ring", "trainer.devices=2"
+        "ldp-predict",
+        "--config-name",
+        "predict",
+        "strategy=ring",
+        "trainer.devices=2",
     ]
 
 
 def test_module_entry_point_composes_overrides():
-    out = subprocess.run([sys.executable, "-m", "lightning_dit_parallel", "strategy=ring", "--cfg", "job"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_dit_parallel", "strategy=ring", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert "ring_degree: 2" in out and "ulysses_degree: 1" in out
 
 
@@ -83,8 +98,14 @@ def test_command_line_on_two_processes_writes_images_equal_to_one_process(tmp_pa
     script = Path(sys.executable).with_name("ldp-predict")
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([str(script), *FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(script), *FAST, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ulysses=2" in result.stdout and "quality:" in result.stdout
     assert result.stdout.count("layout:") == 1, "only rank 0 prints the summary"

@@ -22,8 +22,12 @@ from lightning_dit_parallel.batch_job.manifest import finished_indices, read_man
 from lightning_dit_parallel.cli import predict
 
 N = 201  # odd: the two data-parallel groups get 101 and 100 samples
-JOB = [f"data.dataset.num_samples={N}", "data.batch_size=2", "model.num_inference_steps=3",
-       "strategy.ulysses_degree=1"]  # two processes, dp=2
+JOB = [
+    f"data.dataset.num_samples={N}",
+    "data.batch_size=2",
+    "model.num_inference_steps=3",
+    "strategy.ulysses_degree=1",
+]  # two processes, dp=2
 WAIT_S = 120
 
 
@@ -43,8 +47,15 @@ def processes_in(run_dir: Path) -> list[psutil.Process]:
 def start(run_dir: Path) -> subprocess.Popen:
     script = Path(sys.executable).with_name("ldp-predict")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([str(script), *JOB, f"output_dir={run_dir}"], cwd=run_dir.parent, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(script), *JOB, f"output_dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def interrupt_after_new_batches(process: subprocess.Popen, run_dir: Path, before: int, to_group: bool) -> tuple:

@@ -39,7 +39,12 @@ def test_concat_in_tuples_and_arguments():
 
     mask = torch.arange(7.0).view(1, 7)
     args, kwargs = cut_arguments(
-        inspect.signature(forward), {"mask": Concat(("text", "image"), -1)}, (mask,), {}, first_of_two, "f",
+        inspect.signature(forward),
+        {"mask": Concat(("text", "image"), -1)},
+        (mask,),
+        {},
+        first_of_two,
+        "f",
         LENGTHS.get,
     )
     assert args[0].tolist() == [[0.0, 1.0, 3.0, 4.0]]

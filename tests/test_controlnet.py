@@ -48,8 +48,10 @@ def _count(n: int):
 
 #: zoo case -> the forward arguments that take residuals, each with how many the model reads
 ZOO_CASES = {
-    "chroma-15img-7txt": {"controlnet_block_samples": _per_block("transformer_blocks"),
-                          "controlnet_single_block_samples": _per_block("single_transformer_blocks")},
+    "chroma-15img-7txt": {
+        "controlnet_block_samples": _per_block("transformer_blocks"),
+        "controlnet_single_block_samples": _per_block("single_transformer_blocks"),
+    },
     "qwenimage-15img-7txt": {"controlnet_block_samples": _per_block("transformer_blocks")},
     "sana-15img-7txt": {"controlnet_block_samples": _per_block("transformer_blocks")},
     "sana_video-27vid-7txt": {"controlnet_block_samples": _per_block("transformer_blocks")},
@@ -60,16 +62,24 @@ ZOO_CASES = {
 DEEP_CASES = {
     # 3 double-stream blocks read 2 residuals (i // ceil(3/2)): stage 1 starts at double block 2, which reads the
     # second one; 3 single-stream blocks, one residual each
-    "flux-15img-3txt": ({"num_layers": 3, "num_single_layers": 3},
-                        {"controlnet_block_samples": _count(2),
-                         "controlnet_single_block_samples": _per_block("single_transformer_blocks")}),
+    "flux-15img-3txt": (
+        {"num_layers": 3, "num_single_layers": 3},
+        {
+            "controlnet_block_samples": _count(2),
+            "controlnet_single_block_samples": _per_block("single_transformer_blocks"),
+        },
+    ),
     # Chroma also slices its per-block modulation by the block's position
-    "chroma-15img-7txt": ({"num_layers": 3, "num_single_layers": 2},
-                          {"controlnet_block_samples": _per_block("transformer_blocks"),
-                           "controlnet_single_block_samples": _count(1)}),
+    "chroma-15img-7txt": (
+        {"num_layers": 3, "num_single_layers": 2},
+        {"controlnet_block_samples": _per_block("transformer_blocks"), "controlnet_single_block_samples": _count(1)},
+    ),
     # a Cosmos block takes its residual as an argument, which a stage's first block receives from the previous
     # stage: only the stage's later blocks test the positions
-    "cosmos-27vid-7txt-perframe-imgctx": ({"num_layers": 3}, {"block_controlnet_hidden_states": _every_block_of_cosmos}),
+    "cosmos-27vid-7txt-perframe-imgctx": (
+        {"num_layers": 3},
+        {"block_controlnet_hidden_states": _every_block_of_cosmos},
+    ),
 }
 
 #: name -> (world size, degrees)
@@ -114,7 +124,9 @@ def _cases() -> list[tuple[str, object, dict, dict]]:
         cases.append((f"{name}-deep", model, case.inputs(model), arguments))
     # SD3's last block is context_pre_only and takes no residual: 3 blocks, so that stage 1 runs two that do
     sd3 = seeded_model(lambda: type(build_sd3()).from_config({**build_sd3().config, "num_layers": 3}))
-    cases.append(("sd3-25img-7txt", sd3, _sd3_inputs(sd3), {"block_controlnet_hidden_states": _per_block("transformer_blocks")}))
+    cases.append(
+        ("sd3-25img-7txt", sd3, _sd3_inputs(sd3), {"block_controlnet_hidden_states": _per_block("transformer_blocks")})
+    )
     return cases
 
 
@@ -184,7 +196,9 @@ def test_controlnet_residuals_are_cut_like_the_image_tokens(world):
         for key, outcome in outcomes.items():
             if key.startswith(NOT_PIPELINED) and " pp2" in key:
                 if not (isinstance(outcome, str) and "cannot be cut into pipeline stages" in outcome):
-                    failures.append(f"{key}, rank {rank}: expected the pipeline_unsupported ValueError, got {outcome!r}")
+                    failures.append(
+                        f"{key}, rank {rank}: expected the pipeline_unsupported ValueError, got {outcome!r}"
+                    )
             elif not (isinstance(outcome, float) and outcome <= 1e-5):
                 failures.append(f"{key}, rank {rank}: {outcome!r}")
     assert results[0], "no case ran"

@@ -40,10 +40,20 @@ TEXT_DIM = 16
 
 
 def build_flux2() -> Flux2Transformer2DModel:
-    return seeded_model(lambda: Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    ))
+    return seeded_model(
+        lambda: Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            timestep_guidance_channels=16,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        )
+    )
 
 
 def flux2_inputs(height: int, width: int, text: int):
@@ -55,43 +65,69 @@ def flux2_inputs(height: int, width: int, text: int):
         txt_ids[:, 3] = torch.arange(text)
         return dict(
             hidden_states=randn(1, height * width, 16, seed=1).repeat(2, 1, 1),  # CFG: the same latents twice
-            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2), timestep=torch.tensor([0.5, 0.5]),
-            img_ids=img_ids.reshape(1, -1, 4).repeat(2, 1, 1), txt_ids=txt_ids[None].repeat(2, 1, 1), return_dict=False,
+            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=img_ids.reshape(1, -1, 4).repeat(2, 1, 1),
+            txt_ids=txt_ids[None].repeat(2, 1, 1),
+            return_dict=False,
         )
 
     return make
 
 
 def build_qwen() -> QwenImageTransformer2DModel:
-    return seeded_model(lambda: QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
-    ))
+    return seeded_model(
+        lambda: QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+        )
+    )
 
 
 def qwen_inputs(height: int, width: int, text: int):
     def make(model: QwenImageTransformer2DModel) -> dict:
         return dict(
             hidden_states=randn(1, height * width, 16, seed=1).repeat(2, 1, 1),
-            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2), encoder_hidden_states_mask=text_mask(text),
-            timestep=torch.tensor([0.5, 0.5]), img_shapes=[(1, height, width)] * 2, return_dict=False,
+            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
+            encoder_hidden_states_mask=text_mask(text),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_shapes=[(1, height, width)] * 2,
+            return_dict=False,
         )
 
     return make
 
 
 def build_wan() -> WanTransformer3DModel:
-    return seeded_model(lambda: WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-    ))
+    return seeded_model(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=TEXT_DIM,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            rope_max_seq_len=32,
+        )
+    )
 
 
 def wan_inputs(frames: int, size: int, text: int):
     def make(model: WanTransformer3DModel) -> dict:
         return dict(
             hidden_states=randn(1, 4, frames, size, size, seed=1).repeat(2, 1, 1, 1, 1),
-            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2), timestep=torch.tensor([500, 500]),
+            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
+            timestep=torch.tensor([500, 500]),
             return_dict=False,
         )
 
@@ -99,18 +135,30 @@ def wan_inputs(frames: int, size: int, text: int):
 
 
 def build_ltx() -> LTXVideoTransformer3DModel:
-    return seeded_model(lambda: LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-        num_layers=2, caption_channels=TEXT_DIM,
-    ))
+    return seeded_model(
+        lambda: LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=4,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            num_layers=2,
+            caption_channels=TEXT_DIM,
+        )
+    )
 
 
 def ltx_inputs(frames: int, size: int, text: int):
     def make(model: LTXVideoTransformer3DModel) -> dict:
         return dict(
             hidden_states=randn(1, frames * size * size, 8, seed=1).repeat(2, 1, 1),
-            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2), timestep=torch.tensor([500, 500]),
-            encoder_attention_mask=text_mask(text), num_frames=frames, height=size, width=size, return_dict=False,
+            encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
+            timestep=torch.tensor([500, 500]),
+            encoder_attention_mask=text_mask(text),
+            num_frames=frames,
+            height=size,
+            width=size,
+            return_dict=False,
         )
 
     return make
@@ -118,18 +166,41 @@ def ltx_inputs(frames: int, size: int, text: int):
 
 def build_helios() -> HeliosTransformer3DModel:
     """4 blocks: its _cp_plan gathers at blocks 0-39 whatever the depth (the entries past the end name nothing)."""
-    return seeded_model(lambda: HeliosTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=4, rope_dim=(4, 4, 4),
-    ))
+    return seeded_model(
+        lambda: HeliosTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=TEXT_DIM,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=4,
+            rope_dim=(4, 4, 4),
+        )
+    )
 
 
 def build_minimax_h3() -> MiniMaxH3Transformer3DModel:
-    return seeded_model(lambda: MiniMaxH3Transformer3DModel(
-        num_attention_heads=4, attention_head_dim=24, hidden_size=48, num_layers=2, num_refiner_layers=1, ffn_dim=64,
-        in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=16,
-        time_embed_hidden_dim=32, time_embed_dim=32, rope_freq_dim=4,
-    ))
+    return seeded_model(
+        lambda: MiniMaxH3Transformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=24,
+            hidden_size=48,
+            num_layers=2,
+            num_refiner_layers=1,
+            ffn_dim=64,
+            in_channels=4,
+            audio_in_channels=8,
+            patch_size=(1, 2, 2),
+            text_dim=TEXT_DIM,
+            freq_dim=16,
+            time_embed_hidden_dim=32,
+            time_embed_dim=32,
+            rope_freq_dim=4,
+        )
+    )
 
 
 def minimax_h3_inputs(text: int, video: int, audio: int):
@@ -143,9 +214,13 @@ def minimax_h3_inputs(text: int, video: int, audio: int):
             audio_hidden_states=randn(1, audio, 8, seed=3).repeat(2, 1, 1),
             encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),
             timestep=torch.tensor([500.0, 0.0]),  # the noise level of the latents, and the clean text's
-            timestep_indices=(ids < text).long(), token_tags=torch.tensor([2] * text + [0] * video + [1] * audio),
-            position_ids=torch.stack([ids, ids % 4, ids % 3], dim=1), text_indices=ids[:text],
-            video_indices=ids[text:text + video], audio_indices=ids[text + video:], return_dict=False,
+            timestep_indices=(ids < text).long(),
+            token_tags=torch.tensor([2] * text + [0] * video + [1] * audio),
+            position_ids=torch.stack([ids, ids % 4, ids % 3], dim=1),
+            text_indices=ids[:text],
+            video_indices=ids[text : text + video],
+            audio_indices=ids[text + video :],
+            return_dict=False,
         )
 
     return make
@@ -261,16 +336,28 @@ class FluxWithMissingModule(FluxTransformer2DModel):
 
 def test_untranslatable_plans_raise(translated_only):
     config = dict(zoo_flux.build().config)
-    with pytest.raises(ValueError, match=r"cannot be translated exactly: transformer_blocks.0.attn attends over"
-                                         r" \('text', 'latent'\).*leaves \['text'\] whole"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be translated exactly: transformer_blocks.0.attn attends over"
+        r" \('text', 'latent'\).*leaves \['text'\] whole",
+    ):
         find_planned_modules(FluxWithoutTextCut(**config))
     with pytest.raises(ValueError, match=r"FluxWithMissingModule._cp_plan\['proj'\] names no module"):
         plan_for(FluxWithMissingModule(**config))
     # LTX-2 cuts the video only; its audio attends to the video in video_to_audio_attn, whose keys would be cut
     ltx2 = LTX2VideoTransformer3DModel(
-        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=4, audio_attention_head_dim=8,
-        audio_cross_attention_dim=32, num_layers=1, caption_channels=TEXT_DIM,
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        audio_in_channels=8,
+        audio_out_channels=8,
+        audio_num_attention_heads=4,
+        audio_attention_head_dim=8,
+        audio_cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=TEXT_DIM,
     )
     with pytest.raises(ValueError, match=r"cross-attention transformer_blocks.0.video_to_audio_attn reads 'latent'"):
         plan_for(ltx2)

@@ -50,8 +50,14 @@ def test_training_writes_weights_the_loader_reads(tmp_path):
     module = DigitsDiTTraining(config=tiny)
     images, labels = digit_images()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:16], labels[:16]), batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     save_weights(module, tmp_path, {"steps": trainer.global_step})
     loaded = load_digits_dit(tmp_path)

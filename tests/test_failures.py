@@ -29,11 +29,11 @@ def _attention_with_missing_peer(rank: int, world: int, peer_behaviour: str) -> 
 
 
 def test_dead_peer_raises_instead_of_hanging():
-    (outcome, seconds), = run_on_ranks(2, _attention_with_missing_peer, "dies", timeout_s=10, reporting=[0])
+    ((outcome, seconds),) = run_on_ranks(2, _attention_with_missing_peer, "dies", timeout_s=10, reporting=[0])
     assert outcome.startswith("RuntimeError") and seconds < 10 + 5, outcome
 
 
 def test_stuck_peer_hits_the_configured_timeout():
-    (outcome, seconds), = run_on_ranks(2, _attention_with_missing_peer, "stuck", timeout_s=3, reporting=[0])
+    ((outcome, seconds),) = run_on_ranks(2, _attention_with_missing_peer, "stuck", timeout_s=3, reporting=[0])
     assert outcome.startswith("RuntimeError"), outcome
     assert 2 <= seconds < 15, seconds

@@ -66,14 +66,22 @@ CASES = [
     Case("wan-18vid", lambda: wan_sampler(build_wan(), frames=2, size=6), lambda: text_requests(text_tokens=7)),
     Case("wan-27vid", lambda: wan_sampler(build_wan(), frames=3, size=6), lambda: text_requests(text_tokens=7)),
     # CogVideoX: cat([text, video]) attention with rotary on the video tokens.
-    Case("cogvideox-32vid-8txt", lambda: cogvideox_sampler(build_cogvideox(), frames=2, size=8),
-         lambda: text_requests(text_tokens=8)),
-    Case("cogvideox-27vid-7txt", lambda: cogvideox_sampler(build_cogvideox(), frames=3, size=6),
-         lambda: text_requests(text_tokens=7)),
+    Case(
+        "cogvideox-32vid-8txt",
+        lambda: cogvideox_sampler(build_cogvideox(), frames=2, size=8),
+        lambda: text_requests(text_tokens=8),
+    ),
+    Case(
+        "cogvideox-27vid-7txt",
+        lambda: cogvideox_sampler(build_cogvideox(), frames=3, size=6),
+        lambda: text_requests(text_tokens=7),
+    ),
     # CogVideoX-2b style: sine-cosine positions added to the whole sequence before it is cut.
-    Case("cogvideox-sincos-27vid-7txt",
-         lambda: cogvideox_sampler(build_cogvideox(rotary=False, text_tokens=7), frames=3, size=6),
-         lambda: text_requests(text_tokens=7)),
+    Case(
+        "cogvideox-sincos-27vid-7txt",
+        lambda: cogvideox_sampler(build_cogvideox(rotary=False, text_tokens=7), frames=3, size=6),
+        lambda: text_requests(text_tokens=7),
+    ),
 ]
 
 #: (devices, degrees): Ulysses, Ring on 2 ranks; Ulysses, Ring, USP on 4 ranks.
@@ -156,14 +164,21 @@ def test_split_module_inputs_are_checked_against_the_model():
     model = build_wan()
     base = plan_for(model)
     with pytest.raises(ValueError, match="split_inputs"):
-        DiTPlan(split_module_inputs={"": {"x": Split("video", 1)}}, gather_outputs=base.gather_outputs,
-                self_attention=base.self_attention)
+        DiTPlan(
+            split_module_inputs={"": {"x": Split("video", 1)}},
+            gather_outputs=base.gather_outputs,
+            self_attention=base.self_attention,
+        )
     for module_inputs, match in [
         ({"blocks.0": {"hidden": Split("video", 1)}}, r"\['hidden'\] are not arguments of WanTransformerBlock"),
         ({"blocks.9": {"hidden_states": Split("video", 1)}}, r"\['blocks.9'\] do not exist"),
     ]:
-        plan = DiTPlan(split_module_inputs=module_inputs, split_outputs=base.split_outputs,
-                       gather_outputs=base.gather_outputs, self_attention=base.self_attention)
+        plan = DiTPlan(
+            split_module_inputs=module_inputs,
+            split_outputs=base.split_outputs,
+            gather_outputs=base.gather_outputs,
+            self_attention=base.self_attention,
+        )
         with pytest.raises(ValueError, match=match):
             apply_sequence_parallel(model, plan, SequenceGroups())
 
@@ -171,8 +186,12 @@ def test_split_module_inputs_are_checked_against_the_model():
 def test_tuple_split_of_the_wrong_arity_is_an_error():
     module = wan_sampler(build_wan())
     base = plan_for(module.transformer)
-    plan = DiTPlan(split_outputs={"rope": (Split("video", 1),)}, split_module_inputs=base.split_module_inputs,
-                   gather_outputs=base.gather_outputs, self_attention=base.self_attention)
+    plan = DiTPlan(
+        split_outputs={"rope": (Split("video", 1),)},
+        split_module_inputs=base.split_module_inputs,
+        gather_outputs=base.gather_outputs,
+        self_attention=base.self_attention,
+    )
     handle = apply_sequence_parallel(module.transformer, plan, SequenceGroups())
     try:
         with pytest.raises(TypeError, match="rope: the plan splits a 1-tuple, got tuple"):

@@ -13,6 +13,7 @@ from tests.distributed import run_on_ranks
 from tests.models import FAMILIES, build_dit, dit_sampler, requests
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fsdp_alone_is_data_parallel_over_one_sharded_copy(family, tmp_path):
     """dp = world: each rank generates its own samples, all from one copy of the weights sharded over 2 ranks."""
@@ -38,7 +39,10 @@ def test_uneven_batches_over_data_parallel_groups_are_a_clear_error(tmp_path):
     import lightning as L
 
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
         strategy=FSDPInferenceStrategy(start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match=r"gives the 2 data-parallel ranks \[2, 1\] batches"):
@@ -54,6 +58,7 @@ def _shard_forward_remove(rank: int, world: int) -> dict:
     plain = sampler.sample(batch)
     full_blocks = [resident_bytes(b) for b in dit.transformer_blocks]
     full_root = resident_bytes(dit)
+
     def hook_counts() -> dict:
         return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in dit.named_modules()}
 
@@ -72,8 +77,12 @@ def _shard_forward_remove(rank: int, world: int) -> dict:
 
     after = sampler.sample(batch)  # plain again: no process group needed, same numbers as before
     return {
-        "full_blocks": full_blocks, "full_root": full_root, "before_use": before_use,
-        "between_uses": between_uses, "root_before_use": root_before_use, "root_between_uses": root_between_uses,
+        "full_blocks": full_blocks,
+        "full_root": full_root,
+        "before_use": before_use,
+        "between_uses": between_uses,
+        "root_before_use": root_before_use,
+        "root_between_uses": root_between_uses,
         "all_sharded": all_sharded,
         "error": ((parallel - plain).abs().max() / plain.abs().max()).item(),
         "restored_equal": bool(after.equal(plain)),
@@ -132,7 +141,9 @@ def _shard_text_encoder(rank: int, world: int) -> dict:
     out = module.text_encoder(x)
     handle.remove()
     return {
-        "full": full, "held": held, "sharded": sharded,
+        "full": full,
+        "held": held,
+        "sharded": sharded,
         "equal": bool(torch.allclose(out, plain, rtol=1e-5, atol=1e-6)),
         "after": bool(module.text_encoder(x).equal(plain)),
     }

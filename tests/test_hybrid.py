@@ -66,7 +66,10 @@ def test_data_parallel_groups_with_model_parallel_inside(layout, tmp_path):
 
 def test_registered_hybrid_name_accepts_every_degree(tmp_path):
     trainer = L.Trainer(
-        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=4,
+        logger=False,
+        enable_progress_bar=False,
         strategy="dit_hybrid",
     )
     assert type(trainer.strategy) is DiTParallelStrategy
@@ -94,7 +97,10 @@ def test_two_strategies_in_a_row_in_one_process(tmp_path):
 
 def test_cfg_with_guidance_off_fails_in_a_hybrid_layout():
     trainer = L.Trainer(
-        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=4,
+        logger=False,
+        enable_progress_bar=False,
         strategy=DiTParallelStrategy(cfg_degree=2, ulysses_degree=2, fsdp=True, start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match=r"classifier-free guidance is off in DiffusionSampler"):
@@ -107,7 +113,11 @@ def test_data_parallel_results_gathered_in_order_by_the_writer(tmp_path):
 
     reference = predict_single(dit_sampler(build_dit()), requests(4, batch_size=1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         strategy=DiTParallelStrategy(dp_degree=2, cfg_degree=2, fsdp=True, start_method="fork"),
         callbacks=[OrderedPredictionWriter(tmp_path, save_images=False)],
     )
@@ -143,8 +153,11 @@ def test_text_conditioned_families(family, layout, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
-@pytest.mark.parametrize("degrees", [dict(pp_degree=2, ulysses_degree=2), dict(pp_degree=2, ring_degree=2)],
-                         ids=["pp2_ulysses2", "pp2_ring2"])
+@pytest.mark.parametrize(
+    "degrees",
+    [dict(pp_degree=2, ulysses_degree=2), dict(pp_degree=2, ring_degree=2)],
+    ids=["pp2_ulysses2", "pp2_ring2"],
+)
 def test_pipeline_with_sequence_parallel_on_plans_that_cut_block_inputs(family, degrees, tmp_path):
     """Wan and CogVideoX cut their tokens at the first block's inputs; stage 1 cuts at its own first block."""
     build, sampler = OTHER_FAMILIES[family]
@@ -163,7 +176,8 @@ def test_pipeline_with_sequence_parallel_needs_every_stage_to_cut():
     model = build_flux()  # one double-stream block, one single-stream block
     plan = DiTPlan(
         split_module_inputs={"transformer_blocks.0": {"hidden_states": Split("image", 1)}},
-        gather_outputs={"proj_out": Split("image", 1)}, blocks=("transformer_blocks", "single_transformer_blocks"),
+        gather_outputs={"proj_out": Split("image", 1)},
+        blocks=("transformer_blocks", "single_transformer_blocks"),
         self_attention={"transformer_blocks.*.attn": ("image",)},
     )
     layout = ParallelLayout(pp=2, ulysses=2).resolve(4)

@@ -62,8 +62,13 @@ class StepNoiseSampler(GlobalNoiseSampler):
 def _sampler(seed_by: str = "rank", cls: type[GlobalNoiseSampler] = GlobalNoiseSampler) -> GlobalNoiseSampler:
     base = dit_sampler(build_dit(), steps=1)
     return cls(
-        base.transformer, base.scheduler, base.conditioning, base.latent_shape, num_inference_steps=1,
-        guidance_scale=base.guidance_scale, seed_by=seed_by,
+        base.transformer,
+        base.scheduler,
+        base.conditioning,
+        base.latent_shape,
+        num_inference_steps=1,
+        guidance_scale=base.guidance_scale,
+        seed_by=seed_by,
     )
 
 
@@ -97,10 +102,17 @@ def _guard_cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str
             attempt("dp", _sampler("rank"), FSDPInferenceStrategy())
             # the first DiT call of each batch is checked; "every_call" checks the later calls too
             for check in (True, "every_call"):
-                attempt(f"step noise, {check}", _sampler("step", StepNoiseSampler),
-                        SequenceParallelStrategy(ulysses_degree=2, check_inputs=check))
-            attempt("second batch", _sampler("rank", StepNoiseSampler), SequenceParallelStrategy(ulysses_degree=2),
-                    samples=4)
+                attempt(
+                    f"step noise, {check}",
+                    _sampler("step", StepNoiseSampler),
+                    SequenceParallelStrategy(ulysses_degree=2, check_inputs=check),
+                )
+            attempt(
+                "second batch",
+                _sampler("rank", StepNoiseSampler),
+                SequenceParallelStrategy(ulysses_degree=2),
+                samples=4,
+            )
         else:
             for seed_by, what in (("rank", "rank"), ("dp", "dp group")):
                 strategy = SequenceParallelStrategy(ulysses_degree=2, dp_degree=2)
@@ -111,8 +123,11 @@ def _guard_cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str
 def _assert_names_the_problem(message: str, ranks: tuple[int, int], where: str) -> None:
     a, b = ranks
     for part in (
-        "argument 'hidden_states' differs", f"rank {a} holds value 1; rank {b} holds value 2", "seed_everything",
-        "per-sample generators seeded from the global sample index", "check_inputs=False",
+        "argument 'hidden_states' differs",
+        f"rank {a} holds value 1; rank {b} holds value 2",
+        "seed_everything",
+        "per-sample generators seeded from the global sample index",
+        "check_inputs=False",
     ):
         assert part in message, f"{where}: {part!r} not in {message!r}"
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
 
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy
+from lightning_dit_parallel import FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy
 from lightning_dit_parallel.loading import deferred_roots, lean_from_pretrained
 from lightning_dit_parallel.prompts import prompt_loader
 from lightning_dit_parallel.sampling import PipelineSampler
@@ -69,8 +69,12 @@ def plain_diffusers(folder: Path) -> torch.Tensor:
     """The reference: plain diffusers in one process, sample i seeded with i."""
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    return torch.cat([pipe(prompt=[p], generator=torch.Generator("cpu").manual_seed(i), output_type="pt", **CALL).frames
-                      for i, p in enumerate(PROMPTS)])
+    return torch.cat(
+        [
+            pipe(prompt=[p], generator=torch.Generator("cpu").manual_seed(i), output_type="pt", **CALL).frames
+            for i, p in enumerate(PROMPTS)
+        ]
+    )
 
 
 class WatchHeldBytes(L.Callback):
@@ -111,15 +115,25 @@ def _every_layout_twice(rank: int, world: int, folder: Path, reference: torch.Te
     # FSDP gathers them; pipeline stages and tensor-parallel shards hold less. The whole model is `block/2` more.
     share = (whole + block + root) / 2 * 1.02  # FSDP pads a shard of an odd number of rows by one row
     with external_launch(rank, world, *ports):
-        modules = {"sampler": PipelineSampler(path=folder, call=CALL), "configure_model": FromPretrainedInConfigureModel(folder)}
+        modules = {
+            "sampler": PipelineSampler(path=folder, call=CALL),
+            "configure_model": FromPretrainedInConfigureModel(folder),
+        }
         for how, module in modules.items():
             for name, make in LAYOUTS.items():
                 for attempt in ("first", "second"):
                     what = f"{how} {name} ({attempt}), rank {rank}"
                     strategy = make()
                     watch = WatchHeldBytes()
-                    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False,
-                                        enable_progress_bar=False, enable_model_summary=False, callbacks=[watch])
+                    trainer = L.Trainer(
+                        accelerator="cpu",
+                        devices=world,
+                        strategy=strategy,
+                        logger=False,
+                        enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[watch],
+                    )
                     batch = 1 if name == "fsdp" else 2
                     out = torch.cat(trainer.predict(module, prompt_loader(PROMPTS, batch_size=batch)))
                     expected = reference[rank::world] if name == "fsdp" else reference
@@ -127,7 +141,9 @@ def _every_layout_twice(rank: int, world: int, folder: Path, reference: torch.Te
                     if out.shape != expected.shape or not error <= 1e-5:
                         failures.append(f"{what}: output {tuple(out.shape)}, relative error {error:.2e}")
                     if watch.most > share:
-                        failures.append(f"{what}: held {watch.most} transformer bytes at once; share {share}, whole {whole}")
+                        failures.append(
+                            f"{what}: held {watch.most} transformer bytes at once; share {share}, whole {whole}"
+                        )
                     transformer = module.pipe.transformer
                     if not all(p.is_meta for p in transformer.parameters()):
                         failures.append(f"{what}: the transformer's weights were not released at teardown")
@@ -159,14 +175,14 @@ def test_lean_from_pretrained_falls_back_for_what_it_cannot_serve(wan_folder: Pa
 
     with lean_from_pretrained():
         lean = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer")
-        overridden = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer",
-                                                           num_layers=1)
+        overridden = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer", num_layers=1)
     assert all(p.is_meta for p in lean.parameters())
     assert not any(p.is_meta for p in overridden.parameters()) and len(overridden.blocks) == 1
     assert WanTransformer3DModel.from_pretrained.__func__.__name__ == "from_pretrained"
 
 
 # -- peak resident memory per rank over a whole predict --------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def large_wan_folder(tmp_path_factory) -> tuple[Path, int]:
@@ -178,16 +194,32 @@ def large_wan_folder(tmp_path_factory) -> tuple[Path, int]:
     from tests.pipelines import tiny_wan_vae, umt5_encoder, word_tokenizer
 
     folder = tmp_path_factory.mktemp("large_wan")
-    transformer = build_on_meta(lambda: WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=128, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=8192, num_layers=8, rope_max_seq_len=32))
+    transformer = build_on_meta(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=8,
+            attention_head_dim=128,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=8192,
+            num_layers=8,
+            rope_max_seq_len=32,
+        )
+    )
     transformer.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in transformer.parameters():
             p.normal_(0, 0.02, generator=generator)
-    pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=umt5_encoder(), vae=tiny_wan_vae(),
-                       transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = WanPipeline(
+        tokenizer=word_tokenizer(),
+        text_encoder=umt5_encoder(),
+        vae=tiny_wan_vae(),
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
     pipe.save_pretrained(folder)
     whole = sum(p.numel() * p.element_size() for p in transformer.parameters())
     return folder, whole
@@ -211,9 +243,13 @@ def test_no_rank_holds_the_whole_model_at_any_moment(large_wan_folder):
     under the transformer's size with 2 pipeline stages or 2 tensor-parallel shards (a rank that loaded, moved or
     gathered the whole transformer at any moment would exceed it)."""
     folder, whole = large_wan_folder
-    for rank, grown in enumerate(run_on_ranks(2, _peak_over_predicts, folder, (free_port(), free_port()), timeout_s=600)):
+    for rank, grown in enumerate(
+        run_on_ranks(2, _peak_over_predicts, folder, (free_port(), free_port()), timeout_s=600)
+    ):
         for name, bytes_grown in grown.items():
-            assert bytes_grown < 0.8 * whole, f"rank {rank} {name}: peak grew by {bytes_grown / 1e9:.2f} GB, whole {whole / 1e9:.2f} GB"
+            assert bytes_grown < 0.8 * whole, (
+                f"rank {rank} {name}: peak grew by {bytes_grown / 1e9:.2f} GB, whole {whole / 1e9:.2f} GB"
+            )
 
 
 @pytest.mark.gpu
@@ -226,8 +262,13 @@ def test_device_peak_per_rank_is_its_share(large_wan_folder):
         pytest.skip("needs 2 GPUs")
     torch.cuda.reset_peak_memory_stats()
     module = PipelineSampler(path=folder, call={**CALL, "num_inference_steps": 1})
-    trainer = L.Trainer(accelerator="gpu", devices=2, strategy=PipelineStrategy(pp_degree=2, start_method="fork"),
-                        logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=2,
+        strategy=PipelineStrategy(pp_degree=2, start_method="fork"),
+        logger=False,
+        enable_progress_bar=False,
+    )
     trainer.predict(module, prompt_loader(PROMPTS[:1], batch_size=1))
     assert torch.cuda.max_memory_allocated() < 0.8 * whole
 
@@ -247,10 +288,14 @@ def test_lean_loading_keeps_the_dtypes_diffusers_and_transformers_give(tmp_path:
         if isinstance(component, torch.nn.Module):
             reference = getattr(plain, name)
             expected = {n: t.dtype for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
-            assert {n: t.dtype for n, t in [*component.named_parameters(), *component.named_buffers()]} == expected, name
+            assert {n: t.dtype for n, t in [*component.named_parameters(), *component.named_buffers()]} == expected, (
+                name
+            )
             materialize(component)
     call = {**CALL, "output_type": "pt"}
     for pipe in (plain, lean):
         pipe.set_progress_bar_config(disable=True)
-    assert torch.equal(plain(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
-                       lean(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames)
+    assert torch.equal(
+        plain(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
+        lean(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
+    )

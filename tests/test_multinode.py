@@ -29,8 +29,8 @@ from lightning_dit_parallel import ParallelLayout, SequenceParallelStrategy
 from lightning_dit_parallel.cli import predict
 from lightning_dit_parallel.nodes import axes_across_nodes, check_node_placement
 from tests.distributed import free_port, run_on_ranks
-from tests.multinode_cases import CASES, FAMILIES, run_case
 from tests.models import requests
+from tests.multinode_cases import CASES, FAMILIES, run_case
 from tests.rank_outputs import assert_exact, load_rank_outputs, predict_single
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,16 @@ BIN = Path(sys.executable).parent
 #: ldp-predict, small: 4 digits in batches of 2, 3 denoising steps, no quality score (it trains a classifier).
 FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3", "score=null"]
 #: Variables of an outer launcher that must not reach the processes a test starts.
-LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "TORCHELASTIC_RUN_ID")
+LAUNCHER_VARIABLES = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -81,8 +89,20 @@ def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], logs: Path)
 
 
 def torchrun(node: int, nodes: int, per_node: int, port: int, *program: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--node-rank",
-            str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), *program]
+    return [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        str(nodes),
+        "--nproc-per-node",
+        str(per_node),
+        "--node-rank",
+        str(node),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *program,
+    ]
 
 
 def reference(name: str) -> torch.Tensor:
@@ -176,16 +196,32 @@ def test_torchrun_two_nodes_every_layout_equals_one_process(tmp_path):
     (Ulysses inside a node, Ring across), pp 2 x Ulysses 2 (one stage per node), FSDP with Ulysses 2 x dp 2 (the
     shard group spans both nodes), dp 2 x Ulysses 2 gathered in order on rank 0, and Ulysses 4 refused."""
     port, out = free_port(), tmp_path / "out"
-    program = ["-m", "tests.multinode_cases", str(out), "--cases", ",".join(TORCHRUN_CASES), "--num-nodes", "2",
-               "--devices", "2"]
+    program = [
+        "-m",
+        "tests.multinode_cases",
+        str(out),
+        "--cases",
+        ",".join(TORCHRUN_CASES),
+        "--num-nodes",
+        "2",
+        "--devices",
+        "2",
+    ]
     run_nodes([torchrun(n, 2, 2, port, *program) for n in (0, 1)], [clean_env()] * 2, tmp_path / "logs")
     for name in TORCHRUN_CASES:
         if name == "refused":
             continue
         check_case(out, name, 4, "TorchElasticEnvironment", 2)
     across = {name: records(out, name, 4)[0]["across"] for name in TORCHRUN_CASES}
-    assert across == {"ulysses": ["ulysses"], "ring": ["ring"], "usp": ["ring"], "pipeline": ["pp"],
-                      "fsdp": ["dp"], "data_parallel": ["dp"], "refused": ["ulysses"]}
+    assert across == {
+        "ulysses": ["ulysses"],
+        "ring": ["ring"],
+        "usp": ["ring"],
+        "pipeline": ["pp"],
+        "fsdp": ["dp"],
+        "data_parallel": ["dp"],
+        "refused": ["ulysses"],
+    }
     warned = [r["warnings"] for r in records(out, "ulysses", 4)]
     assert len(warned[0]) == 1 and "Ulysses all-to-all crosses nodes" in warned[0][0]
     assert warned[1:] == [[], [], []], "rank 0 alone warns"
@@ -205,8 +241,23 @@ def test_torchrun_a_dead_node_makes_the_other_node_fail_within_the_timeout(tmp_p
     """Node 1's process exits at its second batch; node 0's rank, waiting in a Ulysses all-to-all, raises and its
     torchrun exits with an error within the strategy's timeout (20 s)."""
     port, out, died = free_port(), tmp_path / "out", tmp_path / "died"
-    program = ["-m", "tests.multinode_cases", str(out), "--cases", "ulysses_2x1", "--num-nodes", "2", "--devices", "1",
-               "--timeout", "20", "--die-node", "1", "--die-file", str(died)]
+    program = [
+        "-m",
+        "tests.multinode_cases",
+        str(out),
+        "--cases",
+        "ulysses_2x1",
+        "--num-nodes",
+        "2",
+        "--devices",
+        "1",
+        "--timeout",
+        "20",
+        "--die-node",
+        "1",
+        "--die-file",
+        str(died),
+    ]
     logs = tmp_path / "logs"
     procs = start_nodes([torchrun(n, 2, 1, port, *program) for n in (0, 1)], [clean_env()] * 2, logs)
     codes = wait_nodes(procs, logs, timeout_s=300)
@@ -223,10 +274,15 @@ def test_torchrun_a_dead_node_makes_the_other_node_fail_within_the_timeout(tmp_p
 def slurm_variables(task: int, tasks_per_node: int, nodes: int, job_id: str) -> dict[str, str]:
     """What srun sets for one task of ``srun --nodes N --ntasks-per-node T`` (block distribution)."""
     return {
-        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "ldp-multinode", "SLURM_NODELIST": "localhost",
-        "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes * tasks_per_node),
-        "SLURM_NTASKS_PER_NODE": str(tasks_per_node), "SLURM_PROCID": str(task),
-        "SLURM_NODEID": str(task // tasks_per_node), "SLURM_LOCALID": str(task % tasks_per_node),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NAME": "ldp-multinode",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * tasks_per_node),
+        "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+        "SLURM_PROCID": str(task),
+        "SLURM_NODEID": str(task // tasks_per_node),
+        "SLURM_LOCALID": str(task % tasks_per_node),
     }
 
 
@@ -261,8 +317,13 @@ def _as_slurm_task(rank: int, world: int, out: str, job_id: str, harness_port: i
         os.environ.update(saved)
         if dist.is_initialized():
             dist.destroy_process_group()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{harness_port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{harness_port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
 
 
 def test_slurm_two_nodes_trainer_predict_equals_one_process(tmp_path):
@@ -291,8 +352,18 @@ def lightning_node_env(node: int, port: int) -> dict[str, str]:
 def test_lightning_launcher_two_nodes_trainer_predict_equals_one_process(tmp_path):
     """Each node's command starts the node's second rank itself (Lightning's script launcher): USP 2 x 2."""
     port, out = free_port(), tmp_path / "out"
-    command = [sys.executable, "-m", "tests.multinode_cases", str(out), "--cases", "usp", "--num-nodes", "2",
-               "--devices", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.multinode_cases",
+        str(out),
+        "--cases",
+        "usp",
+        "--num-nodes",
+        "2",
+        "--devices",
+        "2",
+    ]
     run_nodes([command, command], [lightning_node_env(n, port) for n in (0, 1)], tmp_path / "logs")
     check_case(out, "usp", 4, "LightningEnvironment", 2)
 
@@ -333,8 +404,9 @@ def test_torchrun_world_that_does_not_match_devices_times_nodes_is_refused_befor
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     for key, value in {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
-    trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy=SequenceParallelStrategy(ulysses_degree=2),
-                        logger=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, num_nodes=2, strategy=SequenceParallelStrategy(ulysses_degree=2), logger=False
+    )
     with pytest.raises(ValueError, match=r"`devices=1` and `num_nodes=2`.*does not match the world size \(4\)"):
         trainer.strategy.setup_environment()
     assert not dist.is_initialized()

@@ -30,17 +30,36 @@ from tests.distributed import run_on_ranks
 from tests.vaes import flux2_vae, image_vae, qwen_vae, wan_vae
 
 BUILDERS = {
-    "kl": image_vae, "flux2": flux2_vae, "wan": wan_vae, "wan22": lambda: wan_vae(residual=True), "qwen": qwen_vae,
+    "kl": image_vae,
+    "flux2": flux2_vae,
+    "wan": wan_vae,
+    "wan22": lambda: wan_vae(residual=True),
+    "qwen": qwen_vae,
 }
 FUNCTIONS = ("group_norm", "interpolate", "scaled_dot_product_attention")
 ORIGINAL = {name: getattr(F, name) for name in FUNCTIONS}
 
 #: (vae, latent shape): images (B, C, H, W), videos (B, C, F, H, W); heights that do and do not divide the ranks.
 CASES = {
-    2: [("kl", (2, 4, 8, 6)), ("kl", (1, 4, 7, 5)), ("flux2", (1, 4, 5, 4)), ("wan", (1, 4, 2, 4, 5)),
-        ("wan", (1, 4, 3, 3, 5)), ("wan22", (1, 4, 2, 3, 4)), ("qwen", (1, 4, 2, 5, 3))],
-    4: [("kl", (1, 4, 8, 5)), ("kl", (1, 4, 9, 5)), ("kl", (2, 4, 6, 7)), ("flux2", (1, 4, 6, 3)),
-        ("wan", (1, 4, 2, 4, 6)), ("wan", (1, 4, 2, 5, 4)), ("wan22", (1, 4, 2, 6, 3)), ("qwen", (1, 4, 2, 7, 3))],
+    2: [
+        ("kl", (2, 4, 8, 6)),
+        ("kl", (1, 4, 7, 5)),
+        ("flux2", (1, 4, 5, 4)),
+        ("wan", (1, 4, 2, 4, 5)),
+        ("wan", (1, 4, 3, 3, 5)),
+        ("wan22", (1, 4, 2, 3, 4)),
+        ("qwen", (1, 4, 2, 5, 3)),
+    ],
+    4: [
+        ("kl", (1, 4, 8, 5)),
+        ("kl", (1, 4, 9, 5)),
+        ("kl", (2, 4, 6, 7)),
+        ("flux2", (1, 4, 6, 3)),
+        ("wan", (1, 4, 2, 4, 6)),
+        ("wan", (1, 4, 2, 5, 4)),
+        ("wan22", (1, 4, 2, 6, 3)),
+        ("qwen", (1, 4, 2, 7, 3)),
+    ],
 }
 
 
@@ -75,11 +94,16 @@ def _exact(rank: int, world: int) -> list[dict]:
         with torch.no_grad():
             after = vae.decode(z).sample  # the hooks are gone: the plain decode again
         error = ((out - reference).abs().max() / reference.abs().max()).item()
-        results.append({
-            "case": f"{name} {shape}", "error": error, "seen": sorted(set(seen)),
-            "band": band_rows(shape[-2], world)[rank],
-            "restored": torch.equal(after, reference), "shape_ok": out.shape == reference.shape,
-        })
+        results.append(
+            {
+                "case": f"{name} {shape}",
+                "error": error,
+                "seen": sorted(set(seen)),
+                "band": band_rows(shape[-2], world)[rank],
+                "restored": torch.equal(after, reference),
+                "shape_ok": out.shape == reference.shape,
+            }
+        )
     return results
 
 
@@ -145,8 +169,14 @@ def _four_ranks(rank: int, world: int) -> dict:
         plain = vae.decode(z).sample
     after_error = ((banded - plain).abs().max() / plain.abs().max()).item()
     return {
-        "cases": results, "dp_error": dp_error, "dp_seen": seen, "dp_band": band_rows(7, 2)[rank % 2],
-        "dp_output": out.sum().item(), "too_short": too_short, "restored": restored, "after_error": after_error,
+        "cases": results,
+        "dp_error": dp_error,
+        "dp_seen": seen,
+        "dp_band": band_rows(7, 2)[rank % 2],
+        "dp_output": out.sum().item(),
+        "too_short": too_short,
+        "restored": restored,
+        "after_error": after_error,
     }
 
 
@@ -183,8 +213,14 @@ def test_cuts_are_found_by_class():
 
 
 def _tiny_autoencoder() -> AutoencoderTiny:
-    return AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
-                           num_decoder_blocks=(1,), latent_channels=4, upsampling_scaling_factor=1)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        num_encoder_blocks=(1,),
+        num_decoder_blocks=(1,),
+        latent_channels=4,
+        upsampling_scaling_factor=1,
+    )
 
 
 def test_unsupported_vae_class_and_no_vae_are_clear_errors():
@@ -215,12 +251,15 @@ def test_own_vae_class_registers_a_cut():
         unregister_vae_cut(MyVae)
 
 
-@pytest.mark.parametrize("conv, message", [
-    (nn.Conv2d(4, 4, 3, stride=2, padding=1), "stride 2 along the height"),
-    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
-    (nn.Conv2d(4, 4, 3, padding=0), "changes it"),
-    (nn.ConvTranspose2d(4, 4, 3), "transposed"),
-])
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        (nn.Conv2d(4, 4, 3, stride=2, padding=1), "stride 2 along the height"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
+        (nn.Conv2d(4, 4, 3, padding=0), "changes it"),
+        (nn.ConvTranspose2d(4, 4, 3), "transposed"),
+    ],
+)
 def test_convolutions_that_cannot_be_banded(conv: nn.Module, message: str):
     with pytest.raises(ValueError, match=message):
         conv_halo(conv, "decoder.layer", -2, None)
@@ -273,10 +312,16 @@ def _cuda_exact(rank: int, world: int) -> list[dict]:
             reference = vae.decode(z).sample
         out, seen = _decode_in_bands(vae, z, dist.group.WORLD)
         error = ((out - reference).abs().max() / reference.abs().max()).item()
-        results.append({
-            "case": f"{name} {shape} cuda", "error": error, "seen": sorted(set(seen)),
-            "band": band_rows(shape[-2], world)[rank], "restored": True, "shape_ok": out.shape == reference.shape,
-        })
+        results.append(
+            {
+                "case": f"{name} {shape} cuda",
+                "error": error,
+                "seen": sorted(set(seen)),
+                "band": band_rows(shape[-2], world)[rank],
+                "restored": True,
+                "shape_ok": out.shape == reference.shape,
+            }
+        )
     return results
 
 

@@ -60,7 +60,8 @@ STRATEGIES = {
     "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, parallel_vae=True, start_method="fork"), 2),
     "cfg2": (lambda: DiTParallelStrategy(cfg_degree=2, parallel_vae=True, start_method="fork"), 2),
     "dp2_ulysses2": (
-        lambda: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, parallel_vae=True, start_method="fork"), 4
+        lambda: DiTParallelStrategy(dp_degree=2, ulysses_degree=2, parallel_vae=True, start_method="fork"),
+        4,
     ),
 }
 

@@ -30,11 +30,16 @@ RANDN = torch.randn
 #: decodes 5 latent frames in two calls (the causal convolutions' cached frames carried per band); HunyuanVideo's
 #: frame-causal attention sees 3 frames; LTX decodes a batch of 2 with a timestep each.
 CASES = [
-    ("cogvideox", (1, 4, 5, 5, 4), 2), ("cogvideox", (1, 4, 2, 7, 3), 1),
-    ("ltx", (2, 4, 2, 5, 3), 1), ("ltx", (1, 4, 1, 7, 4), 1),
-    ("hunyuan", (1, 4, 3, 5, 4), 1), ("hunyuan", (1, 4, 2, 7, 3), 1),
-    ("mochi", (1, 4, 2, 5, 4), 1), ("mochi", (1, 4, 3, 7, 3), 1),
-    ("dc", (2, 4, 9, 4), 1), ("dc", (1, 4, 11, 5), 1),
+    ("cogvideox", (1, 4, 5, 5, 4), 2),
+    ("cogvideox", (1, 4, 2, 7, 3), 1),
+    ("ltx", (2, 4, 2, 5, 3), 1),
+    ("ltx", (1, 4, 1, 7, 4), 1),
+    ("hunyuan", (1, 4, 3, 5, 4), 1),
+    ("hunyuan", (1, 4, 2, 7, 3), 1),
+    ("mochi", (1, 4, 2, 5, 4), 1),
+    ("mochi", (1, 4, 3, 7, 3), 1),
+    ("dc", (2, 4, 9, 4), 1),
+    ("dc", (1, 4, 11, 5), 1),
 ]
 
 
@@ -73,12 +78,18 @@ def _all_cases(rank: int, world: int) -> dict:
         for ranks, group in ((world, dist.group.WORLD), (2, pairs[rank // 2])):
             out, seen, made = _banded(vae, name, z, group)
             error = ((out - reference).abs().max() / reference.abs().max()).item()
-            results.append({
-                "case": f"{name} {shape} on {ranks} ranks", "error": error, "seen": sorted(set(seen)),
-                "band": band_rows(shape[-2], ranks)[rank % ranks], "calls": made, "expected_calls": calls,
-                "shape_ok": out.shape == reference.shape,
-                "restored": {n: getattr(F, n) for n in FUNCTIONS} == ORIGINAL and torch.randn is RANDN,
-            })
+            results.append(
+                {
+                    "case": f"{name} {shape} on {ranks} ranks",
+                    "error": error,
+                    "seen": sorted(set(seen)),
+                    "band": band_rows(shape[-2], ranks)[rank % ranks],
+                    "calls": made,
+                    "expected_calls": calls,
+                    "shape_ok": out.shape == reference.shape,
+                    "restored": {n: getattr(F, n) for n in FUNCTIONS} == ORIGINAL and torch.randn is RANDN,
+                }
+            )
         results[-1]["after"] = torch.equal(_decode(vae, name, z), reference)  # the hooks are gone: plain again
     errors = {}
     # DC-AE on bands of one latent row x 4 columns: its linear attention would take the quadratic branch
@@ -142,16 +153,22 @@ def test_the_five_classes_have_cuts():
     module = nn.ModuleDict({name: build() for name, build in BUILDERS.items()})
     found = {path: type(vae).__name__ for path, vae, _ in find_vaes(module)}
     assert found == {
-        "cogvideox": "AutoencoderKLCogVideoX", "ltx": "AutoencoderKLLTXVideo", "hunyuan": "AutoencoderKLHunyuanVideo",
-        "mochi": "AutoencoderKLMochi", "dc": "AutoencoderDC",
+        "cogvideox": "AutoencoderKLCogVideoX",
+        "ltx": "AutoencoderKLLTXVideo",
+        "hunyuan": "AutoencoderKLHunyuanVideo",
+        "mochi": "AutoencoderKLMochi",
+        "dc": "AutoencoderDC",
     }
 
 
 def test_causal_convolutions_are_banded_where_the_height_is_padded():
     # CogVideoX (pad_mode="first"): the nn.Conv3d child pads the height; Mochi (replicate) and HunyuanVideo: the
     # wrapper pads it with F.pad, so the wrapper is banded
-    for name, banded in (("cogvideox", {"CogVideoXSafeConv3d", "Conv2d"}), ("mochi", {"CogVideoXCausalConv3d"}),
-                         ("hunyuan", {"HunyuanVideoCausalConv3d"})):
+    for name, banded in (
+        ("cogvideox", {"CogVideoXSafeConv3d", "Conv2d"}),
+        ("mochi", {"CogVideoXCausalConv3d"}),
+        ("hunyuan", {"HunyuanVideoCausalConv3d"}),
+    ):
         vae = BUILDERS[name]()
         found = _inspect(vae.decoder, vae_cut_for(vae))
         kinds = {type(module).__name__ for module, _ in found.halos}
@@ -181,7 +198,7 @@ def test_ltx_noise_is_drawn_and_banded_draws_match_the_whole_map():
     for rank, (start, rows) in enumerate(((0, 6), (6, 3), (9, 3))):  # latent rows (2, 1, 1) upsampled 3x
         bands = Bands((2, 1, 1), rank, -2)
         noise = band_noise(RANDN, lambda where: bands, "noise")((rows, 5), generator=torch.Generator().manual_seed(3))
-        assert torch.equal(noise, whole[start:start + rows])
+        assert torch.equal(noise, whole[start : start + rows])
 
 
 def test_frame_causal_masks():

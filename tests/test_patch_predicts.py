@@ -60,29 +60,64 @@ def _pipeline_strategy(text_tokens: str) -> PipelineStrategy:
 #: whose later steps attend to the other patches' keys of the step before.
 RUNS = {
     2: [
-        *((f"pipefusion {family} pp2 {mode}", family, STEPS, lambda mode=mode: _pipeline_strategy(mode), True)
-          for family in ("flux", "sd3", "wan") for mode in ("per_step", "every_patch")),
-        *((f"distrifusion {family} degree 2", family, STEPS, lambda: PatchParallelStrategy(warmup_steps=STEPS), True)
-          for family in ("dit", "pixart", "flux")),
-        ("distrifusion dit degree 2 + fsdp", "dit", STEPS,
-         lambda: PatchParallelStrategy(warmup_steps=STEPS, fsdp=True), True),
+        *(
+            (f"pipefusion {family} pp2 {mode}", family, STEPS, lambda mode=mode: _pipeline_strategy(mode), True)
+            for family in ("flux", "sd3", "wan")
+            for mode in ("per_step", "every_patch")
+        ),
+        *(
+            (f"distrifusion {family} degree 2", family, STEPS, lambda: PatchParallelStrategy(warmup_steps=STEPS), True)
+            for family in ("dit", "pixart", "flux")
+        ),
+        (
+            "distrifusion dit degree 2 + fsdp",
+            "dit",
+            STEPS,
+            lambda: PatchParallelStrategy(warmup_steps=STEPS, fsdp=True),
+            True,
+        ),
         ("distrifusion pixart registered name, warm-up 1 of 3", "pixart", STEPS, lambda: "dit_distrifusion", False),
         ("distrifusion pixart warm-up 1 of 6", "pixart", 6, lambda: PatchParallelStrategy(warmup_steps=1), False),
     ],
     4: [
-        *((f"pipefusion {family} pp2 x ulysses2", family, STEPS, lambda: _pipefusion("per_step", ulysses_degree=2),
-           True) for family in ("dit", "flux", "sd3")),
-        *((f"pipefusion {family} pp2 x ring2", family, STEPS, lambda: _pipefusion("every_patch", ring_degree=2), True)
-          for family in ("dit", "flux", "wan")),
-        ("pipefusion dit pp2 x ulysses2 + fsdp", "dit", STEPS,
-         lambda: _pipefusion("per_step", ulysses_degree=2, fsdp=True), True),
+        *(
+            (
+                f"pipefusion {family} pp2 x ulysses2",
+                family,
+                STEPS,
+                lambda: _pipefusion("per_step", ulysses_degree=2),
+                True,
+            )
+            for family in ("dit", "flux", "sd3")
+        ),
+        *(
+            (f"pipefusion {family} pp2 x ring2", family, STEPS, lambda: _pipefusion("every_patch", ring_degree=2), True)
+            for family in ("dit", "flux", "wan")
+        ),
+        (
+            "pipefusion dit pp2 x ulysses2 + fsdp",
+            "dit",
+            STEPS,
+            lambda: _pipefusion("per_step", ulysses_degree=2, fsdp=True),
+            True,
+        ),
         ("pipefusion dit cfg2 x pp2", "dit", STEPS, lambda: _pipefusion("per_step", cfg_degree=2), True),
         ("pipefusion flux dp2 x pp2", "flux", STEPS, lambda: _pipefusion("per_step", dp_degree=2), True),
         ("distrifusion dit degree 4", "dit", STEPS, lambda: PatchParallelStrategy(warmup_steps=STEPS), True),
-        ("distrifusion flux cfg2 x degree 2", "flux", STEPS, lambda: PatchParallelStrategy(2, STEPS, cfg_degree=2),
-         True),
-        ("distrifusion pixart dp2 x degree 2", "pixart", STEPS, lambda: PatchParallelStrategy(2, STEPS, dp_degree=2),
-         True),
+        (
+            "distrifusion flux cfg2 x degree 2",
+            "flux",
+            STEPS,
+            lambda: PatchParallelStrategy(2, STEPS, cfg_degree=2),
+            True,
+        ),
+        (
+            "distrifusion pixart dp2 x degree 2",
+            "pixart",
+            STEPS,
+            lambda: PatchParallelStrategy(2, STEPS, dp_degree=2),
+            True,
+        ),
     ],
 }
 

@@ -80,8 +80,11 @@ def _run_layouts(rank: int, world: int, names: list[str], case_names: list[str])
                 if method == "pipefusion":
                     sequence = groups if groups.size > 1 else None
                     installed = apply_pipeline(
-                        model, plan_for(model), PipelineOptions("pipefusion", warmup_steps=1, **options),
-                        mesh.get_group("pp"), sequence,
+                        model,
+                        plan_for(model),
+                        PipelineOptions("pipefusion", warmup_steps=1, **options),
+                        mesh.get_group("pp"),
+                        sequence,
                     )
                 else:
                     installed = apply_distrifusion(model, plan_for(model), groups, DistriFusionOptions(warmup_steps=1))

@@ -76,8 +76,11 @@ class Toy(nn.Module):
 
 def _toy_plan(**fields) -> DiTPlan:
     base = dict(
-        split_inputs={"x": Split("x", 1), "y": Split("y", 1)}, gather_outputs={"out": Split("x", 1)},
-        blocks=("blocks",), self_attention={"blocks.*.attn": ("x",)}, cross_attention=("blocks.*.cross",),
+        split_inputs={"x": Split("x", 1), "y": Split("y", 1)},
+        gather_outputs={"out": Split("x", 1)},
+        blocks=("blocks",),
+        self_attention={"blocks.*.attn": ("x",)},
+        cross_attention=("blocks.*.cross",),
         split_module_inputs_each_call={"blocks.?": {"temb": Split("x", 1, ndim=3)}},
         gather_module_inputs={"blocks.*.cross": {"context": Split("y", 1)}},
     )
@@ -94,8 +97,12 @@ def test_replicated_tail_plans_need_no_self_attention():
 
 def test_per_call_patterns_are_checked_against_the_model():
     hooks = module_input_hooks(_toy_plan(), Toy())
-    assert [(h.kind, h.path) for h in hooks] == [("split", "blocks.0"), ("split", "blocks.1"),
-                                                 ("gather", "blocks.0.cross"), ("gather", "blocks.1.cross")]
+    assert [(h.kind, h.path) for h in hooks] == [
+        ("split", "blocks.0"),
+        ("split", "blocks.1"),
+        ("gather", "blocks.0.cross"),
+        ("gather", "blocks.1.cross"),
+    ]
     pattern = {"blocks.*.attn": {"temb": Split("x", 1)}}
     with pytest.raises(ValueError, match=r"split_module_inputs_each_call\['blocks.\*.attn'\] \['temb'\] are not"):
         module_input_hooks(_toy_plan(split_module_inputs_each_call=pattern), Toy())

@@ -56,8 +56,15 @@ def flux(double: int = 2, single: int = 3, seed: int = 0) -> FluxTransformer2DMo
     """2 double-stream + 3 single-stream blocks: 2 stages cut inside the single list, 4 stages also between lists."""
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        axes_dims_rope=(4, 6, 6),
     )
     randomize_zero_init(model, seed)
     return sharpen_attention(model.eval())
@@ -181,8 +188,13 @@ def _held_parameters(rank: int, world_size: int, layers: int) -> dict:
     pp = apply_pipeline(model, plan_for(model), PipelineOptions(), dist.group.WORLD)
     owned = [i for i in range(layers) if not isinstance(model.transformer_blocks[i], ReleasedBlock)]
     return {
-        "held": count_parameters(model), "total": total, "blocks": sum(block_params), "owned": owned,
-        "owned_params": sum(block_params[i] for i in owned), "shared": shared, "released": len(pp.released),
+        "held": count_parameters(model),
+        "total": total,
+        "blocks": sum(block_params),
+        "owned": owned,
+        "owned_params": sum(block_params[i] for i in owned),
+        "shared": shared,
+        "released": len(pp.released),
     }
 
 

@@ -13,7 +13,12 @@ import torch
 from diffusers import FluxPipeline
 from torch.utils.data import DataLoader
 
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    PipelineStrategy,
+    SequenceParallelStrategy,
+)
 from lightning_dit_parallel.pipelines import PipelineModule, attach_pipelines
 from lightning_dit_parallel.prompts import prompt_loader
 from tests.pipelines import FLUX_CALL, PIXART_CALL, flux_pipeline, pixart_sigma_pipeline

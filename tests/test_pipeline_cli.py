@@ -27,14 +27,26 @@ SEED = 3
 def run_predict(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("ldp-predict")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([str(script), *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(script), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def pipeline_overrides(path: Path, call: dict) -> list[str]:
     listed = {"num_inference_steps", "guidance_scale", "height", "width", "num_frames", "max_sequence_length"}
-    out = ["model=pipeline", f"model.path={path}", "data=prompts", f"data.prompts=[{','.join(PROMPTS)}]",
-           f"model.seed={SEED}", "writer.image_scale=1"]
+    out = [
+        "model=pipeline",
+        f"model.path={path}",
+        "data=prompts",
+        f"data.prompts=[{','.join(PROMPTS)}]",
+        f"model.seed={SEED}",
+        "writer.image_scale=1",
+    ]
     for key, value in call.items():
         if key == "output_type":
             continue

@@ -55,8 +55,12 @@ LAYOUTS: dict[str, tuple[int, Any]] = {
 
 #: the columns of the docs table
 LAYOUT_LABELS = {
-    "ulysses2": "Ulysses 2", "ring2": "Ring 2", "fsdp_ulysses2": "FSDP x Ulysses 2, encoders sharded",
-    "pp2": "pipeline 2", "tp2": "tensor parallel 2", "ulysses2_vae": "Ulysses 2 + parallel VAE",
+    "ulysses2": "Ulysses 2",
+    "ring2": "Ring 2",
+    "fsdp_ulysses2": "FSDP x Ulysses 2, encoders sharded",
+    "pp2": "pipeline 2",
+    "tp2": "tensor parallel 2",
+    "ulysses2_vae": "Ulysses 2 + parallel VAE",
     "cfg2_ulysses2": "CFG 2 x Ulysses 2 (4 ranks)",
 }
 
@@ -116,8 +120,9 @@ def reference(name: str, folder: Path) -> tuple[torch.Tensor, list[int]]:
         return module.predict_step(next(iter(loader())), 0), module.vae_rows
 
 
-def _run(rank: int, world: int, ports: tuple[int, int], cells: list[tuple[str, str]], folders: dict,
-         refs: dict) -> dict:
+def _run(
+    rank: int, world: int, ports: tuple[int, int], cells: list[tuple[str, str]], folders: dict, refs: dict
+) -> dict:
     """Every cell of this launch in a row; per cell: ("exact", error) / ("error", message) / ("wrong", error)."""
     results: dict[str, Any] = {}
     with external_launch(rank, world, *ports):
@@ -131,14 +136,18 @@ def _run(rank: int, world: int, ports: tuple[int, int], cells: list[tuple[str, s
                     import traceback
 
                     traceback.print_exc()
-                results[f"{name}|{layout}"] = ("error", f"{type(err).__name__}: {err}", {},
-                                               time.perf_counter() - start)
+                results[f"{name}|{layout}"] = ("error", f"{type(err).__name__}: {err}", {}, time.perf_counter() - start)
                 continue
             ref, ref_rows = refs[name]
             error = ((out - ref).abs().max() / ref.abs().max()).item() if out.shape == ref.shape else float("inf")
             kind = "exact" if error <= 1e-5 else "wrong"
-            evidence = dict(sharded=sorted(module.sharded), encoders=module.encoders, dit_dtensor=module.dit_dtensor,
-                            vae_rows=module.vae_rows, one_process_vae_rows=ref_rows)
+            evidence = dict(
+                sharded=sorted(module.sharded),
+                encoders=module.encoders,
+                dit_dtensor=module.dit_dtensor,
+                vae_rows=module.vae_rows,
+                one_process_vae_rows=ref_rows,
+            )
             results[f"{name}|{layout}"] = (kind, error, evidence, time.perf_counter() - start)
     return results
 
@@ -158,8 +167,9 @@ def matrix(tmp_path_factory) -> dict[tuple[str, str], list]:
     table = os.environ.get("LDP_MATRIX_TABLE")
     if table:
         Path(table).write_text(render_table(results))
-        Path(table).with_suffix(".json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()},
-                                                               indent=1, default=str))
+        Path(table).with_suffix(".json").write_text(
+            json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=1, default=str)
+        )
     print(f"pipeline matrix: {len(results)} cells in {time.perf_counter() - begin:.1f} s")
     return results
 
@@ -219,8 +229,10 @@ def render_table(results: dict[tuple[str, str], list]) -> str:
     """The markdown table: a row per pipeline, a column per layout."""
     names = list(dict.fromkeys(n for n, _ in results))
     layouts = list(dict.fromkeys(lay for _, lay in results))
-    lines = ["| pipeline | " + " | ".join(LAYOUT_LABELS[lay] for lay in layouts) + " |",
-             "|---" * (len(layouts) + 1) + "|"]
+    lines = [
+        "| pipeline | " + " | ".join(LAYOUT_LABELS[lay] for lay in layouts) + " |",
+        "|---" * (len(layouts) + 1) + "|",
+    ]
     for name in names:
         cells = " | ".join(_cell_text(name, lay, results[name, lay]) for lay in layouts)
         lines.append(f"| {LABELS[name]} | {cells} |")

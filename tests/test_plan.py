@@ -70,7 +70,10 @@ def test_missing_plan_error_says_how_to_declare():
         (dict(gather_outputs={"a": Split()}, self_attention={"b": ("image",)}), "split point"),
         (dict(split_outputs={"a": Split()}, self_attention={"b": ("image",)}), "gather point"),
         (dict(split_outputs={"a": Split()}, gather_outputs={"a": Split()}), "self_attention"),
-        (dict(split_outputs={"a": Split()}, gather_outputs={"a": Split()}, self_attention={"b": ("text",)}), "split sequences"),
+        (
+            dict(split_outputs={"a": Split()}, gather_outputs={"a": Split()}, self_attention={"b": ("text",)}),
+            "split sequences",
+        ),
     ],
 )
 def test_incomplete_plans_are_rejected(kwargs, match):
@@ -88,7 +91,10 @@ def test_register_plan_type_checks():
 @pytest.mark.parametrize(
     "cross, match",
     [
-        (("transformer_blocks.*.attn3",), r"cross_attention patterns \['transformer_blocks.\*.attn3'\] match no module"),
+        (
+            ("transformer_blocks.*.attn3",),
+            r"cross_attention patterns \['transformer_blocks.\*.attn3'\] match no module",
+        ),
         (("transformer_blocks.*.attn*",), r"\['transformer_blocks.0.attn1', .*\] .* both self-attention and cross"),
     ],
 )
@@ -114,7 +120,10 @@ def test_module_paths_count_from_the_end_and_name_outermost_matches():
     assert module_paths(modules, "transformer_blocks.-3") == []
     assert module_paths(modules, "proj_out_2.-1") == []  # not a block list
     assert module_paths(modules, "transformer_blocks.*") == ["transformer_blocks.0", "transformer_blocks.1"]
-    assert module_paths(modules, "transformer_blocks.*.attn1") == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert module_paths(modules, "transformer_blocks.*.attn1") == [
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.1.attn1",
+    ]
     assert module_paths(modules, "proj_out_2") == ["proj_out_2"]
     assert module_paths(modules, "missing.*") == []
 
@@ -154,7 +163,9 @@ def test_class_without_an_exact_plan_fails_with_the_reason(monkeypatch):
         pass
 
     monkeypatch.setattr(registry, "unsupported_reason", lambda cls: "its attention is odd." if cls is Blocked else None)
-    with pytest.raises(ValueError, match=r"Blocked \(transformer\) cannot be parallelized exactly: its attention is odd"):
+    with pytest.raises(
+        ValueError, match=r"Blocked \(transformer\) cannot be parallelized exactly: its attention is odd"
+    ):
         find_planned_modules(nn.ModuleDict({"text_encoder": nn.Linear(2, 2), "transformer": Blocked()}))
 
 
@@ -166,7 +177,6 @@ def test_optional_modules_are_dropped_for_the_configs_without_them():
     from diffusers import CosmosTransformer3DModel
 
     from lightning_dit_parallel.plan_optional import without_absent
-
     from tests.zoo import cosmos
 
     with_pos, without = cosmos.build()(), cosmos.build(extra_pos_embed_type=None)()

@@ -93,7 +93,8 @@ def inputs(image: int = 15, text: int = 3) -> dict[str, Tensor]:
     """15 image and 3 text tokens: padded shards on 2 and 4 ranks. The CFG batch: the same latents twice."""
     g = torch.Generator().manual_seed(1)
     return dict(
-        x=torch.randn(1, image, 8, generator=g).repeat(2, 1, 1), context=torch.randn(2, text, 12, generator=g),
+        x=torch.randn(1, image, 8, generator=g).repeat(2, 1, 1),
+        context=torch.randn(2, text, 12, generator=g),
         pos=torch.randn(1, image, 32, generator=g).expand(2, -1, -1),
     )
 

@@ -11,11 +11,11 @@ import torch
 
 from lightning_dit_parallel import DiTParallelStrategy, plan_layouts
 from lightning_dit_parallel.planner.cli import main as ldp_plan
+from lightning_dit_parallel.planner.layouts import Axes
 from lightning_dit_parallel.planner.models import load_models
 from lightning_dit_parallel.planner.tokens import latent_grid
 from lightning_dit_parallel.planner.work import Work, parse_bytes, parse_rate
 from lightning_dit_parallel.strategies.auto import AutoHints, choose_layout
-from lightning_dit_parallel.planner.layouts import Axes
 from tests.models import build_dit, dit_sampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -99,8 +99,23 @@ def test_approximate_layouts_only_when_allowed(flux):
 
 
 def test_ldp_plan_json_lists_every_layout_with_the_required_fields(capsys):
-    code = ldp_plan([str(FLUX), "--devices", "4", "--memory", "24GiB", "--dtype", "bfloat16", "--height", "1024",
-                     "--width", "1024", "--no-cfg", "--json"])
+    code = ldp_plan(
+        [
+            str(FLUX),
+            "--devices",
+            "4",
+            "--memory",
+            "24GiB",
+            "--dtype",
+            "bfloat16",
+            "--height",
+            "1024",
+            "--width",
+            "1024",
+            "--no-cfg",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all({"layout", "fits", "memory_per_rank_bytes", "recommended"} <= set(r) for r in rows)
@@ -111,8 +126,28 @@ def test_ldp_plan_json_lists_every_layout_with_the_required_fields(capsys):
 
 
 def test_ldp_plan_table_and_errors(capsys):
-    assert ldp_plan([str(WAN), "--devices", "8", "--memory", "24GiB", "--height", "720", "--width", "1280",
-                     "--frames", "81", "--cfg-calls", "separate", "--top", "5"]) == 0
+    assert (
+        ldp_plan(
+            [
+                str(WAN),
+                "--devices",
+                "8",
+                "--memory",
+                "24GiB",
+                "--height",
+                "720",
+                "--width",
+                "1280",
+                "--frames",
+                "81",
+                "--cfg-calls",
+                "separate",
+                "--top",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "75600 tokens" in out and "recommended:" in out and " *" in out
     assert ldp_plan([str(WAN), "--devices", "8", "--height", "721", "--width", "1280"]) == 2
@@ -140,8 +175,15 @@ def test_auto_choice_is_pure_and_sized_from_the_sampler():
     """The same inputs give the same layout (no collective needed); the DiT config's sample size sizes the work."""
     sampler = dit_sampler(build_dit(sample_size=8))
     hints = AutoHints(memory="8GiB")
-    args = dict(world_size=4, nodes=1, device=torch.device("cpu"), hints=hints, axes=Axes(tp=False, parallel_vae=False,
-                pipefusion=False, distrifusion=False), shard_text_encoders=False, check_inputs=True)
+    args = dict(
+        world_size=4,
+        nodes=1,
+        device=torch.device("cpu"),
+        hints=hints,
+        axes=Axes(tp=False, parallel_vae=False, pipefusion=False, distrifusion=False),
+        shard_text_encoders=False,
+        check_inputs=True,
+    )
     first, plan = choose_layout(sampler, **args)
     again, _ = choose_layout(sampler, **args)
     assert first.layout == again.layout and first.layout.world_size == 4 and first.exact

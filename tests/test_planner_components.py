@@ -24,28 +24,66 @@ from lightning_dit_parallel.planner.weights import component_weights, read_safet
 ELEMENT = 2  # bfloat16, the dtype the plans below run in
 
 TRANSFORMER = {
-    "_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 8,
-    "cross_attn_norm": True, "eps": 1e-6, "ffn_dim": 32, "freq_dim": 16, "image_dim": None, "in_channels": 12,
-    "num_attention_heads": 2, "num_layers": 2, "out_channels": 4, "patch_size": [1, 2, 2],
-    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "text_dim": 32,
+    "_class_name": "WanTransformer3DModel",
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 8,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+    "ffn_dim": 32,
+    "freq_dim": 16,
+    "image_dim": None,
+    "in_channels": 12,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "out_channels": 4,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+    "text_dim": 32,
 }
 TEXT_ENCODER = {
-    "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": 32, "d_ff": 48, "d_kv": 8,
-    "num_heads": 4, "num_layers": 2, "vocab_size": 64, "feed_forward_proj": "gated-gelu", "is_gated_act": True,
-    "dense_act_fn": "gelu_new", "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+    "architectures": ["UMT5EncoderModel"],
+    "model_type": "umt5",
+    "d_model": 32,
+    "d_ff": 48,
+    "d_kv": 8,
+    "num_heads": 4,
+    "num_layers": 2,
+    "vocab_size": 64,
+    "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True,
+    "dense_act_fn": "gelu_new",
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
     "tie_word_embeddings": False,
 }
 IMAGE_ENCODER = {
-    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_size": 32,
-    "intermediate_size": 48, "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 28, "patch_size": 14,
-    "projection_dim": 16, "num_channels": 3, "hidden_act": "gelu", "torch_dtype": "float32",
+    "architectures": ["CLIPVisionModelWithProjection"],
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "image_size": 28,
+    "patch_size": 14,
+    "projection_dim": 16,
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "torch_dtype": "float32",
 }
 VAE = {
-    "_class_name": "AutoencoderKLWan", "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1,
-    "attn_scales": [], "temperal_downsample": [True], "dropout": 0.0,
+    "_class_name": "AutoencoderKLWan",
+    "base_dim": 8,
+    "z_dim": 4,
+    "dim_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_scales": [],
+    "temperal_downsample": [True],
+    "dropout": 0.0,
 }
 MODEL_INDEX = {
-    "_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.35.0",
+    "_class_name": "WanImageToVideoPipeline",
+    "_diffusers_version": "0.35.0",
     "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
     "image_processor": ["transformers", "CLIPImageProcessor"],
     "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -101,15 +139,25 @@ def saved(tmp_path_factory):
         "transformer_2": _unique(_diffusers_model(TRANSFORMER).state_dict()),
         "text_encoder": _unique(_transformers_model(TEXT_ENCODER).state_dict()),
         # float32 on disk (as Wan's CLIP ships), and one tensor its config does not build: only the header knows it
-        "image_encoder": {**_unique(_transformers_model(IMAGE_ENCODER).state_dict()),
-                          "extra_projection.weight": torch.randn(10, 32)},
+        "image_encoder": {
+            **_unique(_transformers_model(IMAGE_ENCODER).state_dict()),
+            "extra_projection.weight": torch.randn(10, 32),
+        },
         "vae": _unique(_diffusers_model(VAE).state_dict()),
     }
-    configs = {"transformer": TRANSFORMER, "transformer_2": TRANSFORMER, "text_encoder": TEXT_ENCODER,
-               "image_encoder": IMAGE_ENCODER, "vae": VAE}
+    configs = {
+        "transformer": TRANSFORMER,
+        "transformer_2": TRANSFORMER,
+        "text_encoder": TEXT_ENCODER,
+        "image_encoder": IMAGE_ENCODER,
+        "vae": VAE,
+    }
     for name, state in tensors.items():
-        filename = "model.safetensors" if name in ("text_encoder", "image_encoder") else (
-            "diffusion_pytorch_model.safetensors")
+        filename = (
+            "model.safetensors"
+            if name in ("text_encoder", "image_encoder")
+            else ("diffusion_pytorch_model.safetensors")
+        )
         _component(root, name, configs[name], state, filename)
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text("{}")
@@ -207,22 +255,27 @@ def test_a_controlnet_is_held_whole_and_sharded_weights_are_read_once(saved, tmp
     index = json.loads((copy / "model_index.json").read_text())
     index["controlnet"] = ["diffusers", "SomeControlNetModel"]
     (copy / "model_index.json").write_text(json.dumps(index))
-    control = {"blocks.0.proj.weight": torch.randn(6, 5), "blocks.1.proj.weight": torch.randn(6, 5),
-               "embed.weight": torch.randn(3, 7)}
-    _component(copy, "controlnet", {"_class_name": "SomeControlNetModel"}, control,
-               "diffusion_pytorch_model.safetensors")
+    control = {
+        "blocks.0.proj.weight": torch.randn(6, 5),
+        "blocks.1.proj.weight": torch.randn(6, 5),
+        "embed.weight": torch.randn(3, 7),
+    }
+    _component(
+        copy, "controlnet", {"_class_name": "SomeControlNetModel"}, control, "diffusion_pytorch_model.safetensors"
+    )
     # the text encoder as two shards with an index, next to a float16 variant that must not be counted too
     folder = copy / "text_encoder"
     (folder / "model.safetensors").unlink()
     names = sorted(tensors["text_encoder"])
-    halves = names[: len(names) // 2], names[len(names) // 2:]
+    halves = names[: len(names) // 2], names[len(names) // 2 :]
     weight_map = {}
     for i, part in enumerate(halves, 1):
         shard = f"model-0000{i}-of-00002.safetensors"
         save_file({n: tensors["text_encoder"][n] for n in part}, str(folder / shard))
         weight_map.update({n: shard for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1},
-                                                                     "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map})
+    )
     save_file({n: t.half() for n, t in tensors["text_encoder"].items()}, str(folder / "model.fp16.safetensors"))
     plan = plan_layouts(copy, devices=2, **WORK)
     base = plan_layouts(root, devices=2, **WORK)
@@ -241,23 +294,62 @@ def test_headers_are_read_without_the_weights_and_an_index_alone_gives_its_total
     assert header == {"a.weight": ("F32", (4, 3), 48), "layers.0.w": ("BF16", (2,), 4)}
     only_index = tmp_path / "index_only"
     only_index.mkdir()
-    (only_index / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 1000}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}))
+    (only_index / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 1000}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors"}})
+    )
     weights = component_weights(only_index)
     assert weights.tensors is None and weights.nbytes == 1000 and weights.numel is None
 
 
 def test_ldp_plan_prints_memory_per_rank_by_component(saved, capsys):
     root, tensors = saved
-    assert ldp_plan([str(root), "--devices", "2", "--memory", "8GiB", "--height", "32", "--width", "32",
-                     "--frames", "5", "--text-tokens", "16", "--cfg-calls", "separate"]) == 0
+    assert (
+        ldp_plan(
+            [
+                str(root),
+                "--devices",
+                "2",
+                "--memory",
+                "8GiB",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--frames",
+                "5",
+                "--text-tokens",
+                "16",
+                "--cfg-calls",
+                "separate",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "memory per rank by component" in out
     for name in ("transformer", "transformer_2", "text_encoder", "image_encoder", "vae"):
         assert f"\n  {name} " in out, name
     assert "img enc." in out and "transformer_2: WanTransformer3DModel" in out
-    code = ldp_plan([str(root), "--devices", "2", "--memory", "8GiB", "--height", "32", "--width", "32",
-                     "--frames", "5", "--text-tokens", "16", "--cfg-calls", "separate", "--json"])
+    code = ldp_plan(
+        [
+            str(root),
+            "--devices",
+            "2",
+            "--memory",
+            "8GiB",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--frames",
+            "5",
+            "--text-tokens",
+            "16",
+            "--cfg-calls",
+            "separate",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(set(r["memory"]["components"]) == set(tensors) for r in rows)
@@ -278,8 +370,10 @@ def test_a_module_with_two_experts_and_an_image_encoder_is_planned():
     assert [name for name, _ in plan.models.dits] == ["transformer", "transformer_2"]
     assert [e.name for e in plan.models.image_encoders] == ["image_encoder"] and not plan.models.text_encoders
     (one,) = plan.layouts
-    expected = {name: sum(p.numel() for p in getattr(module, name).parameters()) * 4
-                for name in ("transformer", "transformer_2", "image_encoder")}
+    expected = {
+        name: sum(p.numel() for p in getattr(module, name).parameters()) * 4
+        for name in ("transformer", "transformer_2", "image_encoder")
+    }
     assert dict(one.memory.components) == expected
 
 
@@ -295,8 +389,11 @@ def test_fsdp_layer_units_are_estimated_and_listed_only_when_block_units_do_not_
     source = Path(__file__).resolve().parent.parent / "examples" / "configs" / "wan2.1-t2v-14b"
     both = plan_layouts(source, memory="1TiB", axes=Axes(fsdp_layers=True), **work)
     by_layout = {e.layout: e for e in both.layouts}
-    pairs = [(e, by_layout[replace(e.layout, fsdp_units="layers")]) for e in both.layouts
-             if e.layout.fsdp and e.layout.fsdp_units == "blocks"]
+    pairs = [
+        (e, by_layout[replace(e.layout, fsdp_units="layers")])
+        for e in both.layouts
+        if e.layout.fsdp and e.layout.fsdp_units == "blocks"
+    ]
     assert pairs
     for blocks, layers in pairs:
         assert layers.memory.dit_gathered < blocks.memory.dit_gathered, blocks.layout.describe()

@@ -48,8 +48,13 @@ def test_count_in_arguments_and_tensor_counts():
 
     lengths = {"video": 27}.get
     args, _ = cut_arguments(
-        inspect.signature(forward), {"num_tokens": PrefixCount("video")}, (torch.zeros(1),), {"num_tokens": 9},
-        rank_of(1, 4), "f", lengths,
+        inspect.signature(forward),
+        {"num_tokens": PrefixCount("video")},
+        (torch.zeros(1),),
+        {"num_tokens": 9},
+        rank_of(1, 4),
+        "f",
+        lengths,
     )
     assert args[1] == 2  # rank 1 of 4 holds tokens 7..13, of which 7 and 8 are first-frame tokens
     assert cut_value(torch.tensor(9), PrefixCount("video"), rank_of(0, 4), "x", lengths) == 7
@@ -73,8 +78,10 @@ def test_count_errors(count, lengths, error, match):
 def test_plan_needs_the_counted_sequence_cut():
     with pytest.raises(ValueError, match=r"PrefixCount of \['image'\] must count tokens of sequences that are split"):
         DiTPlan(
-            split_outputs={"embed": Split("video", 1)}, gather_outputs={"out": Split("video", 1)},
-            split_module_inputs_each_call={"blocks.*": {"n": PrefixCount("image")}}, self_attention={"a": ("video",)},
+            split_outputs={"embed": Split("video", 1)},
+            gather_outputs={"out": Split("video", 1)},
+            split_module_inputs_each_call={"blocks.*": {"n": PrefixCount("image")}},
+            self_attention={"a": ("video",)},
         )
 
 
@@ -95,7 +102,8 @@ class Strict(nn.Module):
 
 def test_each_call_arguments_may_be_left_to_star_args():
     plan = DiTPlan(
-        split_outputs={"embed": Split("video", 1)}, gather_outputs={"embed": Split("video", 1)},
+        split_outputs={"embed": Split("video", 1)},
+        gather_outputs={"embed": Split("video", 1)},
         split_module_inputs_each_call={"blocks.*": {"num_tokens": PrefixCount("video")}},
         self_attention={"blocks.*": ("video",)},
     )

@@ -150,7 +150,11 @@ def _release_and_restore(rank: int, world: int) -> dict:
     pp.remove()
     after = model.state_dict()
     return {
-        "released": len(stubs), "stashed": stashed, "shared": shared, "held": held, "full": full,
+        "released": len(stubs),
+        "stashed": stashed,
+        "shared": shared,
+        "held": held,
+        "full": full,
         "restored": list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before),
         "plain": not _plain_state(model) or _plain_state(model) == ["process group left behind"],
     }

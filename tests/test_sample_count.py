@@ -27,7 +27,11 @@ class WithPredictDataloader(DiffusionSampler):
 def _hooked_sampler(samples: int) -> WithPredictDataloader:
     base = dit_sampler(build_dit(), steps=1)
     module = WithPredictDataloader(
-        base.transformer, base.scheduler, base.conditioning, base.latent_shape, num_inference_steps=1,
+        base.transformer,
+        base.scheduler,
+        base.conditioning,
+        base.latent_shape,
+        num_inference_steps=1,
     )
     module.samples = samples
     return module
@@ -48,8 +52,9 @@ def _outcome(run) -> str:
 def _cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str]:
     with external_launch(rank, world, *ports):
         return {
-            "dp only": _outcome(lambda: predict_here(_plain(), requests(1, 1), DiTParallelStrategy(dp_degree=2),
-                                                     world)),
+            "dp only": _outcome(
+                lambda: predict_here(_plain(), requests(1, 1), DiTParallelStrategy(dp_degree=2), world)
+            ),
             "fsdp": _outcome(lambda: predict_here(_plain(), requests(1, 1), FSDPInferenceStrategy(), world)),
             "hook": _outcome(lambda: _run_hooked(_hooked_sampler(1), world)),
             "enough after": _outcome(lambda: _run_hooked(_hooked_sampler(2), world)),
@@ -59,8 +64,14 @@ def _cases(rank: int, world: int, ports: tuple[int, int]) -> dict[str, str]:
 def _run_hooked(module, world: int) -> torch.Tensor:
     import lightning as L
 
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=FSDPInferenceStrategy(), logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=FSDPInferenceStrategy(),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return torch.cat(trainer.predict(module))
 
 

@@ -33,7 +33,11 @@ def test_ulysses_equals_single_process(family, sample_size, tmp_path):
 def test_registered_name_through_trainer(tmp_path):
     reference = predict_single(dit_sampler(build_dit()), requests())
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="dit_ulysses", logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="dit_ulysses",
+        logger=False,
+        enable_progress_bar=False,
         callbacks=[SaveRankOutputs(tmp_path)],
     )
     assert isinstance(trainer.strategy, SequenceParallelStrategy)
@@ -57,15 +61,21 @@ def test_two_predicts_in_a_row_with_different_strategies(tmp_path):
     env_before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK")}
     module = dit_sampler(build_dit())
     reference = predict_single(dit_sampler(build_dit()), requests())
-    first = predict_on_ranks(module, requests(), SequenceParallelStrategy(ulysses_degree=2, start_method="fork"), 2, tmp_path / "a")
-    second = predict_on_ranks(module, requests(), SequenceParallelStrategy(ring_degree=4, start_method="fork"), 4, tmp_path / "b")
+    first = predict_on_ranks(
+        module, requests(), SequenceParallelStrategy(ulysses_degree=2, start_method="fork"), 2, tmp_path / "a"
+    )
+    second = predict_on_ranks(
+        module, requests(), SequenceParallelStrategy(ring_degree=4, start_method="fork"), 4, tmp_path / "b"
+    )
     assert_exact(first, reference)
     assert_exact(second, reference)
     # the parent process is left as it was: no hooks, no process group, no launcher variables
     assert not torch.distributed.is_initialized()
     assert {k: os.environ.get(k) for k in env_before} == env_before
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
-    assert torch.cat(L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(module, requests())).equal(reference)
+    assert torch.cat(
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(module, requests())
+    ).equal(reference)
 
 
 def _parallelize_then_remove(rank: int, world: int) -> str:
@@ -103,7 +113,10 @@ def test_parallelize_remove_restores_the_plain_model():
 )
 def test_bad_layout_fails_on_every_rank_before_collectives(strategy, devices, match):
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_progress_bar=False,
         strategy=SequenceParallelStrategy(**strategy, start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match=match):
@@ -120,7 +133,10 @@ def test_module_without_plan_is_a_clear_error():
             return self.net(batch["x"])
 
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
         strategy=SequenceParallelStrategy(ulysses_degree=2, start_method="fork", timeout=20),
     )
     loader = torch.utils.data.DataLoader([{"x": torch.ones(2)}])
@@ -130,7 +146,10 @@ def test_module_without_plan_is_a_clear_error():
 
 def test_heads_not_divisible_is_a_clear_error():
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
         strategy=SequenceParallelStrategy(ulysses_degree=2, start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match="ulysses_degree=1, ring_degree=2"):
@@ -148,7 +167,11 @@ def test_training_is_rejected(tmp_path):
     sampler = dit_sampler(build_dit())
     trainable = Trainable(sampler.transformer, sampler.scheduler, sampler.conditioning, sampler.latent_shape)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, max_steps=1,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
+        max_steps=1,
         strategy=DiTParallelStrategy(ulysses_degree=2, start_method="fork", timeout=20),
     )
     with pytest.raises(Exception, match="supports inference"):

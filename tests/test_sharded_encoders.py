@@ -19,8 +19,16 @@ from lightning_dit_parallel.pipelines import attach_pipelines
 from tests.distributed import run_on_ranks
 from tests.models import build_dit
 from tests.pipelines import (
-    HUNYUAN_TEMPLATE, TEXT_TOKENS, WAN_I2V_CALL, WORDS, clip_encoder, clip_vision_encoder, hunyuan_video_text_pipeline,
-    t5_encoder, umt5_encoder, wan_i2v_pipeline,
+    HUNYUAN_TEMPLATE,
+    TEXT_TOKENS,
+    WAN_I2V_CALL,
+    WORDS,
+    clip_encoder,
+    clip_vision_encoder,
+    hunyuan_video_text_pipeline,
+    t5_encoder,
+    umt5_encoder,
+    wan_i2v_pipeline,
 )
 from tests.rank_outputs import max_relative_error
 
@@ -44,8 +52,15 @@ def _pixels(size: int = 16) -> dict[str, torch.Tensor]:
 
 
 def _decoder_config(**extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, **extra)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **extra,
+    )
 
 
 def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
@@ -56,19 +71,36 @@ def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
 def _clip_text_projection():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=8, max_position_embeddings=TEXT_TOKENS, pad_token_id=0, bos_token_id=0, eos_token_id=EOS,
-    ))
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=8,
+            max_position_embeddings=TEXT_TOKENS,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=EOS,
+        )
+    )
 
 
 def _clip_vision_projection():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
-        projection_dim=8,
-    ))
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            projection_dim=8,
+        )
+    )
 
 
 def _clip_model():
@@ -76,19 +108,36 @@ def _clip_model():
     run its towers and projections without its forward."""
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=TEXT_TOKENS, pad_token_id=0, bos_token_id=0, eos_token_id=EOS)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                  patch_size=8)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_TOKENS,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=EOS,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
 
 
 def _siglip_vision():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    return SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4,
-    ))
+    return SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        )
+    )
 
 
 def _llama():
@@ -117,38 +166,76 @@ def _qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = _decoder_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, patch_size=2,
-                  temporal_patch_size=2, spatial_merge_size=2, window_size=8, fullatt_block_indexes=[1])
-    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=_QWEN_IMAGE_TOKEN, video_token_id=VOCAB - 2,
-        vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4,
-    ))
+    vision = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=8,
+        fullatt_block_indexes=[1],
+    )
+    return Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=_QWEN_IMAGE_TOKEN,
+            video_token_id=VOCAB - 2,
+            vision_start_token_id=VOCAB - 3,
+            vision_end_token_id=VOCAB - 4,
+        )
+    )
 
 
 def _qwen_image_inputs() -> dict[str, torch.Tensor]:
     """QwenImage-Edit's call: a prompt with one image (4 image tokens) and its patches."""
     ids = torch.tensor([[3, 7, VOCAB - 3, *[_QWEN_IMAGE_TOKEN] * 4, VOCAB - 4, 5, EOS]])
     pixels = torch.randn(16, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(6))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-            "image_grid_thw": _QWEN_GRID}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_grid_thw": _QWEN_GRID,
+    }
 
 
 def _mistral3():
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-    return Mistral3ForConditionalGeneration(Mistral3Config(
-        text_config=dict(model_type="mistral", **_decoder_config(head_dim=8)),
-        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=16, patch_size=4, head_dim=8),
-        image_token_index=VOCAB - 1,
-    ))
+    return Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config=dict(model_type="mistral", **_decoder_config(head_dim=8)),
+            vision_config=dict(
+                model_type="pixtral",
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+                head_dim=8,
+            ),
+            image_token_index=VOCAB - 1,
+        )
+    )
 
 
 def _bert():
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, max_position_embeddings=16))
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
 
 
 def _flatten(out, prefix: str) -> dict[str, torch.Tensor]:
@@ -254,8 +341,11 @@ def _generate_case(rank: int, mesh) -> dict:
         out = model.generate(prompts[rank], max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
     finally:
         sharding.remove()
-    return {"error": 0.0 if out.equal(whole) else float("inf"), "missing": [],
-            "lengths": (whole.shape[1], out.shape[1])}
+    return {
+        "error": 0.0 if out.equal(whole) else float("inf"),
+        "missing": [],
+        "lengths": (whole.shape[1], out.shape[1]),
+    }
 
 
 def _wan_i2v_default(rank: int, world: int) -> dict:
@@ -272,10 +362,17 @@ def _wan_i2v_default(rank: int, world: int) -> dict:
     def video() -> torch.Tensor:
         # the I2V module's own prompt cleaning needs ftfy (unguarded there); Wan T2V's text path is the same call
         cpu = torch.device("cpu")
-        embeds = [WanPipeline._get_t5_prompt_embeds(pipe, p, max_sequence_length=TEXT_TOKENS, device=cpu)
-                  for p in (prompt, "")]
-        return pipe(image=image, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
-                    generator=torch.Generator().manual_seed(rank), **WAN_I2V_CALL).frames
+        embeds = [
+            WanPipeline._get_t5_prompt_embeds(pipe, p, max_sequence_length=TEXT_TOKENS, device=cpu)
+            for p in (prompt, "")
+        ]
+        return pipe(
+            image=image,
+            prompt_embeds=embeds[0],
+            negative_prompt_embeds=embeds[1],
+            generator=torch.Generator().manual_seed(rank),
+            **WAN_I2V_CALL,
+        ).frames
 
     whole = video()
     holder = nn.Module()
@@ -298,8 +395,12 @@ def _wan_i2v_default(rank: int, world: int) -> dict:
         handle.remove()
     finally:
         attached.detach()
-    return {"by_default": by_default, "explicit_none": explicit_none,
-            "error": max_relative_error(sharded, whole), "after": max_relative_error(video(), whole)}
+    return {
+        "by_default": by_default,
+        "explicit_none": explicit_none,
+        "error": max_relative_error(sharded, whole),
+        "after": max_relative_error(video(), whole),
+    }
 
 
 def _hunyuan_encode_prompt(rank: int, world: int) -> dict:
@@ -308,8 +409,13 @@ def _hunyuan_encode_prompt(rank: int, world: int) -> dict:
     pipe = hunyuan_video_text_pipeline()
 
     def encode() -> dict[str, torch.Tensor]:
-        out = pipe.encode_prompt(prompt=["a red cat", "blue dog"], prompt_template=HUNYUAN_TEMPLATE,
-                                 device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=8)
+        out = pipe.encode_prompt(
+            prompt=["a red cat", "blue dog"],
+            prompt_template=HUNYUAN_TEMPLATE,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            max_sequence_length=8,
+        )
         return _flatten(tuple(out), "encode_prompt")
 
     whole = encode()

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import threading
 
-import torch
-
-from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, SequenceParallelStrategy
+from lightning_dit_parallel import (
+    DiTParallelStrategy,
+    FSDPInferenceStrategy,
+    PipelineStrategy,
+    SequenceParallelStrategy,
+)
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.models import build_dit, dit_sampler, requests
@@ -34,8 +37,12 @@ PRESETS = [
 def _resources() -> dict[str, float]:
     with open("/proc/self/status") as status:
         rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return {"rss_mib": rss_kib / 1024, "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
-            "os_threads": len(os.listdir("/proc/self/task"))}
+    return {
+        "rss_mib": rss_kib / 1024,
+        "fds": len(os.listdir("/proc/self/fd")),
+        "threads": threading.active_count(),
+        "os_threads": len(os.listdir("/proc/self/task")),
+    }
 
 
 def _soak(rank: int, world: int, ports: tuple[int, int]) -> dict:

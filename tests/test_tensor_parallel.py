@@ -82,8 +82,12 @@ class Requests(Dataset):
         return len(self.embeds)
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": torch.tensor(i), "class_label": torch.tensor(i % 10), "prompt_embeds": self.embeds[i],
-                "pooled_embeds": self.pooled[i]}
+        return {
+            "index": torch.tensor(i),
+            "class_label": torch.tensor(i % 10),
+            "prompt_embeds": self.embeds[i],
+            "pooled_embeds": self.pooled[i],
+        }
 
 
 def loader(n: int = 2) -> DataLoader:
@@ -104,8 +108,13 @@ class Families(L.LightningModule):
 def predict(names: list[str], strategy, devices: int, dirpath: Path, n: int = 2) -> list[dict[str, Tensor]]:
     """Every rank's ``{family: samples}`` (batches concatenated) from one ``Trainer.predict`` launch."""
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SaveRankDicts(dirpath)],
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveRankDicts(dirpath)],
     )
     trainer.predict(Families(names), loader(n), return_predictions=False)
     return [torch.load(Path(dirpath) / f"rank{r}.pt") for r in range(devices)]
@@ -115,8 +124,9 @@ def predict(names: list[str], strategy, devices: int, dirpath: Path, n: int = 2)
 def references() -> dict[str, Tensor]:
     """One-process samples of 4 requests (2 batches) for every family."""
     module = Families(list(FAMILIES))
-    return {name: torch.cat([module.predict_step(batch, i)[name] for i, batch in enumerate(loader(4))])
-            for name in FAMILIES}
+    return {
+        name: torch.cat([module.predict_step(batch, i)[name] for i, batch in enumerate(loader(4))]) for name in FAMILIES
+    }
 
 
 #: name -> (devices, strategy arguments, families): every family with tp on 2 and 4 ranks; the compositions on 4 ranks
@@ -160,12 +170,21 @@ def test_default_layout_of_a_dit_block():
     block's timestep and label embedders) split with their small outputs gathered or all-reduced."""
     model = build_dit()
     layout = resolve_layout(model, plan_for(model))
-    block = {p.removeprefix("transformer_blocks.0."): s for p, s in layout.styles.items()
-             if p.startswith("transformer_blocks.0.")}
+    block = {
+        p.removeprefix("transformer_blocks.0."): s
+        for p, s in layout.styles.items()
+        if p.startswith("transformer_blocks.0.")
+    }
     assert block == {
-        "attn1.to_q": "colwise", "attn1.to_k": "colwise", "attn1.to_v": "colwise", "attn1.to_out.0": "rowwise",
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm1.linear": "colwise_gather",
-        "norm1.emb.timestep_embedder.linear_1": "colwise", "norm1.emb.timestep_embedder.linear_2": "rowwise",
+        "attn1.to_q": "colwise",
+        "attn1.to_k": "colwise",
+        "attn1.to_v": "colwise",
+        "attn1.to_out.0": "rowwise",
+        "ff.net.0.proj": "colwise",
+        "ff.net.2": "rowwise",
+        "norm1.linear": "colwise_gather",
+        "norm1.emb.timestep_embedder.linear_1": "colwise",
+        "norm1.emb.timestep_embedder.linear_2": "rowwise",
         "norm1.emb.class_embedder.embedding_table": "colwise_gather",
     }
     assert layout.attention == ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1")
@@ -193,23 +212,35 @@ def test_plan_declares_the_layout():
     model = build_dit()
     base = plan_for(model)
     plan = DiTPlan(
-        split_outputs=base.split_outputs, gather_outputs=base.gather_outputs, blocks=base.blocks,
-        self_attention=base.self_attention, shared_modules=base.shared_modules,
+        split_outputs=base.split_outputs,
+        gather_outputs=base.gather_outputs,
+        blocks=base.blocks,
+        self_attention=base.self_attention,
+        shared_modules=base.shared_modules,
         tensor_parallel={"transformer_blocks.*.ff.net.0.proj": "colwise", "transformer_blocks.*.ff.net.2": "rowwise"},
     )
     layout = resolve_layout(model, plan)
     assert sorted(layout.styles) == [f"transformer_blocks.{i}.ff.net.{j}" for i in (0, 1) for j in ("0.proj", 2)]
     assert layout.attention == ()  # no attention projection split: heads stay whole
     with pytest.raises(ValueError, match="tensor_parallel styles must be one of"):
-        DiTPlan(split_outputs=base.split_outputs, gather_outputs=base.gather_outputs,
-                self_attention=base.self_attention, tensor_parallel={"x": "diagonal"})
+        DiTPlan(
+            split_outputs=base.split_outputs,
+            gather_outputs=base.gather_outputs,
+            self_attention=base.self_attention,
+            tensor_parallel={"x": "diagonal"},
+        )
     for styles, match in [
         ({"proj_out_2": "rowwise"}, r"outside the plan's blocks \['transformer_blocks'\]"),
         ({"transformer_blocks.*.attn9.to_q": "colwise"}, "matches no module"),
         ({"transformer_blocks.*.norm1.emb": "colwise"}, "needs an nn.Linear"),
     ]:
-        bad = DiTPlan(split_outputs=base.split_outputs, gather_outputs=base.gather_outputs, blocks=base.blocks,
-                      self_attention=base.self_attention, tensor_parallel=styles)
+        bad = DiTPlan(
+            split_outputs=base.split_outputs,
+            gather_outputs=base.gather_outputs,
+            blocks=base.blocks,
+            self_attention=base.self_attention,
+            tensor_parallel=styles,
+        )
         with pytest.raises(ValueError, match=match):
             resolve_layout(model, bad)
 
@@ -219,8 +250,11 @@ def test_features_that_do_not_split_are_an_error():
     layout = resolve_layout(model, plan_for(model))
     with pytest.raises(ValueError, match=r"4 attention heads cannot be split over tp_degree=8"):
         check_layout(model, plan_for(model), layout, ParallelLayout(tp=8).resolve(8))
-    with pytest.raises(ValueError, match=r"tp_degree=2 x ulysses_degree=4 .* Use tp_degree=2, ulysses_degree=2,"
-                                         r" ring_degree=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"tp_degree=2 x ulysses_degree=4 .* Use tp_degree=2, ulysses_degree=2,"
+        r" ring_degree=2",
+    ):
         check_layout(model, plan_for(model), layout, ParallelLayout(tp=2, ulysses=4).resolve(8))
 
 
@@ -230,7 +264,7 @@ def test_unpack_inverts_the_packed_shards():
     shards = []
     for rank in range(n):
         offsets = [0, 6, 8]
-        shards.append(torch.cat([full[o + rank * s // n: o + (rank + 1) * s // n] for o, s in zip(offsets, sizes)]))
+        shards.append(torch.cat([full[o + rank * s // n : o + (rank + 1) * s // n] for o, s in zip(offsets, sizes)]))
     assert torch.equal(unpack(torch.cat(shards), 0, sizes, n), full)
 
 
@@ -262,8 +296,17 @@ def _small_wan() -> nn.Module:
 
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
     ).eval()
 
 
@@ -322,8 +365,15 @@ def build_flux_meta() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        axes_dims_rope=(4, 6, 6),
     )
 
 

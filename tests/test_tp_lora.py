@@ -28,8 +28,18 @@ pytest.importorskip("peft")
 
 #: projections that get LoRA factors, by the end of their path inside the blocks
 TARGETS: dict[str, tuple[str, ...]] = {
-    "flux": ("attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.to_add_out", "ff.net.0.proj",
-             "ff.net.2", "norm1.linear", "proj_mlp", "proj_out"),
+    "flux": (
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "norm1.linear",
+        "proj_mlp",
+        "proj_out",
+    ),
     "pixart_fused": ("attn1.to_qkv", "attn1.to_out.0", "attn2.to_q", "attn2.to_kv", "ff.net.0.proj", "ff.net.2"),
 }
 
@@ -131,8 +141,12 @@ def _lora_on_ranks(rank: int, world: int, references: dict[str, Tensor]) -> dict
 def _shards(transformer: nn.Module, family: str) -> dict[str, str]:
     """Which LoRA factors are split, and how (placements of their DTensor weights; "whole" for plain tensors)."""
     paths = {
-        "flux": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
-                 "single_transformer_blocks.0.proj_out", "transformer_blocks.0.norm1.linear"],
+        "flux": [
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_out.0",
+            "single_transformer_blocks.0.proj_out",
+            "transformer_blocks.0.norm1.linear",
+        ],
         "pixart_fused": ["transformer_blocks.0.attn1.to_qkv", "transformer_blocks.0.attn1.to_out.0"],
     }[family]
     found = {}

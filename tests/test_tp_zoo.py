@@ -53,17 +53,24 @@ def layout_cases(cases: list[ZooCase], which: str) -> list[ZooCase]:
     return [c for c in cases if family(c) in ALL_CASES_ON_4_RANKS or last[family(c)] is c]
 
 
-
-
 def _easyanimate_all_mmdit():
     from diffusers import EasyAnimateTransformer3DModel
 
     z = easyanimate_zoo
-    return seeded_model(lambda: EasyAnimateTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=z.CHANNELS, out_channels=z.CHANNELS,
-        patch_size=z.PATCH, num_layers=2, mmdit_layers=2, time_embed_dim=32, text_embed_dim=z.TEXT_DIM,
-        text_embed_dim_t5=z.T5_DIM,
-    ))
+    return seeded_model(
+        lambda: EasyAnimateTransformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=z.CHANNELS,
+            out_channels=z.CHANNELS,
+            patch_size=z.PATCH,
+            num_layers=2,
+            mmdit_layers=2,
+            time_embed_dim=32,
+            text_embed_dim=z.TEXT_DIM,
+            text_embed_dim_t5=z.T5_DIM,
+        )
+    )
 
 
 #: cases of this test only: variants of zoo families whose zoo cases are refused
@@ -73,8 +80,10 @@ EXTRA_CASES = [
 
 
 def refusal(case: ZooCase) -> str | None:
-    return next((why for key, why in REFUSED.items() if case.name == key or case.name.startswith(key)
-                 and key.endswith("-")), None)
+    return next(
+        (why for key, why in REFUSED.items() if case.name == key or case.name.startswith(key) and key.endswith("-")),
+        None,
+    )
 
 
 @pytest.fixture(scope="module")

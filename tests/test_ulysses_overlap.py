@@ -18,8 +18,14 @@ HEADS = 12  # U=2: 6 heads per rank (4 groups: 2,2,1,1 per rank); U=4: 3 per ran
 SAMPLE = 10  # 5 x 5 = 25 tokens: divides neither 2 nor 4
 #: (ulysses degree, ulysses_overlap, expected head groups)
 CASES = [
-    (2, False, 1), (2, True, 2), (2, 3, 3), (2, 4, 4), (2, 6, 6),
-    (4, False, 1), (4, True, 2), (4, 3, 3),
+    (2, False, 1),
+    (2, True, 2),
+    (2, 3, 3),
+    (2, 4, 4),
+    (2, 6, 6),
+    (4, False, 1),
+    (4, True, 2),
+    (4, 3, 3),
 ]
 
 

@@ -50,8 +50,11 @@ def test_folded_split_is_not_cut_without_lengths():
 
 def test_folded_split_cannot_be_gathered():
     with pytest.raises(ValueError, match="folded splits"):
-        DiTPlan(split_outputs={"embed": Split("image", 1)}, gather_outputs={"out": Split("image", 0, folded=True)},
-                self_attention={"blocks.*": ("image",)})
+        DiTPlan(
+            split_outputs={"embed": Split("image", 1)},
+            gather_outputs={"out": Split("image", 0, folded=True)},
+            self_attention={"blocks.*": ("image",)},
+        )
 
 
 def test_split_by_rank_cuts_per_token_timesteps_only():
@@ -77,11 +80,24 @@ def test_skyreels_block_causal_mask_is_rejected():
 
     torch.manual_seed(0)
     model = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32, num_frame_per_block=2,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+        num_frame_per_block=2,
     ).eval()
-    inputs = dict(hidden_states=torch.randn(1, 4, 4, 4, 4), timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=torch.randn(1, 3, 16), return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 4, 4, 4),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 3, 16),
+        return_dict=False,
+    )
     with torch.no_grad():
         model(**inputs)  # runs unparallelized
         handle = apply_sequence_parallel(model, plan_for(model), SequenceGroups())

@@ -21,8 +21,15 @@ from tests.rank_outputs import assert_exact, predict_single
 def run_with_writer(strategy, devices: int, n: int, batch_size: int, out: Path) -> dict:
     """Forked ``Trainer.predict`` with the writer; returns what rank 0 wrote."""
     writer = OrderedPredictionWriter(out, save_images=False)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(dit_sampler(build_dit(), steps=2), requests(n, batch_size), return_predictions=False)
     assert sorted(p.name for p in out.iterdir()) == ["predictions.pt"], "only rank 0 writes, and one file"
     return torch.load(out / "predictions.pt")
@@ -46,8 +53,14 @@ def test_every_sample_once_in_order_and_equal_to_one_process(tmp_path, degrees, 
 
 def test_one_process(tmp_path):
     writer = OrderedPredictionWriter(tmp_path / "out", save_images=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     predictions = trainer.predict(dit_sampler(build_dit(), steps=2), requests(5, 2))
     assert writer.indices.tolist() == list(range(5))
     torch.testing.assert_close(writer.predictions, torch.cat(predictions), rtol=0, atol=0)
@@ -92,8 +105,15 @@ def test_streaming_writer_writes_every_sample_once_from_one_rank_per_data_parall
     reference = predict_single(dit_sampler(build_dit(), steps=2), requests(n, batch_size))
     writer = StreamingPredictionWriter(tmp_path, save_images=False, progress=False)
     loader = writer.prepare(requests(n, batch_size), first_process=True)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=DiTParallelStrategy(**degrees, start_method="fork"),
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=DiTParallelStrategy(**degrees, start_method="fork"),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(dit_sampler(build_dit(), steps=2), loader, return_predictions=False)
     manifests = sorted(p.name for p in tmp_path.glob("manifest.rank*.jsonl"))
     dp = degrees["dp_degree"]

@@ -102,4 +102,3 @@ def test_plan_hooks_on_one_rank_change_nothing(case: ZooCase):
         finally:
             handle.remove()
     assert torch.equal(output, reference)
-

@@ -39,9 +39,15 @@ def image_vae(seed: int = 0) -> AutoencoderKL:
     """AutoencoderKL with three levels (4x upsampling in the decoder), 4 groups of 2-4 channels, mid-block attention."""
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
-        layers_per_block=1, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
     ).eval()
     _randomize_norms(vae, seed)
     return sharpen_attention(vae)
@@ -51,8 +57,12 @@ def flux2_vae(seed: int = 0) -> AutoencoderKLFlux2:
     """Flux.2's AutoencoderKL variant (the same decoder class), two levels, 4 groups, mid-block attention."""
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
         sample_size=16,
     ).eval()
     _randomize_norms(vae, seed)
@@ -67,8 +77,14 @@ def wan_vae(seed: int = 0, residual: bool = False) -> AutoencoderKLWan:
     if residual:
         extra = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16)
     vae = AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4, **extra,
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+        **extra,
     ).eval()
     _randomize_norms(vae, seed)
     _sharpen_fused_qkv(vae)
@@ -79,8 +95,13 @@ def qwen_vae(seed: int = 0) -> AutoencoderKLQwenImage:
     """QwenImage's causal 3-D VAE (Wan's design), 8x spatial compression, mid-block attention."""
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
     ).eval()
     _randomize_norms(vae, seed)
     _sharpen_fused_qkv(vae)

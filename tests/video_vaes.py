@@ -38,9 +38,15 @@ def cogvideox_vae(seed: int = 0) -> AutoencoderKLCogVideoX:
     2x temporal upsampling, decoded two latent frames at a time."""
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
-        norm_num_groups=4, temporal_compression_ratio=2,
-        down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=2,
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
     ).eval()
     _randomize(vae, seed)
     return vae
@@ -51,13 +57,23 @@ def ltx_vae(seed: int = 0, timestep: bool = True) -> AutoencoderKLLTXVideo:
     in the decoder, 2x2 patches."""
     torch.manual_seed(seed)
     vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-        decoder_block_out_channels=(16, 16, 16, 16), layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
         decoder_spatio_temporal_scaling=(True, True, False, False),
         decoder_inject_noise=(True, False, True, False, True),
-        upsample_residual=(True, True, False, False), upsample_factor=(2, 1, 1, 1), timestep_conditioning=timestep,
-        patch_size=2, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        upsample_residual=(True, True, False, False),
+        upsample_factor=(2, 1, 1, 1),
+        timestep_conditioning=timestep,
+        patch_size=2,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
     ).eval()
     _randomize(vae, seed)
     return vae
@@ -68,9 +84,16 @@ def hunyuan_vae(seed: int = 0) -> AutoencoderKLHunyuanVideo:
     4x temporal upsampling."""
     torch.manual_seed(seed)
     vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
-        norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3,
     ).eval()
     _randomize(vae, seed)
     return sharpen_attention(vae)
@@ -81,9 +104,15 @@ def mochi_vae(seed: int = 0) -> AutoencoderKLMochi:
     depth-to-space upsampling, 4x spatial and 2x temporal."""
     torch.manual_seed(seed)
     vae = AutoencoderKLMochi(
-        in_channels=15, out_channels=3, latent_channels=4, encoder_block_out_channels=(32, 32, 64),
-        decoder_block_out_channels=(32, 32, 64), layers_per_block=(1, 1, 1), temporal_expansions=(1, 2),
-        spatial_expansions=(2, 2), add_attention_block=(False, True, True),
+        in_channels=15,
+        out_channels=3,
+        latent_channels=4,
+        encoder_block_out_channels=(32, 32, 64),
+        decoder_block_out_channels=(32, 32, 64),
+        layers_per_block=(1, 1, 1),
+        temporal_expansions=(1, 2),
+        spatial_expansions=(2, 2),
+        add_attention_block=(False, True, True),
     ).eval()
     _randomize(vae, seed)
     return vae
@@ -93,13 +122,19 @@ def dc_vae(seed: int = 0) -> AutoencoderDC:
     """Sana's DC-AE: pixel-shuffle upsampling, RMS norms, multi-scale linear attention (depthwise 5x5 projections)."""
     torch.manual_seed(seed)
     vae = AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=4,
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=4,
         encoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
         decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (5,), (5,)), decoder_qkv_multiscales=((), (5,), (5,)),
-        decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        encoder_block_out_channels=(8, 8, 16),
+        decoder_block_out_channels=(8, 8, 16),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (5,), (5,)),
+        decoder_qkv_multiscales=((), (5,), (5,)),
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
     ).eval()
     _randomize(vae, seed)
     return vae

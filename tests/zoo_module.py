@@ -59,8 +59,13 @@ class SaveRankDicts(L.Callback):
 def predict_zoo(cases: list[ZooCase], strategy, devices: int, dirpath: Path) -> list[dict[str, Tensor]]:
     """Every rank's ``{case: prediction}`` from one ``Trainer.predict`` on ``devices`` CPU processes."""
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SaveRankDicts(dirpath)],
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveRankDicts(dirpath)],
     )
     trainer.predict(ZooModule(cases), zoo_loader(), return_predictions=False)
     files = [Path(dirpath) / f"rank{r}.pt" for r in range(devices)]
@@ -71,6 +76,8 @@ def predict_zoo(cases: list[ZooCase], strategy, devices: int, dirpath: Path) -> 
 
 def predict_zoo_single(cases: list[ZooCase]) -> dict[str, Tensor]:
     """The one-process reference of every case, through ``Trainer.predict``."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     (outputs,) = trainer.predict(ZooModule(cases), zoo_loader())
     return outputs

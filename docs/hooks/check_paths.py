@@ -139,4 +139,6 @@ def on_page_markdown(markdown: str, page, **kwargs) -> str:
 def on_post_build(config, **kwargs) -> None:
     """Fail the build when a page or the README named something the repository does not have."""
     if _missing:
-        raise PluginError("Names the repository does not have, or exports the API reference leaves out:\n  " + "\n  ".join(_missing))
+        raise PluginError(
+            "Names the repository does not have, or exports the API reference leaves out:\n  " + "\n  ".join(_missing)
+        )

@@ -60,7 +60,9 @@ def read_run_file(output_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise RunConfigMismatch(f"{path} is not valid JSON ({error}); it is not a run folder of this package.") from error
+        raise RunConfigMismatch(
+            f"{path} is not valid JSON ({error}); it is not a run folder of this package."
+        ) from error
 
 
 def check_run_file(output_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -30,7 +30,9 @@ class ProgressLine:
         interval_s: seconds between lines when ``stream`` is not a terminal.
     """
 
-    def __init__(self, total: int, done_before: int = 0, stream: TextIO | None = None, interval_s: float = 30.0) -> None:
+    def __init__(
+        self, total: int, done_before: int = 0, stream: TextIO | None = None, interval_s: float = 30.0
+    ) -> None:
         self.total = total
         self.done_before = done_before
         self.done = done_before
@@ -48,9 +50,11 @@ class ProgressLine:
         left = (self.total - self.done) / rate if rate == rate else float("nan")
         before = f", {self.done_before} before this run" if self.done_before else ""
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"samples {self.done}/{self.total} ({percent:.0f}%{before}) | "
-                f"{rate:.2f} samples/s | {_duration(left)} left" if rate == rate else
-                f"samples {self.done}/{self.total} ({percent:.0f}%{before}) | ? samples/s | ? left")
+        return (
+            f"samples {self.done}/{self.total} ({percent:.0f}%{before}) | {rate:.2f} samples/s | {_duration(left)} left"
+            if rate == rate
+            else f"samples {self.done}/{self.total} ({percent:.0f}%{before}) | ? samples/s | ? left"
+        )
 
     def update(self, new_samples: int) -> None:
         """Count ``new_samples`` more and show the line (on a terminal always, else every ``interval_s``)."""

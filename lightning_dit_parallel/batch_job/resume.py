@@ -69,13 +69,23 @@ def remaining_loader(loader: DataLoader, remaining: Sequence[int], index_key: st
         item = dataset[position]
         found = item.get(index_key) if isinstance(item, dict) else None
         if found is None or int(found) != position:
-            raise ValueError(f"Resume needs requests whose global index (batch key {index_key!r}) equals their position"
-                             f" in the dataset; position {position} holds {found!r}.")
-    kwargs = dict(batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                  multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-                  persistent_workers=loader.persistent_workers)
+            raise ValueError(
+                f"Resume needs requests whose global index (batch key {index_key!r}) equals their position"
+                f" in the dataset; position {position} holds {found!r}."
+            )
+    kwargs = dict(
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+    )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     return DataLoader(Subset(dataset, list(remaining)), **kwargs)

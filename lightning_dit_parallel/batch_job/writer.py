@@ -138,9 +138,11 @@ class StreamingPredictionWriter(BasePredictionWriter):
         if output_dir is None:
             raise ValueError("StreamingPredictionWriter needs an output_dir.")
         if grid_columns < 1 or grid_samples < 0 or fps < 1 or collect_limit_mb < 0 or round_timeout_s <= 0:
-            raise ValueError(f"grid_columns, fps and round_timeout_s must be positive and grid_samples, "
-                             f"collect_limit_mb >= 0; got {grid_columns}, {fps}, {round_timeout_s}, {grid_samples}, "
-                             f"{collect_limit_mb}.")
+            raise ValueError(
+                f"grid_columns, fps and round_timeout_s must be positive and grid_samples, "
+                f"collect_limit_mb >= 0; got {grid_columns}, {fps}, {round_timeout_s}, {grid_samples}, "
+                f"{collect_limit_mb}."
+            )
         if image_scale != "auto" and (not isinstance(image_scale, int) or image_scale < 1):
             raise ValueError(f"image_scale must be an int >= 1 or 'auto', got {image_scale!r}.")
         if max_pending < 1:
@@ -197,8 +199,9 @@ class StreamingPredictionWriter(BasePredictionWriter):
 
     # -- before Trainer.predict, in every process -----------------------------------------------------------
 
-    def prepare(self, loader: torch.utils.data.DataLoader, first_process: bool | None = None,
-                min_samples: int = 1) -> torch.utils.data.DataLoader:
+    def prepare(
+        self, loader: torch.utils.data.DataLoader, first_process: bool | None = None, min_samples: int = 1
+    ) -> torch.utils.data.DataLoader:
         """Check the folder and return a loader over the samples not yet on disk (``loader`` when none is done).
 
         Call it in every process before ``trainer.predict``, before any process group exists: every rank then
@@ -229,8 +232,10 @@ class StreamingPredictionWriter(BasePredictionWriter):
                 write_run_file(self.output_dir, self.run_config, total)
             remove_temporaries(self.output_dir, self.output_dir / "samples", self.output_dir / "tensors")
             if finished:
-                log.info(f"Resuming in {self.output_dir}: {len(finished)} of {total} samples are done, "
-                         f"{len(remaining)} to go.")
+                log.info(
+                    f"Resuming in {self.output_dir}: {len(finished)} of {total} samples are done, "
+                    f"{len(remaining)} to go."
+                )
         return remaining_loader(loader, point.requests, self.index_key)
 
     # -- during Trainer.predict -------------------------------------------------------------------------------
@@ -257,8 +262,9 @@ class StreamingPredictionWriter(BasePredictionWriter):
             # with one batch fewer wait a whole batch for the others (a dead peer still fails it at once).
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.round_timeout_s))
             self.stop.install()  # before the first collective: a signal during it is seen in the first round
-            mine = torch.tensor([_data_parallel_rank(trainer), batches, self.stop.received or 0,
-                                 *_checksum(point.requests)])  # (6,)
+            mine = torch.tensor(
+                [_data_parallel_rank(trainer), batches, self.stop.received or 0, *_checksum(point.requests)]
+            )  # (6,)
             everyone = [torch.zeros_like(mine) for _ in range(self._world)]
             dist.all_gather(everyone, mine, group=self._group)  # world x (6,)
             table = torch.stack(everyone).tolist()
@@ -280,7 +286,8 @@ class StreamingPredictionWriter(BasePredictionWriter):
             raise PredictionInterrupted(
                 f"Stopped by {signal.Signals(early[0][1]).name} (received by rank "
                 f"{', '.join(str(r) for r, _ in early)}) before the first batch; nothing was computed. Run the same "
-                "command again to start.", early[0][1],
+                "command again to start.",
+                early[0][1],
             )
         if self._writes:
             self._manifest = ManifestAppender(self.output_dir, self._rank, self.durable)
@@ -291,11 +298,19 @@ class StreamingPredictionWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
-        batch: Any, batch_idx: int, dataloader_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         if dataloader_idx != 0:
-            raise ValueError(f"{type(self).__name__} supports one predict dataloader, got dataloader_idx={dataloader_idx}.")
+            raise ValueError(
+                f"{type(self).__name__} supports one predict dataloader, got dataloader_idx={dataloader_idx}."
+            )
         new = 0
         if self._writes:
             start = time.perf_counter()
@@ -413,7 +428,9 @@ class StreamingPredictionWriter(BasePredictionWriter):
             raise TypeError(f"{type(self).__name__} writes tensors; predict_step returned {type(prediction).__name__}.")
         indices = torch.as_tensor(batch[self.index_key]).reshape(-1).tolist()  # (B,)
         if prediction.shape[0] != len(indices):
-            raise ValueError(f"predict_step returned {prediction.shape[0]} outputs for a batch of {len(indices)} samples.")
+            raise ValueError(
+                f"predict_step returned {prediction.shape[0]} outputs for a batch of {len(indices)} samples."
+            )
         prediction = prediction.detach().to("cpu", copy=True)  # (B, ...): the thread's own copy
         texts = batch.get(self.text_key)
         prompts = None if texts is None else [str(t) for t in ([texts] if isinstance(texts, str) else texts)]
@@ -471,14 +488,18 @@ class StreamingPredictionWriter(BasePredictionWriter):
                 seen[index] = 1
         missing = [i for i in range(total) if not seen[i]]
         if missing:
-            raise RuntimeError(f"{len(missing)} of {total} samples have no outputs in {self.output_dir}: global indices "
-                               f"{missing[:20]}{' ...' if len(missing) > 20 else ''}.")
+            raise RuntimeError(
+                f"{len(missing)} of {total} samples have no outputs in {self.output_dir}: global indices "
+                f"{missing[:20]}{' ...' if len(missing) > 20 else ''}."
+            )
         self.indices = torch.arange(total)
         files: list[Path] = []
         if total and self._should_collect(total):
             files = self._write_collected(total)
-        log.info(f"{type(self).__name__}: {total} samples in {self.output_dir} ({self.written} written by this run"
-                 f"{', ordered predictions.pt and grid.png' if files else ''}).")
+        log.info(
+            f"{type(self).__name__}: {total} samples in {self.output_dir} ({self.written} written by this run"
+            f"{', ordered predictions.pt and grid.png' if files else ''})."
+        )
         return files
 
     def _should_collect(self, total: int) -> bool:
@@ -491,19 +512,27 @@ class StreamingPredictionWriter(BasePredictionWriter):
 
     def _write_collected(self, total: int) -> list[Path]:
         tensors = self.output_dir / "tensors"
-        predictions = torch.stack([
-            torch.load(tensors / f"{i:05d}.pt", weights_only=True, map_location="cpu")["prediction"] for i in range(total)
-        ])  # (N, ...)
+        predictions = torch.stack(
+            [
+                torch.load(tensors / f"{i:05d}.pt", weights_only=True, map_location="cpu")["prediction"]
+                for i in range(total)
+            ]
+        )  # (N, ...)
         self.predictions = predictions
-        files = [atomic_write(self.output_dir / "predictions.pt",
-                              lambda tmp: torch.save({"index": self.indices, "prediction": predictions}, tmp))]
+        files = [
+            atomic_write(
+                self.output_dir / "predictions.pt",
+                lambda tmp: torch.save({"index": self.indices, "prediction": predictions}, tmp),
+            )
+        ]
         shown = predictions[: self.grid_samples]
         if self.grid_samples and shown.ndim == 5:  # videos: their first frames
             shown = shown[:, 0]
         if self.grid_samples and shown.ndim == 4 and shown.shape[1] in (1, 3):
             scale = self._scale(shown.shape[-2])
-            files.append(atomic_write(self.output_dir / "grid.png",
-                                      lambda tmp: save_grid(shown, tmp, self.grid_columns, scale)))
+            files.append(
+                atomic_write(self.output_dir / "grid.png", lambda tmp: save_grid(shown, tmp, self.grid_columns, scale))
+            )
         prompts = {index: prompt for index, _, prompt in read_manifests(self.output_dir) if prompt is not None}
         if prompts:
             text = json.dumps({str(k): prompts[k] for k in sorted(prompts)}, indent=1, ensure_ascii=False)

@@ -45,6 +45,7 @@ class OutputTemplates:
     def placeholder(self, signature: Hashable, device: torch.device) -> Any:
         """A new output of the recorded structure on ``device``, floating tensors filled with NaN (so that a read
         before the exchange fills it is loud), others uninitialised."""
+
         def make(meta: Tensor) -> Tensor:
             if meta.is_floating_point() or meta.is_complex():
                 return torch.full(meta.shape, math.nan, dtype=meta.dtype, device=device)

@@ -225,10 +225,13 @@ def apply_cfg_parallel(model: nn.Module, plan: DiTPlan, group: ProcessGroup, *, 
     refused = (
         "FSDP (fsdp=True) shards the weights over the cfg axis, so both cfg ranks must run every DiT forward together"
         " to gather them. Use fsdp=False with cfg_degree=2 (or shard with pipeline stages / tensor parallelism), or"
-        " cfg_degree=1 with FSDP." if fsdp else ""
+        " cfg_degree=1 with FSDP."
+        if fsdp
+        else ""
     )
-    pattern = CallPattern(dist.get_rank(group), dist.get_world_size(group), f"{type(model).__name__}.forward", step,
-                          refused)
+    pattern = CallPattern(
+        dist.get_rank(group), dist.get_world_size(group), f"{type(model).__name__}.forward", step, refused
+    )
     cfg = CFGParallel(model, plan, group, signature, pattern)
     cfg.previous_forward = model.__dict__.get("forward")  # an instance forward (a pipeline driver), or None
     cfg.inner_forward = model.forward

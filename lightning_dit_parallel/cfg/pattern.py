@@ -209,9 +209,9 @@ class CallPattern:
         name, size = batch
         separate = (
             f"nor a second (unconditional) call with the same timestep: {self.where} is called once per denoising step"
-            if self.step_argument is not None else
-            f"and {self.where} has no timestep argument ({', '.join(STEP_ARGUMENTS)}) by which separate conditional"
-            " and unconditional calls could be paired"
+            if self.step_argument is not None
+            else f"and {self.where} has no timestep argument ({', '.join(STEP_ARGUMENTS)}) by which separate"
+            " conditional and unconditional calls could be paired"
         )
         return (
             f"cfg parallel (cfg_degree={self.size}) splits the doubled (unconditional, conditional) batch or pairs the"

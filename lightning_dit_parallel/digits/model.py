@@ -53,7 +53,9 @@ def read_metadata(directory: Path | None = None) -> dict[str, Any]:
     """The JSON written next to the weights: ``transformer`` config, ``schedule`` and ``training`` facts."""
     path = (directory or weights_dir()) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"No digits DiT config at {path}; train one with `python -m lightning_dit_parallel.digits.train`.")
+        raise FileNotFoundError(
+            f"No digits DiT config at {path}; train one with `python -m lightning_dit_parallel.digits.train`."
+        )
     return json.loads(path.read_text())
 
 

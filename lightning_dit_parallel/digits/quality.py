@@ -56,7 +56,9 @@ def digit_classifier(size: int = IMAGE_SIZE) -> DigitClassifier:
 def class_accuracy(images: Tensor, labels: Tensor) -> float:
     """Share of ``images`` (N, 1, 16, 16) in [0, 1] that the classifier assigns to ``labels`` (N,)."""
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(f"need as many labels as images (and at least one), got {images.shape[0]} and {labels.shape[0]}.")
+        raise ValueError(
+            f"need as many labels as images (and at least one), got {images.shape[0]} and {labels.shape[0]}."
+        )
     predicted = digit_classifier(images.shape[-1]).predict(images)
     return float((predicted == labels.cpu()).float().mean())
 

@@ -117,8 +117,10 @@ class LossLog(L.Callback):
         step = trainer.global_step
         if step % self.every == 0:
             recent = self.losses[-self.every :]
-            log.info(f"step {step} epoch {trainer.current_epoch} loss {sum(recent) / len(recent):.4f} "
-                     f"elapsed {time.perf_counter() - self.start:.0f}s")
+            log.info(
+                f"step {step} epoch {trainer.current_epoch} loss {sum(recent) / len(recent):.4f} "
+                f"elapsed {time.perf_counter() - self.start:.0f}s"
+            )
 
 
 def save_weights(module: DigitsDiTTraining, directory: Path, training: dict[str, Any]) -> None:
@@ -130,8 +132,13 @@ def save_weights(module: DigitsDiTTraining, directory: Path, training: dict[str,
 
 
 def train(
-    epochs: int = 100, batch_size: int = 64, lr: float = 1e-3, class_dropout: float = 0.1, ema_decay: float = 0.998,
-    seed: int = 0, out: Path | None = None,
+    epochs: int = 100,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    class_dropout: float = 0.1,
+    ema_decay: float = 0.998,
+    seed: int = 0,
+    out: Path | None = None,
 ) -> DigitsDiTTraining:
     """Train with ``Trainer.fit`` on one CPU process and save the EMA weights to ``out`` (default: the package)."""
     L.seed_everything(seed, workers=True)
@@ -139,15 +146,28 @@ def train(
     loader = DataLoader(DigitImages(), batch_size=batch_size, shuffle=True, drop_last=True)
     losses = LossLog()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
     )
     start = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
     training = dict(
-        epochs=epochs, steps=trainer.global_step, batch_size=batch_size, lr=lr, class_dropout=class_dropout,
-        ema_decay=ema_decay, seed=seed, seconds=round(seconds, 1), threads=torch.get_num_threads(),
+        epochs=epochs,
+        steps=trainer.global_step,
+        batch_size=batch_size,
+        lr=lr,
+        class_dropout=class_dropout,
+        ema_decay=ema_decay,
+        seed=seed,
+        seconds=round(seconds, 1),
+        threads=torch.get_num_threads(),
         final_loss=round(sum(losses.losses[-100:]) / max(1, len(losses.losses[-100:])), 4),
         data="sklearn load_digits, bilinear 8x8 -> 16x16, [-1, 1]",
     )

@@ -59,7 +59,8 @@ class Exchange:
 
     def matches(self, kv: Tensor, mask: Tensor | None) -> bool:
         return (
-            tuple(self.kv.shape[1:]) == tuple(kv.shape) and self.kv.dtype == kv.dtype
+            tuple(self.kv.shape[1:]) == tuple(kv.shape)
+            and self.kv.dtype == kv.dtype
             and (self.mask is None) == (mask is None)
             and (mask is None or tuple(self.mask.shape[1:]) == tuple(mask.shape))
         )
@@ -114,8 +115,15 @@ class StaleAttention:
         return exchange
 
     def _attend(
-        self, path: str, order: tuple[str, ...], state: ShardingState, query: Tensor, key: Tensor, value: Tensor,
-        attn_mask: Tensor | None, scale: float | None,
+        self,
+        path: str,
+        order: tuple[str, ...],
+        state: ShardingState,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None,
+        scale: float | None,
     ) -> Tensor:
         width = state.local_length(order)
         if not query.shape[-2] == key.shape[-2] == width or not query.shape == key.shape == value.shape:
@@ -147,8 +155,15 @@ class StaleAttention:
         return local_sdpa(query, kv[0], kv[1], attn_mask=mask, scale=scale)  # (B, H, L, D)
 
     def _mask(
-        self, state: ShardingState, order: tuple[str, ...], masks: Tensor | None, read: LocalMask | None,
-        dtype: torch.dtype, device: torch.device, where: str, width: int,
+        self,
+        state: ShardingState,
+        order: tuple[str, ...],
+        masks: Tensor | None,
+        read: LocalMask | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        where: str,
+        width: int,
     ) -> Tensor | None:
         """(Bm, 1, 1 or L, N*L) additive mask of this rank's queries over every shard's keys, or ``None``."""
         padding = state.key_valid(order, list(range(self.size)), device)  # (N*L,) bool or None

@@ -4,7 +4,14 @@ from lightning_dit_parallel.fsdp.batches import check_equal_batch_counts
 from lightning_dit_parallel.fsdp.encoders import encoder_paths, keep_output_recording
 from lightning_dit_parallel.fsdp.mesh import ENCODER_AXES, SHARD_AXES, encoder_mesh, shard_mesh, shards_encoders
 from lightning_dit_parallel.fsdp.shard import (
-    WEIGHT_LAYERS, FSDPSharding, FsdpUnits, apply_fsdp, block_units, check_fsdp_units, is_sharded, module_units,
+    WEIGHT_LAYERS,
+    FSDPSharding,
+    FsdpUnits,
+    apply_fsdp,
+    block_units,
+    check_fsdp_units,
+    is_sharded,
+    module_units,
     weight_layers,
 )
 

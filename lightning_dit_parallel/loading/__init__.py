@@ -19,7 +19,20 @@ from lightning_dit_parallel.loading.deferred import (
 from lightning_dit_parallel.loading.pretrained import checkpoint_files, lean_from_pretrained, lean_model
 
 __all__ = [
-    "DEFERRED_ATTR", "DeferredWeights", "build_on_meta", "checkpoint_files", "defer_weights", "deferred_module_ids",
-    "deferred_roots", "lean_from_pretrained", "lean_model", "load_local_weights", "materialize",
-    "parameters_on_meta", "read_header", "release", "save_weights", "weight_files",
+    "DEFERRED_ATTR",
+    "DeferredWeights",
+    "build_on_meta",
+    "checkpoint_files",
+    "defer_weights",
+    "deferred_module_ids",
+    "deferred_roots",
+    "lean_from_pretrained",
+    "lean_model",
+    "load_local_weights",
+    "materialize",
+    "parameters_on_meta",
+    "read_header",
+    "release",
+    "save_weights",
+    "weight_files",
 ]

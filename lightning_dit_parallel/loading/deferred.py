@@ -169,8 +169,9 @@ def release(root: nn.Module) -> list[nn.Module]:
     return done
 
 
-def load_local_weights(module: nn.Module, source: WeightSource | dict[str, str],
-                       device: torch.device | str = "cpu") -> int:
+def load_local_weights(
+    module: nn.Module, source: WeightSource | dict[str, str], device: torch.device | str = "cpu"
+) -> int:
     """Give every meta parameter of ``module`` storage for this rank's part and read that part from its file.
 
     ``source`` is what ``defer_weights`` takes, or a key -> file map. A plain parameter is read whole; a DTensor
@@ -193,7 +194,9 @@ def load_local_weights(module: nn.Module, source: WeightSource | dict[str, str],
     missing = sorted(ns[0] for pid, ns in names.items() if stored[pid] is None)
     if missing:
         some = sorted(set(files.values()))[:2]
-        raise KeyError(f"{', '.join(some)}: lacks {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}")
+        raise KeyError(
+            f"{', '.join(some)}: lacks {len(missing)} parameter(s) of {type(module).__name__}: {missing[:5]}"
+        )
     # storage for the local part of each meta tensor only (a DTensor shard keeps its placement)
     module._apply(lambda t: torch.empty_like(t, device=device) if local_tensor(t).is_meta else t)
     params = dict(module.named_parameters(remove_duplicate=False))
@@ -221,7 +224,9 @@ def _read_local(param: torch.Tensor, key: str, entry: dict, data_start: int, raw
     a host buffer of the local size that is then cast or copied: no mapped file pages, no whole-tensor copy.
     """
     if tuple(entry["shape"]) != tuple(param.shape):
-        raise ValueError(f"{file}: {key} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}.")
+        raise ValueError(
+            f"{file}: {key} is stored with shape {tuple(entry['shape'])}, the model has {tuple(param.shape)}."
+        )
     local = local_tensor(param)
     stored = _DTYPES.get(entry["dtype"])
     region = _local_region(param) or tuple(slice(0, n) for n in param.shape)
@@ -232,15 +237,23 @@ def _read_local(param: torch.Tensor, key: str, entry: dict, data_start: int, raw
             return part.numel() * part.element_size()
         direct = stored == local.dtype and local.is_contiguous() and local.device.type == "cpu"
         target = local if direct else torch.empty(local.shape, dtype=stored)  # (local shape), host, stored dtype
-        read = _read_region(raw, data_start + entry["data_offsets"][0], tuple(param.shape), region,
-                            target.view(-1).view(torch.uint8).numpy(), target.element_size(), f"{file}: {key}")
+        read = _read_region(
+            raw,
+            data_start + entry["data_offsets"][0],
+            tuple(param.shape),
+            region,
+            target.view(-1).view(torch.uint8).numpy(),
+            target.element_size(),
+            f"{file}: {key}",
+        )
         if not direct:
             local.copy_(target)  # cast and / or to the device
         return read
 
 
-def _read_region(raw, offset: int, shape: tuple[int, ...], region: tuple[slice, ...], out, itemsize: int,
-                 what: str) -> int:
+def _read_region(
+    raw, offset: int, shape: tuple[int, ...], region: tuple[slice, ...], out, itemsize: int, what: str
+) -> int:
     """Read ``region`` of a row-major tensor of ``shape`` stored at byte ``offset`` into the byte array ``out``
     (the region's elements in row-major order), one contiguous run at a time."""
     import itertools
@@ -253,14 +266,14 @@ def _read_region(raw, offset: int, shape: tuple[int, ...], region: tuple[slice, 
         return itemsize
     # the last cut dimension: the region is contiguous from there on (every later dimension is whole)
     cut = max((d for d, (s, n) in enumerate(zip(region, shape)) if s.start != 0 or s.stop != n), default=0)
-    inner = math.prod(shape[cut + 1:])  # elements per index of the cut dimension
+    inner = math.prod(shape[cut + 1 :])  # elements per index of the cut dimension
     run = (region[cut].stop - region[cut].start) * inner * itemsize  # bytes of one contiguous run
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]  # row-major strides in elements
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]  # row-major strides in elements
     position = 0
     for outer in itertools.product(*(range(s.start, s.stop) for s in region[:cut])):
         start = sum(i * strides[d] for d, i in enumerate(outer)) + region[cut].start * inner
         raw.seek(offset + start * itemsize)
-        if raw.readinto(view[position:position + run]) != run:
+        if raw.readinto(view[position : position + run]) != run:
             raise ValueError(f"{what} is truncated.")
         position += run
     return position
@@ -268,8 +281,16 @@ def _read_region(raw, offset: int, shape: tuple[int, ...], region: tuple[slice, 
 
 #: safetensors dtype names -> torch dtypes, for reading in place.
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 

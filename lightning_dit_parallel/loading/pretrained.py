@@ -27,7 +27,12 @@ import torch
 from torch import nn
 
 from lightning_dit_parallel.loading.deferred import (
-    _DTYPES, DEFERRED_ATTR, DeferredWeights, build_on_meta, read_header, weight_files,
+    _DTYPES,
+    DEFERRED_ATTR,
+    DeferredWeights,
+    build_on_meta,
+    read_header,
+    weight_files,
 )
 
 log = logging.getLogger(__name__)
@@ -35,12 +40,29 @@ log = logging.getLogger(__name__)
 #: ``from_pretrained`` arguments the lean build honours or that do not change the result; any other one (a config
 #: override, a quantization config ...) is served by the library's own loading.
 _HARMLESS = {
-    "torch_dtype", "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "subfolder", "cache_dir",
-    "local_files_only", "force_download", "proxies", "token", "disable_mmap", "offload_state_dict",
+    "torch_dtype",
+    "dtype",
+    "variant",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "subfolder",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+    "token",
+    "disable_mmap",
+    "offload_state_dict",
 }
 #: Arguments that may be given with their "off" value.
-_OFF = {"device_map": (None, "cpu"), "max_memory": (None,), "offload_folder": (None,), "use_flashpack": (False,),
-        "revision": (None, "main"), "quantization_config": (None,)}
+_OFF = {
+    "device_map": (None, "cpu"),
+    "max_memory": (None,),
+    "offload_folder": (None,),
+    "use_flashpack": (False,),
+    "revision": (None, "main"),
+    "quantization_config": (None,),
+}
 
 #: Weight file stems of the two libraries.
 _STEMS = ("diffusion_pytorch_model", "model")
@@ -50,8 +72,11 @@ def checkpoint_files(folder: str | Path, variant: str | None = None) -> Path | N
     """The single safetensors file or the ``*.safetensors.index.json`` of a model folder, or ``None``."""
     folder = Path(folder)
     for stem in _STEMS:
-        names = ((f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json") if variant
-                 else (f"{stem}.safetensors", f"{stem}.safetensors.index.json"))
+        names = (
+            (f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json")
+            if variant
+            else (f"{stem}.safetensors", f"{stem}.safetensors.index.json")
+        )
         for name in names:
             if (folder / name).is_file():
                 return folder / name
@@ -77,8 +102,9 @@ def lean_model(cls: type, source: Any, kwargs: dict[str, Any]) -> nn.Module | No
     if isinstance(dtype, torch.dtype):
         _cast_stored(model, dtype)
     if not _covers(model, files):
-        log.info("%s: the checkpoint in %s does not match the model's parameters; loading it whole.", cls.__name__,
-                 folder)
+        log.info(
+            "%s: the checkpoint in %s does not match the model's parameters; loading it whole.", cls.__name__, folder
+        )
         return None
     _read_stored_buffers(model, files)
     model.eval()

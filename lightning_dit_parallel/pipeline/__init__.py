@@ -5,6 +5,11 @@ from lightning_dit_parallel.pipeline.parallelize import PipelineParallel, apply_
 from lightning_dit_parallel.pipeline.stages import StageAssignment, assign_stages, stage_sizes
 
 __all__ = [
-    "PipelineMode", "PipelineOptions", "PipelineParallel", "StageAssignment", "apply_pipeline", "assign_stages",
+    "PipelineMode",
+    "PipelineOptions",
+    "PipelineParallel",
+    "StageAssignment",
+    "apply_pipeline",
+    "assign_stages",
     "stage_sizes",
 ]

@@ -39,7 +39,11 @@ class MicroBatchForward:
     """
 
     def __init__(
-        self, forward: Callable, loop: StageLoop, link: StageLink, num_microbatches: int | None,
+        self,
+        forward: Callable,
+        loop: StageLoop,
+        link: StageLink,
+        num_microbatches: int | None,
         token_inputs: Mapping[str, SplitSpec] | None = None,
     ) -> None:
         self.forward = forward

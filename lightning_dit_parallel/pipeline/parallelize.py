@@ -15,11 +15,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_dit_parallel.incomplete import mark_incomplete
 from lightning_dit_parallel.pipeline.comm import StageLink
 from lightning_dit_parallel.pipeline.loop import StageLoop
 from lightning_dit_parallel.pipeline.microbatch import MicroBatchForward
-from lightning_dit_parallel.pipeline.options import PipelineOptions
-from lightning_dit_parallel.pipeline.options import DEFAULT_TEXT_TOKENS
+from lightning_dit_parallel.pipeline.options import DEFAULT_TEXT_TOKENS, PipelineOptions
 from lightning_dit_parallel.pipeline.patch_attention import PatchAttention
 from lightning_dit_parallel.pipeline.pipefusion import PipeFusionForward, check_pipefusion_plan
 from lightning_dit_parallel.pipeline.positions import GlobalPositions
@@ -28,11 +28,10 @@ from lightning_dit_parallel.pipeline.stages import (
     StageAssignment,
     assign_stages,
     check_cuts_on_every_stage,
-    release_blocks,
     put_back_released,
+    release_blocks,
     restore_blocks,
 )
-from lightning_dit_parallel.incomplete import mark_incomplete
 from lightning_dit_parallel.plan import DiTPlan, module_paths
 from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
@@ -85,8 +84,10 @@ class PipelineParallel:
         blocks come back with their meta tensors and the model is marked incomplete."""
         self._remove_hooks(wait=False)
         if put_back_released(self.model, self.plan):
-            mark_incomplete(self.model, "the blocks of other pipeline stages could not be received back (no"
-                                        " collective after the failure).")
+            mark_incomplete(
+                self.model,
+                "the blocks of other pipeline stages could not be received back (no collective after the failure).",
+            )
 
     def _remove_hooks(self, wait: bool = True) -> None:
         if self.removed:
@@ -103,7 +104,10 @@ class PipelineParallel:
 
 
 def apply_pipeline(
-    model: nn.Module, plan: DiTPlan, options: PipelineOptions, group: ProcessGroup,
+    model: nn.Module,
+    plan: DiTPlan,
+    options: PipelineOptions,
+    group: ProcessGroup,
     sequence: SequenceGroups | None = None,
 ) -> PipelineParallel:
     """Cut ``model``'s blocks into ``group``'s size of stages and pipeline its forward.
@@ -159,7 +163,15 @@ def apply_pipeline(
         attention = PatchAttention(groups)
         hooks = apply_sequence_parallel(model, plan, groups, attention=attention, per_forward=False)
         driver = PipeFusionForward(
-            forward, model, plan, loop, link, hooks, attention, options.num_patches or stages, options.warmup_steps,
+            forward,
+            model,
+            plan,
+            loop,
+            link,
+            hooks,
+            attention,
+            options.num_patches or stages,
+            options.warmup_steps,
             options.text_tokens or DEFAULT_TEXT_TOKENS,
         )
     model.forward = driver

@@ -108,8 +108,15 @@ class PatchAttention:
         return kernel
 
     def _attend(
-        self, path: str, order: tuple[str, ...], state: PatchedSharding, query: Tensor, key: Tensor, value: Tensor,
-        attn_mask: Tensor | None, scale: float | None,
+        self,
+        path: str,
+        order: tuple[str, ...],
+        state: PatchedSharding,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None,
+        scale: float | None,
     ) -> Tensor:
         groups = self.groups
         locals_ = [state.local_length((name,)) for name in order]  # tokens per sequence in this rank's shard

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ from lightning_dit_parallel.pipeline.patch_attention import PatchAttention
 from lightning_dit_parallel.pipeline.patches import PatchedSharding, PatchPass
 from lightning_dit_parallel.plan import DiTPlan, Split
 from lightning_dit_parallel.sequence.parallelize import SequenceParallel
+
 
 @dataclass
 class PatchCollector:
@@ -88,8 +90,8 @@ class PatchCollector:
             return torch.cat(parts, dim=dim) if len(parts) > 1 else part  # M x (..., S_i, ...) -> (..., S, ...)
         if self.gathered <= self.done:
             raise StageDone  # every gathered sequence collected: the rest of this pass is not needed
-        missing = patch.parts(split.sequence)[len(parts):]
-        zeros = [part.new_zeros((*part.shape[:dim], size, *part.shape[dim + 1:])) for size in missing]
+        missing = patch.parts(split.sequence)[len(parts) :]
+        zeros = [part.new_zeros((*part.shape[:dim], size, *part.shape[dim + 1 :])) for size in missing]
         return torch.cat([*parts, *zeros], dim=dim)  # (..., S, ...) with the later patches still zero
 
 
@@ -182,8 +184,14 @@ def check_pipefusion_plan(plan: DiTPlan, model: nn.Module) -> None:
             inputs (a module that needs a whole cut sequence in the middle of the blocks).
     """
     not_applied = [
-        name for name in ("linear_attention", "token_grids", "replicated_tail_attention", "gather_module_inputs",
-                          "head_parallel_attention")
+        name
+        for name in (
+            "linear_attention",
+            "token_grids",
+            "replicated_tail_attention",
+            "gather_module_inputs",
+            "head_parallel_attention",
+        )
         if getattr(plan, name)
     ]
     if not_applied:

@@ -105,7 +105,8 @@ def assign_stages(
     lists = plan.block_lists(model)
     if not lists:
         raise ValueError(
-            f"The plan of {type(model).__name__} names no block lists (DiTPlan.blocks); pipeline stages are cut from them."
+            f"The plan of {type(model).__name__} names no block lists (DiTPlan.blocks); pipeline stages are cut"
+            " from them."
         )
     lengths = tuple(len(blocks) for _, blocks in lists)
     sizes = stage_sizes(sum(lengths), stages, layers_per_stage)
@@ -214,7 +215,8 @@ def restore_blocks(model: nn.Module, plan: DiTPlan, assignment: StageAssignment,
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
                 dist.broadcast(buffer, source, group=group)  # (shape) from the owning stage
                 if tensor.is_meta:
-                    received[id(tensor)] = buffer.cpu()  # onto the host block by block: never the whole model on a device
+                    # onto the host block by block: never the whole model on a device
+                    received[id(tensor)] = buffer.cpu()
             if owner != stage:
                 _fill(block, received)
                 blocks[index] = block
@@ -294,8 +296,12 @@ def _shared_by_block(model: nn.Module, plan: DiTPlan, assignment: StageAssignmen
     shared: dict[str, list[str]] = {}
     for entry in plan.shared_modules:
         block_path = next(
-            (f"{p}.{i}" for p, n in zip(assignment.list_paths, assignment.list_lengths) for i in range(n)
-             if entry.startswith(f"{p}.{i}.")),
+            (
+                f"{p}.{i}"
+                for p, n in zip(assignment.list_paths, assignment.list_lengths)
+                for i in range(n)
+                if entry.startswith(f"{p}.{i}.")
+            ),
             None,
         )
         if block_path is None:
@@ -339,8 +345,11 @@ def check_cuts_on_every_stage(
         ValueError: naming the cut and the stage that would not make it.
     """
     name = name or type(model).__name__
-    inside = [p for p in (*plan.split_module_inputs, *plan.split_outputs)
-              if plan.block_position(p) is None and any(p.startswith(f"{b}.") for b in plan.blocks)]
+    inside = [
+        p
+        for p in (*plan.split_module_inputs, *plan.split_outputs)
+        if plan.block_position(p) is None and any(p.startswith(f"{b}.") for b in plan.blocks)
+    ]
     if inside:
         raise ValueError(
             f"{what} is not supported for {name}: its plan cuts tokens inside blocks at {inside}, which only the stage"
@@ -352,8 +361,10 @@ def check_cuts_on_every_stage(
             continue
         list_index = assignment.list_paths.index(position[0])
         for stage in range(assignment.num_stages):
-            if not any(assignment.locate(b)[0] == list_index and assignment.locate(b)[1] >= position[1]
-                       for b in assignment.owned(stage)):
+            if not any(
+                assignment.locate(b)[0] == list_index and assignment.locate(b)[1] >= position[1]
+                for b in assignment.owned(stage)
+            ):
                 raise ValueError(
                     f"{what}: {name} cuts tokens at the inputs of {cut!r}, but {assignment.describe(stage)}, none of"
                     f" them in {position[0]!r} from index {position[1]} on, so that stage would never cut. Choose"
@@ -367,6 +378,12 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "ReleasedBlock", "StageAssignment", "assign_stages", "check_cuts_on_every_stage", "count_parameters",
-    "release_blocks", "restore_blocks", "stage_sizes",
+    "ReleasedBlock",
+    "StageAssignment",
+    "assign_stages",
+    "check_cuts_on_every_stage",
+    "count_parameters",
+    "release_blocks",
+    "restore_blocks",
+    "stage_sizes",
 ]

@@ -18,7 +18,6 @@ from torch import nn
 
 from lightning_dit_parallel.planner.spec import Unit
 
-
 EncoderKind = Literal["text", "image"]
 
 
@@ -104,12 +103,26 @@ def text_encoder_spec(name: str, module: nn.Module, kind: EncoderKind = "text") 
     embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
     default_hidden = max((e.embedding_dim for e in embeddings), default=0)
     default_mlp = max((m.out_features for m in linears), default=0)
-    return encoder_spec(name, type(module).__name__, getattr(module, "config", None), encoder_units(module), kind,
-                        default_hidden, default_mlp)
+    return encoder_spec(
+        name,
+        type(module).__name__,
+        getattr(module, "config", None),
+        encoder_units(module),
+        kind,
+        default_hidden,
+        default_mlp,
+    )
 
 
-def encoder_spec(name: str, cls: str, config: Any, units: tuple[Unit, ...], kind: EncoderKind = "text",
-                 default_hidden: int = 0, default_mlp: int = 0) -> EncoderSpec:
+def encoder_spec(
+    name: str,
+    cls: str,
+    config: Any,
+    units: tuple[Unit, ...],
+    kind: EncoderKind = "text",
+    default_hidden: int = 0,
+    default_mlp: int = 0,
+) -> EncoderSpec:
     """An ``EncoderSpec`` from a config (a dict or a ``transformers`` config object; a nested ``vision_config`` or
     ``text_config`` is read for the encoder's kind) and its units.
 
@@ -178,8 +191,13 @@ def vae_spec(module: nn.Module) -> VaeSpec:
     numel = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
     decoder = getattr(module, "decoder", module)
     return VaeSpec(
-        cls=type(module).__name__, numel=numel, spatial=spatial, temporal=temporal, latent_channels=int(latent or 0),
-        decoder=decoder_profile(decoder), out_channels=int(config.get("out_channels", 3) or 3),
+        cls=type(module).__name__,
+        numel=numel,
+        spatial=spatial,
+        temporal=temporal,
+        latent_channels=int(latent or 0),
+        decoder=decoder_profile(decoder),
+        out_channels=int(config.get("out_channels", 3) or 3),
         bands=_has_cut(module),
     )
 

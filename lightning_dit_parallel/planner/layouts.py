@@ -2,8 +2,9 @@
 
 ``PlannedLayout`` holds what ``ParallelLayout`` holds (dp, cfg, pp, ring, ulysses, tp, fsdp) plus what the planner
 also models: parallel VAE decode, the pipeline schedule (micro-batches or PipeFusion patches), DistriFusion's
-patch-parallel degree and host offload of the weights (the strategy's ``offload``). The mesh degrees are validated by ``ParallelLayout`` itself; the rest is checked here
-against the model (heads, feature counts, block counts, what the plan supports).
+patch-parallel degree and host offload of the weights (the strategy's ``offload``). The mesh degrees are validated by
+``ParallelLayout`` itself; the rest is checked here against the model (heads, feature counts, block counts, what the
+plan supports).
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ class PlannedLayout:
 
     def __post_init__(self) -> None:
         self.to_parallel_layout()  # the mesh degrees' own checks
-        bad = {k: getattr(self, k) for k in ("distrifusion",) if not (isinstance(getattr(self, k), int)
-                                                                      and getattr(self, k) >= 1)}
+        bad = {
+            k: getattr(self, k)
+            for k in ("distrifusion",)
+            if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)
+        }
         if bad:
             raise ValueError(f"Degrees must be positive integers; got {bad} in {self.describe()}.")
         if self.fsdp_units not in ("blocks", "layers") or (self.fsdp_units == "layers" and not self.fsdp):
@@ -127,8 +131,9 @@ class PlannedLayout:
 
     def to_parallel_layout(self) -> ParallelLayout:
         """The ``ParallelLayout`` of the mesh degrees (DistriFusion is a strategy of its own, not a mesh axis)."""
-        return ParallelLayout(dp=self.dp, cfg=self.cfg, pp=self.pp, ring=self.ring, ulysses=self.ulysses, tp=self.tp,
-                              fsdp=self.fsdp)
+        return ParallelLayout(
+            dp=self.dp, cfg=self.cfg, pp=self.pp, ring=self.ring, ulysses=self.ulysses, tp=self.tp, fsdp=self.fsdp
+        )
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,17 @@ def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
 
 
 def enumerate_layouts(
-    spec: ModelSpec, world: int, *, rows: int, tokens: int, latent_height: int, samples: int, batch: int,
-    cfg_split: bool, has_vae: bool, axes: Axes = Axes(),
+    spec: ModelSpec,
+    world: int,
+    *,
+    rows: int,
+    tokens: int,
+    latent_height: int,
+    samples: int,
+    batch: int,
+    cfg_split: bool,
+    has_vae: bool,
+    axes: Axes = Axes(),
 ) -> Iterator[PlannedLayout]:
     """Every layout of ``world`` ranks that the package can run for this model and work.
 
@@ -185,8 +199,9 @@ def enumerate_layouts(
         axes: which kinds to enumerate.
     """
     for dp, cfg, pp, ring, ulysses, tp, distri in factorizations(world, len(DEGREES)):
-        if not _degrees_valid(spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split,
-                              axes):
+        if not _degrees_valid(
+            spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split, axes
+        ):
             continue
         shard_group = dp * cfg * ring * ulysses
         model_group = world // dp
@@ -200,14 +215,31 @@ def enumerate_layouts(
             for fsdp in (False, True) if shard_group > 1 and distri == 1 else (False,):
                 if fsdp and dp > 1 and samples % (dp * batch):
                     continue  # FSDP all-gathers span the dp groups: every group must run as many batches
-                vae_options = (False, True) if (axes.parallel_vae and has_vae and model_group > 1
-                                                and latent_height >= model_group) else (False,)
+                vae_options = (
+                    (False, True)
+                    if (axes.parallel_vae and has_vae and model_group > 1 and latent_height >= model_group)
+                    else (False,)
+                )
                 for parallel_vae in vae_options:
                     yield PlannedLayout(dp, cfg, pp, ring, ulysses, tp, distri, fsdp, parallel_vae, mode, patches)
 
 
-def _degrees_valid(spec: ModelSpec, dp: int, cfg: int, pp: int, ring: int, ulysses: int, tp: int, distri: int,
-                   rows: int, tokens: int, samples: int, batch: int, cfg_split: bool, axes: Axes) -> bool:
+def _degrees_valid(
+    spec: ModelSpec,
+    dp: int,
+    cfg: int,
+    pp: int,
+    ring: int,
+    ulysses: int,
+    tp: int,
+    distri: int,
+    rows: int,
+    tokens: int,
+    samples: int,
+    batch: int,
+    cfg_split: bool,
+    axes: Axes,
+) -> bool:
     if cfg > 2 or (cfg == 2 and (not cfg_split or rows % 2)):
         return False
     if dp > max(1, -(-samples // batch)):

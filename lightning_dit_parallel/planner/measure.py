@@ -45,16 +45,26 @@ class Prediction:
         return self.activation_bytes + self.gathered_bytes + self.cache_bytes
 
 
-def predict_call(spec: ModelSpec, work: Work, layout: PlannedLayout, element: int, device_type: str = "cpu",
-                 check_inputs: bool = True) -> Prediction:
+def predict_call(
+    spec: ModelSpec,
+    work: Work,
+    layout: PlannedLayout,
+    element: int,
+    device_type: str = "cpu",
+    check_inputs: bool = True,
+) -> Prediction:
     """The planner's parameter bytes, FSDP-gathered bytes, activation peak, PipeFusion caches and bytes by kind for
     one call of ``work.rows`` rows of ``work.tokens`` latent tokens."""
     grid = LatentGrid(1, 1, 1, int(work.tokens or 0), 1, 1, 0, (1, 1, 1))
     hw = Hardware(devices=layout.world_size, device_type=device_type)  # only the prefetch rule matters here
     held, gathered = dit_parameter_bytes(spec, layout, element, hw)
-    return Prediction(held, gathered, dit_activation_bytes(spec, grid, work, layout, element),
-                      cache_bytes(spec, grid, work, layout, element),
-                      bytes_per_call(spec, grid, work, layout, element, check_inputs))
+    return Prediction(
+        held,
+        gathered,
+        dit_activation_bytes(spec, grid, work, layout, element),
+        cache_bytes(spec, grid, work, layout, element),
+        bytes_per_call(spec, grid, work, layout, element, check_inputs),
+    )
 
 
 class FunctionalCollectives(TorchDispatchMode):
@@ -95,8 +105,15 @@ def _group_size(group_name) -> int:
         return 1
 
 
-def measure_call(model: nn.Module, inputs: Mapping[str, Any], layout: PlannedLayout, *, memory: bool = False,
-                 warmup: int = 0, check_inputs: bool = True) -> dict:
+def measure_call(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    layout: PlannedLayout,
+    *,
+    memory: bool = False,
+    warmup: int = 0,
+    check_inputs: bool = True,
+) -> dict:
     """On this rank: parallelize ``model`` with ``layout``, run ``model(**inputs)`` (``warmup`` times unmeasured, then
     once measured), undo the parallelizers.
 
@@ -116,8 +133,9 @@ def measure_call(model: nn.Module, inputs: Mapping[str, Any], layout: PlannedLay
         pipeline = PipelineOptions("pipefusion", layout.patches, warmup_steps=0)
     elif layout.pp_mode == "microbatch":
         pipeline = PipelineOptions("microbatch")
-    parallel = parallelize(model, mesh_layout, mesh_layout.build_mesh("cpu"), pipeline=pipeline,
-                           check_inputs=check_inputs)
+    parallel = parallelize(
+        model, mesh_layout, mesh_layout.build_mesh("cpu"), pipeline=pipeline, check_inputs=check_inputs
+    )
     try:
         held = resident_bytes(model, buffers=False)
         for _ in range(warmup):

@@ -28,7 +28,6 @@ kernels), so no ``S x S`` score matrix is held.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from lightning_dit_parallel.planner.components import EncoderSpec, OtherSpec, TextEncoderSpec, VaeSpec
@@ -101,15 +100,23 @@ class MemoryEstimate:
 
     @property
     def resident(self) -> int:
-        return (self.dit_parameters + self.text_encoder_parameters + self.image_encoder_parameters
-                + self.vae_parameters + self.other_parameters)
+        return (
+            self.dit_parameters
+            + self.text_encoder_parameters
+            + self.image_encoder_parameters
+            + self.vae_parameters
+            + self.other_parameters
+        )
 
     @property
     def phases(self) -> dict[str, int]:
         """Bytes on top of the resident parameters in each phase."""
-        return {"denoising": self.dit_gathered + self.activations + self.caches,
-                "text encoding": self.text_encoder_peak, "image encoding": self.image_encoder_peak,
-                "decoding": self.vae_decode_peak}
+        return {
+            "denoising": self.dit_gathered + self.activations + self.caches,
+            "text encoding": self.text_encoder_peak,
+            "image encoding": self.image_encoder_peak,
+            "decoding": self.vae_decode_peak,
+        }
 
     @property
     def peak_phase(self) -> str:
@@ -151,8 +158,9 @@ def stage_units(spec: ModelSpec, blocks: range) -> list[Unit]:
     return [u for u in spec.units if u.kind != "block" or u.index in blocks]
 
 
-def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout, element: int,
-                          hw: Hardware) -> tuple[int, int]:
+def stage_parameter_bytes(
+    spec: ModelSpec, blocks: range, layout: PlannedLayout, element: int, hw: Hardware
+) -> tuple[int, int]:
     """``(held between uses, gathered on top during a forward)`` of one stage of a DiT."""
     shards = layout.shard_degree
     units = stage_units(spec, blocks)
@@ -169,13 +177,14 @@ def stage_parameter_bytes(spec: ModelSpec, blocks: range, layout: PlannedLayout,
 def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, layers: bool = False) -> int:
     """Elements FSDP2 holds on top of the shards while a forward runs: the root unsharded for the whole forward (3x
     while it is gathered), and around the largest block its unsharded parameters plus the all-gather's output buffer
-    and its copy of the shard (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next block is gathered while
-    one runs (prefetch: one more block), with gloo on CPU the collective copies the output once more (measured: 3x a
-    block of a 2-rank shard group on top of the shards)."""
+    and its copy of the shard (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next
+    block is gathered while one runs (prefetch: one more block), with gloo on CPU the collective copies the output once
+    more (measured: 3x a block of a 2-rank shard group on top of the shards)."""
     if layers:  # ``fsdp_units="layers"``: a weight matrix (2-D or more) at a time; the rest stays with its unit
         mats = [math.prod(shape) for u in units for shape in u.local_shapes(tp) if len(shape) >= 2]
-        rest = sum(math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp)
-                   if len(shape) < 2)
+        rest = sum(
+            math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp) if len(shape) < 2
+        )
         largest = max(mats, default=0)
         return rest + 3 * largest + (-(-largest // shards) if hw.device_type == "cuda" else 0)
     root = sum(u.local_numel(tp) for u in units if u.kind == "root")
@@ -187,8 +196,9 @@ def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, layers: bool 
     return max(3 * root, root + 3 * whole + (shard if hw.device_type == "cuda" else 0))
 
 
-def offloaded_unit_bytes(units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int,
-                         hw: Hardware) -> tuple[int, int]:
+def offloaded_unit_bytes(
+    units: list[Unit] | tuple[Unit, ...], shards: int, tp: int, element: int, hw: Hardware
+) -> tuple[int, int]:
     """``(held on the device, brought on top while a unit runs)`` with host offload: the root stays (its shard with
     FSDP), every block, shared part or layer comes from the host. With FSDP (``shards > 1``) a running unit is its
     shard copied in plus the gathered whole, two of them on CUDA (prefetch), and the root is gathered for the whole
@@ -224,8 +234,9 @@ def dit_parameter_bytes(spec: ModelSpec, layout: PlannedLayout, element: int, hw
     return held, gathered
 
 
-def dits_parameter_bytes(specs: list[ModelSpec], layout: PlannedLayout, element: int,
-                         hw: Hardware) -> tuple[int, int, list[int]]:
+def dits_parameter_bytes(
+    specs: list[ModelSpec], layout: PlannedLayout, element: int, hw: Hardware
+) -> tuple[int, int, list[int]]:
     """``(held, gathered, held per DiT)`` of every DiT of a pipeline on the busiest stage.
 
     Each DiT is cut by the layout the same way (pipeline stage ``s`` holds stage ``s`` of every DiT); all are held,
@@ -289,8 +300,9 @@ def rows_per_pass(work: Work, layout: PlannedLayout) -> int:
     return rows
 
 
-def block_activation(index: int, spec: ModelSpec, layout: PlannedLayout, local: dict[str, int], rows: int,
-                     element: int, text_tokens: int) -> int:
+def block_activation(
+    index: int, spec: ModelSpec, layout: PlannedLayout, local: dict[str, int], rows: int, element: int, text_tokens: int
+) -> int:
     """Bytes alive at the peak of block ``index`` on one rank."""
     block = spec.blocks[index]
     carried = sum(local.get(s, 0) for s in block.sequences) or local.get(spec.latent_sequences[0], 0)
@@ -319,8 +331,10 @@ def dit_activation_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: 
     full = sequence_tokens(spec, grid, work)
     local = local_tokens(spec, grid, work, layout)
     rows = rows_per_pass(work, layout)
-    peak = max((block_activation(i, spec, layout, local, rows, element, work.text_tokens)
-                for i in range(spec.num_blocks)), default=0)
+    peak = max(
+        (block_activation(i, spec, layout, local, rows, element, work.text_tokens) for i in range(spec.num_blocks)),
+        default=0,
+    )
     hidden = max((b.hidden for b in spec.blocks), default=0)
     latent = full.get(spec.latent_sequences[0], grid.tokens) if spec.latent_sequences else grid.tokens
     # the gathered output (whole sequence), the model input, the text context
@@ -354,8 +368,9 @@ def encoder_work(enc: EncoderSpec, work: Work) -> tuple[int, int]:
     return rows, (min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens)
 
 
-def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: int, hw: Hardware,
-                  shard: bool) -> tuple[int, int]:
+def encoder_bytes(
+    enc: EncoderSpec, layout: PlannedLayout, work: Work, element: int, hw: Hardware, shard: bool
+) -> tuple[int, int]:
     """``(held, peak while encoding)`` of one encoder on one rank (sharded with FSDP when ``shard``; its layers in host
     memory with offload)."""
     shards = layout.encoder_shard_degree if shard else 1
@@ -371,8 +386,9 @@ def encoder_bytes(enc: EncoderSpec, layout: PlannedLayout, work: Work, element: 
     return held, int(gathered + act + scores)
 
 
-def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, work: Work, element: int,
-                       hw: Hardware, shard: bool) -> tuple[int, int]:
+def text_encoder_bytes(
+    encoders: list[TextEncoderSpec], layout: PlannedLayout, work: Work, element: int, hw: Hardware, shard: bool
+) -> tuple[int, int]:
     """``(held, peak while encoding)`` of encoders on one rank (sharded with FSDP when ``shard``): held adds up,
     they encode one after the other."""
     held = peak = 0
@@ -383,8 +399,9 @@ def text_encoder_bytes(encoders: list[TextEncoderSpec], layout: PlannedLayout, w
     return held, peak
 
 
-def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout,
-              element: int) -> tuple[int, int]:
+def vae_bytes(
+    vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int
+) -> tuple[int, int]:
     """``(parameters, decode peak)`` of the VAE on one rank; a parallel VAE holds its band of the activations.
 
     Video VAEs with temporal compression decode one latent frame (``temporal`` output frames, plus the frames their
@@ -402,11 +419,22 @@ def vae_bytes(vae: VaeSpec | None, grid: LatentGrid, work: Work, layout: Planned
     return params, int(act + output)
 
 
-def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec | None, grid: LatentGrid,
-                    work: Work, hw: Hardware, layout: PlannedLayout, element: int,
-                    shard_text_encoders: bool = True, *, more_dits: list[ModelSpec] | tuple = (),
-                    image_encoders: list[EncoderSpec] | tuple = (), others: list[OtherSpec] | tuple = (),
-                    dit_names: list[str] | tuple = ()) -> MemoryEstimate:
+def memory_estimate(
+    spec: ModelSpec,
+    encoders: list[TextEncoderSpec],
+    vae: VaeSpec | None,
+    grid: LatentGrid,
+    work: Work,
+    hw: Hardware,
+    layout: PlannedLayout,
+    element: int,
+    shard_text_encoders: bool = True,
+    *,
+    more_dits: list[ModelSpec] | tuple = (),
+    image_encoders: list[EncoderSpec] | tuple = (),
+    others: list[OtherSpec] | tuple = (),
+    dit_names: list[str] | tuple = (),
+) -> MemoryEstimate:
     """Every part of one rank's memory for ``layout``, component by component.
 
     Args:
@@ -422,27 +450,38 @@ def memory_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSp
     held, gathered, per_dit = dits_parameter_bytes(dits, layout, element, hw)
     host = 0
     if layout.offload:  # the busiest stage's blocks of every DiT, and every encoder's layers
-        host = max(sum(host_unit_bytes(stage_units(s, _stage(s, layout.pp, stage)), layout.shard_degree, layout.tp,
-                                       element) for s in dits)
-                   for stage in range(layout.pp))
+        host = max(
+            sum(
+                host_unit_bytes(stage_units(s, _stage(s, layout.pp, stage)), layout.shard_degree, layout.tp, element)
+                for s in dits
+            )
+            for stage in range(layout.pp)
+        )
         shards = layout.encoder_shard_degree if shard_text_encoders else 1
         host += sum(host_unit_bytes(e.units, shards, 1, element) for e in (*encoders, *image_encoders))
     te_held, te_peak = text_encoder_bytes(list(encoders), layout, work, element, hw, shard_text_encoders)
     ie_held, ie_peak = text_encoder_bytes(list(image_encoders), layout, work, element, hw, shard_text_encoders)
     vae_params, vae_peak = vae_bytes(vae, grid, work, layout, element)
     components = list(zip(names, per_dit))
-    components += [(e.name, encoder_bytes(e, layout, work, element, hw, shard_text_encoders)[0])
-                   for e in (*encoders, *image_encoders)]
+    components += [
+        (e.name, encoder_bytes(e, layout, work, element, hw, shard_text_encoders)[0])
+        for e in (*encoders, *image_encoders)
+    ]
     if vae is not None:
         components.append(("vae", vae_params))
     components += [(o.name, o.numel * element) for o in others]
     return MemoryEstimate(
-        dit_parameters=held, dit_gathered=gathered,
+        dit_parameters=held,
+        dit_gathered=gathered,
         activations=max(dit_activation_bytes(s, grid, work, layout, element) for s in dits),
         caches=sum(cache_bytes(s, grid, work, layout, element) for s in dits),
-        text_encoder_parameters=te_held, text_encoder_peak=te_peak,
-        vae_parameters=vae_params, vae_decode_peak=vae_peak,
-        image_encoder_parameters=ie_held, image_encoder_peak=ie_peak,
+        text_encoder_parameters=te_held,
+        text_encoder_peak=te_peak,
+        vae_parameters=vae_params,
+        vae_decode_peak=vae_peak,
+        image_encoder_parameters=ie_held,
+        image_encoder_peak=ie_peak,
         other_parameters=sum(o.numel for o in others) * element,
-        components=tuple(components), host_parameters=host,
+        components=tuple(components),
+        host_parameters=host,
     )

@@ -28,6 +28,7 @@ from lightning_dit_parallel.planner.components import (
     text_encoder_spec,
     vae_spec,
 )
+from lightning_dit_parallel.planner.spec import ModelSpec, model_spec
 from lightning_dit_parallel.planner.weights import (
     WeightFiles,
     component_weights,
@@ -35,7 +36,6 @@ from lightning_dit_parallel.planner.weights import (
     units_from_names,
     units_from_tensors,
 )
-from lightning_dit_parallel.planner.spec import ModelSpec, model_spec
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,11 @@ def find_configs(path: str | Path) -> tuple[Path, list[Path], Path | None]:
     encoders: list[Path] = []
     vae: Path | None = None
     if folder is not None:
-        encoders = sorted(p / "config.json" for p in folder.iterdir()
-                          if p.is_dir() and p.name.startswith("text_encoder") and (p / "config.json").is_file())
+        encoders = sorted(
+            p / "config.json"
+            for p in folder.iterdir()
+            if p.is_dir() and p.name.startswith("text_encoder") and (p / "config.json").is_file()
+        )
         vae = folder / "vae" / "config.json" if (folder / "vae" / "config.json").is_file() else None
     return transformer, encoders, vae
 
@@ -237,8 +240,11 @@ def pipeline_components(folder: str | Path) -> tuple[list[Component], list[str]]
             if library is None or cls is None:
                 continue
             sub = folder / name
-            if (sub / "config.json").is_file() or any(sub.glob("*.safetensors")) or any(
-                    sub.glob("*.safetensors.index.json")):
+            if (
+                (sub / "config.json").is_file()
+                or any(sub.glob("*.safetensors"))
+                or any(sub.glob("*.safetensors.index.json"))
+            ):
                 found.append(Component(name, str(library), str(cls), sub))
             elif not sub.is_dir() and not str(cls).endswith(_NOT_MODELS):
                 notes.append(f"{name} ({cls}): named in model_index.json but {sub} is missing; not counted")
@@ -292,11 +298,14 @@ def _dit(component_name: str, config_path: Path, notes: list[str], counted: dict
     weights = _weights(config_path.parent, notes, component_name)
     how = "its config"
     if weights is not None:
-        stored = weights.numel if weights.numel is not None else weights.nbytes // stored_element(
-            read_config(config_path))
+        stored = (
+            weights.numel if weights.numel is not None else weights.nbytes // stored_element(read_config(config_path))
+        )
         if abs(stored - numel) > 0.005 * numel:
-            notes.append(f"{component_name}: its config builds {numel / 1e9:.3f} B parameters, its weights"
-                         f" ({weights.describe()}) hold {stored / 1e9:.3f} B; the config's shapes are used")
+            notes.append(
+                f"{component_name}: its config builds {numel / 1e9:.3f} B parameters, its weights"
+                f" ({weights.describe()}) hold {stored / 1e9:.3f} B; the config's shapes are used"
+            )
         else:
             how += f", matching {weights.describe()}"
     counted[component_name] = how
@@ -319,8 +328,7 @@ def _encoder(c: Component, kind: EncoderKind, notes: list[str], counted: dict[st
         if weights is not None:
             element = stored_element(config)
             counted[c.name] = f"{weights.describe()} ({element} bytes per stored element)"
-            return encoder_spec(c.name, c.cls, config, units_from_names(weights.names, weights.nbytes // element),
-                                kind)
+            return encoder_spec(c.name, c.cls, config, units_from_names(weights.names, weights.nbytes // element), kind)
         notes.append(f"{c.name} ({c.cls}): not counted: no weights and its config cannot be built ({exc})")
         return None
 
@@ -359,8 +367,9 @@ def _vae(config_path: Path, name: str, notes: list[str], counted: dict[str, str]
     return spec
 
 
-def load_models(path: str | Path, text_encoder_configs: list[str | Path] | None = None,
-                vae_config: str | Path | None = None) -> PipelineModels:
+def load_models(
+    path: str | Path, text_encoder_configs: list[str | Path] | None = None, vae_config: str | Path | None = None
+) -> PipelineModels:
     """Read the DiT(s), encoders, VAE and other components of a config file or pipeline folder.
 
     A pipeline folder's components come from its ``model_index.json`` (see ``pipeline_components``): every
@@ -439,8 +448,18 @@ def load_models(path: str | Path, text_encoder_configs: list[str | Path] | None 
         text.append(spec)
     if vae_config is not None:
         vae = _vae(Path(vae_config), "vae", notes, counted)
-    return PipelineModels(main, tuple(text), vae, str(path), tuple(more), tuple(names), tuple(image), tuple(others),
-                          tuple(notes), tuple(counted.items()))
+    return PipelineModels(
+        main,
+        tuple(text),
+        vae,
+        str(path),
+        tuple(more),
+        tuple(names),
+        tuple(image),
+        tuple(others),
+        tuple(notes),
+        tuple(counted.items()),
+    )
 
 
 def models_from_module(root: nn.Module) -> PipelineModels:
@@ -463,15 +482,24 @@ def models_from_module(root: nn.Module) -> PipelineModels:
         planned = find_planned_modules(root)
         specs = [model_spec(dit, plan) for _, dit, plan in planned]
         names = [path or type(dit).__name__ for path, dit, _ in planned]
-        encoders = [text_encoder_spec(name, module, "image" if _is_image_encoder(name, module) else "text")
-                    for name, module in _text_encoders(root)]
+        encoders = [
+            text_encoder_spec(name, module, "image" if _is_image_encoder(name, module) else "text")
+            for name, module in _text_encoders(root)
+        ]
         vae_path, vae_module = next(((p, m) for p, m in root.named_modules() if _is_vae(m)), ("", None))
         vae = vae_spec(vae_module) if vae_module is not None else None
         taken = [p for p, _, _ in planned] + [name for name, _ in _text_encoders(root)] + ([vae_path] if vae else [])
         others = [OtherSpec(path, type(m).__name__, _module_numel(m)) for path, m in _other_models(root, taken)]
-        return PipelineModels(specs[0], tuple(e for e in encoders if e.kind == "text"), vae, names[0],
-                              tuple(specs[1:]), tuple(names), tuple(e for e in encoders if e.kind == "image"),
-                              tuple(others))
+        return PipelineModels(
+            specs[0],
+            tuple(e for e in encoders if e.kind == "text"),
+            vae,
+            names[0],
+            tuple(specs[1:]),
+            tuple(names),
+            tuple(e for e in encoders if e.kind == "image"),
+            tuple(others),
+        )
     finally:
         attached.detach()
 

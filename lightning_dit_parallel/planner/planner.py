@@ -166,44 +166,96 @@ def plan_layouts(
         models = models_from_module(source)
     else:
         models = load_models(source, text_encoder_configs, vae_config)
-    work = Work(height=height, width=width, frames=frames, tokens=tokens, text_tokens=text_tokens, batch=batch,
-                samples=samples, cfg=cfg, cfg_calls=cfg_calls, steps=steps, sequences=dict(sequences or {}))
-    hardware = Hardware(devices=devices, nodes=nodes, memory=parse_bytes(memory), flops=parse_rate(flops, "FLOPS"),
-                        bandwidth=parse_rate(bandwidth, "/s"),
-                        inter_node_bandwidth=parse_rate(inter_node_bandwidth, "/s"),
-                        reserve=parse_bytes(reserve), device_type=device_type,
-                        host_bandwidth=parse_rate(host_bandwidth, "/s"))
+    work = Work(
+        height=height,
+        width=width,
+        frames=frames,
+        tokens=tokens,
+        text_tokens=text_tokens,
+        batch=batch,
+        samples=samples,
+        cfg=cfg,
+        cfg_calls=cfg_calls,
+        steps=steps,
+        sequences=dict(sequences or {}),
+    )
+    hardware = Hardware(
+        devices=devices,
+        nodes=nodes,
+        memory=parse_bytes(memory),
+        flops=parse_rate(flops, "FLOPS"),
+        bandwidth=parse_rate(bandwidth, "/s"),
+        inter_node_bandwidth=parse_rate(inter_node_bandwidth, "/s"),
+        reserve=parse_bytes(reserve),
+        device_type=device_type,
+        host_bandwidth=parse_rate(host_bandwidth, "/s"),
+    )
     axes = axes or Axes()
     if offload and not axes.offload:
         axes = replace(axes, offload=True)
-    return estimate_layouts(models, work, hardware, dtype, allow_approximate=allow_approximate,
-                            shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes)
+    return estimate_layouts(
+        models,
+        work,
+        hardware,
+        dtype,
+        allow_approximate=allow_approximate,
+        shard_text_encoders=shard_text_encoders,
+        check_inputs=check_inputs,
+        axes=axes,
+    )
 
 
-def estimate_layouts(models: PipelineModels, work: Work, hardware: Hardware, dtype: str, *,
-                     allow_approximate: bool = False, shard_text_encoders: bool = True, check_inputs: bool = True,
-                     axes: Axes = Axes()) -> Plan:
+def estimate_layouts(
+    models: PipelineModels,
+    work: Work,
+    hardware: Hardware,
+    dtype: str,
+    *,
+    allow_approximate: bool = False,
+    shard_text_encoders: bool = True,
+    check_inputs: bool = True,
+    axes: Axes = Axes(),
+) -> Plan:
     """``plan_layouts`` on already-read models, work and hardware (pure computation: every rank gets the same)."""
     element = dtype_bytes(dtype)
     spec = models.dit
     grid = latent_grid(spec.name, spec.config, models.vae, work)
     encoders = list(models.text_encoders)
-    options = dict(rows=work.rows, tokens=grid.tokens, latent_height=grid.height, samples=work.total_samples,
-                   batch=work.batch, cfg_split=work.cfg and work.cfg_calls == "doubled",
-                   has_vae=models.vae is not None and models.vae.bands, axes=axes)
+    options = dict(
+        rows=work.rows,
+        tokens=grid.tokens,
+        latent_height=grid.height,
+        samples=work.total_samples,
+        batch=work.batch,
+        cfg_split=work.cfg and work.cfg_calls == "doubled",
+        has_vae=models.vae is not None and models.vae.bands,
+        axes=axes,
+    )
     layouts = list(enumerate_layouts(spec, hardware.world_size, **options))
     for more in models.more_dits:  # every DiT of the pipeline is cut by the same layout
         valid = set(enumerate_layouts(more, hardware.world_size, **options))
         layouts = [lay for lay in layouts if lay in valid]
 
     def estimate(layout: PlannedLayout) -> LayoutEstimate:
-        memory = memory_estimate(spec, encoders, models.vae, grid, work, hardware, layout, element,
-                                 shard_text_encoders, more_dits=models.more_dits,
-                                 image_encoders=models.image_encoders, others=models.others,
-                                 dit_names=[name for name, _ in models.dits])
+        memory = memory_estimate(
+            spec,
+            encoders,
+            models.vae,
+            grid,
+            work,
+            hardware,
+            layout,
+            element,
+            shard_text_encoders,
+            more_dits=models.more_dits,
+            image_encoders=models.image_encoders,
+            others=models.others,
+            dit_names=[name for name, _ in models.dits],
+        )
         traffic = bytes_per_step(spec, grid, work, layout, element, check_inputs)
-        time = time_estimate(spec, [*encoders, *models.image_encoders], models.vae, grid, work, hardware, layout,
-                             element, check_inputs)
+        time = time_estimate(
+            spec, [*encoders, *models.image_encoders], models.vae, grid, work, hardware, layout, element, check_inputs
+        )
         return LayoutEstimate(layout, memory, traffic, time, memory.peak <= hardware.usable_memory)
 
     estimates = [estimate(layout) for layout in layouts]
@@ -246,8 +298,10 @@ def _recommend(ranked: list[LayoutEstimate], hw: Hardware, allow_approximate: bo
                 slower = runner.time.total_s / max(e.time.total_s, 1e-12)
                 reason += f"; next: {runner.layout.describe()} at {slower:.2f}x"
             if e.layout.offload:
-                reason += (f"; with host offload only (no layout fits without it): {format_size(e.memory.host_parameters)}"
-                           " of weights per rank in pinned host memory, streamed to the device every step")
+                reason += (
+                    f"; with host offload only (no layout fits without it): {format_size(e.memory.host_parameters)}"
+                    " of weights per rank in pinned host memory, streamed to the device every step"
+                )
             out.append(replace(e, recommended=True, reason=reason))
         elif not e.fits:
             needs = f"needs {format_size(e.memory.peak)} per device, {format_size(usable)} usable"

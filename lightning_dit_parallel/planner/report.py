@@ -10,9 +10,25 @@ GiB = 2**30
 GB = 1e9
 
 _COLUMNS = (
-    ("layout", 34), ("exact", 5), ("DiT", 6), ("+gathered", 9), ("activ.", 6), ("cache", 6), ("text enc.", 9),
-    ("img enc.", 8), ("other", 6), ("VAE", 6), ("peak GiB", 8), ("fits", 4), ("a2a GB", 7), ("p2p GB", 7),
-    ("all-gather GB", 13), ("all-reduce GB", 13), ("bcast GB", 8), ("s/step", 7), ("total s", 8),
+    ("layout", 34),
+    ("exact", 5),
+    ("DiT", 6),
+    ("+gathered", 9),
+    ("activ.", 6),
+    ("cache", 6),
+    ("text enc.", 9),
+    ("img enc.", 8),
+    ("other", 6),
+    ("VAE", 6),
+    ("peak GiB", 8),
+    ("fits", 4),
+    ("a2a GB", 7),
+    ("p2p GB", 7),
+    ("all-gather GB", 13),
+    ("all-reduce GB", 13),
+    ("bcast GB", 8),
+    ("s/step", 7),
+    ("total s", 8),
 )
 
 
@@ -36,21 +52,29 @@ def describe_inputs(plan: Plan) -> list[str]:
     ]
     if len(dits) > 1:
         for name, dit in dits:
-            lines.append(f"         {name}: {dit.name}, {dit.numel / 1e9:.2f} B parameters"
-                         f" ({dit.numel * element / GiB:.1f} GiB){how(name)}")
+            lines.append(
+                f"         {name}: {dit.name}, {dit.numel / 1e9:.2f} B parameters"
+                f" ({dit.numel * element / GiB:.1f} GiB){how(name)}"
+            )
     elif dits[0][0] in counted:
         lines[0] += f", counted from {counted[dits[0][0]]}"
     for enc in models.encoders:
         tokens = f", {enc.max_tokens} tokens per image" if enc.kind == "image" and enc.max_tokens else ""
-        lines.append(f"         {enc.name}: {enc.cls}, {enc.numel / 1e9:.2f} B parameters"
-                     f" ({enc.numel * element / GiB:.1f} GiB){tokens}{how(enc.name)}")
+        lines.append(
+            f"         {enc.name}: {enc.cls}, {enc.numel / 1e9:.2f} B parameters"
+            f" ({enc.numel * element / GiB:.1f} GiB){tokens}{how(enc.name)}"
+        )
     if models.vae is not None:
         vae = models.vae
-        lines.append(f"         vae: {vae.cls}, {vae.numel / 1e6:.0f} M parameters, {vae.spatial}x spatial,"
-                     f" {vae.temporal}x temporal{how('vae')}")
+        lines.append(
+            f"         vae: {vae.cls}, {vae.numel / 1e6:.0f} M parameters, {vae.spatial}x spatial,"
+            f" {vae.temporal}x temporal{how('vae')}"
+        )
     for other in models.others:
-        lines.append(f"         {other.name}: {other.cls}, {other.numel / 1e9:.2f} B parameters"
-                     f" ({other.numel * element / GiB:.1f} GiB), held whole{how(other.name)}")
+        lines.append(
+            f"         {other.name}: {other.cls}, {other.numel / 1e9:.2f} B parameters"
+            f" ({other.numel * element / GiB:.1f} GiB), held whole{how(other.name)}"
+        )
     for note in models.notes:
         lines.append(f"  note:  {note}")
     if work.tokens is not None:
@@ -83,14 +107,25 @@ def _row(e: LayoutEstimate) -> dict[str, str]:
 
     name = e.layout.describe() + (" *" if e.recommended else "")
     return {
-        "layout": name, "exact": "yes" if e.exact else "no", "DiT": gib(m.dit_parameters),
-        "+gathered": gib(m.dit_gathered), "activ.": gib(m.activations), "cache": gib(m.caches),
+        "layout": name,
+        "exact": "yes" if e.exact else "no",
+        "DiT": gib(m.dit_parameters),
+        "+gathered": gib(m.dit_gathered),
+        "activ.": gib(m.activations),
+        "cache": gib(m.caches),
         "text enc.": gib(m.text_encoder_parameters + m.text_encoder_peak),
-        "img enc.": gib(m.image_encoder_parameters + m.image_encoder_peak), "other": gib(m.other_parameters),
-        "VAE": gib(m.vae_parameters + m.vae_decode_peak), "peak GiB": f"{m.peak / GiB:.1f}",
-        "fits": "yes" if e.fits else "no", "a2a GB": gb("all_to_all"), "p2p GB": gb("p2p"),
-        "all-gather GB": gb("all_gather"), "all-reduce GB": gb("all_reduce"), "bcast GB": gb("broadcast"),
-        "s/step": f"{t.step_s:.3g}", "total s": f"{t.total_s:.4g}",
+        "img enc.": gib(m.image_encoder_parameters + m.image_encoder_peak),
+        "other": gib(m.other_parameters),
+        "VAE": gib(m.vae_parameters + m.vae_decode_peak),
+        "peak GiB": f"{m.peak / GiB:.1f}",
+        "fits": "yes" if e.fits else "no",
+        "a2a GB": gb("all_to_all"),
+        "p2p GB": gb("p2p"),
+        "all-gather GB": gb("all_gather"),
+        "all-reduce GB": gb("all_reduce"),
+        "bcast GB": gb("broadcast"),
+        "s/step": f"{t.step_s:.3g}",
+        "total s": f"{t.total_s:.4g}",
     }
 
 
@@ -104,10 +139,12 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
 
     def cut(name: str, held: int) -> str:
         if name in dit_names:
-            parts = [f"1/{shards} FSDP shard" if shards > 1 else "",
-                     f"stage of 1/{lay.pp} of the blocks" if lay.pp > 1 else "",
-                     f"1/{lay.tp} of the split layers" if lay.tp > 1 else "",
-                     "the root only: the blocks in host memory" if lay.offload else ""]
+            parts = [
+                f"1/{shards} FSDP shard" if shards > 1 else "",
+                f"stage of 1/{lay.pp} of the blocks" if lay.pp > 1 else "",
+                f"1/{lay.tp} of the split layers" if lay.tp > 1 else "",
+                "the root only: the blocks in host memory" if lay.offload else "",
+            ]
             return ", ".join(p for p in parts if p) or "whole"
         if name in encoders and lay.offload:
             return "the root only: the layers in host memory"
@@ -120,9 +157,13 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
         lines.append(f"  {name:<16} {n / GiB:7.2f} GiB  parameters ({cut(name, n)})")
     phases = m.phases
     extra = {
-        "denoising": (f"{'brought from the host' if lay.offload else 'FSDP-gathered'} {m.dit_gathered / GiB:.2f}, "
-                      if m.dit_gathered else "")
-        + f"activations {m.activations / GiB:.2f}" + (f", caches {m.caches / GiB:.2f}" if m.caches else ""),
+        "denoising": (
+            f"{'brought from the host' if lay.offload else 'FSDP-gathered'} {m.dit_gathered / GiB:.2f}, "
+            if m.dit_gathered
+            else ""
+        )
+        + f"activations {m.activations / GiB:.2f}"
+        + (f", caches {m.caches / GiB:.2f}" if m.caches else ""),
         "text encoding": "gathered layers and activations of the largest text encoder",
         "image encoding": "gathered layers and activations of the image encoder",
         "decoding": "VAE decode activations and the decoded output",
@@ -130,11 +171,15 @@ def component_lines(plan: Plan, e: LayoutEstimate) -> list[str]:
     for phase, n in phases.items():
         if n:
             lines.append(f"  {phase:<16} {n / GiB:7.2f} GiB  while it runs ({extra[phase]})")
-    lines.append(f"  {'peak':<16} {m.peak / GiB:7.2f} GiB  = {m.resident / GiB:.2f} GiB of parameters held +"
-                 f" {m.peak_phase} {phases[m.peak_phase] / GiB:.2f} GiB")
+    lines.append(
+        f"  {'peak':<16} {m.peak / GiB:7.2f} GiB  = {m.resident / GiB:.2f} GiB of parameters held +"
+        f" {m.peak_phase} {phases[m.peak_phase] / GiB:.2f} GiB"
+    )
     if m.host_parameters:
-        lines.append(f"  {'host memory':<16} {m.host_parameters / GiB:7.2f} GiB  offloaded parameters (pinned, streamed"
-                     " to the device per unit; not in the peak)")
+        lines.append(
+            f"  {'host memory':<16} {m.host_parameters / GiB:7.2f} GiB  offloaded parameters (pinned, streamed"
+            " to the device per unit; not in the peak)"
+        )
     return lines
 
 
@@ -165,13 +210,15 @@ def format_plan(plan: Plan, top: int | None = None, markdown: bool = False) -> s
         lines += ["| " + " | ".join(r) + " |" for r in body]
     else:
         widths = [max(w, len(h), *(len(r[i]) for r in body)) for i, (h, w) in enumerate(columns)]
+
         def fmt(row: list[str]) -> str:
             return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row))
 
         lines = [fmt(header)] + [fmt(r) for r in body]
     lines.append("")
-    dits = "DiT parameters held (every transformer of the pipeline)" if len(models.dits) > 1 else (
-        "DiT parameters held")
+    dits = (
+        "DiT parameters held (every transformer of the pipeline)" if len(models.dits) > 1 else ("DiT parameters held")
+    )
     lines.append(
         f"Memory per rank in GiB: {dits}, +gathered by FSDP during a step, activations (attention"
         " included), PipeFusion/DistriFusion caches, text encoders (held + encoding peak)"
@@ -196,8 +243,11 @@ def format_plan(plan: Plan, top: int | None = None, markdown: bool = False) -> s
             f" {smallest.memory.peak / GiB:.1f} GiB ({smallest.layout.describe()}). More devices, a lower resolution or"
             " fewer frames, FSDP over the text encoder, a parallel VAE or CPU offload of the text encoder would help."
         )
-    shown = f"{len(rows)} of {len(plan.layouts)} valid layouts" if len(rows) < len(plan.layouts) else (
-        f"{len(plan.layouts)} valid layouts")
+    shown = (
+        f"{len(rows)} of {len(plan.layouts)} valid layouts"
+        if len(rows) < len(plan.layouts)
+        else (f"{len(plan.layouts)} valid layouts")
+    )
     lines.append(f"({shown}; '*' marks the recommendation)")
     return "\n".join(lines)
 

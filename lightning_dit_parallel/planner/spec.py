@@ -54,7 +54,7 @@ class Unit:
         out = []
         for shape, dim in zip(self.shapes, self.tp_dims):
             if dim is not None and dim < len(shape):
-                shape = (*shape[:dim], -(-shape[dim] // tp), *shape[dim + 1:])
+                shape = (*shape[:dim], -(-shape[dim] // tp), *shape[dim + 1 :])
             out.append(shape)
         return out
 
@@ -221,15 +221,21 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
     units = _units(model, plan, block_modules, tp.dims)
     attention = _attention_specs(model, plan, block_modules)
     blocks = tuple(
-        _block_shape(block, [a for a in attention if a.block == i], tp.reduce.get(i, (0, 0)), tp.gather.get(i, 0),
-                     tp.sample_reduce.get(i, 0))
+        _block_shape(
+            block,
+            [a for a in attention if a.block == i],
+            tp.reduce.get(i, (0, 0)),
+            tp.gather.get(i, 0),
+            tp.sample_reduce.get(i, 0),
+        )
         for i, block in enumerate(block_modules)
     )
     blocks = with_norm_roles(blocks, tp.norms, attention)
     in_blocks = {id(m) for b in block_modules for m in b.modules()}
     root_token_params = sum(
-        _linear_numel(m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in in_blocks
-        and not inside_norm(model, path)
+        _linear_numel(m)
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) and id(m) not in in_blocks and not inside_norm(model, path)
     )
     return ModelSpec(
         name=type(model).__name__,
@@ -248,13 +254,17 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
         dtype=str(next((p.dtype for p in model.parameters()), "float32")).removeprefix("torch."),
         tp_unsupported=tp.reason,
         tp_sizes=tp.sizes,
-        ring_unsupported=(f"the attention of {list(plan.head_parallel_attention)} needs the whole sequence on a rank"
-                          " (Ulysses only)" if plan.head_parallel_attention else ""),
+        ring_unsupported=(
+            f"the attention of {list(plan.head_parallel_attention)} needs the whole sequence on a rank (Ulysses only)"
+            if plan.head_parallel_attention
+            else ""
+        ),
     )
 
 
-def _units(model: nn.Module, plan: DiTPlan, block_modules: list[nn.Module],
-           tp_dims: dict[int, int | None]) -> tuple[Unit, ...]:
+def _units(
+    model: nn.Module, plan: DiTPlan, block_modules: list[nn.Module], tp_dims: dict[int, int | None]
+) -> tuple[Unit, ...]:
     seen: set[int] = set()
     shared_ids: dict[int, int] = {}
     for path in plan.shared_modules:
@@ -334,12 +344,14 @@ def attention_widths(module: nn.Module, path: str) -> tuple[int, int, int]:
     return heads, int(q_width), int(kv_width if isinstance(kv_width, int) else q_width)
 
 
-def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tuple[int, int],
-                 tp_gather: int, tp_sample_reduce: int) -> BlockShape:
+def _block_shape(
+    block: nn.Module, attention: list[AttentionSpec], tp_reduce: tuple[int, int], tp_gather: int, tp_sample_reduce: int
+) -> BlockShape:
     self_attn = [a for a in attention if a.kind in ("self", "tail", "linear")]
     hidden = max((a.q_width for a in self_attn or attention), default=0)
-    linears = [(path, m) for path, m in block.named_modules()
-               if isinstance(m, nn.Linear) and not inside_norm(block, path)]
+    linears = [
+        (path, m) for path, m in block.named_modules() if isinstance(m, nn.Linear) and not inside_norm(block, path)
+    ]
     text_params = sum(_linear_numel(m) for path, m in linears if is_text_stream(path))
     linears = [m for _, m in linears]
     if not hidden:
@@ -347,8 +359,18 @@ def _block_shape(block: nn.Module, attention: list[AttentionSpec], tp_reduce: tu
     mlp = max((m.out_features for m in linears), default=hidden)
     sequences = self_attn[0].sequences if self_attn else ()
     parallel = any(m.in_features == hidden + mlp for m in linears) and mlp > hidden
-    return BlockShape(hidden, max(mlp, hidden), sum(_linear_numel(m) for m in linears), sequences, text_params,
-                      tp_reduce[0], tp_reduce[1], tp_gather, tp_sample_reduce, parallel)
+    return BlockShape(
+        hidden,
+        max(mlp, hidden),
+        sum(_linear_numel(m) for m in linears),
+        sequences,
+        text_params,
+        tp_reduce[0],
+        tp_reduce[1],
+        tp_gather,
+        tp_sample_reduce,
+        parallel,
+    )
 
 
 def _linear_numel(m: nn.Linear) -> int:

@@ -37,10 +37,18 @@ from lightning_dit_parallel.planner.work import Hardware, Work
 
 #: Mesh axes each method's transfers travel over.
 METHOD_AXES: dict[str, tuple[str, ...]] = {
-    "ulysses": ("ulysses",), "ring": ("ring",), "sequence_gather": ("ring", "ulysses"), "cfg_gather": ("cfg",),
-    "fsdp": ("dp", "cfg", "ring", "ulysses"), "pipeline": ("pp",), "pipeline_output": ("pp",), "tp": ("tp",),
-    "tp_gather": ("tp",), "pipefusion_ring": ("ring",),
-    "linear_attention": ("ring", "ulysses"), "distrifusion": ("distrifusion",),
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+    "sequence_gather": ("ring", "ulysses"),
+    "cfg_gather": ("cfg",),
+    "fsdp": ("dp", "cfg", "ring", "ulysses"),
+    "pipeline": ("pp",),
+    "pipeline_output": ("pp",),
+    "tp": ("tp",),
+    "tp_gather": ("tp",),
+    "pipefusion_ring": ("ring",),
+    "linear_attention": ("ring", "ulysses"),
+    "distrifusion": ("distrifusion",),
     "guard": ("cfg", "pp", "ring", "ulysses", "tp"),
 }
 
@@ -78,13 +86,14 @@ def crosses_nodes(layout: PlannedLayout, axes: tuple[str, ...], devices_per_node
     extent = 1
     for i, axis in enumerate(DEGREES):
         if axis in axes and degrees[axis] > 1:
-            stride = math.prod(degrees[a] for a in DEGREES[i + 1:])
+            stride = math.prod(degrees[a] for a in DEGREES[i + 1 :])
             extent = max(extent, stride * degrees[axis])
     return extent > devices_per_node
 
 
-def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout,
-                blocks: range) -> tuple[float, float]:
+def stage_flops(
+    spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, blocks: range
+) -> tuple[float, float]:
     """``(linear, attention)`` FLOPs one rank of a stage spends on one pass of the call's rows."""
     full = sequence_tokens(spec, grid, work)
     local = local_tokens(spec, grid, work, layout)
@@ -119,9 +128,17 @@ def stage_flops(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     return linear, attention
 
 
-def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec | None, grid: LatentGrid,
-                  work: Work, hw: Hardware, layout: PlannedLayout, element: int,
-                  check_inputs: bool = True) -> TimeEstimate:
+def time_estimate(
+    spec: ModelSpec,
+    encoders: list[TextEncoderSpec],
+    vae: VaeSpec | None,
+    grid: LatentGrid,
+    work: Work,
+    hw: Hardware,
+    layout: PlannedLayout,
+    element: int,
+    check_inputs: bool = True,
+) -> TimeEstimate:
     """The step time and the whole work's time of ``layout`` (``encoders``: text and image encoders; the DiT
     ``spec`` is the one that runs, a pipeline's other DiTs take its turns)."""
     stages = stage_blocks(spec, layout.pp)
@@ -157,8 +174,10 @@ def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec
     step = (compute + exposed) * work.calls_per_step
     encode = sum(2.0 * enc.numel * math.prod(encoder_work(enc, work)) for enc in encoders) / hw.flops
     if layout.offload:  # every layer from the host once per batch
-        encode += sum(host_unit_bytes(enc.units, layout.encoder_shard_degree, 1, element)
-                      for enc in encoders) / hw.host_bandwidth
+        encode += (
+            sum(host_unit_bytes(enc.units, layout.encoder_shard_degree, 1, element) for enc in encoders)
+            / hw.host_bandwidth
+        )
     decode = 0.0
     if vae is not None:
         pixels = grid.height * grid.spatial * grid.width * grid.spatial
@@ -170,14 +189,17 @@ def time_estimate(spec: ModelSpec, encoders: list[TextEncoderSpec], vae: VaeSpec
     return TimeEstimate(compute * work.calls_per_step, exposed * work.calls_per_step, step, encode, decode, total)
 
 
-def _offload_seconds(spec: ModelSpec, work: Work, hw: Hardware, layout: PlannedLayout, element: int,
-                     compute: float) -> float:
+def _offload_seconds(
+    spec: ModelSpec, work: Work, hw: Hardware, layout: PlannedLayout, element: int, compute: float
+) -> float:
     """Exposed seconds of one DiT call spent copying the busiest stage's offloaded weights from host memory, once per
     forward pass (micro-batch, PipeFusion patch)."""
     rows = -(-work.rows // layout.cfg)
     passes = min(layout.pp, rows) if layout.pp_mode == "microbatch" else layout.patches or 1
-    streamed = max(host_unit_bytes(stage_units(spec, blocks), layout.shard_degree, layout.tp, element)
-                   for blocks in stage_blocks(spec, layout.pp))
+    streamed = max(
+        host_unit_bytes(stage_units(spec, blocks), layout.shard_degree, layout.tp, element)
+        for blocks in stage_blocks(spec, layout.pp)
+    )
     seconds = passes * streamed / hw.host_bandwidth
     if layout.fsdp and layout.shard_degree > 1 and hw.device_type == "cuda":
         return max(0.0, seconds - compute)  # FSDP copies the shards in with its prefetched all-gathers

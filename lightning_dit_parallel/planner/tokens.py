@@ -109,5 +109,6 @@ def latent_grid(cls: str, config: dict, vae: VaeSpec | None, work: Work) -> Late
     latent_frames = (frames - 1) // temporal + 1 if temporal > 1 else frames
     token_frames = -(-latent_frames // pt)
     lh, lw = work.height // spatial, work.width // spatial
-    return LatentGrid(latent_frames, lh, lw, token_frames * (lh // ph) * (lw // pw), spatial, temporal, channels,
-                      (pt, ph, pw))
+    return LatentGrid(
+        latent_frames, lh, lw, token_frames * (lh // ph) * (lw // pw), spatial, temporal, channels, (pt, ph, pw)
+    )

@@ -37,7 +37,6 @@ def is_text_stream(path: str) -> bool:
     return any("context" in part or part.startswith("add_") or "_add_" in part for part in path.split("."))
 
 
-
 @dataclass(frozen=True)
 class TensorParallelShape:
     dims: dict[int, int | None]  # id(parameter) -> split dim
@@ -102,15 +101,18 @@ def tensor_parallel_shape(model: nn.Module, plan: DiTPlan) -> TensorParallelShap
         elif style == "rowwise":
             latent, text = reduce.get(block, (0, 0))
             text_stream = is_text_stream(path)
-            reduce[block] = (latent + (0 if text_stream else module.out_features),
-                             text + (module.out_features if text_stream else 0))
+            reduce[block] = (
+                latent + (0 if text_stream else module.out_features),
+                text + (module.out_features if text_stream else 0),
+            )
         elif style == "colwise_gather":
             gather[block] = gather.get(block, 0) + module.out_features
     return TensorParallelShape(dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "")
 
 
-def with_norm_roles(blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str, int], ...],
-                     attention: tuple[AttentionSpec, ...]) -> tuple[BlockShape, ...]:
+def with_norm_roles(
+    blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str, int], ...], attention: tuple[AttentionSpec, ...]
+) -> tuple[BlockShape, ...]:
     """Which tokens each sharded norm normalises: the text for the context stream's (``norm_added_*``) and a
     cross-attention's keys, the latent tokens for a cross-attention's or a double-stream block's queries and keys,
     else everything the block carries."""
@@ -121,8 +123,9 @@ def with_norm_roles(blocks: tuple[BlockShape, ...], norms: tuple[tuple[int, str,
         attn = by_path.get(owner)
         if is_text_stream(name) or (attn is not None and attn.kind == "cross" and "k" in name.removeprefix("norm_")):
             role = "text"
-        elif (attn is not None and attn.kind == "cross") or (0 <= block < len(blocks)
-                                                              and blocks[block].text_token_params):
+        elif (attn is not None and attn.kind == "cross") or (
+            0 <= block < len(blocks) and blocks[block].text_token_params
+        ):
             role = "latent"
         else:
             role = "carried"

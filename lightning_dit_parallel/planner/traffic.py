@@ -51,15 +51,25 @@ def _broadcast_header_bytes(shape: tuple[int, ...]) -> int:
 
 #: The kind ``CommCounter`` files each method's transfers under.
 KIND_OF: dict[str, str] = {
-    "ulysses": "all_to_all", "ring": "p2p", "sequence_gather": "all_gather", "cfg_gather": "all_gather",
-    "fsdp": "all_gather", "pipeline": "p2p", "pipeline_output": "broadcast", "tp": "all_reduce",
-    "tp_gather": "all_gather", "pipefusion_ring": "all_gather",
-    "linear_attention": "all_reduce", "distrifusion": "all_gather", "guard": "all_gather",
+    "ulysses": "all_to_all",
+    "ring": "p2p",
+    "sequence_gather": "all_gather",
+    "cfg_gather": "all_gather",
+    "fsdp": "all_gather",
+    "pipeline": "p2p",
+    "pipeline_output": "broadcast",
+    "tp": "all_reduce",
+    "tp_gather": "all_gather",
+    "pipefusion_ring": "all_gather",
+    "linear_attention": "all_reduce",
+    "distrifusion": "all_gather",
+    "guard": "all_gather",
 }
 
 
-def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int,
-                    check_inputs: bool = True) -> list[dict[str, int]]:
+def bytes_by_method(
+    spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int, check_inputs: bool = True
+) -> list[dict[str, int]]:
     """Bytes each pipeline stage's ranks send in one DiT call (a PipeFusion call: all its patches), by method
     (see ``KIND_OF``); one dict per stage."""
     full = sequence_tokens(spec, grid, work)
@@ -110,8 +120,11 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
                 tokens = (carried - text, text) if block.tp_reduce_text_width else (carried, 0)
                 width = tokens[0] * block.tp_reduce_width + tokens[1] * block.tp_reduce_text_width
                 sent["tp"] += rows * width * element * 2 * (tp - 1) / tp * passes
-                counts = {"carried": carried, "latent": carried - text if block.text_token_params else latent_local,
-                          "text": text or work.text_tokens}
+                counts = {
+                    "carried": carried,
+                    "latent": carried - text if block.text_token_params else latent_local,
+                    "text": text or work.text_tokens,
+                }
                 stats = sum(n * counts[role] for n, role in block.tp_norms)  # float32 sums per token
                 sent["tp"] += rows * stats * 4 * 2 * (tp - 1) / tp * passes
                 sent["tp_gather"] += rows * -(-block.tp_gather_width // tp) * element * (tp - 1) * passes
@@ -148,8 +161,9 @@ def bytes_by_method(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Plann
     return per_stage
 
 
-def bytes_per_call(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int,
-                   check_inputs: bool = True) -> dict[str, int]:
+def bytes_per_call(
+    spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int, check_inputs: bool = True
+) -> dict[str, int]:
     """Bytes the busiest rank sends in one DiT call, by ``CommCounter`` kind (the maximum over stages)."""
     per_stage = []
     for methods in bytes_by_method(spec, grid, work, layout, element, check_inputs):
@@ -160,8 +174,9 @@ def bytes_per_call(spec: ModelSpec, grid: LatentGrid, work: Work, layout: Planne
     return {kind: max(s.get(kind, 0) for s in per_stage) for kind in KINDS if any(s.get(kind, 0) for s in per_stage)}
 
 
-def bytes_per_step(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int,
-                   check_inputs: bool = True) -> dict[str, int]:
+def bytes_per_step(
+    spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int, check_inputs: bool = True
+) -> dict[str, int]:
     """Bytes the busiest rank sends per denoising step (``calls_per_step`` DiT calls), by kind."""
     call = bytes_per_call(spec, grid, work, layout, element, check_inputs)
     return {kind: n * work.calls_per_step for kind, n in call.items()}
@@ -172,6 +187,7 @@ def fsdp_gather_bytes(spec: ModelSpec, layout: PlannedLayout, element: int) -> i
     n = layout.shard_degree
     if n == 1:
         return 0
-    return max(sum(u.shard_numel(n, layout.tp) for u in stage_units(spec, blocks)) * element * (n - 1)
-               for blocks in stage_blocks(spec, layout.pp))
-
+    return max(
+        sum(u.shard_numel(n, layout.tp) for u in stage_units(spec, blocks)) * element * (n - 1)
+        for blocks in stage_blocks(spec, layout.pp)
+    )

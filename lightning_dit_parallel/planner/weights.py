@@ -25,8 +25,16 @@ from lightning_dit_parallel.planner.spec import Unit
 MAX_HEADER_BYTES = 100_000_000
 
 #: Bytes per element of the dtypes a config's ``torch_dtype`` names (the stored dtype of an index-only count).
-STORED_DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-                      "int8": 1, "uint8": 1}
+STORED_DTYPE_BYTES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
 

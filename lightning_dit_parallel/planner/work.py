@@ -15,12 +15,36 @@ import torch
 
 CfgCalls = Literal["doubled", "separate"]
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 #: Bytes per element of the dtypes the planner accepts.
-DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-               "float8_e4m3fn": 1, "fp8": 1}
+DTYPE_BYTES = {
+    "float32": 4,
+    "float": 4,
+    "fp32": 4,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "float8_e4m3fn": 1,
+    "fp8": 1,
+}
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -157,8 +181,13 @@ class Hardware:
     def __post_init__(self) -> None:
         if self.devices < 1 or self.nodes < 1:
             raise ValueError(f"devices and nodes must be >= 1; got devices={self.devices}, nodes={self.nodes}.")
-        if (self.memory <= 0 or self.flops <= 0 or self.bandwidth <= 0 or self.inter_node_bandwidth <= 0
-                or self.host_bandwidth <= 0):
+        if (
+            self.memory <= 0
+            or self.flops <= 0
+            or self.bandwidth <= 0
+            or self.inter_node_bandwidth <= 0
+            or self.host_bandwidth <= 0
+        ):
             raise ValueError(f"memory, flops and bandwidths must be positive; got {self}.")
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu'; got {self.device_type!r}.")

@@ -2,9 +2,9 @@
 
 Every module in this package is one family and defines ``PLANS``: a mapping from diffusers class names to
 their ``DiTPlan``. Adding a family is adding one file. A family module may also define ``UNSUPPORTED``: diffusers
-class names mapped to why no exact plan exists for them; parallelizing such a model fails with that reason. Plan modules import only ``lightning_dit_parallel.plan``
-(plans are data), so the index is built by importing them all once, on first use, without importing any
-diffusers model.
+class names mapped to why no exact plan exists for them; parallelizing such a model fails with that reason. Plan modules
+import only ``lightning_dit_parallel.plan`` (plans are data), so the index is built by importing them all once, on first
+use, without importing any diffusers model.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def builtin_unsupported() -> Mapping[str, str]:
         module = importlib.import_module(f"{__name__}.{info.name}")
         for class_name, reason in getattr(module, "UNSUPPORTED", {}).items():
             if class_name in plans or class_name in index:
-                raise ValueError(f"{module.__name__} lists {class_name} as unsupported, but it has a plan or is listed twice.")
+                raise ValueError(
+                    f"{module.__name__} lists {class_name} as unsupported, but it has a plan or is listed twice."
+                )
             if not isinstance(reason, str) or not reason:
                 raise TypeError(f"{module.__name__}.UNSUPPORTED[{class_name!r}] must be a non-empty reason string.")
             index[class_name] = reason

@@ -31,10 +31,14 @@ PLAN = DiTPlan(
     # the cut audio queries to all video keys: their key stream and its key rotary are gathered before they run,
     # (B, S/N, C) -> (B, S, C), and they attend as cross-attention.
     gather_module_inputs={
-        "transformer_blocks.*.audio_to_video_attn": {"encoder_hidden_states": Split("audio", 1),
-                                                     "key_rotary_emb": AUDIO_ROTARY},
-        "transformer_blocks.*.video_to_audio_attn": {"encoder_hidden_states": Split("video", 1),
-                                                     "key_rotary_emb": VIDEO_ROTARY},
+        "transformer_blocks.*.audio_to_video_attn": {
+            "encoder_hidden_states": Split("audio", 1),
+            "key_rotary_emb": AUDIO_ROTARY,
+        },
+        "transformer_blocks.*.video_to_audio_attn": {
+            "encoder_hidden_states": Split("video", 1),
+            "key_rotary_emb": VIDEO_ROTARY,
+        },
     },
     # proj_out: (B, Sv/N, C) -> (B, Sv, C); audio_proj_out: (B, Sa/N, C) -> (B, Sa, C).
     gather_outputs={"proj_out": Split("video", 1), "audio_proj_out": Split("audio", 1)},

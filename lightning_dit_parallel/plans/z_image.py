@@ -11,7 +11,11 @@ PLAN = DiTPlan(
     # passes to every block are cut at each call.
     split_module_inputs={"noise_refiner.0": {"x": Split("image", 1)}, "layers.0": {"x": Split("joint", 1)}},
     split_module_inputs_each_call={
-        "noise_refiner.*": {"attn_mask": Split("image", 1), "freqs_cis": Split("image", 1), "noise_mask": Split("image", 1)},
+        "noise_refiner.*": {
+            "attn_mask": Split("image", 1),
+            "freqs_cis": Split("image", 1),
+            "noise_mask": Split("image", 1),
+        },
         "layers.*": {"attn_mask": Split("joint", 1), "freqs_cis": Split("joint", 1), "noise_mask": Split("joint", 1)},
         "all_final_layer.*": {"noise_mask": Split("joint", 1)},
     },

@@ -80,8 +80,11 @@ class TextConditioning:
         t = timestep.expand(latents.shape[0])
         out = _first(
             transformer(
-                latents, encoder_hidden_states=cond, timestep=t,
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+                latents,
+                encoder_hidden_states=cond,
+                timestep=t,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False,
             )
         )
         return out[:, : self.out_channels]

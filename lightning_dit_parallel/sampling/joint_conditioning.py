@@ -139,10 +139,18 @@ def cogvideox_rotary_embedding(
             resize_h, resize_w = int(round(base_w / grid_w * grid_h)), base_w
         top, left = int(round((base_h - resize_h) / 2.0)), int(round((base_w - resize_w) / 2.0))
         return get_3d_rotary_pos_embed(
-            embed_dim=config.attention_head_dim, crops_coords=((top, left), (top + resize_h, left + resize_w)),
-            grid_size=(grid_h, grid_w), temporal_size=frames, device=device,
+            embed_dim=config.attention_head_dim,
+            crops_coords=((top, left), (top + resize_h, left + resize_w)),
+            grid_size=(grid_h, grid_w),
+            temporal_size=frames,
+            device=device,
         )
     return get_3d_rotary_pos_embed(  # CogVideoX 1.5
-        embed_dim=config.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
-        temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w), device=device,
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_h, grid_w),
+        temporal_size=(frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
     )

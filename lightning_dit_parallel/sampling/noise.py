@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 
-def sample_noise(indices: Tensor, shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def sample_noise(
+    indices: Tensor, shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """One standard-normal tensor of ``shape`` per sample, seeded by ``(seed, index)``.
 
     Args:

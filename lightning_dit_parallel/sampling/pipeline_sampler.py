@@ -38,8 +38,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return value
 
 
-def load_pipeline(path: str | Path, torch_dtype: str | torch.dtype | None = None, variant: str | None = None,
-                  pipeline_class: str | None = None, **kwargs: Any):
+def load_pipeline(
+    path: str | Path,
+    torch_dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
+    pipeline_class: str | None = None,
+    **kwargs: Any,
+):
     """``DiffusionPipeline.from_pretrained`` from a local folder (or ``pipeline_class``, a dotted import path or a
     diffusers class name, for a folder whose ``model_index.json`` names another class)."""
     import diffusers
@@ -96,7 +101,9 @@ class PipelineSampler(L.LightningModule):
             raise ValueError(f"call arguments {own} are set by PipelineSampler (prompts come from the batch).")
         call = {k: v for k, v in call.items() if v is not None}
         if pipeline is not None and (torch_dtype is not None or variant is not None or pipeline_class is not None):
-            raise ValueError("torch_dtype, variant and pipeline_class apply to loading from a path, not to a pipeline object.")
+            raise ValueError(
+                "torch_dtype, variant and pipeline_class apply to loading from a path, not to a pipeline object."
+            )
         if pipeline is None:
             # lean: the components are built on the meta device; a parallel strategy reads on each rank only what it
             # keeps (after parallelizing), any other use reads them whole before the first call (``ensure_loaded``)
@@ -116,7 +123,9 @@ class PipelineSampler(L.LightningModule):
                 raise ValueError(f"PipelineSampler batches need {key!r}; this one has {sorted(batch)}.")
         indices = torch.as_tensor(batch["index"]).reshape(-1)
         prompts = _as_list(batch["prompt"], len(indices), "prompt")
-        negatives = _as_list(batch["negative_prompt"], len(indices), "negative_prompt") if "negative_prompt" in batch else None
+        negatives = (
+            _as_list(batch["negative_prompt"], len(indices), "negative_prompt") if "negative_prompt" in batch else None
+        )
         extras = {k: v for k, v in batch.items() if k not in RESERVED_KEYS}
         generators = self.generators(indices)
         ensure_loaded(self.pipe)
@@ -125,8 +134,12 @@ class PipelineSampler(L.LightningModule):
             return self._generate(prompts, negatives, generators, shared)
         # requests that differ in a call argument are generated one by one
         outputs = [
-            self._generate([prompts[i]], None if negatives is None else [negatives[i]], [generators[i]],
-                           {k: _item(v, i) for k, v in extras.items()})
+            self._generate(
+                [prompts[i]],
+                None if negatives is None else [negatives[i]],
+                [generators[i]],
+                {k: _item(v, i) for k, v in extras.items()},
+            )
             for i in range(len(indices))
         ]
         return torch.cat(outputs)
@@ -140,7 +153,9 @@ class PipelineSampler(L.LightningModule):
             output = getattr(result, name, None)
             if isinstance(output, Tensor):
                 return output.float()
-        raise TypeError(f"{type(self.pipe).__name__} returned {type(result).__name__} without an image or video tensor.")
+        raise TypeError(
+            f"{type(self.pipe).__name__} returned {type(result).__name__} without an image or video tensor."
+        )
 
 
 def ensure_loaded(pipe: Any) -> None:

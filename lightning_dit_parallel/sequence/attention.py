@@ -35,8 +35,16 @@ ShardMaskFn = Callable[..., "Tensor | None"]
 
 
 def sequence_parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, groups: SequenceGroups, key_valid: ShardMaskFn, scale: float | None, where: str,
-    backend: Any = None, lse_fallback: LSEFallback = "warn", overlap: UlyssesOverlap = "auto",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    groups: SequenceGroups,
+    key_valid: ShardMaskFn,
+    scale: float | None,
+    where: str,
+    backend: Any = None,
+    lse_fallback: LSEFallback = "warn",
+    overlap: UlyssesOverlap = "auto",
 ) -> Tensor:
     """Attention of this rank's query shard over the whole sharded sequence.
 
@@ -73,7 +81,13 @@ def sequence_parallel_attention(
     if r == 1:
         head_groups = overlap_head_groups(overlap, q.shape[1] // u, q.device.type, where)  # before any collective
         return ulysses_attention(
-            q, k, v, groups.ulysses, ring_block_valid(0), scale, attention=local_attend(backend, where),
+            q,
+            k,
+            v,
+            groups.ulysses,
+            ring_block_valid(0),
+            scale,
+            attention=local_attend(backend, where),
             head_groups=head_groups,
         )
     assert groups.ring is not None
@@ -94,4 +108,3 @@ def unsupported_sdpa_arguments(dropout_p, is_causal, enable_gqa) -> list[str]:
     if enable_gqa:
         problems.append("enable_gqa=True")
     return problems
-

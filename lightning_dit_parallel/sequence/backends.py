@@ -48,7 +48,14 @@ LSEFallback = Literal["warn", "error"]
 #: Backends whose ``return_lse`` gives (B, H, S) (flash-attn's and sage's own layout); others give diffusers' model
 #: layout (B, S, H). Only consulted when the two cannot be told apart by shape (as many heads as queries).
 _LSE_HEADS_FIRST = {
-    "flash", "flash_hub", "_flash_3", "_flash_3_hub", "flash_4_hub", "sage", "sage_hub", "aiter_fa2_hub",
+    "flash",
+    "flash_hub",
+    "_flash_3",
+    "_flash_3_hub",
+    "flash_4_hub",
+    "sage",
+    "sage_hub",
+    "aiter_fa2_hub",
 }
 
 _warned: set[str] = set()
@@ -141,8 +148,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-def _dispatched(backend: Any, name: str, where: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                scale: float | None) -> Tensor:
+def _dispatched(
+    backend: Any, name: str, where: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None
+) -> Tensor:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     bias = None if attn_mask is None else mask_to_bias_4d(attn_mask, q.dtype)
@@ -152,14 +160,26 @@ def _dispatched(backend: Any, name: str, where: str, q: Tensor, k: Tensor, v: Te
     except (ValueError, NotImplementedError) as err:
         if bias is None:
             raise
-        _warn_once(f"{name}:mask", f"{where}: attention backend {name!r} refused a mask ({err}); masked calls use"
-                   " torch's SDPA kernel instead (this warning is shown once).")
+        _warn_once(
+            f"{name}:mask",
+            f"{where}: attention backend {name!r} refused a mask ({err}); masked calls use"
+            " torch's SDPA kernel instead (this warning is shown once).",
+        )
         return _sdpa(q, k, v, bias, scale)
     return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
 
 
-def _dispatched_with_lse(backend: Any, name: str, where: str, fallback: LSEFallback, q: Tensor, k: Tensor, v: Tensor,
-                         key_valid: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+def _dispatched_with_lse(
+    backend: Any,
+    name: str,
+    where: str,
+    fallback: LSEFallback,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor]:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     bias = None if key_valid is None else mask_to_bias(key_valid, q.dtype)  # -> (Bm, 1, 1 or Sq, Sk)
@@ -185,8 +205,10 @@ def _fallback_lse(name: str, where: str, fallback: LSEFallback, reason: str) -> 
         " SDPA kernel instead"
     )
     if fallback == "error":
-        raise ValueError(f"{where}: {message} - refused because lse_fallback='error'. Use ulysses_degree only, or a"
-                         " backend with return_lse (e.g. 'flash', '_flash_3', 'flex', 'native').")
+        raise ValueError(
+            f"{where}: {message} - refused because lse_fallback='error'. Use ulysses_degree only, or a"
+            " backend with return_lse (e.g. 'flash', '_flash_3', 'flex', 'native')."
+        )
     _warn_once(f"{name}:lse", f"{where}: {message} (this warning is shown once).")
     return attention_with_lse
 
@@ -200,8 +222,10 @@ def _heads_first(lse: Tensor, q_shape: torch.Size, name: str, where: str) -> Ten
         return lse
     if tuple(lse.shape) == (b, s, h):
         return lse.transpose(1, 2)  # (B, S, H) -> (B, H, S)
-    raise ValueError(f"{where}: attention backend {name!r} returned an lse of shape {tuple(lse.shape)} for queries"
-                     f" (B, H, S) = {(b, h, s)}; expected (B, H, S) or (B, S, H).")
+    raise ValueError(
+        f"{where}: attention backend {name!r} returned an lse of shape {tuple(lse.shape)} for queries"
+        f" (B, H, S) = {(b, h, s)}; expected (B, H, S) or (B, S, H)."
+    )
 
 
 def _empty_rows(out: Tensor, lse: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -253,14 +277,24 @@ def _additive_score_mod(bias: Tensor, batch: int, queries: int, keys: int) -> Ca
     return score_mod
 
 
-def _forward_op_with_lse(name: str, where: str, fallback: LSEFallback, q: Tensor, k: Tensor, v: Tensor,
-                         key_valid: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+def _forward_op_with_lse(
+    name: str,
+    where: str,
+    fallback: LSEFallback,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor]:
     """``_native_cudnn`` / ``_native_flash``: the forward op diffusers' own context parallelism uses (its public
     ``return_lse`` path needs a parallel config in diffusers 0.42)."""
     from diffusers.models import attention_dispatch as dispatch
 
-    ops = {"_native_cudnn": dispatch._cudnn_attention_forward_op,
-           "_native_flash": dispatch._native_flash_attention_forward_op}
+    ops = {
+        "_native_cudnn": dispatch._cudnn_attention_forward_op,
+        "_native_flash": dispatch._native_flash_attention_forward_op,
+    }
     op = ops[name]
     bias = None if key_valid is None else mask_to_bias(key_valid, q.dtype)  # -> (Bm, 1, 1 or Sq, Sk)
     if bias is not None and name == "_native_flash":

@@ -39,6 +39,7 @@ class SequenceGroups:
     @classmethod
     def from_mesh(cls, mesh: DeviceMesh) -> SequenceGroups:
         """Groups of the ``ulysses`` and ``ring`` axes of a mesh built by ``ParallelLayout.build_mesh``."""
+
         def axis_group(axis: str) -> ProcessGroup | None:
             return mesh.get_group(axis) if mesh[axis].size() > 1 else None
 

@@ -58,7 +58,10 @@ def head_parallel_modules(plan: DiTPlan, model: nn.Module) -> list[tuple[str, nn
 
 
 def check_head_parallel(
-    plan: DiTPlan, modules: list[tuple[str, nn.Module, HeadProjections]], groups: SequenceGroups, custom_kernel: bool,
+    plan: DiTPlan,
+    modules: list[tuple[str, nn.Module, HeadProjections]],
+    groups: SequenceGroups,
+    custom_kernel: bool,
     name: str,
 ) -> None:
     """Pure checks, the same verdict on every rank: ring degree 1, no other attention kernel, heads that split.
@@ -121,7 +124,9 @@ def _to_tokens_hook(where: str, sequence: str, groups: SequenceGroups, require_s
             raise RuntimeError(f"{where}: the output projection is expected to take the attention output positionally.")
         x = args[0]
         if x.shape[1] != seq.length:
-            raise RuntimeError(f"{where}: expected all {seq.length} tokens of {sequence!r} in dim 1, got {tuple(x.shape)}.")
+            raise RuntimeError(
+                f"{where}: expected all {seq.length} tokens of {sequence!r} in dim 1, got {tuple(x.shape)}."
+            )
         pad = seq.local * seq.shards - seq.length
         if pad:
             x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)  # (B, S, F/U) -> (B, U*L, F/U)

@@ -132,7 +132,10 @@ class TokenSums(TorchFunctionMode):
 
 
 def install_linear_attention(
-    module: nn.Module, path: str, order: tuple[str, ...], groups: SequenceGroups,
+    module: nn.Module,
+    path: str,
+    order: tuple[str, ...],
+    groups: SequenceGroups,
     require_state: Callable[[str], ShardingState],
 ) -> list[RemovableHandle]:
     """Hooks that make ``module``'s sums over tokens run over the whole sequence during its forward.

@@ -14,7 +14,9 @@ from torch import Tensor
 from lightning_dit_parallel.sequence.masks import mask_to_bias
 
 
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor]:
     """Softmax attention over one key/value block.
 
     Args:
@@ -52,7 +54,9 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None
     return out, lse
 
 
-def attention_with_lse_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def attention_with_lse_math(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
     """Reference math path (any device): explicit scores, float32 softmax statistics."""
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
     if bias is not None:

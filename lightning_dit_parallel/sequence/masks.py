@@ -93,7 +93,9 @@ def local_key_mask(attn_mask: Tensor, local_keys: int, where: str) -> LocalMask:
         return local
     rank_one = bool(((mask == keys) | ~biased).all()) and not bool(masked_rows.any())
     return LocalMask(
-        local.keys, local.problem, rows=biased.float().flatten(1),  # (B, 1, Sq, 1) -> (B, Sq)
+        local.keys,
+        local.problem,
+        rows=biased.float().flatten(1),  # (B, 1, Sq, 1) -> (B, Sq)
         rank_one_problem=per_head or (None if rank_one else query_dependent),
         has_neg_inf=bool(torch.isneginf(mask).any()),
     )

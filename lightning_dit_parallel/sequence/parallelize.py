@@ -132,8 +132,17 @@ class SequenceParallel:
         calls = [0]
         custom = None if self.attention is None else self.attention(path, order, self._require_state)
 
-        def kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                   backend=None):
+        def kernel(
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=None,
+            enable_gqa=False,
+            backend=None,
+        ):
             # backend: the diffusers attention backend the user set (None: the model called F.sdpa itself)
             if custom is not None:
                 calls[0] += 1
@@ -141,7 +150,9 @@ class SequenceParallel:
             state = self._require_state(path)
             problems = unsupported_sdpa_arguments(dropout_p, is_causal, enable_gqa)
             if problems:
-                raise NotImplementedError(f"{path}: sequence-parallel attention does not support {', '.join(problems)}.")
+                raise NotImplementedError(
+                    f"{path}: sequence-parallel attention does not support {', '.join(problems)}."
+                )
             expected = state.local_length(order)
             if query.shape[-2] != expected or key.shape[-2] != expected:
                 raise RuntimeError(
@@ -152,7 +163,15 @@ class SequenceParallel:
             key_valid = shard_key_masks(state, order, attn_mask, query.device, path)
             calls[0] += 1
             return sequence_parallel_attention(
-                query, key, value, self.groups, key_valid, scale, path, backend=backend, lse_fallback=self.lse_fallback,
+                query,
+                key,
+                value,
+                self.groups,
+                key_valid,
+                scale,
+                path,
+                backend=backend,
+                lse_fallback=self.lse_fallback,
                 overlap=self.ulysses_overlap,
             )
 
@@ -163,9 +182,9 @@ class SequenceParallel:
             if calls[0] == 0:
                 raise RuntimeError(
                     f"{path} is declared as self-attention over the sharded sequence, but it reached neither"
-                    " diffusers' attention dispatcher (dispatch_attention_fn with the processor's _attention_backend and"
-                    " _parallel_config) nor F.scaled_dot_product_attention, so it attended to local tokens only. Use an"
-                    " attention processor that does, or fix the plan."
+                    " diffusers' attention dispatcher (dispatch_attention_fn with the processor's _attention_backend"
+                    " and _parallel_config) nor F.scaled_dot_product_attention, so it attended to local tokens only."
+                    " Use an attention processor that does, or fix the plan."
                 )
             return output
 
@@ -179,6 +198,7 @@ class SequenceParallel:
 
 def _ignoring_backend(kernel: Callable) -> Callable:
     """A kernel with SDPA's signature that runs torch's SDPA whatever backend the model set (``backend`` dropped)."""
+
     def routed(*args, backend=None, **kwargs):
         return kernel(*args, **kwargs)
 
@@ -206,12 +226,20 @@ def split_target(plan: DiTPlan, modules: Mapping[str, nn.Module], path: str) -> 
     for i in range(index, len(modules[list_path])):
         if getattr(modules[f"{list_path}.{i}"], "runs_on_this_rank", True):
             return f"{list_path}.{i}"
-    raise ValueError(f"Plan split_module_inputs[{path!r}]: no block of {list_path!r} from index {index} on runs on this rank.")
+    raise ValueError(
+        f"Plan split_module_inputs[{path!r}]: no block of {list_path!r} from index {index} on runs on this rank."
+    )
 
 
 def apply_sequence_parallel(
-    model: nn.Module, plan: DiTPlan, groups: SequenceGroups, *, attention: AttentionFactory | None = None,
-    per_forward: bool = True, lse_fallback: LSEFallback = "warn", ulysses_overlap: UlyssesOverlap = "auto",
+    model: nn.Module,
+    plan: DiTPlan,
+    groups: SequenceGroups,
+    *,
+    attention: AttentionFactory | None = None,
+    per_forward: bool = True,
+    lse_fallback: LSEFallback = "warn",
+    ulysses_overlap: UlyssesOverlap = "auto",
 ) -> SequenceParallel:
     """Install the plan's split, gather and attention hooks on ``model``.
 
@@ -240,7 +268,12 @@ def apply_sequence_parallel(
         raise ValueError(f"lse_fallback must be 'warn' or 'error', got {lse_fallback!r}.")
     check_overlap_option(ulysses_overlap)
     sp = SequenceParallel(
-        model, plan, groups, inspect.signature(model.forward), attention=attention, lse_fallback=lse_fallback,
+        model,
+        plan,
+        groups,
+        inspect.signature(model.forward),
+        attention=attention,
+        lse_fallback=lse_fallback,
         ulysses_overlap=ulysses_overlap,
     )
     missing_inputs = [n for n in plan.split_inputs if n not in sp.signature.parameters]
@@ -248,7 +281,9 @@ def apply_sequence_parallel(
         raise ValueError(f"Plan split_inputs {missing_inputs} are not arguments of {type(model).__name__}.forward.")
     modules = dict(model.named_modules())
     outputs = {p: module_paths(modules, p) for p in (*plan.split_outputs, *plan.gather_outputs)}  # p -> module paths
-    missing = [p for p in plan.split_module_inputs if p not in modules] + [p for p, found in outputs.items() if not found]
+    missing = [p for p in plan.split_module_inputs if p not in modules] + [
+        p for p, found in outputs.items() if not found
+    ]
     if missing:
         raise ValueError(f"Plan module paths {missing} do not exist in {type(model).__name__}.")
     targets = {path: split_target(plan, modules, path) for path in plan.split_module_inputs}
@@ -257,7 +292,8 @@ def apply_sequence_parallel(
         if unknown:
             raise ValueError(
                 f"Plan split_module_inputs[{path!r}] {unknown} are not arguments of"
-                f" {type(modules[targets[path]]).__name__}.forward" + ("." if targets[path] == path else f" (at {targets[path]!r}).")
+                f" {type(modules[targets[path]]).__name__}.forward"
+                + ("." if targets[path] == path else f" (at {targets[path]!r}).")
             )
     attention = list(plan.self_attention_modules(model))
     tails = list(plan.replicated_tail_modules(model))
@@ -267,7 +303,9 @@ def apply_sequence_parallel(
             f" {type(model).__name__}."
         )
     if plan.self_attention and not attention:
-        raise ValueError(f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}.")
+        raise ValueError(
+            f"Plan self_attention patterns {list(plan.self_attention)} match no module of {type(model).__name__}."
+        )
     cross = {path for path, _ in plan.cross_attention_modules(model)}
     unmatched = [p for p in plan.cross_attention if not any(fnmatch.fnmatchcase(path, p) for path in cross)]
     if unmatched and not holds_released_blocks(modules):  # a pipeline stage may hold none of a pattern's blocks
@@ -280,13 +318,17 @@ def apply_sequence_parallel(
         raise ValueError(f"Plan lists {both} of {type(model).__name__} as both self- and replicated-tail attention.")
     linear = list(plan.linear_attention_modules(model))
     if plan.linear_attention and not linear:
-        raise ValueError(f"Plan linear_attention patterns {list(plan.linear_attention)} match no module of {type(model).__name__}.")
+        raise ValueError(
+            f"Plan linear_attention patterns {list(plan.linear_attention)} match no module of {type(model).__name__}."
+        )
     also_linear = sorted({path for path, _, _ in linear} & (cross | {path for path, _, _ in (*attention, *tails)}))
     if also_linear:
         raise ValueError(f"Plan lists {also_linear} of {type(model).__name__} as linear attention and as another kind.")
     grids = [(path, grid) for path, _, grid in plan.token_grid_modules(model)]
     if plan.token_grids and not grids:
-        raise ValueError(f"Plan token_grids patterns {list(plan.token_grids)} match no module of {type(model).__name__}.")
+        raise ValueError(
+            f"Plan token_grids patterns {list(plan.token_grids)} match no module of {type(model).__name__}."
+        )
     check_callers(modules, grids)
     input_hooks = module_input_hooks(plan, model)
     for path, module, _ in (*attention, *tails):
@@ -336,4 +378,3 @@ def apply_sequence_parallel(
         grid_hooks.install(modules, grids)
         sp.handles.extend(grid_hooks.handles)
     return sp
-

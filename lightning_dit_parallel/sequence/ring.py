@@ -23,7 +23,12 @@ KeyValidFn = Callable[[int], "Tensor | None"]
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, key_valid: KeyValidFn, scale: float | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: ProcessGroup,
+    key_valid: KeyValidFn,
+    scale: float | None,
     attend: Callable[..., tuple[Tensor, Tensor]] = attention_with_lse,
 ) -> Tensor:
     """Exact softmax attention of local queries over the keys and values of every rank in ``group``.

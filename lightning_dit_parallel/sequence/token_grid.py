@@ -196,7 +196,7 @@ class TokenGridHooks:
             x = as_tensor(bound.arguments[first], path)
             dim = grid.dim % x.dim()
             strip = (1,) * (len(sizes) - 1) + (seq.local,)
-            if tuple(x.shape[dim: dim + len(sizes)]) != strip:
+            if tuple(x.shape[dim : dim + len(sizes)]) != strip:
                 raise RuntimeError(
                     f"{path}: expected this rank's tokens as a {strip} strip at dim {grid.dim}, got {tuple(x.shape)}."
                 )
@@ -222,7 +222,7 @@ class TokenGridHooks:
             out = as_tensor(output, path)
             dim = grid.dim % out.dim()
             window_shape = ((hi - lo) // math.prod(sizes[1:]), *sizes[1:])
-            if tuple(out.shape[dim: dim + len(sizes)]) != window_shape:
+            if tuple(out.shape[dim : dim + len(sizes)]) != window_shape:
                 raise RuntimeError(
                     f"{path}: a token-grid module must keep the grid shape; it ran on {window_shape} at dim {grid.dim}"
                     f" and returned {tuple(out.shape)}."

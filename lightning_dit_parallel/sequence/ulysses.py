@@ -135,8 +135,14 @@ class HeadsToSequence:
 
 
 def ulysses_attention(
-    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, key_valid: Tensor | None, scale: float | None,
-    attention=None, head_groups: int = 1,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: ProcessGroup | None,
+    key_valid: Tensor | None,
+    scale: float | None,
+    attention=None,
+    head_groups: int = 1,
 ) -> Tensor:
     """Ulysses attention, optionally with its communication overlapped with its attention.
 

@@ -7,8 +7,12 @@ from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy, TensorParallelStrategy
 
 __all__ = [
-    "DiTParallelStrategy", "FSDPInferenceStrategy", "PatchParallelStrategy", "PipelineStrategy",
-    "SequenceParallelStrategy", "TensorParallelStrategy",
+    "DiTParallelStrategy",
+    "FSDPInferenceStrategy",
+    "PatchParallelStrategy",
+    "PipelineStrategy",
+    "SequenceParallelStrategy",
+    "TensorParallelStrategy",
 ]
 
 
@@ -17,7 +21,11 @@ def register_all() -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     for cls in (
-        DiTParallelStrategy, SequenceParallelStrategy, FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy,
+        DiTParallelStrategy,
+        SequenceParallelStrategy,
+        FSDPInferenceStrategy,
+        PipelineStrategy,
+        TensorParallelStrategy,
         PatchParallelStrategy,
     ):
         cls.register_strategies(StrategyRegistry)

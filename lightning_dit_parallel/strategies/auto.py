@@ -73,8 +73,12 @@ def work_for(module: nn.Module, models: PipelineModels, hints: AutoHints) -> Wor
         ValueError: when neither gives the size of a sample (the message names the hints).
     """
     options = {k: v for k, v in hints.plan_options.items() if k in _WORK_OPTIONS}
-    size: dict[str, int | None] = {"tokens": hints.tokens, "height": hints.height, "width": hints.width,
-                                   "frames": hints.frames}
+    size: dict[str, int | None] = {
+        "tokens": hints.tokens,
+        "height": hints.height,
+        "width": hints.width,
+        "frames": hints.frames,
+    }
     if size["tokens"] is None and (size["height"] is None or size["width"] is None):
         size = _size_from_module(module, models) or size
     if size["tokens"] is None and (size["height"] is None or size["width"] is None):
@@ -92,8 +96,12 @@ def work_for(module: nn.Module, models: PipelineModels, hints: AutoHints) -> Wor
 def _size_from_module(module: nn.Module, models: PipelineModels) -> dict[str, int | None] | None:
     call = getattr(module, "call", None)
     if isinstance(call, Mapping) and call.get("height") and call.get("width"):
-        return {"tokens": None, "height": int(call["height"]), "width": int(call["width"]),
-                "frames": int(call["num_frames"]) if call.get("num_frames") else None}
+        return {
+            "tokens": None,
+            "height": int(call["height"]),
+            "width": int(call["width"]),
+            "frames": int(call["num_frames"]) if call.get("num_frames") else None,
+        }
     sample = models.dit.config.get("sample_size")
     if isinstance(sample, int):  # latent rows and columns of an image DiT
         spatial, _, _ = vae_factors(models.dit.name, models.dit.config, models.vae)
@@ -115,12 +123,25 @@ def supported_axes(strategy_cls: type, allow_approximate: bool) -> Axes:
     """What the strategy can run: tensor parallelism and parallel VAE decode when it takes their arguments."""
     parameters = inspect.signature(strategy_cls.__init__).parameters
     layout_fields = {f.name for f in dataclasses.fields(ParallelLayout)}
-    return Axes(tp="tp" in layout_fields and "tp_degree" in parameters, parallel_vae="parallel_vae" in parameters,
-                pipefusion=allow_approximate, distrifusion=False)
+    return Axes(
+        tp="tp" in layout_fields and "tp_degree" in parameters,
+        parallel_vae="parallel_vae" in parameters,
+        pipefusion=allow_approximate,
+        distrifusion=False,
+    )
 
 
-def choose_layout(module: nn.Module, *, world_size: int, nodes: int, device: torch.device, hints: AutoHints,
-                  axes: Axes, shard_text_encoders: bool, check_inputs: bool) -> tuple[LayoutEstimate, Plan]:
+def choose_layout(
+    module: nn.Module,
+    *,
+    world_size: int,
+    nodes: int,
+    device: torch.device,
+    hints: AutoHints,
+    axes: Axes,
+    shard_text_encoders: bool,
+    check_inputs: bool,
+) -> tuple[LayoutEstimate, Plan]:
     """The recommended layout for ``module`` on ``world_size`` ranks (pure computation, the same on every rank), for
     the dtype its DiT's parameters have.
 
@@ -134,12 +155,25 @@ def choose_layout(module: nn.Module, *, world_size: int, nodes: int, device: tor
     devices = max(world_size // max(nodes, 1), 1)
     memory = parse_bytes(hints.memory) if hints.memory is not None else device_memory(device, devices)
     hardware = Hardware(
-        devices=devices, nodes=max(nodes, 1), memory=memory, device_type="cuda" if device.type == "cuda" else "cpu",
-        **{k: (parse_bytes(v) if k == "reserve" else parse_rate(v, "FLOPS" if k == "flops" else "/s"))
-           for k, v in hw_options.items()},
+        devices=devices,
+        nodes=max(nodes, 1),
+        memory=memory,
+        device_type="cuda" if device.type == "cuda" else "cpu",
+        **{
+            k: (parse_bytes(v) if k == "reserve" else parse_rate(v, "FLOPS" if k == "flops" else "/s"))
+            for k, v in hw_options.items()
+        },
     )
-    plan = estimate_layouts(models, work, hardware, models.dit.dtype, allow_approximate=hints.allow_approximate,
-                            shard_text_encoders=shard_text_encoders, check_inputs=check_inputs, axes=axes)
+    plan = estimate_layouts(
+        models,
+        work,
+        hardware,
+        models.dit.dtype,
+        allow_approximate=hints.allow_approximate,
+        shard_text_encoders=shard_text_encoders,
+        check_inputs=check_inputs,
+        axes=axes,
+    )
     chosen = plan.recommended
     if chosen is None:
         smallest = min(plan.layouts, key=lambda e: e.memory.peak)

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
 from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -28,21 +29,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
-import lightning.pytorch as pl
 from lightning_dit_parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
+from lightning_dit_parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
 from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
-from lightning_dit_parallel.regional_compile import CompileOption, check_compile_option
-from lightning_dit_parallel.sequence.backends import LSEFallback
-from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.incomplete import unmark_incomplete
 from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
 from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
 from lightning_dit_parallel.parallelize import Parallelized, parallelize
-from lightning_dit_parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
 from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
+from lightning_dit_parallel.regional_compile import CompileOption, check_compile_option
+from lightning_dit_parallel.sequence.backends import LSEFallback
+from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.strategies.failure import may_gather
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.environment import restored_environment
@@ -119,14 +119,14 @@ class DiTParallelStrategy(ParallelStrategy):
             when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
             ``"every_call"``: in every DiT call (also catches per-step noise of a stochastic scheduler); ``False``:
             off. See ``lightning_dit_parallel.guard``.
-        cache: step caching, ``None`` (default), ``"fbcache"`` (First-Block Cache: the first block always runs; the other
-            blocks are skipped, their cached residual added, while the first block's output residual changes less than
-            the threshold) or ``"teacache"`` (TeaCache-style: skipped while the accumulated relative change of the first
-            block's input stays under it). Approximate; one decision per model-parallel group (every rank of a
+        cache: step caching, ``None`` (default), ``"fbcache"`` (First-Block Cache: the first block always runs; the
+            other blocks are skipped, their cached residual added, while the first block's output residual changes less
+            than the threshold) or ``"teacache"`` (TeaCache-style: skipped while the accumulated relative change of the
+            first block's input stays under it). Approximate; one decision per model-parallel group (every rank of a
             sequence / tensor-parallel / CFG group and every pipeline stage takes the same branch). Not with PipeFusion
             or DistriFusion (``ValueError``). See ``lightning_dit_parallel.cache``.
-        cache_threshold: the threshold of ``cache``; ``None``: the method's default (fbcache 0.08, teacache 0.05); 0 never
-            skips.
+        cache_threshold: the threshold of ``cache``; ``None``: the method's default (fbcache 0.08, teacache 0.05); 0
+            never skips.
         cache_options: ``CacheOptions`` or a dict of them: ``warmup_steps`` (1), ``final_steps`` (1), ``max_skips``
             (None), ``num_steps`` (None: found), ``first_blocks`` (fbcache, 1).
         parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
@@ -222,11 +222,20 @@ class DiTParallelStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         self._requested_layout = ParallelLayout(
-            dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ring=ring_degree, ulysses=ulysses_degree, tp=tp_degree,
+            dp=dp_degree,
+            cfg=cfg_degree,
+            pp=pp_degree,
+            ring=ring_degree,
+            ulysses=ulysses_degree,
+            tp=tp_degree,
             fsdp=fsdp,
         )
         self._pipeline = PipelineOptions(
-            pp_mode, num_patches, warmup_steps, None if layers_per_stage is None else tuple(layers_per_stage), num_microbatches,
+            pp_mode,
+            num_patches,
+            warmup_steps,
+            None if layers_per_stage is None else tuple(layers_per_stage),
+            num_microbatches,
             text_tokens=text_tokens,
         )
         if pp_degree == 1 and self._pipeline != PipelineOptions():
@@ -241,8 +250,19 @@ class DiTParallelStrategy(ParallelStrategy):
         check_fsdp_units(fsdp_units)
         self._fsdp_units: FsdpUnits = fsdp_units
         self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
-        self._auto = _auto_hints(auto, self._requested_layout, self._pipeline, parallel_vae, allow_approximate, tokens,
-                                 height, width, frames, memory, plan_options)
+        self._auto = _auto_hints(
+            auto,
+            self._requested_layout,
+            self._pipeline,
+            parallel_vae,
+            allow_approximate,
+            tokens,
+            height,
+            width,
+            frames,
+            memory,
+            plan_options,
+        )
         self._auto_shard_modules: tuple[str, ...] | None = ()
         if self._shard_modules and not (fsdp or pp_degree != 1 or tp_degree != 1) and self._auto is None:
             raise ValueError(
@@ -264,8 +284,8 @@ class DiTParallelStrategy(ParallelStrategy):
         if self._cache is not None and pp_mode == "pipefusion":
             raise ValueError(
                 f"cache={cache!r} does not compose with PipeFusion (pp_mode='pipefusion'): it runs each step as patch"
-                " passes over stale activations, which a skipped step would leave staler still. Use pp_mode='microbatch'"
-                " or cache=None."
+                " passes over stale activations, which a skipped step would leave staler still. Use"
+                " pp_mode='microbatch' or cache=None."
             )
         if not isinstance(parallel_vae, bool):
             raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
@@ -378,8 +398,12 @@ class DiTParallelStrategy(ParallelStrategy):
         if self._owns_process_group:  # a key namespace of its own in the launcher's store (utils/rendezvous.py)
             store = group_store(self.cluster_environment, self.global_rank, self.world_size, self._timeout)
             _init_dist_connection(
-                self.cluster_environment, self._process_group_backend, self.global_rank, self.world_size,
-                timeout=self._timeout, store=store,
+                self.cluster_environment,
+                self._process_group_backend,
+                self.global_rank,
+                self.world_size,
+                timeout=self._timeout,
+                store=store,
             )
             self._store = store
         else:
@@ -396,8 +420,11 @@ class DiTParallelStrategy(ParallelStrategy):
 
         assert self._auto is not None
         chosen, plan = choose_layout(
-            self.lightning_module, world_size=self.num_nodes * self.num_processes, nodes=self.num_nodes,
-            device=self.root_device, hints=self._auto,
+            self.lightning_module,
+            world_size=self.num_nodes * self.num_processes,
+            nodes=self.num_nodes,
+            device=self.root_device,
+            hints=self._auto,
             axes=replace(supported_axes(type(self), self._auto.allow_approximate), offload=self._offload_requested),
             shard_text_encoders=self._shard_modules is None or bool(self._shard_modules),
             check_inputs=bool(self._check_inputs),
@@ -427,7 +454,8 @@ class DiTParallelStrategy(ParallelStrategy):
                 f"Global rank {self.global_rank} is local rank {self.local_rank} of node {self.node_rank}: the launcher"
                 f" does not number ranks node by node (node rank * {ranks_per_node} + local rank), so the mesh axes"
                 " meant to stay inside a node may cross nodes (with srun use the default block distribution).",
-                CrossNodeWarning, stacklevel=2,
+                CrossNodeWarning,
+                stacklevel=2,
             )
         degrees = {axis: int(degree) for axis, degree in layout.degrees().items()}
         message = check_node_placement(degrees, ranks_per_node, self._cross_node, layout.describe(ranks_per_node))
@@ -450,10 +478,20 @@ class DiTParallelStrategy(ParallelStrategy):
         # parallelized where the module is (the host, or the meta device for lean-loaded weights), so that a rank
         # drops what it does not keep before anything reaches its device
         self._parallelized = parallelize(
-            self.lightning_module, self.layout, self.device_mesh, shard_modules=shard_modules,
-            pipeline=self._pipeline, check_inputs=self._check_inputs, parallel_vae=self._parallel_vae,
-            distrifusion=self._distrifusion, offload=self._offload, fsdp_units=self._fsdp_units, cache=self._cache,
-            compile=self._compile, lse_fallback=self._lse_fallback, ulysses_overlap=self._ulysses_overlap,
+            self.lightning_module,
+            self.layout,
+            self.device_mesh,
+            shard_modules=shard_modules,
+            pipeline=self._pipeline,
+            check_inputs=self._check_inputs,
+            parallel_vae=self._parallel_vae,
+            distrifusion=self._distrifusion,
+            offload=self._offload,
+            fsdp_units=self._fsdp_units,
+            cache=self._cache,
+            compile=self._compile,
+            lse_fallback=self._lse_fallback,
+            ulysses_overlap=self._ulysses_overlap,
         )
         # deferred weights (lean from_pretrained, loading.defer_weights): read now, only the parts this rank kept,
         # straight onto its device; then what else the rank keeps moves there
@@ -488,7 +526,8 @@ class DiTParallelStrategy(ParallelStrategy):
     def model_sharded_context(self) -> Generator[None, None, None]:
         """Inside ``configure_model``, diffusers' and transformers' ``from_pretrained`` load lean: the model is built
         on the meta device and each rank reads from the safetensors files only what it keeps, after parallelization
-        (``loading.pretrained``). ``self.pipe = WanPipeline.from_pretrained(path)`` there never holds the whole model."""
+        (``loading.pretrained``). ``self.pipe = WanPipeline.from_pretrained(path)`` there never holds the whole
+        model."""
         with lean_from_pretrained():
             yield
 
@@ -646,19 +685,44 @@ class DiTParallelStrategy(ParallelStrategy):
                 strategy_registry.register(name, cls, description=description, **arguments)
 
 
-def _auto_hints(auto: bool, requested: ParallelLayout, pipeline: PipelineOptions, parallel_vae: bool,
-                allow_approximate: bool, tokens: int | None, height: int | None, width: int | None,
-                frames: int | None, memory: str | int | None, plan_options: dict[str, Any] | None):
+def _auto_hints(
+    auto: bool,
+    requested: ParallelLayout,
+    pipeline: PipelineOptions,
+    parallel_vae: bool,
+    allow_approximate: bool,
+    tokens: int | None,
+    height: int | None,
+    width: int | None,
+    frames: int | None,
+    memory: str | int | None,
+    plan_options: dict[str, Any] | None,
+):
     """The ``AutoHints`` of ``auto=True`` (``None`` without it). The planner's options without ``auto`` are errors, and
     so are explicit degrees, FSDP, pipeline options or ``parallel_vae`` with it (the planner chooses them)."""
-    given = {k: v for k, v in dict(allow_approximate=allow_approximate or None, tokens=tokens, height=height,
-                                   width=width, frames=frames, memory=memory, plan_options=plan_options).items()
-             if v is not None}
+    given = {
+        k: v
+        for k, v in dict(
+            allow_approximate=allow_approximate or None,
+            tokens=tokens,
+            height=height,
+            width=width,
+            frames=frames,
+            memory=memory,
+            plan_options=plan_options,
+        ).items()
+        if v is not None
+    }
     if not auto:
         if given:
             raise ValueError(f"{sorted(given)} are options of auto=True (the layout planner); got them without it.")
         return None
-    if any(v != 1 for v in requested.degrees().values()) or requested.fsdp or pipeline != PipelineOptions() or parallel_vae:
+    if (
+        any(v != 1 for v in requested.degrees().values())
+        or requested.fsdp
+        or pipeline != PipelineOptions()
+        or parallel_vae
+    ):
         raise ValueError(
             "auto=True chooses the degrees, FSDP, the pipeline schedule and the parallel VAE; leave them at their"
             f" defaults (got {requested.describe()}, {pipeline.describe()}, parallel_vae={parallel_vae})."

@@ -47,8 +47,12 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
         if "auto" in model_parallel and dp_degree == "auto":
             dp_degree = 1
         super().__init__(
-            dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, fsdp=True,
-            shard_modules=shard_modules, **kwargs,
+            dp_degree=dp_degree,
+            ulysses_degree=ulysses_degree,
+            ring_degree=ring_degree,
+            fsdp=True,
+            shard_modules=shard_modules,
+            **kwargs,
         )
 
     @classmethod

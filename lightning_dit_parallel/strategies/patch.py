@@ -12,7 +12,13 @@ from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 
 #: Arguments of ``DiTParallelStrategy`` that this preset sets itself (``degree`` is the ring degree).
 _FIXED = (
-    "ring_degree", "ulysses_degree", "pp_degree", "pp_mode", "num_patches", "layers_per_stage", "num_microbatches",
+    "ring_degree",
+    "ulysses_degree",
+    "pp_degree",
+    "pp_mode",
+    "num_patches",
+    "layers_per_stage",
+    "num_microbatches",
     "text_tokens",
 )
 

@@ -55,8 +55,14 @@ class PipelineStrategy(DiTParallelStrategy):
         if pp_degree == "auto" and dp_degree == "auto":
             dp_degree = 1
         super().__init__(
-            dp_degree=dp_degree, pp_degree=pp_degree, pp_mode=mode, num_patches=num_patches, warmup_steps=warmup_steps,
-            layers_per_stage=layers_per_stage, num_microbatches=num_microbatches, **kwargs,
+            dp_degree=dp_degree,
+            pp_degree=pp_degree,
+            pp_mode=mode,
+            num_patches=num_patches,
+            warmup_steps=warmup_steps,
+            layers_per_stage=layers_per_stage,
+            num_microbatches=num_microbatches,
+            **kwargs,
         )
 
     @classmethod

@@ -17,15 +17,20 @@ class SequenceParallelStrategy(DiTParallelStrategy):
         ulysses_degree: ranks exchanging heads for sequence with all-to-all (heads must divide by it).
         ring_degree: ranks passing keys and values around a ring (no constraint on heads).
         dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method`` ...).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method``
+            ...).
 
     Example:
-        >>> trainer = L.Trainer(devices=4, strategy=SequenceParallelStrategy(ulysses_degree=2, ring_degree=2))  # doctest: +SKIP
+        >>> trainer = L.Trainer(  # doctest: +SKIP
+        ...     devices=4, strategy=SequenceParallelStrategy(ulysses_degree=2, ring_degree=2)
+        ... )
     """
 
     strategy_name = "dit_ulysses"  # the first of the names it registers
 
-    def __init__(self, ulysses_degree: Degree = 1, ring_degree: Degree = 1, dp_degree: Degree = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, ulysses_degree: Degree = 1, ring_degree: Degree = 1, dp_degree: Degree = "auto", **kwargs: Any
+    ) -> None:
         if "auto" in (ulysses_degree, ring_degree) and dp_degree == "auto":
             dp_degree = 1
         super().__init__(dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, **kwargs)
@@ -69,8 +74,12 @@ class TensorParallelStrategy(DiTParallelStrategy):
     strategy_name = "dit_tp"
 
     def __init__(
-        self, tp_degree: Degree = "auto", ulysses_degree: Degree = 1, ring_degree: Degree = 1,
-        dp_degree: Degree = "auto", **kwargs: Any,
+        self,
+        tp_degree: Degree = "auto",
+        ulysses_degree: Degree = 1,
+        ring_degree: Degree = 1,
+        dp_degree: Degree = "auto",
+        **kwargs: Any,
     ) -> None:
         model_parallel = (tp_degree, ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree"))
         if "auto" in model_parallel and dp_degree == "auto":

@@ -5,6 +5,10 @@ from lightning_dit_parallel.tensor.parallelize import TensorParallel, apply_tens
 from lightning_dit_parallel.tensor.resolve import TensorParallelLayout, check_layout, resolve_layout
 
 __all__ = [
-    "TensorParallel", "TensorParallelLayout", "apply_tensor_parallel", "check_deferred_packed", "check_layout",
+    "TensorParallel",
+    "TensorParallelLayout",
+    "apply_tensor_parallel",
+    "check_deferred_packed",
+    "check_layout",
     "resolve_layout",
 ]

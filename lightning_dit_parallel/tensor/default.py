@@ -45,7 +45,11 @@ _PLAIN_ACTIVATIONS = ("GELU", "ApproximateGELU", "LinearActivation")
 _GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")
 #: diffusers adaLN modules whose ``linear`` maps the conditioning embedding to the modulation.
 _MODULATIONS = (
-    "AdaLayerNorm", "AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX",
+    "AdaLayerNorm",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroSingle",
+    "AdaLayerNormContinuous",
+    "SD35AdaLayerNormZeroX",
 )
 
 HOW_TO_DECLARE = (
@@ -91,8 +95,7 @@ def per_sample_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
         kind = type(module).__name__
         if kind in _MODULATIONS and is_linear(getattr(module, "linear", None)):
             layout[f"{full}.linear"] = "colwise_gather"  # (B, k*hidden/N) -> all-gather -> (B, k*hidden)
-        elif kind == "TimestepEmbedding" and all(is_linear(getattr(module, n, None))
-                                                 for n in ("linear_1", "linear_2")):
+        elif kind == "TimestepEmbedding" and all(is_linear(getattr(module, n, None)) for n in ("linear_1", "linear_2")):
             layout[f"{full}.linear_1"] = "colwise"
             layout[f"{full}.linear_2"] = "rowwise"  # (B, hidden) all-reduced
         elif kind == "LabelEmbedding" and isinstance(getattr(module, "embedding_table", None), nn.Embedding):
@@ -113,8 +116,10 @@ def _single_stream_layout(block: nn.Module, prefix: str) -> dict[str, Spec]:
         return {}
     if getattr(attn, "to_out", None) is not None or out.in_features != query.out_features + mlp.out_features:
         return {}
-    return {f"{prefix}.proj_mlp": "colwise",
-            f"{prefix}.proj_out": Packed("rowwise", (query.out_features, mlp.out_features))}
+    return {
+        f"{prefix}.proj_mlp": "colwise",
+        f"{prefix}.proj_out": Packed("rowwise", (query.out_features, mlp.out_features)),
+    }
 
 
 def _attention_layout(attn: nn.Module, path: str, projected_by_block: bool = False) -> dict[str, Spec]:

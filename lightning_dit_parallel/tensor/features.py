@@ -19,8 +19,9 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dit_parallel.plan import HeadFeatures, HeadFeaturesSpec, module_paths
 
 
-def resolve_outputs(modules: Mapping[str, nn.Module], patterns: Mapping[str, HeadFeaturesSpec],
-                    source: str) -> dict[str, HeadFeaturesSpec]:
+def resolve_outputs(
+    modules: Mapping[str, nn.Module], patterns: Mapping[str, HeadFeaturesSpec], source: str
+) -> dict[str, HeadFeaturesSpec]:
     """``tensor_parallel_outputs`` patterns as module paths.
 
     Raises:
@@ -46,23 +47,29 @@ def cut_heads(value: object, spec: HeadFeaturesSpec | None, rank: int, n: int, w
         return value
     if isinstance(spec, tuple):
         if not isinstance(value, (tuple, list)) or len(value) != len(spec):
-            raise ValueError(f"{where}: tensor_parallel_outputs expects a tuple of {len(spec)} values; the module"
-                             f" returned a {type(value).__name__}.")
+            raise ValueError(
+                f"{where}: tensor_parallel_outputs expects a tuple of {len(spec)} values; the module"
+                f" returned a {type(value).__name__}."
+            )
         cut = [cut_heads(v, s, rank, n, f"{where}[{i}]") for i, (v, s) in enumerate(zip(value, spec))]
         return type(value)(cut) if isinstance(value, tuple) else cut
     if not isinstance(value, Tensor):
-        raise ValueError(f"{where}: tensor_parallel_outputs expects a tensor; the module returned a"
-                         f" {type(value).__name__}.")
+        raise ValueError(
+            f"{where}: tensor_parallel_outputs expects a tensor; the module returned a {type(value).__name__}."
+        )
     dim = spec.dim_of(value.ndim)
     size = value.shape[dim]
     if size % n:
-        raise ValueError(f"{where}: {size} values of dim {dim} (shape {tuple(value.shape)}) hold all heads and cannot"
-                         f" be cut into tp_degree={n} equal parts.")
+        raise ValueError(
+            f"{where}: {size} values of dim {dim} (shape {tuple(value.shape)}) hold all heads and cannot"
+            f" be cut into tp_degree={n} equal parts."
+        )
     return value.narrow(dim, rank * (size // n), size // n)  # (..., F, ...) -> (..., F/N, ...): this rank's heads
 
 
-def install_output_cuts(modules: Mapping[str, nn.Module], outputs: Mapping[str, HeadFeaturesSpec], rank: int,
-                        n: int, name: str) -> list[RemovableHandle]:
+def install_output_cuts(
+    modules: Mapping[str, nn.Module], outputs: Mapping[str, HeadFeaturesSpec], rank: int, n: int, name: str
+) -> list[RemovableHandle]:
     """A forward hook on every module of ``outputs`` that returns its output cut to this rank's heads."""
     handles = []
     for path, spec in outputs.items():

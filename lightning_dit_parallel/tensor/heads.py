@@ -42,8 +42,12 @@ def suggest_split(heads: int, tp: int, ulysses: int, ring: int) -> tuple[int, in
     degree up to the requested one, then the largest Ulysses degree; ring attention takes the rest (it has no
     constraint on heads)."""
     total = tp * ulysses * ring
-    splits = [(t, u, total // (t * u)) for t in range(1, total + 1) for u in range(1, total + 1)
-              if total % (t * u) == 0 and heads % (t * u) == 0]
+    splits = [
+        (t, u, total // (t * u))
+        for t in range(1, total + 1)
+        for u in range(1, total + 1)
+        if total % (t * u) == 0 and heads % (t * u) == 0
+    ]
     return max(splits, key=lambda s: (s[0] <= tp, s[0], s[1]))
 
 
@@ -64,8 +68,14 @@ def check_heads(heads: int, tp: int, ulysses: int, ring: int, where: str) -> Non
     t, u, r = suggest_split(heads, tp, ulysses, ring)
     asked = f"tp_degree={tp}" + (f" x ulysses_degree={ulysses}" if ulysses > 1 else "")
     working = f"tp_degree={t}" + (f", ulysses_degree={u}" if u > 1 or ulysses > 1 else "")
-    instead = (f"{working}, ring_degree={r} (ring attention has no constraint on heads), or {working} with the factor"
-               f" {r} moved to dp_degree") if r > 1 else working
+    instead = (
+        (
+            f"{working}, ring_degree={r} (ring attention has no constraint on heads), or {working} with the factor"
+            f" {r} moved to dp_degree"
+        )
+        if r > 1
+        else working
+    )
     raise ValueError(
         f"{where}: {heads} attention heads cannot be split over {asked} (tensor parallelism gives each rank"
         f" heads / tp_degree of them and Ulysses splits those further). Use {instead}."

@@ -34,8 +34,11 @@ from lightning_dit_parallel.tensor.styles import Spec, packed_sizes
 def is_lora_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a peft LoRA layer around an ``nn.Linear`` (without importing peft when it is absent)."""
     base = getattr(module, "base_layer", None)
-    return isinstance(base, nn.Linear) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and \
-        isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+    return (
+        isinstance(base, nn.Linear)
+        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+    )
 
 
 def is_linear(module: object) -> bool:
@@ -68,8 +71,10 @@ def check_lora(module: nn.Module, path: str) -> None:
     for side in ("lora_A", "lora_B"):
         for adapter, factor in getattr(module, side).items():
             if not isinstance(factor, nn.Linear):
-                raise ValueError(f"{path}.{side}.{adapter} is a {type(factor).__name__}; tensor parallelism splits"
-                                 " LoRA factors that are nn.Linear.")
+                raise ValueError(
+                    f"{path}.{side}.{adapter} is a {type(factor).__name__}; tensor parallelism splits"
+                    " LoRA factors that are nn.Linear."
+                )
 
 
 def expand_lora(modules: Mapping[str, nn.Module], styles: Mapping[str, Spec]) -> dict[str, Spec]:

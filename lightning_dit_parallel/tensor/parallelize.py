@@ -38,8 +38,13 @@ from lightning_dit_parallel.utils.hooks import remove_handles
 from lightning_dit_parallel.utils.memory import local_tensor
 
 #: ``nn.Module`` attributes holding the forward hooks that ``parallelize_module`` registers, keyed by hook id.
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 @dataclass
@@ -134,8 +139,9 @@ class TensorParallel:
         for target in self.targets:
             target.restore(self.mesh.size(), gather=False)
         self.targets.clear()
-        mark_incomplete(self.model, "its tensor-parallel shards could not be gathered back (no collective after the"
-                                    " failure).")
+        mark_incomplete(
+            self.model, "its tensor-parallel shards could not be gathered back (no collective after the failure)."
+        )
 
 
 def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: DeviceMesh) -> TensorParallel:
@@ -156,7 +162,7 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
             relative = {}
             for path, spec in entries.items():
                 installed.targets.append(_Target.take(modules[path], path, spec))
-                relative[path[len(block) + 1:]] = torch_style(spec, modules[path], path)
+                relative[path[len(block) + 1 :]] = torch_style(spec, modules[path], path)
             parallelize_module(modules[block], mesh, relative, src_data_rank=None)
         for path in layout.attention:
             if path in modules:
@@ -165,8 +171,9 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
                 for name, (_, local) in attributes.items():
                     setattr(modules[path], name, local)
         present_outputs = {path: spec for path, spec in layout.outputs.items() if path in modules}
-        installed.handles.extend(install_output_cuts(modules, present_outputs, mesh.get_local_rank(), mesh.size(),
-                                                     type(model).__name__))
+        installed.handles.extend(
+            install_output_cuts(modules, present_outputs, mesh.get_local_rank(), mesh.size(), type(model).__name__)
+        )
     except BaseException:
         installed.remove()
         raise
@@ -184,8 +191,11 @@ def check_deferred_packed(root: nn.Module, dits: list[tuple[nn.Module, TensorPar
         return
     for dit, layout in dits:
         modules = dict(dit.named_modules())
-        lazy = [p for p, s in layout.styles.items()
-                if isinstance(s, Packed) and p in modules and any(t.is_meta for t in modules[p].parameters())]
+        lazy = [
+            p
+            for p, s in layout.styles.items()
+            if isinstance(s, Packed) and p in modules and any(t.is_meta for t in modules[p].parameters())
+        ]
         if lazy:
             raise ValueError(
                 f"{type(dit).__name__}: packed tensor-parallel styles on deferred weights ({lazy[:3]}): their shards"

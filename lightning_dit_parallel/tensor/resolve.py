@@ -24,8 +24,16 @@ from lightning_dit_parallel.tensor.styles import Spec, packed_sizes
 
 #: q/k normalisations of an attention module that may normalise over all heads at once (diffusers' names; HiDream's
 #: attention calls them ``q_rms_norm`` / ``k_rms_norm``, and ``*_t`` for its text stream).
-QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k", "q_rms_norm", "k_rms_norm", "q_rms_norm_t",
-            "k_rms_norm_t")
+QK_NORMS = (
+    "norm_q",
+    "norm_k",
+    "norm_added_q",
+    "norm_added_k",
+    "q_rms_norm",
+    "k_rms_norm",
+    "q_rms_norm_t",
+    "k_rms_norm_t",
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,13 @@ def check_supported(model: nn.Module, plan: DiTPlan) -> None:
         if pattern == "*" and not lacking:
             found = [""]
         else:
-            found = [p for p, m in model.named_modules() if p and fnmatch.fnmatchcase(p, pattern)
-                     and not (lacking and hasattr(m, lacking) and isinstance(getattr(m, lacking), nn.Module))]
+            found = [
+                p
+                for p, m in model.named_modules()
+                if p
+                and fnmatch.fnmatchcase(p, pattern)
+                and not (lacking and hasattr(m, lacking) and isinstance(getattr(m, lacking), nn.Module))
+            ]
         if found:
             where = f" ({found[0]})" if found[0] else ""
             raise ValueError(
@@ -181,8 +194,11 @@ def _add_sharded_norms(modules: dict[str, nn.Module], styles: dict[str, Spec], a
     for path in attention:
         attn = modules[path]
         heads = head_count(attn)
-        features = [modules[p].out_features for p, s in styles.items()
-                    if p.rpartition(".")[0] == path and s == "colwise" and is_linear(modules[p])]
+        features = [
+            modules[p].out_features
+            for p, s in styles.items()
+            if p.rpartition(".")[0] == path and s == "colwise" and is_linear(modules[p])
+        ]
         inner = attn.__dict__.get("inner_dim") if isinstance(attn.__dict__.get("inner_dim"), int) else None
         inner = inner or (features[0] if features else None)
         head_dim = getattr(attn, "head_dim", None) or (inner // heads if inner and heads else None)
@@ -212,8 +228,10 @@ def _check_kinds(modules: dict[str, nn.Module], styles: dict[str, Spec], source:
         elif spec == "colwise_gather" and isinstance(module, nn.Embedding):
             continue  # the table split over the embedding dim
         elif not is_linear(module):
-            raise ValueError(f"{source}: {path} is a {type(module).__name__}; style {spec!r} needs an nn.Linear (or a"
-                             " peft LoRA layer around one).")
+            raise ValueError(
+                f"{source}: {path} is a {type(module).__name__}; style {spec!r} needs an nn.Linear (or a"
+                " peft LoRA layer around one)."
+            )
 
 
 def check_layout(model: nn.Module, plan: DiTPlan, tp_layout: TensorParallelLayout, layout: ParallelLayout) -> None:

@@ -72,8 +72,15 @@ def router_backend():
 
 
 def _router(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
     _parallel_config: RouteContext | None = None,
 ) -> Tensor:
     """The registered backend: (B, S, H, D) in and out (diffusers' layout), the context's kernel in between."""
@@ -178,7 +185,8 @@ def route_attention_during_forward(module: nn.Module, kernel: RoutedKernel, wher
     # traced after a higher-order op such as flex_attention).
     enter, leave = torch.compiler.disable(enter), torch.compiler.disable(leave)
     return [
-        module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True),
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
         _OnRemove(restore_all),
     ]
 

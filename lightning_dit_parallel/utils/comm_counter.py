@@ -58,10 +58,21 @@ class CommCounter:
 
     def _wrappers(self) -> dict[str, Callable]:
         counter = self.bytes_sent
-        original = {name: getattr(dist, name, None) for name in (
-            "all_to_all_single", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
-            "broadcast_object_list", "batch_isend_irecv", "send", "isend", "all_reduce",
-        )}
+        original = {
+            name: getattr(dist, name, None)
+            for name in (
+                "all_to_all_single",
+                "all_gather",
+                "all_gather_into_tensor",
+                "all_gather_single",
+                "broadcast",
+                "broadcast_object_list",
+                "batch_isend_irecv",
+                "send",
+                "isend",
+                "all_reduce",
+            )
+        }
 
         def peers(group) -> int:
             return dist.get_world_size(group) - 1
@@ -113,10 +124,15 @@ class CommCounter:
             return original["isend"](tensor, *args, **kwargs)
 
         wrappers = {
-            "all_to_all_single": all_to_all_single, "all_gather": all_gather,
-            "all_gather_into_tensor": all_gather_into_tensor, "all_gather_single": all_gather_single,
-            "broadcast": broadcast, "broadcast_object_list": broadcast_object_list,
-            "batch_isend_irecv": batch_isend_irecv, "send": send, "all_reduce": all_reduce,
+            "all_to_all_single": all_to_all_single,
+            "all_gather": all_gather,
+            "all_gather_into_tensor": all_gather_into_tensor,
+            "all_gather_single": all_gather_single,
+            "broadcast": broadcast,
+            "broadcast_object_list": broadcast_object_list,
+            "batch_isend_irecv": batch_isend_irecv,
+            "send": send,
+            "all_reduce": all_reduce,
         }
         if self.count_isend:
             wrappers["isend"] = isend

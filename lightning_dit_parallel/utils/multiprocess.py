@@ -54,15 +54,26 @@ def free_port() -> int:
 
 
 def _worker(
-    rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float, threads: int,
-    backend: str, meet_at_end: bool,
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    results,
+    timeout_s: float,
+    threads: int,
+    backend: str,
+    meet_at_end: bool,
 ) -> None:
     try:
         torch.set_num_threads(threads)
         if backend == "nccl":
             torch.cuda.set_device(rank)  # one GPU per rank
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         try:
@@ -104,7 +115,8 @@ def run_on_ranks(
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(rank, world_size, port, fn, args, results, timeout_s, threads, backend, meet_at_end),
+            target=_worker,
+            args=(rank, world_size, port, fn, args, results, timeout_s, threads, backend, meet_at_end),
             daemon=True,
         )
         for rank in range(world_size)

@@ -15,8 +15,16 @@ SHARPNESS = 6.0
 #: Query/key projections (diffusers names) and the query/key normalisations that may follow them.
 QK_PROJECTIONS = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_q_t", "to_k_t", "to_query", "to_key")
 QK_NORMS = (
-    "norm_q", "norm_k", "norm_added_q", "norm_added_k", "q_rms_norm", "k_rms_norm", "q_rms_norm_t", "k_rms_norm_t",
-    "query_norm", "key_norm",
+    "norm_q",
+    "norm_k",
+    "norm_added_q",
+    "norm_added_k",
+    "q_rms_norm",
+    "k_rms_norm",
+    "q_rms_norm_t",
+    "k_rms_norm_t",
+    "query_norm",
+    "key_norm",
 )
 
 

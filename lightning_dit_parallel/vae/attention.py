@@ -27,7 +27,10 @@ from lightning_dit_parallel.vae.comm import gather_bands
 
 
 def band_attention(
-    local_sdpa: Callable[..., Tensor], band: BandGroup, bands: Callable[[str], Bands], where: str,
+    local_sdpa: Callable[..., Tensor],
+    band: BandGroup,
+    bands: Callable[[str], Bands],
+    where: str,
     masks: str = "none",
 ) -> Callable[..., Tensor]:
     """A replacement for ``F.scaled_dot_product_attention`` inside one attention module of a banded decoder.
@@ -41,14 +44,26 @@ def band_attention(
     """
 
     def attention(
-        query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-        is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
     ) -> Tensor:
         frame_masked = masks == "frame_causal" and attn_mask is not None
-        problems = [text for text, bad in (
-            ("attn_mask", attn_mask is not None and not frame_masked), (f"dropout_p={dropout_p}", bool(dropout_p)),
-            ("is_causal=True", is_causal), ("enable_gqa=True", enable_gqa),
-        ) if bad]
+        problems = [
+            text
+            for text, bad in (
+                ("attn_mask", attn_mask is not None and not frame_masked),
+                (f"dropout_p={dropout_p}", bool(dropout_p)),
+                ("is_causal=True", is_causal),
+                ("enable_gqa=True", enable_gqa),
+            )
+            if bad
+        ]
         if problems:
             raise ValueError(
                 f"{where}: the parallel VAE decode attends over all bands without masks (or with the frame-causal"

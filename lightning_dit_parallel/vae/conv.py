@@ -197,15 +197,18 @@ def install_halo(
                 whole = convolve([torch.cat([h, t, b], dim=dim) for h, t, b in zip(heads, tensors, tails)])
             else:  # F.pad padding: the module's own at the image's edges, the neighbours' rows between bands
                 # (..., [top], ...) + (..., rows, ...) + (..., [bottom], ...) -> (..., rows + halos, ...)
-                whole = convolve([torch.cat([h] * above + [t] + [b] * below, dim=dim)
-                                  for h, t, b in zip(heads, tensors, tails)], padding)
+                whole = convolve(
+                    [torch.cat([h] * above + [t] + [b] * below, dim=dim) for h, t, b in zip(heads, tensors, tails)],
+                    padding,
+                )
             return (whole, *output[1:]) if isinstance(output, tuple) else whole
         if above and halo.top:  # output rows [0, top) from (..., top + span, ...) -> (..., top, ...)
             strip = convolve([torch.cat([h, t.narrow(dim, 0, span)], dim=dim) for h, t in zip(heads, tensors)])
             result.narrow(dim, 0, halo.top).copy_(strip)
         if below and halo.bottom:  # output rows [rows - bottom, rows)
-            strip = convolve([torch.cat([t.narrow(dim, rows - span, span), b], dim=dim)
-                              for t, b in zip(tensors, tails)])
+            strip = convolve(
+                [torch.cat([t.narrow(dim, rows - span, span), b], dim=dim) for t, b in zip(tensors, tails)]
+            )
             result.narrow(dim, result.shape[dim] - halo.bottom, halo.bottom).copy_(strip)
         return output
 

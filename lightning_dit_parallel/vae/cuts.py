@@ -77,29 +77,35 @@ class VaeCut:
 _IMAGE = VaeCut(attention=("Attention",))
 
 #: diffusers class name -> its cut: every fact about that VAE class that the banded decode needs, in one entry.
-BUILTIN_CUTS: Mapping[str, VaeCut] = MappingProxyType({
-    "AutoencoderKL": _IMAGE,
-    "AutoencoderKLFlux2": _IMAGE,
-    "AutoencoderKLWan": VaeCut(attention=("WanAttentionBlock",), padding_attributes={"WanCausalConv3d": "_padding"}),
-    "AutoencoderKLQwenImage": VaeCut(
-        attention=("QwenImageAttentionBlock",), padding_attributes={"QwenImageCausalConv3d": "_padding"}
-    ),
-    # decoded a few latent frames at a time, its causal convolutions' cached frames kept per band; the spatial norms'
-    # condition is the decoder's own input (the band), upsampled to each layer by a nearest interpolation to a size;
-    # the causal convolutions pad the height in their nn.Conv3d child (pad_mode="first"), or with F.pad replicate
-    "AutoencoderKLCogVideoX": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"}),
-    # per-position RMS and layer norms, depth-to-space upsampling; the timestep is not cut; noise maps drawn whole
-    "AutoencoderKLLTXVideo": VaeCut(replicated=("temb",), noise=("LTXVideoResnetBlock3d",)),
-    # causal convolutions padded by F.pad replicate around an unpadded nn.Conv3d; frame-causal mid-block attention
-    "AutoencoderKLHunyuanVideo": VaeCut(
-        attention=("Attention",), attention_masks="frame_causal",
-        padding_attributes={"HunyuanVideoCausalConv3d": "time_causal_padding"},
-    ),
-    # CogVideoX's causal convolutions in replicate mode; per-frame group norms; the decoder has no attention
-    "AutoencoderKLMochi": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"}),
-    # Sana's DC-AE: per-position RMS norms, pixel-shuffle upsampling, multi-scale linear attention
-    "AutoencoderDC": VaeCut(linear_attention=("SanaMultiscaleLinearAttention",)),
-})
+BUILTIN_CUTS: Mapping[str, VaeCut] = MappingProxyType(
+    {
+        "AutoencoderKL": _IMAGE,
+        "AutoencoderKLFlux2": _IMAGE,
+        "AutoencoderKLWan": VaeCut(
+            attention=("WanAttentionBlock",), padding_attributes={"WanCausalConv3d": "_padding"}
+        ),
+        "AutoencoderKLQwenImage": VaeCut(
+            attention=("QwenImageAttentionBlock",), padding_attributes={"QwenImageCausalConv3d": "_padding"}
+        ),
+        # decoded a few latent frames at a time, its causal convolutions' cached frames kept per band; the spatial
+        # norms' condition is the decoder's own input (the band), upsampled to each layer by a nearest interpolation to
+        # a size; the causal convolutions pad the height in their nn.Conv3d child (pad_mode="first"), or with F.pad
+        # replicate
+        "AutoencoderKLCogVideoX": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"}),
+        # per-position RMS and layer norms, depth-to-space upsampling; the timestep is not cut; noise maps drawn whole
+        "AutoencoderKLLTXVideo": VaeCut(replicated=("temb",), noise=("LTXVideoResnetBlock3d",)),
+        # causal convolutions padded by F.pad replicate around an unpadded nn.Conv3d; frame-causal mid-block attention
+        "AutoencoderKLHunyuanVideo": VaeCut(
+            attention=("Attention",),
+            attention_masks="frame_causal",
+            padding_attributes={"HunyuanVideoCausalConv3d": "time_causal_padding"},
+        ),
+        # CogVideoX's causal convolutions in replicate mode; per-frame group norms; the decoder has no attention
+        "AutoencoderKLMochi": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"}),
+        # Sana's DC-AE: per-position RMS norms, pixel-shuffle upsampling, multi-scale linear attention
+        "AutoencoderDC": VaeCut(linear_attention=("SanaMultiscaleLinearAttention",)),
+    }
+)
 
 _REGISTRY: dict[type, VaeCut] = {}
 

@@ -53,7 +53,6 @@ def band_noise(randn: Callable[..., Tensor], bands: Callable[[str], Bands], wher
     return banded_randn
 
 
-
 def check_same_random_state(device: torch.device, band: BandGroup, where: str) -> None:
     """Raise on every rank of ``band`` unless all hold the same global random state for ``device`` (a collective).
 

@@ -102,7 +102,7 @@ def _float32_moments(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Te
     means, rstds = [], []
     for start in range(0, num_groups, _HALF_PRECISION_GROUPS):
         groups = min(_HALF_PRECISION_GROUPS, num_groups - start)
-        part = x[:, start * per_channel: (start + groups) * per_channel].float()  # (B, groups * C/G, *positions)
+        part = x[:, start * per_channel : (start + groups) * per_channel].float()  # (B, groups * C/G, *positions)
         _, mean, rstd = torch.native_group_norm(part, None, None, b, groups * per_channel, positions, groups, eps)
         means.append(mean)
         rstds.append(rstd)

@@ -171,8 +171,9 @@ class ParallelVae:
             )
         return _ORIGINAL["interpolate"](x, size, scale_factor, mode, *args, **kwargs)
 
-    def _batch_norm(self, x: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
-                    *args, **kwargs) -> Tensor:
+    def _batch_norm(
+        self, x: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False, *args, **kwargs
+    ) -> Tensor:
         if training:
             raise ValueError(
                 f"{self._where}: a batch norm in training mode (batch statistics) inside the banded decoder; call"
@@ -282,8 +283,11 @@ def _inspect(decoder: nn.Module, cut: VaeCut) -> _Found:
                 halo = conv_halo(conv, where, cut.height_dim, attribute, holder=module)
                 if halo is not None:
                     found.halos.append((module, halo))
-        for names, into in ((cut.attention, found.attention), (cut.linear_attention, found.linear),
-                            (cut.noise, found.noise)):
+        for names, into in (
+            (cut.attention, found.attention),
+            (cut.linear_attention, found.linear),
+            (cut.noise, found.noise),
+        ):
             if name in names:
                 into.append((where, module))
     return found

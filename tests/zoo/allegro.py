@@ -10,18 +10,31 @@ TEXT_DIM, CHANNELS, HEAD_DIM = 16, 4, 12  # head dim 12 = t 4 + h 4 + w 4
 
 
 def build() -> AllegroTransformer3DModel:
-    return seeded_model(lambda: AllegroTransformer3DModel(
-        patch_size=2, patch_size_t=1, num_attention_heads=4, attention_head_dim=HEAD_DIM, in_channels=CHANNELS,
-        out_channels=CHANNELS, num_layers=2, cross_attention_dim=4 * HEAD_DIM, sample_height=8, sample_width=8,
-        sample_frames=4, caption_channels=TEXT_DIM,
-    ))
+    return seeded_model(
+        lambda: AllegroTransformer3DModel(
+            patch_size=2,
+            patch_size_t=1,
+            num_attention_heads=4,
+            attention_head_dim=HEAD_DIM,
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            num_layers=2,
+            cross_attention_dim=4 * HEAD_DIM,
+            sample_height=8,
+            sample_width=8,
+            sample_frames=4,
+            caption_channels=TEXT_DIM,
+        )
+    )
 
 
 def rotary(model: AllegroTransformer3DModel, frames: int, height: int, width: int):
     """What AllegroPipeline._prepare_rotary_positional_embeddings returns for a grid of patches."""
     config = model.config
     freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
-        embed_dim=config.attention_head_dim, crops_coords=((0, 0), (height, width)), grid_size=(height, width),
+        embed_dim=config.attention_head_dim,
+        crops_coords=((0, 0), (height, width)),
+        grid_size=(height, width),
         temporal_size=frames,
         interpolation_scale=(config.interpolation_scale_t, config.interpolation_scale_h, config.interpolation_scale_w),
     )

@@ -9,11 +9,21 @@ TEXT_DIM = 16
 
 
 def build() -> AuraFlowTransformer2DModel:
-    return seeded_model(lambda: AuraFlowTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
-        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=64,
-        pos_embed_max_size=64,
-    ))
+    return seeded_model(
+        lambda: AuraFlowTransformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_mmdit_layers=1,
+            num_single_dit_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            caption_projection_dim=64,
+            pos_embed_max_size=64,
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int):

@@ -9,11 +9,21 @@ TEXT_DIM = 16
 
 
 def build() -> ChromaTransformer2DModel:
-    return seeded_model(lambda: ChromaTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
-        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
-    ))
+    return seeded_model(
+        lambda: ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+            approximator_num_channels=16,
+            approximator_hidden_dim=32,
+            approximator_layers=1,
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int, masked: bool = True, dtype: torch.dtype = torch.bool):

@@ -10,11 +10,22 @@ TEXT_DIM = 16
 
 
 def build() -> CogView4Transformer2DModel:
-    return seeded_model(lambda: CogView4Transformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
-        rope_axes_dim=(8, 8),
-    ))
+    return seeded_model(
+        lambda: CogView4Transformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            text_embed_dim=TEXT_DIM,
+            time_embed_dim=16,
+            condition_dim=8,
+            pos_embed_max_size=16,
+            sample_size=8,
+            rope_axes_dim=(8, 8),
+        )
+    )
 
 
 def rotary(model: CogView4Transformer2DModel, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

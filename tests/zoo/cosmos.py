@@ -17,10 +17,20 @@ def build(image_context: bool = False, extra_pos_embed_type: str | None = "learn
 
     def factory() -> CosmosTransformer3DModel:
         return CosmosTransformer3DModel(
-            in_channels=CHANNELS + 1, out_channels=CHANNELS, num_attention_heads=4, attention_head_dim=12,
-            num_layers=2, text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(8, 16, 16), patch_size=(1, 2, 2),
-            concat_padding_mask=False, extra_pos_embed_type=extra_pos_embed_type,
-            img_context_dim_in=IMAGE_DIM if image_context else None, img_context_num_tokens=3, img_context_dim_out=48,
+            in_channels=CHANNELS + 1,
+            out_channels=CHANNELS,
+            num_attention_heads=4,
+            attention_head_dim=12,
+            num_layers=2,
+            text_embed_dim=TEXT_DIM,
+            adaln_lora_dim=8,
+            max_size=(8, 16, 16),
+            patch_size=(1, 2, 2),
+            concat_padding_mask=False,
+            extra_pos_embed_type=extra_pos_embed_type,
+            img_context_dim_in=IMAGE_DIM if image_context else None,
+            img_context_num_tokens=3,
+            img_context_dim_out=48,
         )
 
     return lambda: seeded_model(factory)
@@ -42,7 +52,9 @@ def inputs(frames: int, height: int, width: int, text: int, per_frame_timestep: 
             encoder_hidden_states=(text_embeds, randn(2, 3, IMAGE_DIM, seed=3)) if image_context else text_embeds,
             # the image-context processor takes no mask
             attention_mask=None if image_context else text_mask(text).bool(),
-            fps=24, condition_mask=condition_mask, return_dict=False,
+            fps=24,
+            condition_mask=condition_mask,
+            return_dict=False,
         )
 
     return make
@@ -50,8 +62,14 @@ def inputs(frames: int, height: int, width: int, text: int, per_frame_timestep: 
 
 CASES = [
     ZooCase("cosmos-16vid-8txt", build(), inputs(2, 4, 8, 8, per_frame_timestep=False, image_context=False)),
-    ZooCase("cosmos-27vid-7txt-perframe-imgctx", build(image_context=True),
-            inputs(3, 6, 6, 7, per_frame_timestep=True, image_context=True)),
-    ZooCase("cosmos-15vid-7txt-noextrapos", build(extra_pos_embed_type=None),
-            inputs(1, 6, 10, 7, per_frame_timestep=False, image_context=False)),
+    ZooCase(
+        "cosmos-27vid-7txt-perframe-imgctx",
+        build(image_context=True),
+        inputs(3, 6, 6, 7, per_frame_timestep=True, image_context=True),
+    ),
+    ZooCase(
+        "cosmos-15vid-7txt-noextrapos",
+        build(extra_pos_embed_type=None),
+        inputs(1, 6, 10, 7, per_frame_timestep=False, image_context=False),
+    ),
 ]

@@ -11,10 +11,20 @@ TEXT_DIM, T5_DIM, CHANNELS, PATCH = 16, 12, 4, 2
 
 def build() -> EasyAnimateTransformer3DModel:
     # layer 0 is an MMDiT block (own text projections and feed-forward), layer 1 shares them with the video tokens
-    return seeded_model(lambda: EasyAnimateTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=CHANNELS, out_channels=CHANNELS, patch_size=PATCH,
-        num_layers=2, mmdit_layers=1, time_embed_dim=32, text_embed_dim=TEXT_DIM, text_embed_dim_t5=T5_DIM,
-    ))
+    return seeded_model(
+        lambda: EasyAnimateTransformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            patch_size=PATCH,
+            num_layers=2,
+            mmdit_layers=1,
+            time_embed_dim=32,
+            text_embed_dim=TEXT_DIM,
+            text_embed_dim_t5=T5_DIM,
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int, text_t5: int):

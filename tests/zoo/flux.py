@@ -9,11 +9,19 @@ TEXT_DIM, POOLED_DIM = 16, 8
 
 
 def build() -> FluxTransformer2DModel:
-    return seeded_model(lambda: FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
-        axes_dims_rope=(4, 6, 6),
-    ))
+    return seeded_model(
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=POOLED_DIM,
+            axes_dims_rope=(4, 6, 6),
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int):

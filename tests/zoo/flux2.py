@@ -9,11 +9,20 @@ TEXT_DIM = 16
 
 
 def build() -> Flux2Transformer2DModel:
-    return seeded_model(lambda: Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16, mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4),
-    ))
+    return seeded_model(
+        lambda: Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            timestep_guidance_channels=16,
+            mlp_ratio=2.0,
+            axes_dims_rope=(4, 4, 4, 4),
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int, batched_ids: bool = False):

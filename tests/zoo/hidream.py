@@ -11,11 +11,24 @@ T5_DIM, LLAMA_DIM, POOLED_DIM, LLAMA_LAYERS = 16, 12, 8, 3
 
 def build() -> HiDreamImageTransformer2DModel:
     # max_resolution (6, 6) / patch 2: non-square latents are padded to 9 tokens
-    return seeded_model(lambda: HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, caption_channels=[T5_DIM, LLAMA_DIM], text_emb_dim=POOLED_DIM, num_routed_experts=4,
-        num_activated_experts=2, axes_dims_rope=(4, 6, 6), max_resolution=(6, 6), llama_layers=[0, 2],
-    ))
+    return seeded_model(
+        lambda: HiDreamImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            caption_channels=[T5_DIM, LLAMA_DIM],
+            text_emb_dim=POOLED_DIM,
+            num_routed_experts=4,
+            num_activated_experts=2,
+            axes_dims_rope=(4, 6, 6),
+            max_resolution=(6, 6),
+            llama_layers=[0, 2],
+        )
+    )
 
 
 def inputs(height: int, width: int, t5: int, llama: int, patched: bool = False):

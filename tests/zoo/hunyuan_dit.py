@@ -16,11 +16,24 @@ SHARPNESS = 3.0
 
 def build(clip: int, t5: int, meta: bool):
     def factory() -> HunyuanDiT2DModel:
-        return seeded_model(lambda: HunyuanDiT2DModel(
-            num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, patch_size=2, sample_size=8,
-            hidden_size=HEADS * HEAD_DIM, num_layers=4, cross_attention_dim=CLIP_DIM, cross_attention_dim_t5=T5_DIM,
-            pooled_projection_dim=16, text_len=clip, text_len_t5=t5, use_style_cond_and_image_meta_size=meta,
-        ), sharpness=SHARPNESS)
+        return seeded_model(
+            lambda: HunyuanDiT2DModel(
+                num_attention_heads=HEADS,
+                attention_head_dim=HEAD_DIM,
+                in_channels=4,
+                patch_size=2,
+                sample_size=8,
+                hidden_size=HEADS * HEAD_DIM,
+                num_layers=4,
+                cross_attention_dim=CLIP_DIM,
+                cross_attention_dim_t5=T5_DIM,
+                pooled_projection_dim=16,
+                text_len=clip,
+                text_len_t5=t5,
+                use_style_cond_and_image_meta_size=meta,
+            ),
+            sharpness=SHARPNESS,
+        )
 
     return factory
 

@@ -10,11 +10,21 @@ TEXT_DIM, BYT5_DIM = 16, 8
 
 
 def build() -> HunyuanImageTransformer2DModel:
-    return seeded_model(lambda: HunyuanImageTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=TEXT_DIM,
-        text_embed_2_dim=BYT5_DIM, rope_axes_dim=(8, 8),
-    ))
+    return seeded_model(
+        lambda: HunyuanImageTransformer2DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=(1, 1),
+            text_embed_dim=TEXT_DIM,
+            text_embed_2_dim=BYT5_DIM,
+            rope_axes_dim=(8, 8),
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int, byt5: int = 0):

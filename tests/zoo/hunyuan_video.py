@@ -13,11 +13,22 @@ TEXT_DIM, POOLED_DIM, CHANNELS, PATCH = 16, 8, 4, 2
 def build(image_condition_type: str | None = None):
     # head dim 16 = rotary axes (4, 6, 6); one block of each kind, one refiner block
     def factory() -> HunyuanVideoTransformer3DModel:
-        return seeded_model(lambda: HunyuanVideoTransformer3DModel(
-            in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=4, attention_head_dim=16, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=PATCH, text_embed_dim=TEXT_DIM,
-            pooled_projection_dim=POOLED_DIM, rope_axes_dim=(4, 6, 6), image_condition_type=image_condition_type,
-        ))
+        return seeded_model(
+            lambda: HunyuanVideoTransformer3DModel(
+                in_channels=CHANNELS,
+                out_channels=CHANNELS,
+                num_attention_heads=4,
+                attention_head_dim=16,
+                num_layers=1,
+                num_single_layers=1,
+                num_refiner_layers=1,
+                patch_size=PATCH,
+                text_embed_dim=TEXT_DIM,
+                pooled_projection_dim=POOLED_DIM,
+                rope_axes_dim=(4, 6, 6),
+                image_condition_type=image_condition_type,
+            )
+        )
 
     return factory
 

@@ -12,11 +12,20 @@ TEXT_DIM, BYT5_DIM, IMAGE_DIM, CHANNELS = 16, 12, 8, 4
 
 def build() -> HunyuanVideo15Transformer3DModel:
     # patch size 1; head dim 16 = rotary axes (4, 6, 6); two blocks, one refiner block
-    return seeded_model(lambda: HunyuanVideo15Transformer3DModel(
-        in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=4, attention_head_dim=16, num_layers=2,
-        num_refiner_layers=1, text_embed_dim=TEXT_DIM, text_embed_2_dim=BYT5_DIM, image_embed_dim=IMAGE_DIM,
-        rope_axes_dim=(4, 6, 6),
-    ))
+    return seeded_model(
+        lambda: HunyuanVideo15Transformer3DModel(
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            num_layers=2,
+            num_refiner_layers=1,
+            text_embed_dim=TEXT_DIM,
+            text_embed_2_dim=BYT5_DIM,
+            image_embed_dim=IMAGE_DIM,
+            rope_axes_dim=(4, 6, 6),
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int, byt5: int, image: int, i2v: bool):

@@ -12,10 +12,21 @@ PATCH = (1, 2, 2)
 
 def build() -> Kandinsky5Transformer3DModel:
     # head dim = sum(axes_dims) = 16, model_dim 64: 4 heads
-    return seeded_model(lambda: Kandinsky5Transformer3DModel(
-        in_visual_dim=CHANNELS, in_text_dim=TEXT_DIM, in_text_dim2=POOLED_DIM, time_dim=32, out_visual_dim=CHANNELS,
-        patch_size=PATCH, model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6),
-    ))
+    return seeded_model(
+        lambda: Kandinsky5Transformer3DModel(
+            in_visual_dim=CHANNELS,
+            in_text_dim=TEXT_DIM,
+            in_text_dim2=POOLED_DIM,
+            time_dim=32,
+            out_visual_dim=CHANNELS,
+            patch_size=PATCH,
+            model_dim=64,
+            ff_dim=128,
+            num_text_blocks=1,
+            num_visual_blocks=2,
+            axes_dims=(4, 6, 6),
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int):

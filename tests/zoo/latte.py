@@ -12,12 +12,26 @@ TEXT_DIM, CHANNELS = 16, 4
 
 def build(frames: int):
     def make() -> LatteTransformer3DModel:
-        return seeded_model(lambda: LatteTransformer3DModel(
-            num_attention_heads=4, attention_head_dim=8, in_channels=CHANNELS, out_channels=2 * CHANNELS,
-            num_layers=2, cross_attention_dim=32, attention_bias=True, sample_size=8, patch_size=2,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=TEXT_DIM, video_length=frames,
-        ))
+        return seeded_model(
+            lambda: LatteTransformer3DModel(
+                num_attention_heads=4,
+                attention_head_dim=8,
+                in_channels=CHANNELS,
+                out_channels=2 * CHANNELS,
+                num_layers=2,
+                cross_attention_dim=32,
+                attention_bias=True,
+                sample_size=8,
+                patch_size=2,
+                activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000,
+                norm_type="ada_norm_single",
+                norm_elementwise_affine=False,
+                norm_eps=1e-6,
+                caption_channels=TEXT_DIM,
+                video_length=frames,
+            )
+        )
 
     return make
 

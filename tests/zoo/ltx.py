@@ -9,10 +9,17 @@ TEXT_DIM, CHANNELS = 16, 8
 
 
 def build() -> LTXVideoTransformer3DModel:
-    return seeded_model(lambda: LTXVideoTransformer3DModel(
-        in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=4, attention_head_dim=8,
-        cross_attention_dim=32, num_layers=2, caption_channels=TEXT_DIM,
-    ))
+    return seeded_model(
+        lambda: LTXVideoTransformer3DModel(
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            num_attention_heads=4,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            num_layers=2,
+            caption_channels=TEXT_DIM,
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int, per_token_timestep: bool):
@@ -27,7 +34,10 @@ def inputs(frames: int, height: int, width: int, text: int, per_token_timestep: 
             encoder_hidden_states=randn(2, text, TEXT_DIM, seed=2),  # conditional and unconditional text
             timestep=timestep,
             encoder_attention_mask=text_mask(text),
-            num_frames=frames, height=height, width=width, rope_interpolation_scale=(1 / 25, 32, 32),
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(1 / 25, 32, 32),
             return_dict=False,
         )
 

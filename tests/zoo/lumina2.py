@@ -10,11 +10,22 @@ TEXT_DIM = 16
 
 
 def build() -> Lumina2Transformer2DModel:
-    return seeded_model(lambda: Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_refiner_layers=2,
-        num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
-        cap_feat_dim=TEXT_DIM,
-    ))
+    return seeded_model(
+        lambda: Lumina2Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=64,
+            num_layers=2,
+            num_refiner_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            multiple_of=16,
+            axes_dim_rope=(4, 6, 6),
+            axes_lens=(64, 32, 32),
+            cap_feat_dim=TEXT_DIM,
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int, masked: bool = True):

@@ -10,10 +10,19 @@ TEXT_DIM, CHANNELS = 16, 4
 
 
 def build() -> MochiTransformer3DModel:
-    return seeded_model(lambda: MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=4, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-        in_channels=CHANNELS, text_embed_dim=TEXT_DIM, time_embed_dim=16, max_sequence_length=16,
-    ))
+    return seeded_model(
+        lambda: MochiTransformer3DModel(
+            patch_size=2,
+            num_attention_heads=4,
+            attention_head_dim=8,
+            num_layers=2,
+            pooled_projection_dim=16,
+            in_channels=CHANNELS,
+            text_embed_dim=TEXT_DIM,
+            time_embed_dim=16,
+            max_sequence_length=16,
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int):

@@ -11,11 +11,20 @@ TEXT_DIM = 16
 
 def build(zero_cond_t: bool = False, use_layer3d_rope: bool = False):
     """``use_layer3d_rope``: Qwen-Image-Layered's rotary (another ``pos_embed`` class)."""
-    return lambda: seeded_model(lambda: QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
-        use_layer3d_rope=use_layer3d_rope,
-    ))
+    return lambda: seeded_model(
+        lambda: QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+            zero_cond_t=zero_cond_t,
+            use_layer3d_rope=use_layer3d_rope,
+        )
+    )
 
 
 def inputs(shapes: list[tuple[int, int]], text: int, masked: bool = True):

@@ -13,10 +13,17 @@ CONTEXT_DIM, CHANNELS = 16, 16
 
 
 def build():
-    return seeded_model(lambda: QwenImage21Transformer2DModel(
-        in_channels=CHANNELS, out_channels=CHANNELS, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        context_in_dim=CONTEXT_DIM, axes_dims_rope=(4, 6, 6),
-    ))
+    return seeded_model(
+        lambda: QwenImage21Transformer2DModel(
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            context_in_dim=CONTEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+        )
+    )
 
 
 def inputs(text_rows: int, condition_slot: int | None, target: tuple[int, int], masked: bool = True):

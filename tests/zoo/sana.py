@@ -9,11 +9,22 @@ CAPTION_DIM = 16
 
 
 def build(**config) -> SanaTransformer2DModel:
-    return seeded_model(lambda: SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=12, num_layers=2,
-        num_cross_attention_heads=4, cross_attention_head_dim=12, cross_attention_dim=48, caption_channels=CAPTION_DIM,
-        sample_size=8, patch_size=1, **config,
-    ))
+    return seeded_model(
+        lambda: SanaTransformer2DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=4,
+            attention_head_dim=12,
+            num_layers=2,
+            num_cross_attention_heads=4,
+            cross_attention_head_dim=12,
+            cross_attention_dim=48,
+            caption_channels=CAPTION_DIM,
+            sample_size=8,
+            patch_size=1,
+            **config,
+        )
+    )
 
 
 def inputs(height: int, width: int, text: int, guidance: bool = False):

@@ -10,11 +10,22 @@ CAPTION_DIM = 16
 
 
 def build() -> SanaVideoTransformer3DModel:
-    return seeded_model(lambda: SanaVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=12, num_layers=2,
-        num_cross_attention_heads=4, cross_attention_head_dim=12, cross_attention_dim=48, caption_channels=CAPTION_DIM,
-        sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32,
-    ))
+    return seeded_model(
+        lambda: SanaVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=4,
+            attention_head_dim=12,
+            num_layers=2,
+            num_cross_attention_heads=4,
+            cross_attention_head_dim=12,
+            cross_attention_dim=48,
+            caption_channels=CAPTION_DIM,
+            sample_size=8,
+            patch_size=(1, 2, 2),
+            rope_max_seq_len=32,
+        )
+    )
 
 
 def inputs(frames: int, height: int, width: int, text: int):

@@ -11,11 +11,22 @@ TEXT_DIM, CHANNELS = 16, 48  # Wan 2.2's VAE has 48 latent channels
 
 def build() -> WanTransformer3DModel:
     """A tiny Wan 2.2 TI2V-5B: patch (1, 2, 2), 48 channels in and out, head dim 12 = t 4 + h 4 + w 4."""
-    return seeded_model(lambda: WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=CHANNELS,
-        out_channels=CHANNELS, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ))
+    return seeded_model(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=12,
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            text_dim=TEXT_DIM,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+    )
 
 
 def expanded_timestep(frames: int, height: int, width: int, t: float) -> torch.Tensor:

@@ -12,10 +12,22 @@ CAP_DIM, SIGLIP_DIM = 16, 8
 
 
 def build(siglip_dim: int | None = None):
-    return lambda: seeded_model(lambda: ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2, n_refiner_layers=2, n_heads=4,
-        n_kv_heads=4, cap_feat_dim=CAP_DIM, siglip_feat_dim=siglip_dim, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32],
-    ))
+    return lambda: seeded_model(
+        lambda: ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=4,
+            dim=64,
+            n_layers=2,
+            n_refiner_layers=2,
+            n_heads=4,
+            n_kv_heads=4,
+            cap_feat_dim=CAP_DIM,
+            siglip_feat_dim=siglip_dim,
+            axes_dims=[4, 6, 6],
+            axes_lens=[256, 32, 32],
+        )
+    )
 
 
 def inputs(height: int, width: int, captions: tuple[int, int]):
@@ -42,7 +54,9 @@ def omni_inputs(condition: tuple[int, int], target: tuple[int, int], captions: t
         return dict(
             x=[images, images],  # CFG: the same latents twice
             t=torch.tensor([0.5, 0.5]),
-            cap_feats=[[randn(n, CAP_DIM, seed=10 * i + j) for j, n in enumerate(chunks)] for i, chunks in enumerate(captions)],
+            cap_feats=[
+                [randn(n, CAP_DIM, seed=10 * i + j) for j, n in enumerate(chunks)] for i, chunks in enumerate(captions)
+            ],
             siglip_feats=[[randn(*condition, SIGLIP_DIM, seed=3), None]] * 2,
             image_noise_mask=[[0, 1], [0, 1]],
             return_dict=False,
@@ -62,5 +76,7 @@ CASES = [
     # both captions padded to 32 tokens: no mask
     ZooCase("z_image-15img-7txt-3txt", build(), inputs(3, 5, (7, 3)), stacked),
     # omni: per-token noise masks (clean condition, noisy target); caption chunks of 32+32+32 and 32+64+32 tokens
-    ZooCase("z_image-omni-4img-15img", build(SIGLIP_DIM), omni_inputs((2, 2), (3, 5), ((3, 5, 2), (3, 40, 2))), stacked),
+    ZooCase(
+        "z_image-omni-4img-15img", build(SIGLIP_DIM), omni_inputs((2, 2), (3, 5), ((3, 5, 2), (3, 40, 2))), stacked
+    ),
 ]
