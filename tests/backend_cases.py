@@ -45,6 +45,7 @@ def register_test_backends(calls: Counter) -> Callable[[], None]:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
     saved = (dict(registry._backends), dict(registry._constraints), dict(registry._supported_arg_names))
+    active = registry._active_backend  # diffusers' set_attention_backend also sets this process-wide default
 
     def with_lse(query, key, value, attn_mask=None, scale=None, return_lse=False, _parallel_config=None):
         out, lse = _math_attention(query, key, value, attn_mask, scale)
@@ -78,6 +79,7 @@ def register_test_backends(calls: Counter) -> Callable[[], None]:
 
     def restore() -> None:
         registry._backends, registry._constraints, registry._supported_arg_names = (dict(d) for d in saved)
+        registry._active_backend = active
         flex_attention.flex_attention = flex
 
     return restore

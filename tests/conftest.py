@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_addoption(parser):
     parser.addoption("--zoo", default="", help="comma-separated zoo families for tests/test_zoo.py (default: all)")
+
+
+@pytest.fixture(autouse=True)
+def _restore_diffusers_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets a process-wide default backend: each test starts from the one
+    before it and leaves it as it found it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = active
