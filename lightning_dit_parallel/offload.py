@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dit_parallel.utils.hooks import remove_handles
+from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
 
 #: Where offloaded weights live.
 HOST = torch.device("cpu")
@@ -51,6 +51,7 @@ class _Unit:
     depth: int = 0  # > 0 while its parameters are on the device (its forward or a borrowed call)
     borrowers: list[nn.Module] = field(default_factory=list)
     saved: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # (parameter, host tensor)
+    hooks: WeightHooks | None = None  # the load / unload hooks on the unit itself
 
     def parameters(self) -> list[nn.Parameter]:
         """The unit's offloaded parameters, each once (tied slots share one)."""
@@ -101,6 +102,11 @@ class Offloaded:
         """Bytes of the parameters kept in host memory (local shards of DTensors)."""
         return sum(_data(p).numel() * _data(p).element_size() for u in self.units for p in u.parameters())
 
+    def weight_hooks(self, module: nn.Module) -> list[WeightHooks]:
+        """The load and unload hooks of ``module`` when it is a streamed unit: a caller that does not compute the unit
+        may leave both out (step caching's skipped blocks, ``cache/weight_gate.py``)."""
+        return [u.hooks for u in self.units if u.module is module and u.hooks is not None]
+
     def remove(self) -> None:
         """Remove the hooks and the ``_apply`` overrides; the parameters stay on the host unless
         ``to_device_on_remove``. No collective."""
@@ -123,15 +129,22 @@ class Offloaded:
 
     def _install(self, unit: _Unit, nested: set[int]) -> None:
         module = unit.module
-        self.handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs: self._enter(unit, args, kwargs), with_kwargs=True, prepend=True))
-        self.handles.append(module.register_forward_hook(
-            lambda m, args, output: self._leave(unit), always_call=True))
+        self.handles.append(
+            module.register_forward_pre_hook(
+                lambda m, args, kwargs: self._enter(unit, args, kwargs), with_kwargs=True, prepend=True
+            )
+        )
+        self.handles.append(module.register_forward_hook(lambda m, args, output: self._leave(unit), always_call=True))
+        unit.hooks = WeightHooks(self.handles[-2], self.handles[-1])
         for sub in _modules_outside(module, nested):
-            self.handles.append(sub.register_forward_pre_hook(
-                lambda m, args, kwargs: self._borrow(unit, m, args, kwargs), with_kwargs=True, prepend=True))
-            self.handles.append(sub.register_forward_hook(
-                lambda m, args, output: self._give_back(unit, m), always_call=True))
+            self.handles.append(
+                sub.register_forward_pre_hook(
+                    lambda m, args, kwargs: self._borrow(unit, m, args, kwargs), with_kwargs=True, prepend=True
+                )
+            )
+            self.handles.append(
+                sub.register_forward_hook(lambda m, args, output: self._give_back(unit, m), always_call=True)
+            )
 
     def _enter(self, unit: _Unit, args: tuple, kwargs: dict) -> None:
         if unit.depth == 0:
@@ -162,8 +175,9 @@ class Offloaded:
 
         def _apply(fn, *args, **kwargs):
             offloaded = {id(p) for u in self.units for p in u.parameters()}
-            return type(module)._apply(module, lambda t: self._host_version(t, fn) if id(t) in offloaded else fn(t),
-                                       *args, **kwargs)
+            return type(module)._apply(
+                module, lambda t: self._host_version(t, fn) if id(t) in offloaded else fn(t), *args, **kwargs
+            )
 
         module.__dict__["_apply"] = _apply
         self.overridden.append(module)
@@ -209,8 +223,11 @@ def apply_offload(root: nn.Module, units: list[nn.Module], *, to_device_on_remov
     elsewhere = {id(p) for _, p in _own_slots_params(root, unit_ids)}
     offloaded = Offloaded(root, [], to_device_on_remove=to_device_on_remove)
     for u in units:
-        kept = [(owner, name) for owner, name in slots[id(u)]
-                if owners[id(owner._parameters[name])] == 1 and id(owner._parameters[name]) not in elsewhere]
+        kept = [
+            (owner, name)
+            for owner, name in slots[id(u)]
+            if owners[id(owner._parameters[name])] == 1 and id(owner._parameters[name]) not in elsewhere
+        ]
         offloaded.units.append(_Unit(u, kept))
     try:
         for unit in offloaded.units:

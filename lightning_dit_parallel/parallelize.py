@@ -15,21 +15,30 @@ from lightning_dit_parallel.cache import StepCacheConfig, apply_step_cache, chec
 from lightning_dit_parallel.cfg import apply_cfg_parallel, check_guided
 from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.fsdp import (
-    SHARD_AXES, FsdpUnits, apply_fsdp, block_units, check_fsdp_units, encoder_mesh, encoder_paths, module_units,
-    shard_mesh, shards_encoders, weight_layers,
+    SHARD_AXES,
+    FsdpUnits,
+    apply_fsdp,
+    block_units,
+    check_fsdp_units,
+    encoder_mesh,
+    encoder_paths,
+    module_units,
+    shard_mesh,
+    shards_encoders,
+    weight_layers,
 )
+from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
 from lightning_dit_parallel.incomplete import check_complete
 from lightning_dit_parallel.input_limits import apply_input_limits, refused_inputs
-from lightning_dit_parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
 from lightning_dit_parallel.layout import ParallelLayout
 from lightning_dit_parallel.offload import apply_offload
 from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.pipeline.stages import ReleasedBlock, assign_stages, check_cuts_on_every_stage
 from lightning_dit_parallel.plan import DiTPlan, is_within
-from lightning_dit_parallel.registry import find_planned_modules
-from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.regional_compile import CompileOption, apply_regional_compile, check_compile_option
+from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.sequence.backends import LSEFallback
+from lightning_dit_parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.tensor import (
@@ -108,22 +117,34 @@ class Parallelized:
 
 
 def parallelize(
-    module: nn.Module, layout: ParallelLayout, mesh, *, shard_modules: Sequence[str] | None = None,
-    pipeline: PipelineOptions | None = None, check_inputs: CheckInputs = True, parallel_vae: bool = False,
-    distrifusion: DistriFusionOptions | None = None, offload: bool = False, fsdp_units: FsdpUnits = "blocks",
-    cache: StepCacheConfig | None = None, compile: CompileOption = False, lse_fallback: LSEFallback = "warn",
+    module: nn.Module,
+    layout: ParallelLayout,
+    mesh,
+    *,
+    shard_modules: Sequence[str] | None = None,
+    pipeline: PipelineOptions | None = None,
+    check_inputs: CheckInputs = True,
+    parallel_vae: bool = False,
+    distrifusion: DistriFusionOptions | None = None,
+    offload: bool = False,
+    fsdp_units: FsdpUnits = "blocks",
+    cache: StepCacheConfig | None = None,
+    compile: CompileOption = False,
+    lse_fallback: LSEFallback = "warn",
     ulysses_overlap: UlyssesOverlap = "auto",
 ) -> Parallelized:
     """Apply the layout's parallelism to every submodule of ``module`` whose class has a plan.
 
-    Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other
-    stages and pipeline the forward, tensor parallelism (``tp``) splits the heads and MLP features of the blocks a
-    rank holds (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence parallelism installs its split/gather/attention hooks, CFG parallelism splits the
-    doubled batch or pairs the separate conditional and unconditional calls of each step (``cfg/``), the parallel VAE decode (``parallel_vae``) bands the VAEs' decoders, the input limits refuse the
-    arguments this layout cannot take (``input_limits.py``), and the replicated-input guard (``check_inputs``) checks
-    the uncut arguments (its pre-hook runs first in each DiT forward, then the limits', then CFG's). With ``offload``,
-    host offload comes right after FSDP: the shards FSDP makes stay in host memory (``CPUOffloadPolicy``), and the
-    blocks and encoder layers FSDP does not shard are streamed by ``offload.apply_offload``.
+    Order of application (``remove`` undoes it in reverse): pipeline stages release the blocks of other stages and
+    pipeline the forward, tensor parallelism (``tp``) splits the heads and MLP features of the blocks a rank holds
+    (DTensors), FSDP shards the parameters a rank computes with (over the non-tp axes: 2-D with tp), sequence
+    parallelism installs its split/gather/attention hooks, CFG parallelism splits the doubled batch or pairs the
+    separate conditional and unconditional calls of each step (``cfg/``), the parallel VAE decode (``parallel_vae``)
+    bands the VAEs' decoders, the input limits refuse the arguments this layout cannot take (``input_limits.py``), and
+    the replicated-input guard (``check_inputs``) checks the uncut arguments (its pre-hook runs first in each DiT
+    forward, then the limits', then CFG's). With ``offload``, host offload comes right after FSDP: the shards FSDP makes
+    stay in host memory (``CPUOffloadPolicy``), and the blocks and encoder layers FSDP does not shard are streamed by
+    ``offload.apply_offload``.
 
     Args:
         module: usually the LightningModule; the DiTs inside it are found by their plans.
@@ -182,13 +203,20 @@ def parallelize(
     cuts_memory = shards_encoders(layout.fsdp, int(layout.pp), int(layout.tp))
     if shard_modules and not cuts_memory:
         raise ValueError(
-            f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1 ({layout.describe()})."
+            f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
+            f" ({layout.describe()})."
         )
     if not isinstance(offload, bool):
         raise ValueError(f"offload must be a bool; got {offload!r}.")
     vaes = find_vaes(module) if parallel_vae else []
-    if (layout.sequence_degree == 1 and layout.cfg == 1 and not layout.fsdp and layout.pp == 1 and layout.tp == 1
-            and not offload):
+    if (
+        layout.sequence_degree == 1
+        and layout.cfg == 1
+        and not layout.fsdp
+        and layout.pp == 1
+        and layout.tp == 1
+        and not offload
+    ):
         if cache is not None:  # one process (or data parallel only): caching alone
             planned = find_planned_modules(module)
             _check_step_cache(planned, layout, cache, pipeline, distrifusion)
@@ -196,8 +224,11 @@ def parallelize(
         return result
     planned = find_planned_modules(module)
     # with offload, the encoders that are not sharded are streamed whole; given shard_modules are the encoders
-    default_encoders = encoder_paths(module, [path for path, _, _ in planned]) if shard_modules is None or (
-        offload and not shard_modules) else ()
+    default_encoders = (
+        encoder_paths(module, [path for path, _, _ in planned])
+        if shard_modules is None or (offload and not shard_modules)
+        else ()
+    )
     if shard_modules is None:
         shard_modules = default_encoders if cuts_memory else ()
     extra = [(path, _submodule(module, path)) for path in shard_modules]
@@ -237,8 +268,12 @@ def parallelize(
         if offload:
             streamed = [] if sharded_dits else planned
             encoders = whole + ([] if sharded_encoders else extra)
-            _apply_offload(result, streamed, encoders, to_device_on_remove=(layout.pp > 1 or layout.tp > 1)
-                           and mesh.device_type != "cpu")
+            _apply_offload(
+                result,
+                streamed,
+                encoders,
+                to_device_on_remove=(layout.pp > 1 or layout.tp > 1) and mesh.device_type != "cpu",
+            )
         pipefusion = layout.pp > 1 and (pipeline or PipelineOptions()).mode == "pipefusion"
         if layout.sequence_degree > 1 and distrifusion is not None:
             groups = SequenceGroups.from_mesh(mesh)
@@ -248,9 +283,11 @@ def parallelize(
         elif layout.sequence_degree > 1 and not pipefusion:  # PipeFusion shards each patch itself
             groups = SequenceGroups.from_mesh(mesh)
             for _, dit, plan in planned:
-                result.applied.append(apply_sequence_parallel(
-                    dit, plan, groups, lse_fallback=lse_fallback, ulysses_overlap=ulysses_overlap
-                ))
+                result.applied.append(
+                    apply_sequence_parallel(
+                        dit, plan, groups, lse_fallback=lse_fallback, ulysses_overlap=ulysses_overlap
+                    )
+                )
             rank_zero_log(f"sequence parallel (ring={layout.ring}, ulysses={layout.ulysses}) on {result.paths}")
         if layout.cfg > 1:
             for _, dit, plan in planned:
@@ -289,8 +326,9 @@ def _resolve_tensor_parallel(
     return layouts
 
 
-def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool,
-                    offload: bool = False) -> bool:
+def _shard_encoders(
+    result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool, offload: bool = False
+) -> bool:
     """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``; whether it
     sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
@@ -298,34 +336,79 @@ def _shard_encoders(result: Parallelized, extra: list[tuple[str, nn.Module]], me
         return False
     for _, sub in extra:
         result.applied.append(apply_fsdp(sub, module_units(sub), encoders, offload=offload))
-    rank_zero_log(f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
-                  f" {[p for p, _ in extra]}")
+    rank_zero_log(
+        f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
+        f" {[p for p, _ in extra]}"
+    )
     return True
 
 
-def _check_step_cache(planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, cache: StepCacheConfig,
-                      pipeline: PipelineOptions | None, distrifusion: DistriFusionOptions | None) -> None:
+def _check_step_cache(
+    planned: list[tuple[str, nn.Module, DiTPlan]],
+    layout: ParallelLayout,
+    cache: StepCacheConfig,
+    pipeline: PipelineOptions | None,
+    distrifusion: DistriFusionOptions | None,
+) -> None:
     """Step caching's refusals (pure: the same ValueError on every rank, before any collective)."""
     options = pipeline or PipelineOptions()
     for _, dit, plan in planned:
         assignment = assign_stages(dit, plan, int(layout.pp), options.layers_per_stage) if layout.pp > 1 else None
-        check_step_cache(cache, dit, plan, pipefusion=layout.pp > 1 and options.mode == "pipefusion",
-                         distrifusion=distrifusion is not None, assignment=assignment)
+        check_step_cache(
+            cache,
+            dit,
+            plan,
+            pipefusion=layout.pp > 1 and options.mode == "pipefusion",
+            distrifusion=distrifusion is not None,
+            assignment=assignment,
+        )
 
 
-def _apply_step_cache(result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
-                      cache: StepCacheConfig, fsdp: bool) -> None:
+def _apply_step_cache(
+    result: Parallelized,
+    module: nn.Module,
+    planned: list[tuple[str, nn.Module, DiTPlan]],
+    mesh,
+    cache: StepCacheConfig,
+    fsdp: bool,
+) -> None:
     """Step caching on every planned DiT; the deciding group over the cfg, ring, ulysses and tp axes (with FSDP also
-    its shard axes), the pipeline stages linked by their stage loop."""
+    its shard axes; without the cfg axis for separate CFG calls), the pipeline stages linked by their stage loop; the
+    parallelizers' weight hooks (FSDP's gathers, offload's copies) left out for skipped blocks."""
     group = decision_group(mesh, fsdp) if mesh is not None else None
-    links = {id(item.model): item.loop.link for item in result.applied if hasattr(item, "loop") and hasattr(item, "model")}
+    links = {
+        id(item.model): item.loop.link for item in result.applied if hasattr(item, "loop") and hasattr(item, "model")
+    }
+    cfgs = {
+        id(item.model): item for item in result.applied if hasattr(item, "separate_calls") and hasattr(item, "model")
+    }
+    separate_group = decision_group(mesh, fsdp, cfg=False) if cfgs else None
+    weight_sources = [item for item in result.applied if hasattr(item, "weight_hooks")]
+
+    def weight_hooks(block: nn.Module) -> list:
+        return [hooks for source in weight_sources for hooks in source.weight_hooks(block)]
+
     for _, dit, plan in planned:
-        result.applied.append(apply_step_cache(dit, plan, cache, group, links.get(id(dit)), steps_source=module))
+        cfg = cfgs.get(id(dit))
+        result.applied.append(
+            apply_step_cache(
+                dit,
+                plan,
+                cache,
+                group,
+                links.get(id(dit)),
+                steps_source=module,
+                weight_hooks=weight_hooks,
+                separate_group=separate_group,
+                separate_calls=(lambda cfg=cfg: cfg.separate_calls) if cfg else None,
+            )
+        )
     rank_zero_log(f"step cache ({cache.describe()}) on {result.paths or [type(d).__name__ for _, d, _ in planned]}")
 
 
-def _check_offload(planned: list[tuple[str, nn.Module, DiTPlan]], encoders: list[tuple[str, nn.Module]],
-                   layout: ParallelLayout) -> None:
+def _check_offload(
+    planned: list[tuple[str, nn.Module, DiTPlan]], encoders: list[tuple[str, nn.Module]], layout: ParallelLayout
+) -> None:
     """``offload=True`` needs something to offload (pure: the same ValueError on every rank, before any
     collective): a transformer block of a plan, an encoder layer, or a DiT that FSDP shards (its root then streams
     whole)."""
@@ -347,8 +430,12 @@ def _offload_units(module: nn.Module) -> list[nn.Module]:
     return [u for u in module_units(module) if u is not module]
 
 
-def _apply_offload(result: Parallelized, planned: list[tuple[str, nn.Module, DiTPlan]],
-                   encoders: list[tuple[str, nn.Module]], to_device_on_remove: bool) -> None:
+def _apply_offload(
+    result: Parallelized,
+    planned: list[tuple[str, nn.Module, DiTPlan]],
+    encoders: list[tuple[str, nn.Module]],
+    to_device_on_remove: bool,
+) -> None:
     """Stream the blocks of ``planned`` (with the plans' shared modules as units of their own, as FSDP makes them)
     and the layers of ``encoders`` from host memory, one unit at a time."""
     for path, dit, plan in planned:
@@ -362,12 +449,18 @@ def _apply_offload(result: Parallelized, planned: list[tuple[str, nn.Module, DiT
             result.applied.append(apply_offload(sub, layers))
     streamed = [path or type(dit).__name__ for path, _, _ in planned] + [path for path, _ in encoders]
     if streamed:
-        rank_zero_log(f"offload: the blocks and layers of {streamed} stay in host memory, streamed to the device per unit")
+        rank_zero_log(
+            f"offload: the blocks and layers of {streamed} stay in host memory, streamed to the device per unit"
+        )
 
 
 def _apply_fsdp(
-    result: Parallelized, module: nn.Module, planned: list[tuple[str, nn.Module, DiTPlan]], mesh,
-    offload: bool = False, fsdp_units: FsdpUnits = "blocks",
+    result: Parallelized,
+    module: nn.Module,
+    planned: list[tuple[str, nn.Module, DiTPlan]],
+    mesh,
+    offload: bool = False,
+    fsdp_units: FsdpUnits = "blocks",
 ) -> bool:
     """FSDP2 per transformer block (``fsdp_units="layers"``: per weight layer too) and on each DiT root; whether it
     sharded (not over one rank)."""
@@ -399,7 +492,10 @@ def _apply_parallel_vae(result: Parallelized, vaes: list[tuple[str, nn.Module, V
 
 
 def _apply_pipeline(
-    result: Parallelized, planned: list[tuple[str, nn.Module, DiTPlan]], layout: ParallelLayout, mesh,
+    result: Parallelized,
+    planned: list[tuple[str, nn.Module, DiTPlan]],
+    layout: ParallelLayout,
+    mesh,
     options: PipelineOptions,
 ) -> None:
     """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis; PipeFusion shards

@@ -45,8 +45,9 @@ def offload_counts(module: nn.Module) -> dict[str, int]:
     streamed = sum("_apply" in m.__dict__ for m in module.modules())
     fsdp = 0
     for m in module.modules():
-        if isinstance(m, FSDPModule) and any(isinstance(g.offload_policy, CPUOffloadPolicy)
-                                             for g in m._get_fsdp_state()._fsdp_param_groups):
+        if isinstance(m, FSDPModule) and any(
+            isinstance(g.offload_policy, CPUOffloadPolicy) for g in m._get_fsdp_state()._fsdp_param_groups
+        ):
             fsdp += 1
     return {"streamed": streamed, "fsdp": fsdp}
 
@@ -81,8 +82,10 @@ CASES = {
     # pipeline stages: the stage's one block streamed; the encoder sharded over the stages with offloaded shards
     "pipeline2": (lambda: PipelineStrategy(pp_degree=2, offload=True), {"streamed": 1, "fsdp": 2}),
     # pipeline stages with the encoder kept whole: its layers streamed too
-    "pipeline2_whole_encoder": (lambda: PipelineStrategy(pp_degree=2, offload=True, shard_modules=[]),
-                                {"streamed": 3, "fsdp": 0}),
+    "pipeline2_whole_encoder": (
+        lambda: PipelineStrategy(pp_degree=2, offload=True, shard_modules=[]),
+        {"streamed": 3, "fsdp": 0},
+    ),
     # tensor parallelism: both blocks' DTensor shards streamed; the encoder sharded over the tp ranks, offloaded
     "tp2": (lambda: TensorParallelStrategy(tp_degree=2, offload=True), {"streamed": 2, "fsdp": 2}),
     # no FSDP, no stages: every block and layer streamed
@@ -117,8 +120,7 @@ def _every_case(rank: int, world: int, family: str, ports: tuple[int, int]) -> l
         for name, (make, expected_counts) in CASES.items():
             what = f"{family} {name}, rank {rank}"
             strategy = make()
-            out = predict_here(module, prompt_loader(PROMPTS, batch_size=2 if "dp" not in name else 1), strategy,
-                               world)
+            out = predict_here(module, prompt_loader(PROMPTS, batch_size=2 if "dp" not in name else 1), strategy, world)
             dp, dp_rank = int(strategy.layout.dp), strategy.layout.coordinates(rank)["dp"]
             expected = reference[dp_rank::dp]  # the predict sampler deals samples round-robin over the dp groups
             error = ((out - expected).abs().max() / expected.abs().max()).item()
@@ -226,8 +228,14 @@ def test_offload_is_refused_where_there_is_nothing_to_offload():
         def forward(self, x):
             return self.proj(self.attn(x))
 
-    register_plan(NoBlocks, DiTPlan(split_inputs={"x": Split("image", 1)}, gather_outputs={"proj": Split("image", 1)},
-                                    self_attention={"attn": ("image",)}))  # no blocks
+    register_plan(
+        NoBlocks,
+        DiTPlan(
+            split_inputs={"x": Split("image", 1)},
+            gather_outputs={"proj": Split("image", 1)},
+            self_attention={"attn": ("image",)},
+        ),
+    )  # no blocks
     holder = nn.Module()
     holder.dit = NoBlocks()
     with pytest.raises(ValueError, match="nothing to offload"):
@@ -314,9 +322,17 @@ def test_cuda_peak_with_offload_is_below_the_model_size():
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=64, in_channels=4, out_channels=8,
-                                  num_layers=8, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
-                                  norm_num_groups=4).eval()
+    model = DiTTransformer2DModel(
+        num_attention_heads=16,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=8,
+        num_layers=8,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=4,
+    ).eval()
     holder = nn.Module()
     holder.dit = model
     size = sum(p.numel() * p.element_size() for p in model.parameters())

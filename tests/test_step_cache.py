@@ -6,6 +6,11 @@
   one the one-process run takes on the whole tensors).
 - Shards that would decide differently on their own (a threshold between the two Ulysses shards' own statistics)
   still take one branch: no hang, equal outputs.
+- With FSDP, a skipped block is not gathered: its parameters are still sharded when it is called in a skipped step,
+  gathered in every computed step (blocks as units); with layer units and host offload the output is exact too.
+- CFG parallel with separate calls (a WanPipeline held as ``self.pipe``): each cfg rank's call decides alone (with its
+  Ulysses peers), as each diffusers cache context does in one process: per context the same skipped steps as the
+  one-process cached run, the same output on every rank.
 
 One launch of 2 ranks and one of 4 run every case in a row (``tests/in_process.py``), as under torchrun.
 """
@@ -20,12 +25,15 @@ from hydra.utils import instantiate
 
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, SequenceParallelStrategy
 from lightning_dit_parallel.cache import (
+    DEFAULT_THRESHOLDS,
     CachedSingleDeviceStrategy,
     CacheOptions,
     apply_step_cache,
     cache_config,
     check_step_cache,
 )
+from lightning_dit_parallel.fsdp import is_sharded
+from lightning_dit_parallel.prompts import prompt_loader
 from lightning_dit_parallel.registry import find_planned_modules
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch
@@ -51,7 +59,7 @@ def _one_process(cache: str | None, threshold: float | None, batch_size: int = 2
     module = _module()
     installed = []
     if cache is not None:
-        (_, dit, plan), = find_planned_modules(module)
+        ((_, dit, plan),) = find_planned_modules(module)
         installed.append(apply_step_cache(dit, plan, cache_config(cache, threshold), steps_source=module))
     outputs, skipped = [], []
     for batch in requests(2, batch_size=batch_size):
@@ -65,18 +73,50 @@ def _one_process(cache: str | None, threshold: float | None, batch_size: int = 2
 
 
 class _Stats(L.Callback):
+    """The cache's stats of every batch; and, per call of a block, whether its parameters were still sharded (FSDP)
+    when its forward began (read by a pre-hook after every other, the gate's included)."""
+
     def __init__(self) -> None:
         self.stats = []
+        self.sharded_calls = 0
+        self.handles = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        ((_, dit, plan),) = find_planned_modules(pl_module)
+        for _, blocks in plan.block_lists(dit):
+            for block in blocks.children():
+                names = [name for name, _ in block.named_parameters()]  # none in a block another stage holds
+                if names:  # the last: of the block's own unit (the shared module is in block 0's head); looked up at
+                    # the call: FSDP swaps the parameter objects when it gathers
+                    self.handles.append(
+                        block.register_forward_pre_hook(
+                            lambda m, a, name=names[-1]: self._called(m.get_parameter(name))
+                        )
+                    )
+
+    def _called(self, param) -> None:
+        self.sharded_calls += int(is_sharded(param))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.stats += trainer.strategy.step_cache_stats()
 
 
-def _predict(layout: dict, world: int, cache: str | None, threshold: float | None) -> tuple[torch.Tensor, list]:
-    stats = _Stats()
+def _predict(
+    layout: dict, world: int, cache: str | None, threshold: float | None, stats: _Stats | None = None
+) -> tuple[torch.Tensor, list]:
+    stats = stats or _Stats()
     trainer = L.Trainer(
-        accelerator="cpu", devices=world, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        strategy=DiTParallelStrategy(**layout, cache=cache, cache_threshold=threshold), callbacks=[stats],
+        accelerator="cpu",
+        devices=world,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        strategy=DiTParallelStrategy(**layout, cache=cache, cache_threshold=threshold),
+        callbacks=[stats],
     )
     outputs = trainer.predict(_module(), requests(2, batch_size=2))
     return torch.cat(outputs), stats.stats
@@ -88,7 +128,8 @@ LAYOUTS_2 = {
     "ulysses": (dict(ulysses_degree=2), (None, "fbcache", "teacache")),
     "ring": (dict(ring_degree=2), (None, "fbcache")),
     "tp": (dict(tp_degree=2), (None, "fbcache")),
-    "fsdp_ulysses": (dict(ulysses_degree=2, fsdp=True), (None, "teacache")),
+    "fsdp_ulysses": (dict(ulysses_degree=2, fsdp=True), (None, "teacache", "fbcache")),
+    "fsdp_layers_offload": (dict(ulysses_degree=2, fsdp=True, fsdp_units="layers", offload=True), ("fbcache",)),
     "pipeline": (dict(pp_degree=2, num_microbatches=1), (None, "fbcache", "teacache")),
     "pipeline_microbatches": (dict(pp_degree=2), ("fbcache",)),
     "cfg": (dict(cfg_degree=2), (None, "teacache")),
@@ -107,6 +148,59 @@ PER_SAMPLE = {"dp", "fsdp_dp"}
 JOINT_SAMPLES = {"fsdp_dp"}
 #: micro-batches decide one by one (the uncond and cond halves here): not the one-process whole-batch decision
 PER_MICROBATCH = {"pipeline_microbatches"}
+#: FSDP with blocks as units: a block called in a skipped step finds its parameters sharded (not gathered), in every
+#: computed step gathered
+FSDP_BLOCKS = {"fsdp_ulysses", "fsdp_dp"}
+
+#: CFG parallel with separate calls: WanPipeline (2 blocks: fbcache skips the second), 64 x 48 (12 video tokens: the
+#: Ulysses shards need no padding, whose tokens would enter the statistic), 8 steps, one prompt; the threshold skips 3
+#: "cond" and 2 "uncond" steps in one process (the contexts' statistics are >= 0.005 away from it), where one joint
+#: decision per step could not skip unequal counts
+WAN_STEPS, WAN_THRESHOLD = 8, 0.2
+
+
+def _wan_module():
+    from tests.test_cfg_separate import PIPELINES, WAN
+
+    return PIPELINES["wan"]({**WAN, "num_inference_steps": WAN_STEPS, "height": 64})
+
+
+def _wan_one_process() -> tuple[torch.Tensor, dict]:
+    """The one-process cached WanPipeline run: its frames and skipped steps per cache context."""
+    module = _wan_module()
+    ((_, dit, plan),) = find_planned_modules(module.pipe.transformer)
+    cache = apply_step_cache(dit, plan, cache_config("fbcache", WAN_THRESHOLD), steps_source=module)
+    cache.begin_batch()
+    with torch.no_grad():
+        out = module.predict_step(next(iter(prompt_loader(["a red cat"], batch_size=1))), 0)
+    skipped = dict(cache.stats.skipped_by_context)
+    cache.remove()
+    return out, skipped
+
+
+def _wan_cfg_separate(world: int) -> tuple[list, dict]:
+    """cfg 2 (x Ulysses 2 on 4 ranks) with separate calls, cached: this rank's frames and skipped steps per context."""
+    module = _wan_module()
+    stats = []
+
+    class Stats(L.Callback):
+        def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+            stats.extend(trainer.strategy.step_cache_stats())
+
+    strategy = DiTParallelStrategy(
+        cfg_degree=2, ulysses_degree=world // 2, cache="fbcache", cache_threshold=WAN_THRESHOLD
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Stats()],
+    )
+    out = torch.cat(trainer.predict(module, prompt_loader(["a red cat"], batch_size=1)))
+    return out.tolist(), dict(stats[0].skipped_by_context)
 
 
 def _cases(rank: int, world: int, port: int, harness_port: int, layouts: dict, straddle: bool) -> dict:
@@ -115,12 +209,15 @@ def _cases(rank: int, world: int, port: int, harness_port: int, layouts: dict, s
     with external_launch(rank, world, port, harness_port):
         for name, (layout, runs) in layouts.items():
             for cache in runs:
-                out, stats = _predict(layout, world, cache or "fbcache", THRESHOLDS[cache] if cache else 0.0)
+                recorder = _Stats()
+                out, stats = _predict(layout, world, cache or "fbcache", THRESHOLDS[cache] if cache else 0.0, recorder)
                 results[(name, cache)] = (out.tolist(), [s.skipped_steps for s in stats])  # lists: no shared memory
+                results[(name, cache, "sharded")] = (recorder.sharded_calls, sum(s.skipped_block_calls for s in stats))
                 if name == "ulysses" and cache is None:
                     never = stats  # threshold 0: every step's statistic is reduced and recorded, none skipped
         if straddle:
             results["straddle"] = _straddle(never)
+        results["cfg_separate"] = _wan_cfg_separate(world)
     return results
 
 
@@ -144,7 +241,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check(results: list[dict], layouts: dict) -> list[str]:
-    failures = []
+    failures = _check_cfg_separate(results)
     plain, _ = _one_process(None, None)
     plain_each, _ = _one_process(None, None, batch_size=1)
     cached = {c: _one_process(c, t) for c, t in THRESHOLDS.items()}
@@ -161,14 +258,25 @@ def _check(results: list[dict], layouts: dict) -> list[str]:
         for cache in [c for c in runs if c is not None]:
             outs = [torch.tensor(r[(name, cache)][0]) for r in results]
             skipped = [r[(name, cache)][1] for r in results]
+            if name in FSDP_BLOCKS:
+                for rank, result in enumerate(results):
+                    sharded, skipped_calls = result[(name, cache, "sharded")]
+                    if not (sharded == skipped_calls > 0):
+                        failures.append(
+                            f"{name}, {cache}, rank {rank}: {sharded} block calls found their parameters"
+                            f" sharded, {skipped_calls} were skipped (must be equal: a skipped block is"
+                            " not gathered, a computed one is)"
+                        )
             if per_sample:
                 for rank, (out, steps) in enumerate(zip(outs, skipped)):
                     reference, reference_skipped = cached[cache] if name in JOINT_SAMPLES else cached_each[cache]
                     if name not in JOINT_SAMPLES:
                         reference_skipped = reference_skipped[rank : rank + 1]
                     if not _relative(out, reference[rank : rank + 1]) <= CACHED_TOLERANCE or steps != reference_skipped:
-                        failures.append(f"{name}, {cache}, rank {rank}: not the one-process run of its sample"
-                                        f" (skipped {steps} vs {reference_skipped})")
+                        failures.append(
+                            f"{name}, {cache}, rank {rank}: not the one-process run of its sample"
+                            f" (skipped {steps} vs {reference_skipped})"
+                        )
                 continue
             if any(not torch.equal(out, outs[0]) for out in outs):
                 failures.append(f"{name}, {cache}: the ranks' outputs differ")
@@ -178,8 +286,34 @@ def _check(results: list[dict], layouts: dict) -> list[str]:
                 reference, reference_skipped = cached[cache]
                 error = _relative(outs[0], reference)
                 if not error <= CACHED_TOLERANCE or skipped[0] != reference_skipped:
-                    failures.append(f"{name}, {cache}: relative error {error:.2e}, skipped {skipped[0]} vs the"
-                                    f" one-process cached run ({reference_skipped})")
+                    failures.append(
+                        f"{name}, {cache}: relative error {error:.2e}, skipped {skipped[0]} vs the"
+                        f" one-process cached run ({reference_skipped})"
+                    )
+    return failures
+
+
+def _check_cfg_separate(results: list[dict]) -> list[str]:
+    """CFG parallel with separate calls, cached: rank ``r`` of the cfg axis (cfg is the outer mesh axis) computes the
+    "cond" (r = 0) or "uncond" (r = 1) call after the first step; its skips are the one-process run's of that
+    context, its output the one-process output on every rank."""
+    failures = []
+    reference, skipped = _wan_one_process()
+    if not (skipped.get("cond", 0) > 0 and skipped.get("uncond", 0) > 0):
+        failures.append(f"cfg separate: the one-process run skipped {skipped}: the test's threshold skips nothing")
+    outs = [torch.tensor(r["cfg_separate"][0]) for r in results]
+    for rank, (out, result) in enumerate(zip(outs, results)):
+        context = "cond" if rank < len(results) // 2 else "uncond"
+        if result["cfg_separate"][1] != {context: skipped[context]}:
+            failures.append(
+                f"cfg separate, rank {rank}: skipped {result['cfg_separate'][1]}, the one-process"
+                f" {context!r} context {skipped}"
+            )
+        error = _relative(out, reference)
+        if not error <= CACHED_TOLERANCE:
+            failures.append(f"cfg separate, rank {rank}: relative error {error:.2e} vs the one-process cached run")
+        if not torch.equal(out, outs[0]):
+            failures.append(f"cfg separate, rank {rank}: output differs from rank 0's")
     return failures
 
 
@@ -215,9 +349,11 @@ def test_threshold_zero_is_the_plain_run_and_a_threshold_skips():
 
 def test_schedule_options_bound_the_skips():
     module = _module(steps=12)
-    (_, dit, plan), = find_planned_modules(module)
+    ((_, dit, plan),) = find_planned_modules(module)
     options = CacheOptions(warmup_steps=3, final_steps=2, max_skips=1)
-    cache = apply_step_cache(dit, plan, cache_config("fbcache", 10.0, options), steps_source=module)  # skip whenever allowed
+    cache = apply_step_cache(
+        dit, plan, cache_config("fbcache", 10.0, options), steps_source=module
+    )  # skip whenever allowed
     cache.begin_batch()
     skipped_at = []  # read at the last block, once the step's branch is taken
     hook = cache.infos[-1].block.register_forward_pre_hook(lambda *_: skipped_at.append(cache.skip))
@@ -232,7 +368,7 @@ def test_joint_attention_blocks_cache_both_streams():
     """SD3 blocks return (encoder_hidden_states, hidden_states): both carried; its last block (context_pre_only,
     returning (None, hidden_states)) always runs."""
     module = sd3_sampler(build_sd3(), steps=STEPS)
-    (_, dit, plan), = find_planned_modules(module)
+    ((_, dit, plan),) = find_planned_modules(module)
     cache = apply_step_cache(dit, plan, cache_config("teacache", 10.0), steps_source=module)
     cache.begin_batch()
     module.sample(next(iter(text_requests(2))))
@@ -246,16 +382,23 @@ def test_joint_attention_blocks_cache_both_streams():
 
 def test_single_device_strategy_caches():
     stats = _Stats()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[stats],
-                        strategy=CachedSingleDeviceStrategy(cache="fbcache", cache_threshold=THRESHOLDS["fbcache"]))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[stats],
+        strategy=CachedSingleDeviceStrategy(cache="fbcache", cache_threshold=THRESHOLDS["fbcache"]),
+    )
     out = torch.cat(trainer.predict(_module(), requests(2)))
     reference, skipped = _one_process("fbcache", THRESHOLDS["fbcache"])
     assert torch.equal(out, reference) and [s.skipped_steps for s in stats.stats] == skipped
 
 
 def test_cache_arguments_are_validated():
-    assert SequenceParallelStrategy(ulysses_degree=2, cache="fbcache")._cache.threshold == 0.08
+    default = SequenceParallelStrategy(ulysses_degree=2, cache="fbcache")._cache.threshold
+    assert default == DEFAULT_THRESHOLDS["fbcache"] == 0.15
     assert DiTParallelStrategy(cache="teacache")._cache.threshold == 0.05
     with pytest.raises(ValueError, match="need cache='fbcache' or 'teacache'"):
         SequenceParallelStrategy(ulysses_degree=2, cache_threshold=0.1)
@@ -266,7 +409,7 @@ def test_cache_arguments_are_validated():
     with pytest.raises(ValueError, match="does not compose with PipeFusion"):
         PipelineStrategy(pp_degree=2, mode="pipefusion", cache="fbcache")
     module = _module()
-    (_, dit, plan), = find_planned_modules(module)
+    ((_, dit, plan),) = find_planned_modules(module)
     with pytest.raises(ValueError, match="does not compose with DistriFusion"):
         check_step_cache(cache_config("teacache"), dit, plan, distrifusion=True)
     with pytest.raises(ValueError, match="fbcache runs the first 4 blocks always"):
@@ -276,8 +419,10 @@ def test_cache_arguments_are_validated():
 def test_command_line_reaches_the_cache():
     with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
         ulysses = compose(config_name="predict", overrides=["strategy.cache=fbcache", "strategy.cache_threshold=0.1"])
-        none = compose(config_name="predict", overrides=["strategy=none", "strategy.cache=teacache",
-                                                          "strategy.cache_options={max_skips: 2}"])
+        none = compose(
+            config_name="predict",
+            overrides=["strategy=none", "strategy.cache=teacache", "strategy.cache_options={max_skips: 2}"],
+        )
     strategy = instantiate(ulysses.strategy)
     assert strategy._cache.method == "fbcache" and strategy._cache.threshold == 0.1
     single = instantiate(none.strategy)
@@ -288,7 +433,7 @@ def test_diffusers_cache_contexts_keep_their_own_state():
     """A pipeline that calls the transformer twice per step names the calls (``cache_context("cond")`` ...): each
     context counts its own steps and keeps its own residuals; ``num_inference_steps`` there sets the final steps."""
     dit = build_wan()
-    (_, _, plan), = find_planned_modules(dit)
+    ((_, _, plan),) = find_planned_modules(dit)
     cache = apply_step_cache(dit, plan, cache_config("fbcache", 10.0))  # skip whenever the schedule allows
     cache.begin_batch()
     generator = torch.Generator().manual_seed(0)

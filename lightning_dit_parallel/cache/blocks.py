@@ -74,8 +74,14 @@ def flatten_call(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
     return pytree.tree_flatten((args, kwargs))
 
 
-def learn_mapping(previous: BlockInfo, previous_args: list, outputs: list, out_spec: pytree.TreeSpec,
-                  next_args: list, next_spec: pytree.TreeSpec) -> bool:
+def learn_mapping(
+    previous: BlockInfo,
+    previous_args: list,
+    outputs: list,
+    out_spec: pytree.TreeSpec,
+    next_args: list,
+    next_spec: pytree.TreeSpec,
+) -> bool:
     """Learn ``previous``'s mapping from the call that followed it in the same list (same call structure): each output
     tensor must be passed on as one of the next call's argument leaves, at a position where ``previous`` got a tensor
     of the same shape. Returns whether it was learned."""

@@ -24,8 +24,15 @@ class CachedSingleDeviceStrategy(SingleDeviceStrategy):
         **kwargs: the keyword arguments of Lightning's ``SingleDeviceStrategy``.
     """
 
-    def __init__(self, device: Any = "cpu", *, cache: CacheMethod | None = None, cache_threshold: float | None = None,
-                 cache_options: CacheOptions | dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        device: Any = "cpu",
+        *,
+        cache: CacheMethod | None = None,
+        cache_threshold: float | None = None,
+        cache_options: CacheOptions | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(device=device, **kwargs)
         self._cache = cache_config(cache, cache_threshold, cache_options)
         self._caches: list[StepCache] = []

@@ -13,14 +13,17 @@ Per pass (one DiT call; one micro-batch under micro-batch pipelining) on every r
    its residual (its last output minus its first input, per carried tensor); in a skipped step those blocks return
    their inputs carried forward and the last of each run adds the run's residual. The skipped blocks are still
    *called*, so the hooks of every other parallelizer on them run as usual (a pipeline stage receives and sends its
-   activations, FSDP gathers and frees the block's shard, offload copies it): the collectives are the same in both
-   branches; only the blocks' own computation and the collectives inside it (attention all-to-alls, tensor-parallel
-   all-reduces) are skipped, which is why their groups must decide together.
+   activations, the sequence cut points run): the collectives are the same in both branches; only the blocks' own
+   computation and the collectives inside it (attention all-to-alls, tensor-parallel all-reduces) are skipped, which
+   is why their groups must decide together. The hooks that only bring a block's weights in and out (FSDP's
+   all-gather and free, offload's copies) run only when the block computes (``weight_gate.py``): all ranks of an FSDP
+   group decide together, so all of them leave the same gathers out.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,8 +49,9 @@ from lightning_dit_parallel.cache.decision import (
     relative_change,
 )
 from lightning_dit_parallel.cache.options import StepCacheConfig
+from lightning_dit_parallel.cache.weight_gate import WeightGate
 from lightning_dit_parallel.plan import DiTPlan
-from lightning_dit_parallel.utils.hooks import remove_handles
+from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
 from lightning_dit_parallel.utils.logging import rank_zero_log
 
 _MISSING = object()
@@ -80,7 +84,9 @@ class _State:
     steps: int = 0
     skips_in_row: int = 0
     computed: int = 0  # passes that ran every block
-    previous: list[Tensor] | None = None  # fbcache: the deciding residual of the last computed step; teacache: last input
+    previous: list[Tensor] | None = (
+        None  # fbcache: the deciding residual of the last computed step; teacache: last input
+    )
     accumulated: float = 0.0
     segments: dict[int, _Segment] = field(default_factory=dict)  # by first block index
     member: dict[int, int] = field(default_factory=dict)  # block index -> first block index of its segment
@@ -99,6 +105,7 @@ class CacheStats:
     steps: int = 0  # passes (DiT calls; micro-batches count one each)
     skipped_steps: int = 0
     skipped_block_calls: int = 0
+    skipped_by_context: dict[str | None, int] = field(default_factory=dict)  # by diffusers cache context ("cond" ...)
     cached_bytes: int = 0  # the most this rank held in residuals and previous statistics inputs
     #: per decided step on the first stage: (this rank's sums, the group's reduced sums, the change compared), for
     #: diagnosis (e.g. what each shard alone would have decided: its own sums)
@@ -117,14 +124,34 @@ class StepCache:
         link: with pipeline stages, the decision's way down the stages; ``None`` without.
         steps_source: an object whose ``num_inference_steps`` gives the steps per batch when the options and the
             diffusers cache context do not (the LightningModule).
+        weight_hooks: a block's weight hooks (``utils.hooks.WeightHooks``: FSDP's gathers, offload's copies), run only
+            when the block computes (``weight_gate.py``); ``None``: none.
+        separate_group, separate_calls: with CFG parallel, the deciding ranks without the cfg axis and whether the
+            current call is one of separate (conditional, unconditional) calls, each computed by one cfg rank
+            (``CFGParallel.separate_calls``): then each rank's call decides with its own sequence / tensor-parallel
+            ranks only, as each diffusers cache context ("cond", "uncond") decides alone in one process.
     """
 
-    def __init__(self, model: nn.Module, plan: DiTPlan, config: StepCacheConfig, group: ProcessGroup | None = None,
-                 link: DecisionLink | None = None, steps_source: object | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: DiTPlan,
+        config: StepCacheConfig,
+        group: ProcessGroup | None = None,
+        link: DecisionLink | None = None,
+        steps_source: object | None = None,
+        weight_hooks: Callable[[nn.Module], list[WeightHooks]] | None = None,
+        separate_group: ProcessGroup | None = None,
+        separate_calls: Callable[[], bool] | None = None,
+    ) -> None:
         self.model = model
         self.plan = plan
         self.config = config
         self.group = group
+        self._separate_group = separate_group
+        self._separate_calls = separate_calls
+        self._weight_hooks = weight_hooks
+        self._gates: dict[int, WeightGate] = {}  # by block index
         self.link = link
         self.steps_source = steps_source
         head = config.options.first_blocks if config.method == "fbcache" else 0
@@ -156,6 +183,10 @@ class StepCache:
             self._handles.append(info.block.register_forward_hook(self._make_post(info), with_kwargs=True))
             self._forwards.append((info.block, info.block.__dict__.get("forward", _MISSING)))
             info.block.forward = _BlockForward(self, info, info.block.forward)
+            hooks = self._weight_hooks(info.block) if self._weight_hooks and info.skippable else []
+            gate = WeightGate(info.block, hooks)
+            if gate:
+                self._gates[info.index] = gate.install()
         if "cache_context" in dir(self.model):  # diffusers models: pipelines name their calls ("cond", "uncond")
             self._context_method = self.model.__dict__.get("cache_context", _MISSING)
             self.model.cache_context = self._cache_context(self.model.cache_context)
@@ -166,6 +197,9 @@ class StepCache:
         """Take every hook off and give the blocks their forward back; forget the cached tensors."""
         self._log_stats()
         remove_handles(self._handles)
+        for gate in self._gates.values():
+            gate.remove()
+        self._gates.clear()
         for block, previous in self._forwards:
             if previous is _MISSING:
                 block.__dict__.pop("forward", None)
@@ -195,7 +229,8 @@ class StepCache:
         if self.stats.steps:
             rank_zero_log(
                 f"step cache ({self.config.describe()}) on {type(self.model).__name__}: skipped"
-                f" {self.stats.skipped_steps} of {self.stats.steps} steps ({self.stats.skipped_block_calls} block calls);"
+                f" {self.stats.skipped_steps} of {self.stats.steps} steps"
+                f" ({self.stats.skipped_block_calls} block calls);"
                 f" cached residuals at most {self.stats.cached_bytes / 2**20:.2f} MiB on rank 0"
             )
 
@@ -210,7 +245,8 @@ class StepCache:
         if given:
             raise ValueError(
                 f"Step caching ({self.config.method}) skips transformer blocks, but {type(module).__name__} got"
-                f" {given}, which the block loop adds per block (e.g. ControlNet residuals); use cache=None for such calls."
+                f" {given}, which the block loop adds per block (e.g. ControlNet residuals); use cache=None for such"
+                " calls."
             )
         self.in_call = True
         self.pass_index = -1
@@ -259,8 +295,10 @@ class StepCache:
         total = options.num_steps or self._context[1] or _steps_of(self.steps_source)
         if total is None and options.final_steps and not self._warned_steps:
             self._warned_steps = True
-            rank_zero_log(f"step cache: the number of steps is unknown, so final_steps={options.final_steps} cannot"
-                          " apply; give cache_options={'num_steps': ...}.")
+            rank_zero_log(
+                f"step cache: the number of steps is unknown, so final_steps={options.final_steps} cannot"
+                " apply; give cache_options={'num_steps': ...}."
+            )
         return (
             self.step < options.warmup_steps
             or (total is not None and self.step >= total - options.final_steps)
@@ -277,7 +315,8 @@ class StepCache:
         skip = False
         if not forced:
             local = absolute_sums(current, state.previous).to(device)
-            sums = reduce_sums(local.clone(), self.group).cpu()
+            separate = self._separate_calls is not None and self._separate_calls()
+            sums = reduce_sums(local.clone(), self._separate_group if separate else self.group).cpu()
             change = relative_change(sums) if self.config.method == "fbcache" else mean_relative_change(sums)
             self.stats.decisions.append((local.cpu().tolist(), sums.tolist(), change))
         if self.config.method == "fbcache":
@@ -304,6 +343,8 @@ class StepCache:
         if skip:
             state.skips_in_row += 1
             self.stats.skipped_steps += 1
+            context = self._context[0]
+            self.stats.skipped_by_context[context] = self.stats.skipped_by_context.get(context, 0) + 1
         else:
             state.skips_in_row = 0
             state.computed += 1
@@ -311,7 +352,14 @@ class StepCache:
     # -- per block ----------------------------------------------------------------------------------------
 
     def _make_pre(self, info: BlockInfo):
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            decide(args, kwargs)
+            gate = self._gates.get(info.index)
+            if gate is not None:  # the step's branch is known now: bring the weights in only to compute
+                return gate.begin(not self.skips(info), args, kwargs)
+            return None
+
+        def decide(args: tuple, kwargs: dict) -> None:
             if self.state is None:
                 return
             leaves, spec = flatten_call(args, kwargs)
@@ -323,6 +371,7 @@ class StepCache:
             self._learn(info, leaves, spec)
             if self.config.method == "fbcache" and info.index == 0:
                 self._head_inputs = leaves
+
         return pre
 
     def _make_post(self, info: BlockInfo):
@@ -342,6 +391,7 @@ class StepCache:
                 self._record(info, leaves, outputs)
             self._last[info.list_index] = (info, leaves, outputs, out_spec)
             return
+
         return post
 
     def _learn(self, info: BlockInfo, leaves: list, spec: pytree.TreeSpec) -> None:
@@ -364,8 +414,11 @@ class StepCache:
 
     def _inherit(self, info: BlockInfo, leaves: list, outputs: list, out_spec: pytree.TreeSpec) -> bool:
         before = self.by_index.get(info.index - 1)
-        return before is not None and before.list_index == info.list_index and inherit_mapping(
-            info, before, leaves, outputs, out_spec)
+        return (
+            before is not None
+            and before.list_index == info.list_index
+            and inherit_mapping(info, before, leaves, outputs, out_spec)
+        )
 
     def _record(self, info: BlockInfo, leaves: list, outputs: list) -> None:
         """A skippable block ran in a computed pass: extend (or start) its list's run and update the run's residual."""
@@ -414,7 +467,8 @@ class StepCache:
         self._decided(False)
 
     def skipped_output(self, info: BlockInfo, args: tuple, kwargs: dict):
-        """The output of a skipped block: its inputs carried forward, plus the run's residual at the run's last block."""
+        """The output of a skipped block: its inputs carried forward, plus the run's residual at the run's last
+        block."""
         state = self.state
         assert state is not None and info.mapping is not None and info.out_spec is not None
         leaves, _ = flatten_call(args, kwargs)
@@ -427,8 +481,9 @@ class StepCache:
 
     def skips(self, info: BlockInfo) -> bool:
         """Whether ``info``'s block is skipped in this pass."""
-        return bool(self.skip) and self.state is not None and info.index in self.state.member and \
-            info.mapping is not None
+        return (
+            bool(self.skip) and self.state is not None and info.index in self.state.member and info.mapping is not None
+        )
 
     # -- helpers ------------------------------------------------------------------------------------------
 

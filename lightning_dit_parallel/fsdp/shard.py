@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dit_parallel.fsdp.encoders import keep_output_recording
 from lightning_dit_parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.loading.deferred import deferred_module_ids
-from lightning_dit_parallel.utils.hooks import remove_handles
+from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
 
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
 _HOOK_DICTS = (
@@ -156,6 +156,20 @@ class FSDPSharding:
     snapshots: dict[int, tuple[nn.Module, _ModuleSnapshot]] = field(default_factory=dict)
     outside_calls: list[_OutsideCalls] = field(default_factory=list)
 
+    def weight_hooks(self, module: nn.Module) -> list[WeightHooks]:
+        """FSDP2's pre-forward hook (the all-gather) and post-forward hook (the free) of ``module`` when it is a unit
+        other than the root: a caller that does not compute the unit may leave both out (step caching's skipped
+        blocks, ``cache/weight_gate.py``). The root's hooks do more (lazy init, the forward's bookkeeping) and are
+        never listed. ``[]`` where torch keeps them elsewhere: the unit is then gathered as usual."""
+        if module is self.root or not any(u is module for u in self.units):
+            return []
+        state = module._get_fsdp_state()
+        pre = getattr(state, "_pre_forward_hook_handle", None)
+        post = getattr(state, "_post_forward_hook_handle", None)
+        if not isinstance(pre, RemovableHandle) or not isinstance(post, RemovableHandle):
+            return []
+        return [WeightHooks(pre, post)]
+
     def remove(self) -> None:
         """All-gather every sharded parameter back into a plain ``nn.Parameter`` and undo ``fully_shard``.
 
@@ -169,8 +183,9 @@ class FSDPSharding:
         try:
             # one parameter at a time, gathered and moved to the host at once: never the whole model on a device
             self._replace_sharded(
-                lambda p: nn.Parameter(_on_mesh_device(p, self.mesh).full_tensor().detach().cpu(),
-                                       requires_grad=p.requires_grad),
+                lambda p: nn.Parameter(
+                    _on_mesh_device(p, self.mesh).full_tensor().detach().cpu(), requires_grad=p.requires_grad
+                ),
                 lean=deferred_module_ids(self.root),
             )
         except BaseException:
@@ -248,8 +263,13 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, off
             # a 0-dim parameter (CLIP's logit_scale) has no dim to shard: it stays whole on every rank
             scalars = {p for p in unit.parameters() if p.ndim == 0}
             policy = offload_policy(mesh) if offload and (unit is not root or len(units) == 1) else OffloadPolicy()
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True, offload_policy=policy,
-                        **({"ignored_params": scalars} if scalars else {}))
+            fully_shard(
+                unit,
+                mesh=mesh,
+                reshard_after_forward=True,
+                offload_policy=policy,
+                **({"ignored_params": scalars} if scalars else {}),
+            )
         # transformers looks up the outputs a model records by its class: the FSDP subclass gets the original's
         keep_output_recording((u, sharding.snapshots[id(u)][1].cls) for u in units)
         root_is_unit = any(u is root for u in units)
@@ -352,5 +372,8 @@ def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     instead of a whole block; norms, biases of other modules and a block's own parameters stay in the block's unit,
     the root's in the root's."""
     taken = {id(u) for u in units}
-    return [m for m in root.modules()
-            if isinstance(m, WEIGHT_LAYERS) and id(m) not in taken and m is not root and any(True for _ in m.parameters())]
+    return [
+        m
+        for m in root.modules()
+        if isinstance(m, WEIGHT_LAYERS) and id(m) not in taken and m is not root and any(True for _ in m.parameters())
+    ]
