@@ -180,14 +180,3 @@ def bytes_per_step(
     """Bytes the busiest rank sends per denoising step (``calls_per_step`` DiT calls), by kind."""
     call = bytes_per_call(spec, grid, work, layout, element, check_inputs)
     return {kind: n * work.calls_per_step for kind, n in call.items()}
-
-
-def fsdp_gather_bytes(spec: ModelSpec, layout: PlannedLayout, element: int) -> int:
-    """Bytes one rank sends to gather every unit of the busiest stage once (FSDP), for reports."""
-    n = layout.shard_degree
-    if n == 1:
-        return 0
-    return max(
-        sum(u.shard_numel(n, layout.tp) for u in stage_units(spec, blocks)) * element * (n - 1)
-        for blocks in stage_blocks(spec, layout.pp)
-    )
