@@ -348,8 +348,8 @@ class DiTPlan:
         optional_modules: module paths or patterns that some configs of the class leave out, e.g. Cosmos'
             ``"learnable_pos_embed"`` (``extra_pos_embed_type=None``) or Sana's ``"transformer_blocks.*.attn2"``
             (``cross_attention_dim=None``). When one matches no module of a model, every entry of the plan keyed by
-            it or by a path inside it is dropped for that model (``bound_to``, which ``plan_for`` applies to a
-            module); a path not listed here must exist.
+            it or by a path inside it is dropped for that model (``plan_optional.without_absent``, which
+            ``plan_for`` applies to a module); a path not listed here must exist.
     """
 
     split_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -527,13 +527,6 @@ class DiTPlan:
         for path, module in model.named_modules():
             if any(fnmatch.fnmatchcase(path, p) for p in self.cross_attention):
                 yield path, module
-
-    def bound_to(self, model: nn.Module) -> DiTPlan:
-        """This plan for one model: the entries under ``optional_modules`` that the model does not have are dropped
-        (see ``plan_optional.py``); the plan itself when the model has them all."""
-        from lightning_dit_parallel.plan_optional import without_absent
-
-        return without_absent(self, model)
 
     def block_position(self, path: str) -> tuple[str, int] | None:
         """``(block list path, index)`` when ``path`` is a block of one of the plan's block lists, else ``None``."""

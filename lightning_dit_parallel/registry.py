@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_dit_parallel.cp_plan import has_cp_plan, translate_cp_plan
 from lightning_dit_parallel.plan import DiTPlan, is_within
+from lightning_dit_parallel.plan_optional import without_absent
 from lightning_dit_parallel.plans import builtin_plan, unsupported_reason
 
 _REGISTRY: dict[type, DiTPlan] = {}
@@ -52,7 +53,7 @@ def plan_for(module: nn.Module | type) -> DiTPlan | None:
             plan = attr if isinstance(attr, DiTPlan) else builtin_plan(klass)
         if plan is not None:
             # a module gets the plan of its config: entries of optional modules it lacks dropped (plan_optional.py)
-            return plan if isinstance(module, type) else plan.bound_to(module)
+            return plan if isinstance(module, type) else without_absent(plan, module)
     if not isinstance(module, type) and has_cp_plan(module) and unsupported_reason(cls) is None:
         return translate_cp_plan(module)
     return None
