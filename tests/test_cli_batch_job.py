@@ -44,9 +44,9 @@ def processes_in(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def start(run_dir: Path) -> subprocess.Popen:
+def start(run_dir: Path, **extra_env: str) -> subprocess.Popen:
     script = Path(sys.executable).with_name("ldp-predict")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
     return subprocess.Popen(
         [str(script), *JOB, f"output_dir={run_dir}"],
         cwd=run_dir.parent,
@@ -77,10 +77,21 @@ def interrupt_after_new_batches(process: subprocess.Popen, run_dir: Path, before
     return process.returncode, stdout, stderr
 
 
+#: Makes the launching process (rank 0) exit 6 s late, so that its child exits first: Lightning's launcher kills the
+#: whole job (SIGKILL, itself included) within 5 s of a child exiting non-zero, unless the agreed stop stood it down.
+LATE_EXIT = """import atexit, sys, time
+if not any("train_ddp_process" in arg for arg in sys.argv):
+    atexit.register(time.sleep, 6)
+"""
+
+
 def test_ctrl_c_to_the_process_group_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    code, _, stderr = interrupt_after_new_batches(start(run_dir), run_dir, 0, to_group=True)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LATE_EXIT)
+    code, _, stderr = interrupt_after_new_batches(start(run_dir, PYTHONPATH=str(site)), run_dir, 0, to_group=True)
     assert code == 128 + signal.SIGINT, stderr[-3000:]
     assert "Stopped by SIGINT (received by rank 0, 1)" in stderr, stderr[-3000:]
     time.sleep(1.0)

@@ -105,3 +105,18 @@ class StopSignals:
             )
         if self.received is None:
             self.received = signum
+
+
+def stand_down_launcher_watchdog() -> None:
+    """After a stop every rank agreed on: keep Lightning's script launcher from killing the job.
+
+    In the launching process (local rank 0), Lightning's launcher runs a thread that kills every process of the job,
+    itself included (SIGKILL), within 5 s of a child process exiting with a non-zero code. After an agreed stop every
+    rank exits with 128 + signal on its own; a child that exits first would otherwise get the launching process
+    killed while it still writes its last files and messages (exit code -9 instead of 128 + signal). Elsewhere (no
+    such thread: torchrun, SLURM, another rank) nothing happens.
+    """
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_terminate_all"):
+            thread._run = lambda: True  # type: ignore[attr-defined]  # its next check ends the thread quietly
+            thread._terminate_all = lambda: None  # type: ignore[attr-defined]

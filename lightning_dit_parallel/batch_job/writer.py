@@ -54,7 +54,12 @@ from lightning_dit_parallel.batch_job.manifest import (
 )
 from lightning_dit_parallel.batch_job.progress import ProgressLine
 from lightning_dit_parallel.batch_job.resume import ResumePoint, is_first_process, remaining_loader, resume_point
-from lightning_dit_parallel.batch_job.stop import DEFAULT_SIGNALS, PredictionInterrupted, StopSignals
+from lightning_dit_parallel.batch_job.stop import (
+    DEFAULT_SIGNALS,
+    PredictionInterrupted,
+    StopSignals,
+    stand_down_launcher_watchdog,
+)
 from lightning_dit_parallel.images import save_grid
 from lightning_dit_parallel.known_warnings import silence_known_warnings
 from lightning_dit_parallel.utils.logging import log
@@ -283,6 +288,7 @@ class StreamingPredictionWriter(BasePredictionWriter):
             early = [(0, self.stop.received)] if self.stop.received else []
         if early:  # a signal while the model loaded: every rank stops before the first batch
             self.stop.restore()
+            stand_down_launcher_watchdog()
             raise PredictionInterrupted(
                 f"Stopped by {signal.Signals(early[0][1]).name} (received by rank "
                 f"{', '.join(str(r) for r, _ in early)}) before the first batch; nothing was computed. Run the same "
@@ -406,6 +412,7 @@ class StreamingPredictionWriter(BasePredictionWriter):
         self._agree(self._drain(), final=True)  # every rank: its batches on disk and counted, then stop
         signum = signalled[0][1]
         done = self.done_before + self.written
+        stand_down_launcher_watchdog()
         raise PredictionInterrupted(
             f"Stopped by {signal.Signals(signum).name} (received by rank {', '.join(str(r) for r, _ in signalled)}) "
             f"after {done} of {self._total} samples; every finished sample is in {self.output_dir}. Run the same "
