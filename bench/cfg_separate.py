@@ -14,7 +14,7 @@ too, and the machine's own ceiling: both ranks running one plain call at the sam
 (0.5 when two cores are free; more when other work holds them).
 
     python bench/cfg_separate.py
-    python bench/cfg_separate.py --frames 3 --side 32 --hidden 256 --layers 4 --reps 6
+    python bench/cfg_separate.py --frames 3 --side 32 --hidden 256 --layers 4 --reps 6   # a smaller, faster run
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=3, help="latent frames")
-    parser.add_argument("--side", type=int, default=32, help="latent height and width (patch 2 x 2)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32)")
+    parser.add_argument("--side", type=int, default=48, help="latent height and width (patch 2 x 2)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (heads of 32)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=6, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks and the baseline)")
