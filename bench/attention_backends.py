@@ -1,7 +1,7 @@
 """The local kernels of sequence parallelism on each diffusers attention backend: time and accuracy on one device.
 
 For every backend that can run here (diffusers' requirement and constraint checks), two kernels of
-``lightning_dit_parallel.sequence.backends`` are timed against torch's SDPA on the same tensors:
+``lightning_dit_parallel.parallel.sequence.backends`` are timed against torch's SDPA on the same tensors:
 
 * ``attend``: Ulysses' local attention (the backend itself, over the whole sequence of a rank's heads);
 * ``attend+lse``: one Ring block with its log-sum-exp (the backend's own, or torch's kernel after a fallback).
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lightning_dit_parallel.sequence.backends import check_backend, local_attend, local_attend_with_lse
-from lightning_dit_parallel.sequence.local_attention import merge_partial
+from lightning_dit_parallel.parallel.sequence.backends import check_backend, local_attend, local_attend_with_lse
+from lightning_dit_parallel.parallel.sequence.local_attention import merge_partial
 
 BACKENDS = (
     "native",

@@ -1,6 +1,6 @@
 """Step caching: steps skipped, speedup against the uncached run and deviation from it, in one process and Ulysses 2.
 
-The model is the embedded digits DiT (trained; 64 tokens, 4 blocks; ``lightning_dit_parallel.digits``), sampling
+The model is the embedded digits DiT (trained; 64 tokens, 4 blocks; ``lightning_dit_parallel.app.digits``), sampling
 ``--samples`` digits in one batch with ``--steps`` DDIM steps and CFG. For each cache method at its default threshold
 (and the uncached run): steps skipped of the steps, median time of a whole sampling loop, speedup against the uncached
 run of the same layout (medians of adjacent ratios, alternating, so that drift cancels), the deviation of the final
@@ -22,12 +22,12 @@ import statistics
 import torch
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.cache import DEFAULT_THRESHOLDS, apply_step_cache, cache_config
-from lightning_dit_parallel.digits.model import digits_sampler
-from lightning_dit_parallel.digits.quality import class_accuracy
-from lightning_dit_parallel.registry import find_planned_modules
+from lightning_dit_parallel.app.digits.model import digits_sampler
+from lightning_dit_parallel.app.digits.quality import class_accuracy
+from lightning_dit_parallel.parallel.cache import DEFAULT_THRESHOLDS, apply_step_cache, cache_config
+from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 VARIANTS = ("none", "fbcache", "teacache")
 

@@ -26,9 +26,9 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.cfg import CFGParallel
+from lightning_dit_parallel.parallel.guidance import CFGParallel
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 CHANNELS, TEXT_DIM, TEXT_TOKENS = 16, 64, 32
 

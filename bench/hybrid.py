@@ -32,10 +32,10 @@ from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize, save_weights
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.testing.comm_counter import CommCounter
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 #: name -> ParallelLayout keyword arguments.
 LAYOUTS: dict[str, dict] = {

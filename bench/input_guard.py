@@ -21,9 +21,9 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.guard import InputGuard
+from lightning_dit_parallel.parallel.guard import InputGuard
+from lightning_dit_parallel.testing.timing import time_all_ranks
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks
 
 
 def build(tokens: int, hidden: int, heads: int, layers: int) -> DiTTransformer2DModel:

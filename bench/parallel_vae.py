@@ -31,11 +31,11 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL
 from torch import nn
 
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.parallel.vae import apply_parallel_vae, band_rows, vae_cut_for
+from lightning_dit_parallel.testing.comm_counter import CommCounter
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
-from lightning_dit_parallel.vae import apply_parallel_vae, band_rows, vae_cut_for
 
 MiB = 2**20
 

@@ -28,9 +28,9 @@ import ctypes
 import torch
 import torch.distributed as dist
 
+from lightning_dit_parallel.parallel.vae import apply_parallel_vae, vae_cut_for
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.vae import apply_parallel_vae, vae_cut_for
 from tests.video_vaes import BUILDERS
 
 MiB = 2**20

@@ -28,17 +28,17 @@ import torch
 import torch.distributed as dist
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
-from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.registry import plan_for
-from lightning_dit_parallel.sampling import DiffusionSampler
-from lightning_dit_parallel.sampling.joint_conditioning import FluxConditioning
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.app.sampling.joint_conditioning import FluxConditioning
+from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, apply_distrifusion
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.plan.registry import plan_for
+from lightning_dit_parallel.testing.comm_counter import CommCounter
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 from lightning_dit_parallel.utils.sharpen import sharpen_attention
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 PARTS = ("distrifusion", "pipefusion_ulysses", "text")
 

@@ -18,7 +18,7 @@ import lightning  # noqa: F401
 import torch
 import transformers  # noqa: F401
 
-import lightning_dit_parallel.cli as cli
+import lightning_dit_parallel.app.cli as cli
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss
 
 BASELINE = current_rss()

@@ -22,14 +22,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from lightning_dit_parallel.digits.data import DigitRequests
-from lightning_dit_parallel.digits.model import digits_sampler
-from lightning_dit_parallel.digits.quality import class_accuracy
-from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.registry import plan_for
-from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.app.digits.data import DigitRequests
+from lightning_dit_parallel.app.digits.model import digits_sampler
+from lightning_dit_parallel.app.digits.quality import class_accuracy
+from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, apply_distrifusion
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.plan.registry import plan_for
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 METHODS = ("pipefusion", "pipefusion_ulysses", "distrifusion")

@@ -4,7 +4,7 @@ For each layout the ranks are started once; on every rank a seeded DiT is parall
 warm-up and one is measured: parameter bytes held (local shards, each storage once), bytes sent by kind
 (``CommCounter`` plus DTensor's functional collectives) and the peak RSS growth of the forward (large blocks are
 unmapped on free, so the growth measures what the forward allocates). The planner predicts the same three from the
-model's structure (``lightning_dit_parallel.planner.measure.predict_call``); the table prints both and the relative
+model's structure (``lightning_dit_parallel.testing.measure.predict_call``); the table prints both and the relative
 errors. Activations are compared as the planner's activations plus FSDP-gathered parameters and PipeFusion caches
 against the measured growth (which also holds communication buffers and the allocator's slack).
 
@@ -28,11 +28,11 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from lightning_dit_parallel.plan.registry import plan_for
 from lightning_dit_parallel.planner.layouts import PlannedLayout
-from lightning_dit_parallel.planner.measure import measure_call, predict_call, relative_error
 from lightning_dit_parallel.planner.spec import model_spec
 from lightning_dit_parallel.planner.work import Work
-from lightning_dit_parallel.registry import plan_for
+from lightning_dit_parallel.testing.measure import measure_call, predict_call, relative_error
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 MiB = 2**20

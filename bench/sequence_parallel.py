@@ -23,9 +23,9 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.testing.comm_counter import CommCounter
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 METHODS = {"ulysses": (2, 1), "ring": (1, 2), "usp": (2, 2)}  # (ulysses, ring)
 

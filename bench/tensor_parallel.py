@@ -29,11 +29,11 @@ from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, WanTransfor
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta
-from lightning_dit_parallel.utils.comm_counter import CommCounter
-from lightning_dit_parallel.utils.funcol_counter import FunctionalCommCounter
+from lightning_dit_parallel.testing.comm_counter import CommCounter
+from lightning_dit_parallel.testing.funcol_counter import FunctionalCommCounter
+from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import local_tensor
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
-from lightning_dit_parallel.utils.timing import time_all_ranks, time_rank_zero
 
 MiB = 2**20
 

@@ -30,8 +30,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lightning_dit_parallel.sequence.comm import PendingAllToAll
-from lightning_dit_parallel.sequence.ulysses import HeadsToSequence, QKVToHeads, head_group_sizes, ulysses_attention
+from lightning_dit_parallel.parallel.sequence.comm import PendingAllToAll
+from lightning_dit_parallel.parallel.sequence.ulysses import (
+    HeadsToSequence,
+    QKVToHeads,
+    head_group_sizes,
+    ulysses_attention,
+)
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 

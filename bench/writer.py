@@ -32,8 +32,8 @@ OUT_VARIABLE = "LDP_BENCH_WRITER_OUT"
 
 def _rank_entry() -> None:
     """Inside ``ldp-predict`` (every rank): time the writer's hooks and record the figures at exit."""
-    from lightning_dit_parallel import cli
-    from lightning_dit_parallel.batch_job import StreamingPredictionWriter
+    from lightning_dit_parallel.app import cli
+    from lightning_dit_parallel.app.batch_job import StreamingPredictionWriter
     from lightning_dit_parallel.utils.memory import peak_rss
 
     figures: dict = {}

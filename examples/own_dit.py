@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import DiTPlan, SequenceParallelStrategy, Split
-from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.app.sampling import DiffusionSampler
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, PixArtTransformer2DModel
 from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import SequenceParallelStrategy
-from lightning_dit_parallel.sampling import DiffusionSampler, TextConditioning
+from lightning_dit_parallel.app.sampling import DiffusionSampler, TextConditioning
 
 
 def make_module(sample_size: int) -> DiffusionSampler:

@@ -5,8 +5,9 @@ Importing the package registers the strategy names (``dit_ulysses``, ``dit_ring`
 with Lightning.
 """
 
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.parallelize import parallelize
+from lightning_dit_parallel.app.plan_check import PlanCheck, check_plan
+from lightning_dit_parallel.parallel.compose import parallelize
+from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.plan import (
     Concat,
     DiTPlan,
@@ -18,9 +19,8 @@ from lightning_dit_parallel.plan import (
     Split,
     TokenGrid,
 )
-from lightning_dit_parallel.plan_check import PlanCheck, check_plan
+from lightning_dit_parallel.plan.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.planner import plan_layouts
-from lightning_dit_parallel.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 
 #: Test backends, each registered over a diffusers name whose own kernel cannot run on CPU float32 and that has no
 #: package requirement: "with lse" stands in for flash-attn / FA3 (``return_lse``, masks), "without" for a kernel with

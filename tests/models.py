@@ -21,8 +21,8 @@ from diffusers import (
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_dit_parallel.sampling import ClassConditioning, DiffusionSampler, TextConditioning
-from lightning_dit_parallel.sampling.joint_conditioning import (
+from lightning_dit_parallel.app.sampling import ClassConditioning, DiffusionSampler, TextConditioning
+from lightning_dit_parallel.app.sampling.joint_conditioning import (
     CogVideoXConditioning,
     FluxConditioning,
     SD3Conditioning,

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, SequenceParallelStrategy
-from lightning_dit_parallel.nodes import CrossNodeWarning
-from lightning_dit_parallel.writer import OrderedPredictionWriter
+from lightning_dit_parallel.app.writer import OrderedPredictionWriter
+from lightning_dit_parallel.parallel.nodes import CrossNodeWarning
 from tests.models import build_dit, build_pixart, dit_sampler, pixart_sampler, requests
 from tests.rank_outputs import SaveRankOutputs
 

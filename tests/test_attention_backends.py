@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import plan_for
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.utils.attention_route import ROUTER_NAME, route_attention_during_forward
 from tests.backend_cases import BACKENDS, WITH_LSE, WITHOUT_LSE, Captured, layout_groups, register_test_backends
 from tests.distributed import run_on_ranks
@@ -45,7 +45,7 @@ def _case(name: str):
 def _backend_cases(rank: int, world: int) -> dict:
     calls: Counter = Counter()
     restore = register_test_backends(calls)
-    warnings = Captured("lightning_dit_parallel.sequence.backends")
+    warnings = Captured("lightning_dit_parallel.parallel.sequence.backends")
     groups = {name: layout_groups(rank, world, u) for name, u in LAYOUTS[world].items()}
     errors: dict[str, float] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -239,8 +239,8 @@ def test_backend_kernels_on_gpu(backend):
     """On CUDA in bfloat16, each installed backend's Ulysses kernel and its Ring blocks (two key blocks merged through
     their log-sum-exp, with and without a key mask) match float32 attention over all keys; backends that cannot run
     here are skipped with diffusers' reason."""
-    from lightning_dit_parallel.sequence.backends import check_backend, local_attend, local_attend_with_lse
-    from lightning_dit_parallel.sequence.local_attention import merge_partial
+    from lightning_dit_parallel.parallel.sequence.backends import check_backend, local_attend, local_attend_with_lse
+    from lightning_dit_parallel.parallel.sequence.local_attention import merge_partial
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 64, generator=g).cuda().bfloat16() for _ in range(3))  # (B, H, S, D), 300: uneven

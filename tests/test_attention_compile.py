@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_dit_parallel import ParallelLayout, SequenceParallelStrategy, parallelize, plan_for
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from tests.backend_cases import layout_groups
 from tests.distributed import run_on_ranks
 from tests.models import build_dit

@@ -11,12 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lightning_dit_parallel.parallel.sequence.attention import sequence_parallel_attention
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.local_attention import (
+    attention_with_lse,
+    attention_with_lse_math,
+    merge_partial,
+)
+from lightning_dit_parallel.parallel.sequence.masks import local_key_mask, shard_key_masks
+from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.plan import Split
-from lightning_dit_parallel.sequence.attention import sequence_parallel_attention
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.local_attention import attention_with_lse, attention_with_lse_math, merge_partial
-from lightning_dit_parallel.sequence.masks import local_key_mask, shard_key_masks
-from lightning_dit_parallel.sequence.sharding import ShardingState
 from tests.distributed import run_on_ranks
 
 RTOL = 1e-5

@@ -22,19 +22,19 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy
-from lightning_dit_parallel.batch_job import PredictionInterrupted, RunConfigMismatch, StreamingPredictionWriter
-from lightning_dit_parallel.batch_job.files import TMP_MARK, atomic_write, remove_temporaries
-from lightning_dit_parallel.batch_job.manifest import (
+from lightning_dit_parallel.app.batch_job import PredictionInterrupted, RunConfigMismatch, StreamingPredictionWriter
+from lightning_dit_parallel.app.batch_job.files import TMP_MARK, atomic_write, remove_temporaries
+from lightning_dit_parallel.app.batch_job.manifest import (
     ManifestAppender,
     check_run_file,
     finished_indices,
     read_manifests,
     write_run_file,
 )
-from lightning_dit_parallel.batch_job.progress import ProgressLine
-from lightning_dit_parallel.batch_job.resume import remaining_loader
-from lightning_dit_parallel.batch_job.stop import parse_signals
-from lightning_dit_parallel.known_warnings import silence_known_warnings
+from lightning_dit_parallel.app.batch_job.progress import ProgressLine
+from lightning_dit_parallel.app.batch_job.resume import remaining_loader
+from lightning_dit_parallel.app.batch_job.stop import parse_signals
+from lightning_dit_parallel.app.known_warnings import silence_known_warnings
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch
 from tests.models import build_dit, dit_sampler, requests

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy, ParallelLayout, Split, parallelize
-from lightning_dit_parallel.batch import first_batch_size, split_argument
+from lightning_dit_parallel.parallel.batch import first_batch_size, split_argument
 from tests.distributed import run_on_ranks
 from tests.models import FAMILIES, build_dit, dit_sampler, requests
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single

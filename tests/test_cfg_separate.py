@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy
-from lightning_dit_parallel.cfg.pattern import CallPattern, Decision, call_signature, step_key
-from lightning_dit_parallel.prompts import prompt_loader
+from lightning_dit_parallel.app.prompts import prompt_loader
+from lightning_dit_parallel.parallel.guidance.pattern import CallPattern, Decision, call_signature, step_key
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.pipelines import (

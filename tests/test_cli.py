@@ -13,11 +13,11 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from lightning_dit_parallel.batch_job import StreamingPredictionWriter
-from lightning_dit_parallel.cli import predict, single_run_argv
-from lightning_dit_parallel.sampling import DiffusionSampler, PipelineSampler
+from lightning_dit_parallel.app.batch_job import StreamingPredictionWriter
+from lightning_dit_parallel.app.cli import predict, single_run_argv
+from lightning_dit_parallel.app.sampling import DiffusionSampler, PipelineSampler
 
-CONF = Path(__file__).resolve().parents[1] / "lightning_dit_parallel" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "lightning_dit_parallel" / "app" / "conf"
 FAST = ["data.dataset.num_samples=4", "data.batch_size=2", "model.num_inference_steps=3"]
 
 
@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_predict(overrides: list[str]):
-    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_dit_parallel.app.conf", version_base="1.3"):
         return compose(config_name="predict", overrides=overrides)
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from lightning_dit_parallel.batch_job import RunConfigMismatch
-from lightning_dit_parallel.batch_job.files import TMP_MARK
-from lightning_dit_parallel.batch_job.manifest import finished_indices, read_manifests
-from lightning_dit_parallel.cli import predict
+from lightning_dit_parallel.app.batch_job import RunConfigMismatch
+from lightning_dit_parallel.app.batch_job.files import TMP_MARK
+from lightning_dit_parallel.app.batch_job.manifest import finished_indices, read_manifests
+from lightning_dit_parallel.app.cli import predict
 
 N = 201  # odd: the two data-parallel groups get 101 and 100 samples
 JOB = [
@@ -32,7 +32,7 @@ WAIT_S = 120
 
 
 def compose_predict(overrides: list[str]):
-    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_dit_parallel.app.conf", version_base="1.3"):
         return compose(config_name="predict", overrides=overrides)
 
 

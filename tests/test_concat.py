@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import Concat, DiTPlan, Split
-from lightning_dit_parallel.batch import map_batch
-from lightning_dit_parallel.splits import cut_arguments, cut_value
+from lightning_dit_parallel.parallel.batch import map_batch
+from lightning_dit_parallel.plan.splits import cut_arguments, cut_value
 
 
 def first_of_two(x: torch.Tensor, split: Split, where: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from lightning_dit_parallel.sampling import FluxConditioning, TextConditioning
+from lightning_dit_parallel.app.sampling import FluxConditioning, TextConditioning
 
 
 def test_flux_guidance_mismatch_names_both_values():

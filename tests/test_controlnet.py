@@ -1,8 +1,8 @@
 """ControlNet residuals (a list of ``(B, S, D)`` tensors, one per controlled block, that the DiT adds to its image
 tokens inside the block loop): the plans cut every element like the image tokens (``Each``), so Ulysses, Ring, USP
 and CFG parallelism equal one process (float32, relative 1e-5, token counts that do not divide the degree, sharp
-attention). Pipeline stages count their blocks from their global position (``pipeline/positions.py``), so each stage
-adds the residuals of its own blocks by the DiT's own rule (Flux/Chroma/Qwen-Image ``i // ceil(L/n)``, SD3
+attention). Pipeline stages count their blocks from their global position (``parallel/pipeline/positions.py``), so each
+stage adds the residuals of its own blocks by the DiT's own rule (Flux/Chroma/Qwen-Image ``i // ceil(L/n)``, SD3
 ``int(i / (L/n))``, Sana ``i - 1``, Cosmos every n blocks): pp 2, pp 2 x Ulysses 2 and pp 2 x CFG 2 equal one process
 too, with fewer residuals than blocks where the rule allows. Plans that do not cut residuals refuse them
 (``sequence_unsupported_inputs``); HunyuanDiT (long skips) cannot be pipelined at all.
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import parallelize, plan_for
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.pipeline import PipelineOptions
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.pipeline import PipelineOptions
 from tests.distributed import run_on_ranks
 from tests.models import build_sd3
 from tests.rank_outputs import max_relative_error
@@ -208,7 +208,7 @@ def test_controlnet_residuals_are_cut_like_the_image_tokens(world):
 def test_a_plan_that_does_not_cut_residuals_refuses_them():
     """Z-Image's plan lists its residuals (a dict by layer) as unsupported under sequence parallelism: a ValueError at
     the call, not a wrong sum; without cut tokens they are taken."""
-    from lightning_dit_parallel.input_limits import refused_inputs
+    from lightning_dit_parallel.parallel.input_limits import refused_inputs
 
     plan = plan_for(next(c for c in all_cases() if c.name.startswith("z_image")).build())
     refused = refused_inputs(plan, ParallelLayout(ulysses=2).resolve(2), patched=True)
@@ -221,7 +221,7 @@ def test_global_positions_are_installed_and_removed():
     builtin; removing the last installation puts the module's namespace back as it was."""
     import builtins
 
-    from lightning_dit_parallel.pipeline import positions
+    from lightning_dit_parallel.parallel.pipeline import positions
 
     model = next(c for c in all_cases() if c.name.startswith("flux")).build()
     namespace = positions.forward_namespaces(model)[0]

@@ -1,4 +1,4 @@
-"""diffusers' own ``_cp_plan`` translated into a ``DiTPlan`` (``cp_plan.py``), with the shipped plans hidden.
+"""diffusers' own ``_cp_plan`` translated into a ``DiTPlan`` (``plan/cp_plan.py``), with the shipped plans hidden.
 
 Seven classes that carry a ``_cp_plan`` (Flux, Flux2, Qwen-Image, Wan, LTX-Video, Helios with 4 of the 40 blocks its
 ``_cp_plan`` enumerates, MiniMax-H3 with its video and audio outputs gathered) run inside one ``Trainer.predict``
@@ -25,12 +25,13 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3Transformer3DModel
 from torch import nn
 
-from lightning_dit_parallel import SequenceParallelStrategy, plan_for, registry
-from lightning_dit_parallel.cp_plan import concat_orders, sequence_named
-from lightning_dit_parallel.plans import builtin_plan
-from lightning_dit_parallel.registry import find_planned_modules
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel import SequenceParallelStrategy, plan_for
+from lightning_dit_parallel.families import builtin_plan
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.plan import registry
+from lightning_dit_parallel.plan.cp_plan import concat_orders, sequence_named
+from lightning_dit_parallel.plan.registry import find_planned_modules
 from tests.rank_outputs import max_relative_error
 from tests.zoo import ZooCase, randn, seeded_model, text_mask
 from tests.zoo import flux as zoo_flux

@@ -9,10 +9,10 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from lightning_dit_parallel.digits import DigitRequests, digit_images, load_digits_dit
-from lightning_dit_parallel.digits.model import DIGITS_DIT_CONFIG, WEIGHTS_FILE, read_metadata, weights_dir
-from lightning_dit_parallel.digits.quality import class_accuracy, digit_classifier
-from lightning_dit_parallel.digits.train import DigitsDiTTraining, save_weights
+from lightning_dit_parallel.app.digits import DigitRequests, digit_images, load_digits_dit
+from lightning_dit_parallel.app.digits.model import DIGITS_DIT_CONFIG, WEIGHTS_FILE, read_metadata, weights_dir
+from lightning_dit_parallel.app.digits.quality import class_accuracy, digit_classifier
+from lightning_dit_parallel.app.digits.train import DigitsDiTTraining, save_weights
 
 
 def test_training_images_are_16x16_in_minus_one_to_one():
@@ -68,7 +68,7 @@ def test_training_writes_weights_the_loader_reads(tmp_path):
 
 def test_default_sampler_draws_the_requested_digits():
     """The default command-line model: 100 samples, 10 per class; at least 90% classified as requested."""
-    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_dit_parallel.app.conf", version_base="1.3"):
         cfg = compose(config_name="predict")
     sampler = instantiate(cfg.model)
     requests = DigitRequests(100)

@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dit_parallel import PatchParallelStrategy
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.parallelize import _check_distrifusion
+from lightning_dit_parallel.parallel.compose import _check_distrifusion
+from lightning_dit_parallel.parallel.layout import ParallelLayout
 
 
 def test_registered_name_and_options():
@@ -37,7 +37,7 @@ def test_layouts_it_runs_on():
 
 
 def test_hydra_config():
-    with initialize_config_module("lightning_dit_parallel.conf", version_base=None):
+    with initialize_config_module("lightning_dit_parallel.app.conf", version_base=None):
         config = compose("predict", overrides=["strategy=distrifusion", "strategy.warmup_steps=2"])
     strategy = instantiate(config.strategy)
     assert isinstance(strategy, PatchParallelStrategy) and strategy._distrifusion.warmup_steps == 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, PipelineStrategy
-from lightning_dit_parallel.incomplete import check_complete
+from lightning_dit_parallel.parallel.incomplete import check_complete
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.models import build_dit, dit_sampler, requests

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from lightning_dit_parallel.sequence.attention import sequence_parallel_attention
-from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.attention import sequence_parallel_attention
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 from tests.distributed import run_on_ranks
 
 

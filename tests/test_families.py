@@ -17,11 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import DiTPlan, SequenceParallelStrategy, Split, plan_for, register_plan, unregister_plan
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.sampling import DiffusionSampler
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.parallel.compose import parallelize
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from tests.distributed import run_on_ranks
 from tests.models import (
     build_cogvideox,

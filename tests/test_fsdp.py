@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy, ParallelLayout, parallelize
-from lightning_dit_parallel.fsdp import is_sharded, module_units
+from lightning_dit_parallel.parallel.fsdp import is_sharded, module_units
 from lightning_dit_parallel.utils.memory import resident_bytes
 from tests.distributed import run_on_ranks
 from tests.models import FAMILIES, build_dit, dit_sampler, requests

@@ -1,7 +1,8 @@
-"""Ulysses at the attention projections (``HeadProjections``, ``sequence/head_parallel.py``) for Qwen-Image 2.1, whose
-block-causal attention needs the whole sequence: the prefix KV cache (an ``"extract"`` call, then ``"cached"`` calls
-that recompute the target tokens only) equals one process under Ulysses 2 (the cache holds each rank's heads of the
-prefix). Ring and other attention kernels are refused (pure checks, one process). One launch of 2 ranks.
+"""Ulysses at the attention projections (``HeadProjections``, ``parallel/sequence/head_parallel.py``) for
+Qwen-Image 2.1, whose block-causal attention needs the whole sequence: the prefix KV cache (an ``"extract"`` call,
+then ``"cached"`` calls that recompute the target tokens only) equals one process under Ulysses 2 (the cache holds
+each rank's heads of the prefix). Ring and other attention kernels are refused (pure checks, one process). One
+launch of 2 ranks.
 
 The plain forward of the zoo cases under Ulysses 2 and 4 is in tests/test_zoo.py.
 """
@@ -15,8 +16,8 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
 from lightning_dit_parallel import parallelize, plan_for
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.sequence.head_parallel import check_head_parallel, head_parallel_modules
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.sequence.head_parallel import check_head_parallel, head_parallel_modules
 from tests.distributed import run_on_ranks
 from tests.rank_outputs import max_relative_error
 from tests.zoo import qwenimage21

@@ -109,7 +109,7 @@ def test_cfg_with_guidance_off_fails_in_a_hybrid_layout():
 
 def test_data_parallel_results_gathered_in_order_by_the_writer(tmp_path):
     """dp=2 x cfg=2 with FSDP: the writer on rank 0 gets every sample once, in global-index order."""
-    from lightning_dit_parallel.writer import OrderedPredictionWriter
+    from lightning_dit_parallel.app.writer import OrderedPredictionWriter
 
     reference = predict_single(dit_sampler(build_dit()), requests(4, batch_size=1))
     trainer = L.Trainer(
@@ -169,8 +169,8 @@ def test_pipeline_with_sequence_parallel_on_plans_that_cut_block_inputs(family, 
 def test_pipeline_with_sequence_parallel_needs_every_stage_to_cut():
     """A cut at the first list's blocks with a stage that owns only blocks of the second list is a ValueError."""
     from lightning_dit_parallel import ParallelLayout
-    from lightning_dit_parallel.parallelize import _check_pipeline_with_sequence
-    from lightning_dit_parallel.pipeline import PipelineOptions
+    from lightning_dit_parallel.parallel.compose import _check_pipeline_with_sequence
+    from lightning_dit_parallel.parallel.pipeline import PipelineOptions
     from lightning_dit_parallel.plan import DiTPlan, Split
 
     model = build_flux()  # one double-stream block, one single-stream block
@@ -194,7 +194,7 @@ def test_flux_fsdp_pipeline_and_ulysses_on_four_ranks(tmp_path):
 
 
 def test_parallelized_remove_undoes_every_parallelizer_and_raises_the_first_error():
-    from lightning_dit_parallel.parallelize import Parallelized
+    from lightning_dit_parallel.parallel.compose import Parallelized
 
     removed: list[str] = []
 
@@ -230,7 +230,7 @@ def test_every_supported_step_starts_stateful_parallelizers_afresh(step, monkeyp
     """PipeFusion's caches and step count must not leak from one batch into the next, in validate and test too."""
     from lightning.pytorch.strategies.parallel import ParallelStrategy
 
-    from lightning_dit_parallel.parallelize import Parallelized
+    from lightning_dit_parallel.parallel.compose import Parallelized
 
     began: list[int] = []
 

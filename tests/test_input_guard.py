@@ -17,8 +17,8 @@ from lightning_dit_parallel import (
     PipelineStrategy,
     SequenceParallelStrategy,
 )
-from lightning_dit_parallel.guard import _ABSENT, _equal_classes, fingerprints
-from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.parallel.guard import _ABSENT, _equal_classes, fingerprints
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.models import build_dit, dit_sampler, requests

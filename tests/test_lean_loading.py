@@ -19,9 +19,9 @@ import torch
 from diffusers import DiffusionPipeline, WanPipeline
 
 from lightning_dit_parallel import FSDPInferenceStrategy, PipelineStrategy, TensorParallelStrategy
+from lightning_dit_parallel.app.prompts import prompt_loader
+from lightning_dit_parallel.app.sampling import PipelineSampler
 from lightning_dit_parallel.loading import deferred_roots, lean_from_pretrained
-from lightning_dit_parallel.prompts import prompt_loader
-from lightning_dit_parallel.sampling import PipelineSampler
 from lightning_dit_parallel.utils.memory import peak_rss, reset_peak_rss, resident_bytes
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here

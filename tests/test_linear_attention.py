@@ -6,11 +6,11 @@ import torch.distributed as dist
 from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
 from diffusers.models.transformers.transformer_sana_video import SanaLinearAttnProcessor3_0
 
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.linear_attention import TokenSums, install_linear_attention
+from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.plan import Split
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.linear_attention import TokenSums, install_linear_attention
-from lightning_dit_parallel.sequence.sharding import ShardingState
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.testing.comm_counter import CommCounter
 from tests.distributed import run_on_ranks
 
 B, TOKENS, HEADS, HEAD_DIM = 2, 15, 4, 6  # 15 tokens: 8 per rank, the second rank's last one is padding
@@ -119,7 +119,7 @@ def test_ambiguous_contraction_is_refused():
 
 def test_pipefusion_refuses_linear_attention_plans():
     from lightning_dit_parallel import plan_for
-    from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
+    from lightning_dit_parallel.parallel.pipeline.pipefusion import check_pipefusion_plan
     from tests.zoo.sana import build
 
     model = build()

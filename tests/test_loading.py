@@ -7,7 +7,13 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import DiTParallelStrategy, ParallelLayout, parallelize
-from lightning_dit_parallel.loading import build_on_meta, defer_weights, load_local_weights, materialize, save_weights
+from lightning_dit_parallel.loading import (
+    build_on_meta,
+    defer_weights,
+    load_local_weights,
+    materialize,
+    save_weights,
+)
 from lightning_dit_parallel.utils.memory import resident_bytes
 from tests.distributed import run_on_ranks
 from tests.models import build_dit, dit_sampler, requests

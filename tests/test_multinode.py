@@ -26,8 +26,8 @@ from hydra import compose, initialize_config_module
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
 from lightning_dit_parallel import ParallelLayout, SequenceParallelStrategy
-from lightning_dit_parallel.cli import predict
-from lightning_dit_parallel.nodes import axes_across_nodes, check_node_placement
+from lightning_dit_parallel.app.cli import predict
+from lightning_dit_parallel.parallel.nodes import axes_across_nodes, check_node_placement
 from tests.distributed import free_port, run_on_ranks
 from tests.models import requests
 from tests.multinode_cases import CASES, FAMILIES, run_case
@@ -382,7 +382,7 @@ def test_lightning_launcher_two_nodes_ldp_predict_equals_one_process(tmp_path, c
 def cli_reference(tmp_path_factory) -> dict:
     """``ldp-predict strategy=none`` (one process) with the same small settings."""
     out = tmp_path_factory.mktemp("single")
-    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_dit_parallel.app.conf", version_base="1.3"):
         cfg = compose(config_name="predict", overrides=["strategy=none", *FAST])
     predict(cfg, out)
     return torch.load(out / "predictions.pt")

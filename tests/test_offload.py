@@ -26,12 +26,12 @@ from lightning_dit_parallel import (
     SequenceParallelStrategy,
     TensorParallelStrategy,
 )
-from lightning_dit_parallel.fsdp import is_sharded
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.offload import apply_offload
-from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.pipeline.stages import ReleasedBlock
-from lightning_dit_parallel.prompts import prompt_loader
+from lightning_dit_parallel.app.prompts import prompt_loader
+from lightning_dit_parallel.parallel.compose import parallelize
+from lightning_dit_parallel.parallel.fsdp import is_sharded
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.offload import apply_offload
+from lightning_dit_parallel.parallel.pipeline.stages import ReleasedBlock
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.pipelines import PIXART_CALL, WAN_CALL, pixart_sigma_pipeline, wan_pipeline
@@ -218,7 +218,7 @@ def test_apply_offload_hooks_borrowed_calls_dtype_and_remove():
 
 def test_offload_is_refused_where_there_is_nothing_to_offload():
     from lightning_dit_parallel.plan import DiTPlan, Split
-    from lightning_dit_parallel.registry import register_plan
+    from lightning_dit_parallel.plan.registry import register_plan
 
     class NoBlocks(nn.Module):
         def __init__(self) -> None:

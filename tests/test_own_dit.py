@@ -10,9 +10,9 @@ import torch
 
 from examples.own_dit import DiT, make_module, requests
 from lightning_dit_parallel import SequenceParallelStrategy, plan_for
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.parallelize import parallelize
-from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.parallel.compose import parallelize
+from lightning_dit_parallel.parallel.layout import ParallelLayout
 from tests.distributed import run_on_ranks
 from tests.models import sharpen_attention
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single

@@ -13,7 +13,7 @@ from diffusers import AutoencoderTiny
 from torch import nn
 
 from lightning_dit_parallel import DiTParallelStrategy, ParallelLayout, parallelize
-from lightning_dit_parallel.vae import (
+from lightning_dit_parallel.parallel.vae import (
     BandGroup,
     VaeCut,
     apply_parallel_vae,
@@ -23,9 +23,9 @@ from lightning_dit_parallel.vae import (
     unregister_vae_cut,
     vae_cut_for,
 )
-from lightning_dit_parallel.vae.comm import gather_bands
-from lightning_dit_parallel.vae.conv import conv_halo
-from lightning_dit_parallel.vae.norm import band_group_norm
+from lightning_dit_parallel.parallel.vae.comm import gather_bands
+from lightning_dit_parallel.parallel.vae.conv import conv_halo
+from lightning_dit_parallel.parallel.vae.norm import band_group_norm
 from tests.distributed import run_on_ranks
 from tests.vaes import flux2_vae, image_vae, qwen_vae, wan_vae
 

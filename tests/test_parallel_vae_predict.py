@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dit_parallel import DiTParallelStrategy, SequenceParallelStrategy
-from lightning_dit_parallel.prompts import prompt_loader
+from lightning_dit_parallel.app.prompts import prompt_loader
 from tests.pipelines import PIXART_CALL, pixart_sigma_pipeline
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 

@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dit_parallel.vae import apply_parallel_vae, band_rows, find_vaes, vae_cut_for
-from lightning_dit_parallel.vae.attention import _frame_causal_mask, _frame_major, _frames_of
-from lightning_dit_parallel.vae.bands import Bands
-from lightning_dit_parallel.vae.noise import band_noise
-from lightning_dit_parallel.vae.parallelize import _inspect
+from lightning_dit_parallel.parallel.vae import apply_parallel_vae, band_rows, find_vaes, vae_cut_for
+from lightning_dit_parallel.parallel.vae.attention import _frame_causal_mask, _frame_major, _frames_of
+from lightning_dit_parallel.parallel.vae.bands import Bands
+from lightning_dit_parallel.parallel.vae.noise import band_noise
+from lightning_dit_parallel.parallel.vae.parallelize import _inspect
 from tests.distributed import run_on_ranks
 from tests.video_vaes import BUILDERS
 

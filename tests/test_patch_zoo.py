@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_dit_parallel.distrifusion import DistriFusionOptions, apply_distrifusion
-from lightning_dit_parallel.layout import ParallelLayout
-from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.registry import plan_for
-from lightning_dit_parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, apply_distrifusion
+from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.plan.registry import plan_for
 from tests.distributed import run_on_ranks
 from tests.rank_outputs import max_relative_error
 from tests.test_zoo import selected_cases

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.module_inputs import module_input_hooks
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.parallel.sequence.replicated_tail import replicated_tail_attention
+from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
 from lightning_dit_parallel.plan import DiTPlan, Split
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.module_inputs import module_input_hooks
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.sequence.replicated_tail import replicated_tail_attention
-from lightning_dit_parallel.sequence.sharding import ShardingState
-from lightning_dit_parallel.splits import cut_value
+from lightning_dit_parallel.plan.splits import cut_value
 from tests.distributed import run_on_ranks
 from tests.test_attention_kernels import _groups, _qkv
 

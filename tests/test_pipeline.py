@@ -16,10 +16,10 @@ from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTrans
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, Split, plan_for
-from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
-from lightning_dit_parallel.pipeline.patches import PatchPass, patch_bounds
-from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
-from lightning_dit_parallel.pipeline.stages import (
+from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.parallel.pipeline.patches import PatchPass, patch_bounds
+from lightning_dit_parallel.parallel.pipeline.pipefusion import check_pipefusion_plan
+from lightning_dit_parallel.parallel.pipeline.stages import (
     ReleasedBlock,
     assign_stages,
     check_cuts_on_every_stage,

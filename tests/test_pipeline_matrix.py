@@ -31,7 +31,7 @@ from lightning_dit_parallel import (
     SequenceParallelStrategy,
     TensorParallelStrategy,
 )
-from lightning_dit_parallel.prompts import prompt_loader
+from lightning_dit_parallel.app.prompts import prompt_loader
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.matrix_pipelines import LABELS, PIPELINES, MatrixPipeline, load, save

@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from lightning_dit_parallel import DiTPlan, Split, plan_for, register_plan, unregister_plan
-from lightning_dit_parallel.registry import find_planned_modules
+from lightning_dit_parallel.plan.registry import find_planned_modules
 from tests.models import build_dit, build_pixart
 
 
@@ -101,8 +101,8 @@ def test_register_plan_type_checks():
 def test_cross_attention_patterns_are_checked(cross, match):
     from dataclasses import replace
 
-    from lightning_dit_parallel.sequence.groups import SequenceGroups
-    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+    from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 
     model = build_pixart()
     plan = replace(plan_for(model), cross_attention=cross)
@@ -131,8 +131,8 @@ def test_module_paths_count_from_the_end_and_name_outermost_matches():
 def test_gather_paths_from_the_end_are_checked():
     from dataclasses import replace
 
-    from lightning_dit_parallel.sequence.groups import SequenceGroups
-    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+    from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 
     model = build_dit(layers=2)
     plan = replace(plan_for(model), gather_outputs={"transformer_blocks.-3": Split("image", 1)})
@@ -147,7 +147,7 @@ def test_each_call_patterns_name_the_outermost_modules():
     norms do not, but neither is matched."""
     from dataclasses import replace
 
-    from lightning_dit_parallel.sequence.module_inputs import module_input_hooks
+    from lightning_dit_parallel.parallel.sequence.module_inputs import module_input_hooks
 
     model = build_dit(layers=2)
     plan = replace(plan_for(model), split_module_inputs_each_call={"transformer_blocks.*": {"attention_mask": Split()}})
@@ -157,7 +157,7 @@ def test_each_call_patterns_name_the_outermost_modules():
 def test_class_without_an_exact_plan_fails_with_the_reason(monkeypatch):
     """A diffusers class that a family lists in ``UNSUPPORTED`` fails with the reason (no family lists one today:
     Qwen-Image 2.1, the last, runs under Ulysses; see tests/zoo/qwenimage21.py)."""
-    from lightning_dit_parallel import registry
+    from lightning_dit_parallel.plan import registry
 
     class Blocked(nn.Module):
         pass
@@ -176,7 +176,7 @@ def test_optional_modules_are_dropped_for_the_configs_without_them():
 
     from diffusers import CosmosTransformer3DModel
 
-    from lightning_dit_parallel.plan_optional import without_absent
+    from lightning_dit_parallel.plan.optional import without_absent
     from tests.zoo import cosmos
 
     with_pos, without = cosmos.build()(), cosmos.build(extra_pos_embed_type=None)()
@@ -186,8 +186,8 @@ def test_optional_modules_are_dropped_for_the_configs_without_them():
     assert "rope" in plan_for(without).split_outputs
     required = replace(plan_for(CosmosTransformer3DModel), optional_modules=())
     assert without_absent(required, without) is required  # nothing optional: the sequence-parallel check then fails
-    from lightning_dit_parallel.sequence.groups import SequenceGroups
-    from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+    from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+    from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 
     with pytest.raises(ValueError, match=r"Plan module paths \['learnable_pos_embed'\] do not exist"):
         apply_sequence_parallel(without, required, SequenceGroups())

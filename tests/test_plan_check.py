@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dit_parallel import DiTPlan, Split, check_plan
-from lightning_dit_parallel.plan_check import LayoutCheck, main, parse_layout, silent_self_attention
+from lightning_dit_parallel.app.plan_check import LayoutCheck, main, parse_layout, silent_self_attention
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_dit.py"
 

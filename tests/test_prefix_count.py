@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_dit_parallel import DiTPlan, PrefixCount, Split
-from lightning_dit_parallel.sequence.module_inputs import module_input_hooks
-from lightning_dit_parallel.splits import cut_arguments, cut_value
+from lightning_dit_parallel.parallel.sequence.module_inputs import module_input_hooks
+from lightning_dit_parallel.plan.splits import cut_arguments, cut_value
 
 
 def rank_of(rank: int, ranks: int):

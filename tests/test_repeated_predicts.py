@@ -19,8 +19,8 @@ from lightning_dit_parallel import (
     PipelineStrategy,
     SequenceParallelStrategy,
 )
-from lightning_dit_parallel.fsdp import is_sharded
-from lightning_dit_parallel.pipeline.stages import ReleasedBlock
+from lightning_dit_parallel.parallel.fsdp import is_sharded
+from lightning_dit_parallel.parallel.pipeline.stages import ReleasedBlock
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here
 from tests.models import (
@@ -135,7 +135,7 @@ def _release_and_restore(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from lightning_dit_parallel import plan_for
-    from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
+    from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
     from lightning_dit_parallel.utils.memory import resident_bytes
 
     model = build_dit(layers=4)

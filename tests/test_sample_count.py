@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from lightning_dit_parallel import DiTParallelStrategy, FSDPInferenceStrategy
-from lightning_dit_parallel.sampling import DiffusionSampler
+from lightning_dit_parallel.app.sampling import DiffusionSampler
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch, predict_here

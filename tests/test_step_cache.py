@@ -1,4 +1,4 @@
-"""Step caching (``lightning_dit_parallel.cache``): one decision per model-parallel group, on every exact layout.
+"""Step caching (``parallel/cache/``): one decision per model-parallel group, on every exact layout.
 
 - Threshold 0 never skips: every layout gives the uncached one-process output (rtol 1e-5).
 - A positive threshold skips steps: every rank of a model-parallel group returns the same output and skipped the same
@@ -24,17 +24,17 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lightning_dit_parallel import DiTParallelStrategy, PipelineStrategy, SequenceParallelStrategy
-from lightning_dit_parallel.cache import (
+from lightning_dit_parallel.app.prompts import prompt_loader
+from lightning_dit_parallel.parallel.cache import (
     DEFAULT_THRESHOLDS,
-    CachedSingleDeviceStrategy,
     CacheOptions,
     apply_step_cache,
     cache_config,
     check_step_cache,
 )
-from lightning_dit_parallel.fsdp import is_sharded
-from lightning_dit_parallel.prompts import prompt_loader
-from lightning_dit_parallel.registry import find_planned_modules
+from lightning_dit_parallel.parallel.fsdp import is_sharded
+from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.strategies import CachedSingleDeviceStrategy
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch
 from tests.models import build_dit, build_sd3, build_wan, dit_sampler, requests, sd3_sampler, text_requests
@@ -417,7 +417,7 @@ def test_cache_arguments_are_validated():
 
 
 def test_command_line_reaches_the_cache():
-    with initialize_config_module(config_module="lightning_dit_parallel.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lightning_dit_parallel.app.conf", version_base="1.3"):
         ulysses = compose(config_name="predict", overrides=["strategy.cache=fbcache", "strategy.cache_threshold=0.1"])
         none = compose(
             config_name="predict",

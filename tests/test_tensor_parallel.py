@@ -27,9 +27,9 @@ from lightning_dit_parallel import (
     parallelize,
     plan_for,
 )
-from lightning_dit_parallel.sampling import DiffusionSampler
-from lightning_dit_parallel.tensor import check_layout, resolve_layout
-from lightning_dit_parallel.tensor.styles import unpack
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.parallel.tensor import check_layout, resolve_layout
+from lightning_dit_parallel.parallel.tensor.styles import unpack
 from tests.distributed import run_on_ranks
 from tests.models import (
     POOLED_DIM,
@@ -402,7 +402,7 @@ def _device_errors(rank: int, world: int, names: list[str], device: str = "cuda"
     """Each family's sampler on this rank's device, tensor-parallel over ``world`` ranks, against the plain model on
     the same device. With one rank, parallelize() leaves tp=1 alone, so the styles are applied directly: the DTensor
     linears, packed shards and sharded norms run their collectives over a one-rank group."""
-    from lightning_dit_parallel.tensor import apply_tensor_parallel
+    from lightning_dit_parallel.parallel.tensor import apply_tensor_parallel
 
     if device == "cuda":
         torch.cuda.set_device(rank)

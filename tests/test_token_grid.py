@@ -5,11 +5,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.sharding import ShardedSequence, ShardingState
+from lightning_dit_parallel.parallel.sequence.token_grid import TokenGridHooks, check_callers, grid_window
 from lightning_dit_parallel.plan import Split, TokenGrid
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.sharding import ShardedSequence, ShardingState
-from lightning_dit_parallel.sequence.token_grid import TokenGridHooks, check_callers, grid_window
-from lightning_dit_parallel.utils.comm_counter import CommCounter
+from lightning_dit_parallel.testing.comm_counter import CommCounter
 from tests.distributed import run_on_ranks
 
 B, C = 2, 3

@@ -1,4 +1,4 @@
-"""peft LoRA under tensor parallelism: LoRA layers split with their base layer (``tensor/lora.py``).
+"""peft LoRA under tensor parallelism: LoRA layers split with their base layer (``parallel/tensor/lora.py``).
 
 Two families, two LoRA adapters each, loaded the diffusers way (``load_lora_adapter`` of a seeded state dict built
 here, non-zero ``lora_B`` so that the adapters change the output): Flux (diffusers' ``_tp_plan``, LoRA on the packed
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dit_parallel import ParallelLayout, parallelize, plan_for
-from lightning_dit_parallel.sampling import DiffusionSampler
-from lightning_dit_parallel.tensor import resolve_layout
+from lightning_dit_parallel.app.sampling import DiffusionSampler
+from lightning_dit_parallel.parallel.tensor import resolve_layout
 from tests.distributed import run_on_ranks
 from tests.models import build_flux, flux_sampler, pixart_sampler
 from tests.test_tensor_parallel import build_pixart_fused, loader

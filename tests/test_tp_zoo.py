@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import HeadFeatures, Packed, ParallelLayout, TensorParallelStrategy, parallelize, plan_for
-from lightning_dit_parallel.tensor import resolve_layout
-from lightning_dit_parallel.tensor.features import cut_heads
+from lightning_dit_parallel.parallel.tensor import resolve_layout
+from lightning_dit_parallel.parallel.tensor.features import cut_heads
 from tests.distributed import run_on_ranks
 from tests.rank_outputs import max_relative_error
 from tests.test_zoo import selected_cases

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.sequence import ulysses
-from lightning_dit_parallel.sequence.ulysses import check_overlap_option, head_group_sizes, overlap_head_groups
+from lightning_dit_parallel.parallel.sequence import ulysses
+from lightning_dit_parallel.parallel.sequence.ulysses import check_overlap_option, head_group_sizes, overlap_head_groups
 from lightning_dit_parallel.strategies import SequenceParallelStrategy
 from tests.distributed import run_on_ranks
 from tests.models import build_dit

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTPlan, Split, plan_for
-from lightning_dit_parallel.batch import split_argument
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.sequence.sharding import ShardingState
-from lightning_dit_parallel.splits import cut_value
+from lightning_dit_parallel.parallel.batch import split_argument
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
+from lightning_dit_parallel.plan.splits import cut_value
 
 
 def state_of(rank: int, size: int) -> ShardingState:
@@ -113,7 +113,7 @@ def test_plans_whose_blocks_cannot_be_staged_reject_pipelines(family, reason):
     """The check runs before the pipeline group is used (pure: the same verdict on every rank)."""
     import importlib
 
-    from lightning_dit_parallel.pipeline import PipelineOptions, apply_pipeline
+    from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
 
     model = importlib.import_module(f"tests.zoo.{family}").CASES[0].build()
     with pytest.raises(ValueError, match=f"cannot be cut into pipeline stages: .*{reason}.*Use pp_degree=1"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy
-from lightning_dit_parallel.batch_job import StreamingPredictionWriter
-from lightning_dit_parallel.batch_job.manifest import read_manifests
-from lightning_dit_parallel.writer import OrderedPredictionWriter, contributors, order_predictions
+from lightning_dit_parallel.app.batch_job import StreamingPredictionWriter
+from lightning_dit_parallel.app.batch_job.manifest import read_manifests
+from lightning_dit_parallel.app.writer import OrderedPredictionWriter, contributors, order_predictions
 from tests.models import build_dit, dit_sampler, requests
 from tests.rank_outputs import assert_exact, predict_single
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lightning_dit_parallel import SequenceParallelStrategy, plan_for
-from lightning_dit_parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.sequence.parallelize import apply_sequence_parallel
+from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
+from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from tests.rank_outputs import max_relative_error
 from tests.zoo import ZooCase, all_cases, family
 from tests.zoo_module import predict_zoo, predict_zoo_single

@@ -2,7 +2,7 @@
 
 ``mkdocs build --strict`` already fails on a broken link between documentation pages (and, with the ``validation``
 settings of ``mkdocs.yml``, on a broken anchor). Source files are not documentation pages, so the pages name them in
-code (`` `lightning_dit_parallel/pipelines.py` ``, ``python bench/writer.py``) instead of linking them. This hook
+code (`` `lightning_dit_parallel/app/writer.py` ``, ``python bench/writer.py``) instead of linking them. This hook
 checks those names, in every page and in ``README.md`` (whose links to ``docs/`` pages are checked too):
 
 * a path that starts with a top-level folder of the repository (``lightning_dit_parallel/``, ``tests/``,

@@ -163,7 +163,7 @@ def _nested(config: Any, key: str) -> Any:
 
 def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
     """FSDP units as ``fsdp.module_units`` cuts them: each layer of the outermost ``nn.ModuleList``s, then the rest."""
-    from lightning_dit_parallel.fsdp import module_units
+    from lightning_dit_parallel.parallel.fsdp import module_units
 
     seen: set[int] = set()
     units: list[Unit] = []
@@ -203,7 +203,7 @@ def vae_spec(module: nn.Module) -> VaeSpec:
 
 
 def _has_cut(module: nn.Module) -> bool:
-    from lightning_dit_parallel.vae.cuts import vae_cut_for
+    from lightning_dit_parallel.parallel.vae.cuts import vae_cut_for
 
     return vae_cut_for(module) is not None
 

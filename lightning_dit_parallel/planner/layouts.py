@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.planner.spec import ModelSpec
 
 PipelineMode = Literal["none", "microbatch", "pipefusion"]
@@ -93,7 +93,7 @@ class PlannedLayout:
         """Ranks the pipeline's encoders are sharded over by default (``fsdp.encoder_mesh``): every model-parallel
         rank, and the dp axis with FSDP, when the layout cuts the DiT's memory (FSDP, pipeline stages or tensor
         parallelism); else 1."""
-        from lightning_dit_parallel.fsdp.mesh import shards_encoders
+        from lightning_dit_parallel.parallel.fsdp.mesh import shards_encoders
 
         if not shards_encoders(self.fsdp, self.pp, self.tp):
             return 1

@@ -138,7 +138,7 @@ class MemoryEstimate:
 
 def stage_blocks(spec: ModelSpec, pp: int) -> list[range]:
     """Global block indices of each pipeline stage (the package's even split, earlier stages take the remainder)."""
-    from lightning_dit_parallel.pipeline.stages import stage_sizes
+    from lightning_dit_parallel.parallel.pipeline.stages import stage_sizes
 
     if pp == 1:
         return [range(spec.num_blocks)]

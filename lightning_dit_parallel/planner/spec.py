@@ -14,9 +14,9 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_dit_parallel.parallel.sequence.head_parallel import head_parallel_modules
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.planner.tp_shape import inside_norm, is_text_stream, tensor_parallel_shape, with_norm_roles
-from lightning_dit_parallel.sequence.head_parallel import head_parallel_modules
 
 AttentionKind = Literal["self", "cross", "linear", "tail"]
 
@@ -394,7 +394,7 @@ def _output_width(model: nn.Module, plan: DiTPlan) -> int:
 
 
 def _pipefusion_reason(model: nn.Module, plan: DiTPlan) -> str:
-    from lightning_dit_parallel.pipeline.pipefusion import check_pipefusion_plan
+    from lightning_dit_parallel.parallel.pipeline.pipefusion import check_pipefusion_plan
 
     if plan.pipeline_unsupported:
         return plan.pipeline_unsupported
@@ -407,9 +407,9 @@ def _pipefusion_reason(model: nn.Module, plan: DiTPlan) -> str:
 
 def _pipeline_with_sequence(model: nn.Module, plan: DiTPlan, max_stages: int) -> tuple[tuple[int, str], ...]:
     """Why ``pp`` stages do not combine with sequence parallelism, for every pp degree up to ``max_stages``."""
-    from lightning_dit_parallel.layout import ParallelLayout
-    from lightning_dit_parallel.parallelize import _check_pipeline_with_sequence
-    from lightning_dit_parallel.pipeline.options import PipelineOptions
+    from lightning_dit_parallel.parallel.compose import _check_pipeline_with_sequence
+    from lightning_dit_parallel.parallel.layout import ParallelLayout
+    from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 
     if plan.pipeline_unsupported or not plan.blocks:
         return ()

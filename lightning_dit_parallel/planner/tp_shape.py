@@ -51,9 +51,9 @@ class TensorParallelShape:
 def tensor_parallel_shape(model: nn.Module, plan: DiTPlan) -> TensorParallelShape:
     """What the package's tensor parallelism (``tensor.resolve_layout``) would split: per parameter the dim, per
     block the widths its all-reduces and all-gathers carry; or why it cannot."""
+    from lightning_dit_parallel.parallel.tensor.resolve import block_of, resolve_layout
+    from lightning_dit_parallel.parallel.tensor.styles import packed_sizes, split_dim
     from lightning_dit_parallel.plan import Packed
-    from lightning_dit_parallel.tensor.resolve import block_of, resolve_layout
-    from lightning_dit_parallel.tensor.styles import packed_sizes, split_dim
 
     try:
         layout = resolve_layout(model, plan)

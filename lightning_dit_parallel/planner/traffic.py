@@ -44,7 +44,7 @@ GUARD_BYTES_PER_ARGUMENT = 5 * 8
 
 def _broadcast_header_bytes(shape: tuple[int, ...]) -> int:
     """Pickled size of the output description the last stage broadcasts first (plus its size tensor)."""
-    from lightning_dit_parallel.pipeline.comm import _TensorMeta
+    from lightning_dit_parallel.parallel.pipeline.comm import _TensorMeta
 
     return len(pickle.dumps([(_TensorMeta(shape, torch.float32),)])) + 8
 

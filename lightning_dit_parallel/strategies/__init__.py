@@ -5,8 +5,10 @@ from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
 from lightning_dit_parallel.strategies.patch import PatchParallelStrategy
 from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy, TensorParallelStrategy
+from lightning_dit_parallel.strategies.single_device import CachedSingleDeviceStrategy
 
 __all__ = [
+    "CachedSingleDeviceStrategy",
     "DiTParallelStrategy",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",

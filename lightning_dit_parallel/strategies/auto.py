@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dit_parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.planner.layouts import Axes
 from lightning_dit_parallel.planner.models import PipelineModels, models_from_module
 from lightning_dit_parallel.planner.planner import LayoutEstimate, Plan, estimate_layouts, format_size

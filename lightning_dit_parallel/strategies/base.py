@@ -29,25 +29,30 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
-from lightning_dit_parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
-from lightning_dit_parallel.distrifusion import DistriFusionOptions
-from lightning_dit_parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
-from lightning_dit_parallel.guard import CheckInputs, check_inputs_option
-from lightning_dit_parallel.incomplete import unmark_incomplete
-from lightning_dit_parallel.layout import Degree, ParallelLayout
 from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
-from lightning_dit_parallel.nodes import CrossNodePolicy, CrossNodeWarning, check_node_placement, is_numbered_by_node
-from lightning_dit_parallel.parallelize import Parallelized, parallelize
-from lightning_dit_parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
-from lightning_dit_parallel.pipelines import AttachedPipelines, attach_pipelines
-from lightning_dit_parallel.regional_compile import CompileOption, check_compile_option
-from lightning_dit_parallel.sequence.backends import LSEFallback
-from lightning_dit_parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
+from lightning_dit_parallel.parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
+from lightning_dit_parallel.parallel.compose import Parallelized, parallelize
+from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions
+from lightning_dit_parallel.parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
+from lightning_dit_parallel.parallel.guard import CheckInputs, check_inputs_option
+from lightning_dit_parallel.parallel.incomplete import unmark_incomplete
+from lightning_dit_parallel.parallel.layout import Degree, ParallelLayout
+from lightning_dit_parallel.parallel.nodes import (
+    CrossNodePolicy,
+    CrossNodeWarning,
+    check_node_placement,
+    is_numbered_by_node,
+)
+from lightning_dit_parallel.parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
+from lightning_dit_parallel.parallel.regional_compile import CompileOption, check_compile_option
+from lightning_dit_parallel.parallel.sequence.backends import LSEFallback
+from lightning_dit_parallel.parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
+from lightning_dit_parallel.strategies.environment import restored_environment
 from lightning_dit_parallel.strategies.failure import may_gather
+from lightning_dit_parallel.strategies.pipelines import AttachedPipelines, attach_pipelines
+from lightning_dit_parallel.strategies.rendezvous import group_store, predict_namespace
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
-from lightning_dit_parallel.utils.environment import restored_environment
 from lightning_dit_parallel.utils.logging import rank_zero_log
-from lightning_dit_parallel.utils.rendezvous import group_store, predict_namespace
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 TBroadcast = TypeVar("TBroadcast")
@@ -89,7 +94,7 @@ class DiTParallelStrategy(ParallelStrategy):
             sharded further, a 2-D layout).
         tp_degree: tensor-parallel degree: the attention heads and MLP features of every block are split over this
             many ranks (torch DTensor column-/row-wise styles, two all-reduces per block); heads must divide by
-            ``tp_degree * ulysses_degree``. See ``lightning_dit_parallel.tensor``.
+            ``tp_degree * ulysses_degree``. See ``lightning_dit_parallel.parallel.tensor``.
         pp_mode: with ``pp_degree > 1``: ``"microbatch"`` (exact) or ``"pipefusion"`` (patches with stale
             keys/values; approximate). See ``PipelineOptions``.
         num_patches: PipeFusion patches per step (default: the number of stages).
@@ -111,39 +116,39 @@ class DiTParallelStrategy(ParallelStrategy):
             bring each unit to the device for its forward only, for models that do not fit the devices otherwise
             (slower: every step copies the weights from the host). With FSDP the shards live on the host (FSDP2's
             ``CPUOffloadPolicy``); with pipeline stages, tensor parallelism or encoders kept whole each block / layer
-            is copied to the device around its forward (``lightning_dit_parallel.offload``). The DiT's and encoders'
+            is copied to the device around its forward (``parallel/offload.py``). The DiT's and encoders'
             roots (embeddings, final layers) stay on the device. A ``ValueError`` at setup when there is nothing to
             offload. With ``auto``, ``offload=True`` lets the planner offload, only when no layout fits without it.
         check_inputs: check in the first DiT call of every batch that the ranks of each model-parallel group (cfg,
             pp, ring, ulysses and tp axes) pass the DiT identical arguments, and raise a ``ValueError`` on every rank
             when they do not (e.g. noise drawn from a rank-dependent random state). One small all-gather per batch;
             ``"every_call"``: in every DiT call (also catches per-step noise of a stochastic scheduler); ``False``:
-            off. See ``lightning_dit_parallel.guard``.
+            off. See ``lightning_dit_parallel.parallel.guard``.
         cache: step caching, ``None`` (default), ``"fbcache"`` (First-Block Cache: the first block always runs; the
             other blocks are skipped, their cached residual added, while the first block's output residual changes less
             than the threshold) or ``"teacache"`` (TeaCache-style: skipped while the accumulated relative change of the
             first block's input stays under it). Approximate; one decision per model-parallel group (every rank of a
             sequence / tensor-parallel / CFG group and every pipeline stage takes the same branch). Not with PipeFusion
-            or DistriFusion (``ValueError``). See ``lightning_dit_parallel.cache``.
+            or DistriFusion (``ValueError``). See ``lightning_dit_parallel.parallel.cache``.
         cache_threshold: the threshold of ``cache``; ``None``: the method's default (fbcache 0.08, teacache 0.05); 0
             never skips.
         cache_options: ``CacheOptions`` or a dict of them: ``warmup_steps`` (1), ``final_steps`` (1), ``max_skips``
             (None), ``num_steps`` (None: found), ``first_blocks`` (fbcache, 1).
         parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
-            ``AutoencoderKLWan``, ... found by class, see ``lightning_dit_parallel.vae``) decodes its latents cut into
+            ``AutoencoderKLWan``, ... found by class, see ``parallel/vae/``) decodes its latents cut into
             bands along the height over the ranks of each model-parallel group, exactly (halo rows per convolution,
             group-norm statistics reduced over the bands); ``vae.decode(...)`` and pipeline calls are unchanged. The
             encoder stays whole. A module without such a VAE is a ``ValueError`` at setup.
         compile: regional compilation once the DiT is parallelized: ``torch.compile`` on each transformer block of its
             plan (``True``: torch's default backend; or a backend name such as ``"aot_eager"``). See
-            ``lightning_dit_parallel.regional_compile``.
+            ``lightning_dit_parallel.parallel.regional_compile``.
         lse_fallback: Ring/USP with an attention backend chosen by ``set_attention_backend`` that gives no
             log-sum-exp: ``"warn"`` once and run the ring blocks on torch's kernel (default), or ``"error"`` (a
-            ``ValueError`` on every rank). See ``lightning_dit_parallel.sequence.backends``.
+            ``ValueError`` on every rank). See ``lightning_dit_parallel.parallel.sequence.backends``.
         ulysses_overlap: Ulysses attention (ring_degree 1) in head groups whose all-to-alls overlap the attention of
             the others: ``False`` (off), ``True`` (2 groups), an int (that many, at most heads / ulysses_degree), or
             ``"auto"`` (default: what ``bench/ulysses_overlap.py`` measured faster on the device type; off where no
-            gain was measured). Exact either way. See ``lightning_dit_parallel.sequence.ulysses``.
+            gain was measured). Exact either way. See ``lightning_dit_parallel.parallel.sequence.ulysses``.
         cross_node: with ``Trainer(num_nodes > 1)``, what to do when a degree puts ranks of one Ulysses group (or
             tensor-parallel group) on different nodes, so that its per-layer all-to-all (all-reduce) crosses the
             network: ``"warn"`` (default) or ``"error"`` (a ``ValueError`` on every rank before any collective). The

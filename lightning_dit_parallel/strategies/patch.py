@@ -6,8 +6,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_dit_parallel.distrifusion import DistriFusionOptions
-from lightning_dit_parallel.layout import Degree
+from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions
+from lightning_dit_parallel.parallel.layout import Degree
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 
 #: Arguments of ``DiTParallelStrategy`` that this preset sets itself (``degree`` is the ring degree).

@@ -7,8 +7,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_dit_parallel.layout import Degree
-from lightning_dit_parallel.pipeline.options import PipelineMode
+from lightning_dit_parallel.parallel.layout import Degree
+from lightning_dit_parallel.parallel.pipeline.options import PipelineMode
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 
 

@@ -3,7 +3,7 @@
 A case is a tiny seeded model with sharpened attention and the inputs of one forward: the doubled CFG batch
 (two samples with different text), text masks where the model takes them (one sample's text partly padded), and
 token counts chosen per case (some that do not divide 2 or 4). ``tests/test_zoo.py`` runs every case inside one
-``Trainer.predict`` launch per layout, so adding a family is adding one file here and one plan under ``plans/``.
+``Trainer.predict`` launch per layout, so adding a family is adding one file here and one plan under ``families/``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""FSDP inference: parameters sharded per transformer block over the ranks that share weights."""
+
+from lightning_dit_parallel.parallel.fsdp.batches import check_equal_batch_counts
+from lightning_dit_parallel.parallel.fsdp.encoders import encoder_paths, keep_output_recording
+from lightning_dit_parallel.parallel.fsdp.mesh import (
+    ENCODER_AXES,
+    SHARD_AXES,
+    encoder_mesh,
+    shard_mesh,
+    shards_encoders,
+)
+from lightning_dit_parallel.parallel.fsdp.shard import (
+    WEIGHT_LAYERS,
+    FSDPSharding,
+    FsdpUnits,
+    apply_fsdp,
+    block_units,
+    check_fsdp_units,
+    is_sharded,
+    module_units,
+    weight_layers,
+)
+
+__all__ = [
+    "SHARD_AXES",
+    "FSDPSharding",
+    "apply_fsdp",
+    "block_units",
+    "check_equal_batch_counts",
+    "encoder_paths",
+    "is_sharded",
+    "keep_output_recording",
+    "module_units",
+    "shard_mesh",
+    "ENCODER_AXES",
+    "encoder_mesh",
+    "shards_encoders",
+    "FsdpUnits",
+    "WEIGHT_LAYERS",
+    "check_fsdp_units",
+    "weight_layers",
+]
