@@ -25,7 +25,7 @@ from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.app.digits.model import digits_sampler
 from lightning_dit_parallel.app.digits.quality import class_accuracy
 from lightning_dit_parallel.parallel.cache import DEFAULT_THRESHOLDS, apply_step_cache, cache_config
-from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 

@@ -34,7 +34,7 @@ from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, ap
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.plan.registry import plan_for
+from lightning_dit_parallel.registry import plan_for
 from lightning_dit_parallel.testing.comm_counter import CommCounter
 from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks

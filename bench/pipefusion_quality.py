@@ -29,7 +29,7 @@ from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, ap
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
 from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
-from lightning_dit_parallel.plan.registry import plan_for
+from lightning_dit_parallel.registry import plan_for
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 
 METHODS = ("pipefusion", "pipefusion_ulysses", "distrifusion")

@@ -28,10 +28,10 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-from lightning_dit_parallel.plan.registry import plan_for
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.spec import model_spec
 from lightning_dit_parallel.planner.work import Work
+from lightning_dit_parallel.registry import plan_for
 from lightning_dit_parallel.testing.measure import measure_call, predict_call, relative_error
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks
 

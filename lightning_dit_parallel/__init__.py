@@ -18,9 +18,16 @@ from lightning_dit_parallel.plan import (
     PrefixCount,
     Split,
     TokenGrid,
+    VaeCut,
 )
-from lightning_dit_parallel.plan.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.planner import plan_layouts
+from lightning_dit_parallel.registry import (
+    plan_for,
+    register_plan,
+    register_vae_cut,
+    unregister_plan,
+    unregister_vae_cut,
+)
 from lightning_dit_parallel.strategies import (
     DiTParallelStrategy,
     FSDPInferenceStrategy,
@@ -51,11 +58,14 @@ __all__ = [
     "Split",
     "TensorParallelStrategy",
     "TokenGrid",
+    "VaeCut",
     "check_plan",
     "parallelize",
     "plan_layouts",
     "plan_for",
     "register_plan",
+    "register_vae_cut",
     "unregister_plan",
+    "unregister_vae_cut",
 ]
 __version__ = "0.1.0"

@@ -25,13 +25,12 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3Transformer3DModel
 from torch import nn
 
-from lightning_dit_parallel import SequenceParallelStrategy, plan_for
+from lightning_dit_parallel import SequenceParallelStrategy, plan_for, registry
 from lightning_dit_parallel.families import builtin_plan
 from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
-from lightning_dit_parallel.plan import registry
 from lightning_dit_parallel.plan.cp_plan import concat_orders, sequence_named
-from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from tests.rank_outputs import max_relative_error
 from tests.zoo import ZooCase, randn, seeded_model, text_mask
 from tests.zoo import flux as zoo_flux
@@ -256,7 +255,7 @@ LAYOUTS = {
 def translated_only(monkeypatch):
     """Hide the shipped plans: every diffusers class is planned by the translation of its ``_cp_plan`` (the forked
     ranks inherit the patch)."""
-    monkeypatch.setattr(registry, "builtin_plan", lambda cls: None)
+    monkeypatch.setattr(registry.PLANS, "builtin", dict)
 
 
 @pytest.fixture(scope="module")

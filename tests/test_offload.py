@@ -218,7 +218,7 @@ def test_apply_offload_hooks_borrowed_calls_dtype_and_remove():
 
 def test_offload_is_refused_where_there_is_nothing_to_offload():
     from lightning_dit_parallel.plan import DiTPlan, Split
-    from lightning_dit_parallel.plan.registry import register_plan
+    from lightning_dit_parallel.registry import register_plan
 
     class NoBlocks(nn.Module):
         def __init__(self) -> None:

@@ -20,7 +20,7 @@ from lightning_dit_parallel import (
     SequenceParallelStrategy,
 )
 from lightning_dit_parallel.app.prompts import prompt_loader
-from lightning_dit_parallel.strategies.pipelines import PipelineModule, attach_pipelines
+from lightning_dit_parallel.utils.pipelines import PipelineModule, attach_pipelines
 from tests.pipelines import FLUX_CALL, PIXART_CALL, flux_pipeline, pixart_sigma_pipeline
 from tests.rank_outputs import assert_exact, predict_on_ranks, predict_single
 

@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from lightning_dit_parallel import DiTPlan, Split, plan_for, register_plan, unregister_plan
-from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from tests.models import build_dit, build_pixart
 
 
@@ -157,7 +157,7 @@ def test_each_call_patterns_name_the_outermost_modules():
 def test_class_without_an_exact_plan_fails_with_the_reason(monkeypatch):
     """A diffusers class that a family lists in ``UNSUPPORTED`` fails with the reason (no family lists one today:
     Qwen-Image 2.1, the last, runs under Ulysses; see tests/zoo/qwenimage21.py)."""
-    from lightning_dit_parallel.plan import registry
+    from lightning_dit_parallel import registry
 
     class Blocked(nn.Module):
         pass

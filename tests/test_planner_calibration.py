@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lightning_dit_parallel import DiTParallelStrategy
-from lightning_dit_parallel.plan.registry import plan_for
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.spec import model_spec
 from lightning_dit_parallel.planner.work import Work
+from lightning_dit_parallel.registry import plan_for
 from lightning_dit_parallel.testing.measure import measure_call, predict_call, relative_error
 from tests.distributed import run_on_ranks
 from tests.models import POOLED_DIM, TEXT_DIM, build_dit, build_flux, build_wan, dit_sampler, requests

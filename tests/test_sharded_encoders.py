@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.parallel.fsdp import apply_fsdp, encoder_paths, is_sharded, module_units, shard_mesh
-from lightning_dit_parallel.strategies.pipelines import attach_pipelines
+from lightning_dit_parallel.utils.pipelines import attach_pipelines
 from tests.distributed import run_on_ranks
 from tests.models import build_dit
 from tests.pipelines import (

@@ -33,7 +33,7 @@ from lightning_dit_parallel.parallel.cache import (
     check_step_cache,
 )
 from lightning_dit_parallel.parallel.fsdp import is_sharded
-from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.strategies import CachedSingleDeviceStrategy
 from tests.distributed import free_port, run_on_ranks
 from tests.in_process import external_launch

@@ -45,7 +45,7 @@ from lightning_dit_parallel.parallel.sequence.backends import local_attend
 from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.plan import DiTPlan
-from lightning_dit_parallel.plan.registry import HOW_TO_DECLARE, plan_for
+from lightning_dit_parallel.registry import HOW_TO_DECLARE, plan_for
 from lightning_dit_parallel.utils.attention_route import route_attention_during_forward
 from lightning_dit_parallel.utils.hooks import remove_handles
 from lightning_dit_parallel.utils.multiprocess import run_on_ranks

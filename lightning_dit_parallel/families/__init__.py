@@ -1,10 +1,15 @@
-"""Plans that ship for diffusers transformer families, found by class name.
+"""One file per diffusers family, holding every fact the package needs about it.
 
-Every module in this package is one family and defines ``PLANS``: a mapping from diffusers class names to
-their ``DiTPlan``. Adding a family is adding one file. A family module may also define ``UNSUPPORTED``: diffusers
-class names mapped to why no exact plan exists for them; parallelizing such a model fails with that reason. Plan modules
-import only ``lightning_dit_parallel.plan`` (plans are data), so the index is built by importing them all once, on first
-use, without importing any diffusers model.
+A family module may define, each a mapping keyed by diffusers class name:
+
+- ``PLANS``: DiT class -> its ``DiTPlan``;
+- ``UNSUPPORTED``: DiT class -> why no exact plan exists (parallelizing such a model fails with that reason);
+- ``VAE_CUTS``: VAE class -> its ``VaeCut`` for the parallel decode;
+- ``LATENTS``: DiT class -> the ``LatentFormat`` of the family's VAE (the planner's token count without a VAE config).
+
+Adding a family is adding one file. Family modules import only ``lightning_dit_parallel.plan`` (facts are data), so
+the indexes are built by importing them all once, on first use, without importing any diffusers model. Where the
+facts are looked up by class (registered at run time, class attributes, then these files): ``registry.py``.
 """
 
 from __future__ import annotations
@@ -13,57 +18,84 @@ import functools
 import importlib
 import pkgutil
 from collections.abc import Mapping
+from types import MappingProxyType, ModuleType
 
-from lightning_dit_parallel.plan import DiTPlan
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, VaeCut
+
+#: what a family module may define -> the type of its values
+FACTS: Mapping[str, type] = MappingProxyType(
+    {"PLANS": DiTPlan, "UNSUPPORTED": str, "VAE_CUTS": VaeCut, "LATENTS": LatentFormat}
+)
 
 
 @functools.cache
-def builtin_plans() -> Mapping[str, DiTPlan]:
-    """diffusers class name -> shipped plan, over every family module of this package."""
-    index: dict[str, DiTPlan] = {}
+def family_modules() -> tuple[ModuleType, ...]:
+    """Every family module of this package, imported, in name order."""
+    return tuple(
+        importlib.import_module(f"{__name__}.{info.name}")
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name)
+    )
+
+
+@functools.cache
+def facts(kind: str) -> Mapping[str, object]:
+    """diffusers class name -> the fact of ``kind`` (a key of ``FACTS``), over every family module.
+
+    Raises:
+        TypeError: for a fact that is not a mapping, or a value of the wrong type.
+        ValueError: for a class named by two family modules.
+    """
+    expected = FACTS[kind]
+    index: dict[str, object] = {}
     owner: dict[str, str] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        plans = getattr(module, "PLANS", None)
-        if not isinstance(plans, Mapping):
-            raise TypeError(f"{module.__name__} must define PLANS, a mapping of diffusers class names to DiTPlans.")
-        for class_name, plan in plans.items():
+    for module in family_modules():
+        table = getattr(module, kind, {})
+        if not isinstance(table, Mapping):
+            raise TypeError(f"{module.__name__}.{kind} must be a mapping of diffusers class names.")
+        for class_name, value in table.items():
             if class_name in index:
-                raise ValueError(f"{class_name} has plans in both {owner[class_name]} and {module.__name__}.")
-            if not isinstance(plan, DiTPlan):
-                raise TypeError(f"{module.__name__}.PLANS[{class_name!r}] is a {type(plan).__name__}, not a DiTPlan.")
-            index[class_name] = plan
+                raise ValueError(f"{class_name} is in {kind} of both {owner[class_name]} and {module.__name__}.")
+            if not isinstance(value, expected) or (expected is str and not value):
+                raise TypeError(f"{module.__name__}.{kind}[{class_name!r}] is not a {expected.__name__}: {value!r}.")
+            index[class_name] = value
             owner[class_name] = module.__name__
-    return index
+    if kind == "UNSUPPORTED":
+        both = sorted(set(index) & set(facts("PLANS")))
+        if both:
+            raise ValueError(f"{both} are listed as unsupported but have a plan.")
+    return MappingProxyType(index)
+
+
+def builtin_plans() -> Mapping[str, DiTPlan]:
+    """diffusers class name -> shipped plan, over every family module."""
+    return facts("PLANS")  # type: ignore[return-value]
+
+
+def builtin_unsupported() -> Mapping[str, str]:
+    """diffusers class name -> why no exact plan exists, over every family module."""
+    return facts("UNSUPPORTED")  # type: ignore[return-value]
+
+
+def builtin_vae_cuts() -> Mapping[str, VaeCut]:
+    """diffusers VAE class name -> its shipped cut, over every family module."""
+    return facts("VAE_CUTS")  # type: ignore[return-value]
+
+
+def builtin_latents() -> Mapping[str, LatentFormat]:
+    """diffusers DiT class name -> the latent format of its family's VAE, over every family module."""
+    return facts("LATENTS")  # type: ignore[return-value]
+
+
+def is_diffusers_class(cls: type) -> bool:
+    """Whether ``cls`` is defined by diffusers (shipped facts are keyed by the class name of diffusers classes)."""
+    return cls.__module__.startswith("diffusers.")
 
 
 def builtin_plan(cls: type) -> DiTPlan | None:
     """The plan shipped for a diffusers class, or ``None``."""
-    if not cls.__module__.startswith("diffusers."):
-        return None
-    return builtin_plans().get(cls.__name__)
-
-
-@functools.cache
-def builtin_unsupported() -> Mapping[str, str]:
-    """diffusers class name -> why no exact plan exists, over every family module that declares ``UNSUPPORTED``."""
-    index: dict[str, str] = {}
-    plans = builtin_plans()
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for class_name, reason in getattr(module, "UNSUPPORTED", {}).items():
-            if class_name in plans or class_name in index:
-                raise ValueError(
-                    f"{module.__name__} lists {class_name} as unsupported, but it has a plan or is listed twice."
-                )
-            if not isinstance(reason, str) or not reason:
-                raise TypeError(f"{module.__name__}.UNSUPPORTED[{class_name!r}] must be a non-empty reason string.")
-            index[class_name] = reason
-    return index
+    return builtin_plans().get(cls.__name__) if is_diffusers_class(cls) else None
 
 
 def unsupported_reason(cls: type) -> str | None:
     """Why the diffusers class ``cls`` has no shipped plan (it cannot be parallelized exactly), or ``None``."""
-    if not cls.__module__.startswith("diffusers."):
-        return None
-    return builtin_unsupported().get(cls.__name__)
+    return builtin_unsupported().get(cls.__name__) if is_diffusers_class(cls) else None

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``CogVideoXTransformer3DModel`` (text tokens concatenated with video tokens)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # Rotary (freqs_cos, freqs_sin), each (F*H*W, D), computed by the pipeline for the video tokens only.
@@ -18,3 +18,15 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"CogVideoXTransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"CogVideoXTransformer3DModel": LatentFormat(spatial=8, temporal=4, channels=16)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    # decoded a few latent frames at a time, its causal convolutions' cached frames kept per band; the spatial norms'
+    # condition is the decoder's own input (the band), upsampled to each layer by a nearest interpolation to a size;
+    # the causal convolutions pad the height in their nn.Conv3d child (pad_mode="first"), or with F.pad replicate
+    "AutoencoderKLCogVideoX": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"})
+}

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``DiTTransformer2DModel`` (class-conditional DiT, self-attention only)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split
 
 PLAN = DiTPlan(
     # PatchEmbed: (B, C, H, W) -> (B, S, hidden); the sequence is cut after the positional embedding is added.
@@ -14,3 +14,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"DiTTransformer2DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"DiTTransformer2DModel": LatentFormat(spatial=8, temporal=1, channels=4)}

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``FluxTransformer2DModel`` (double-stream and single-stream blocks, 3-axis rotary)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Each, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, LatentFormat, Split
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C) and text (B, T, C) are cut along tokens; so are their position ids (S, 3) and
@@ -28,3 +28,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"FluxTransformer2DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"FluxTransformer2DModel": LatentFormat(spatial=8, temporal=1, channels=16)}

@@ -1,7 +1,7 @@
 """Plan for diffusers' ``Flux2Transformer2DModel`` (Flux 2: double-stream and parallel single-stream blocks, 4-axis
 rotary from position ids)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C) and text (B, T, C) are cut along tokens, and so are their position ids (S, 4) and
@@ -27,3 +27,10 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"Flux2Transformer2DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"Flux2Transformer2DModel": LatentFormat(spatial=8, temporal=1, channels=32)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {"AutoencoderKLFlux2": VaeCut(attention=("Attention",))}

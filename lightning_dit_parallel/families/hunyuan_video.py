@@ -1,7 +1,7 @@
 """Plan for diffusers' ``HunyuanVideoTransformer3DModel`` (dual-stream then single-stream blocks with joint
 attention over video then text tokens, a text mask, a text token refiner, 3-D rotary)."""
 
-from lightning_dit_parallel.plan import Concat, DiTPlan, PrefixCount, Split
+from lightning_dit_parallel.plan import Concat, DiTPlan, LatentFormat, PrefixCount, Split, VaeCut
 
 PLAN = DiTPlan(
     # x_embedder: (B, C, F, H, W) -> (B, F*H*W, hidden); rope returns (freqs_cos, freqs_sin), each (F*H*W, D), for
@@ -34,3 +34,17 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"HunyuanVideoTransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"HunyuanVideoTransformer3DModel": LatentFormat(spatial=8, temporal=4, channels=16)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    # causal convolutions padded by F.pad replicate around an unpadded nn.Conv3d; frame-causal mid-block attention
+    "AutoencoderKLHunyuanVideo": VaeCut(
+        attention=("Attention",),
+        attention_masks="frame_causal",
+        padding_attributes={"HunyuanVideoCausalConv3d": "time_causal_padding"},
+    )
+}

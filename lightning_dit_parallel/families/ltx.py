@@ -1,7 +1,7 @@
 """Plan for diffusers' ``LTXVideoTransformer3DModel`` (LTX-Video: video self-attention with 3-D rotary,
 cross-attention to text)."""
 
-from lightning_dit_parallel.plan import DiTPlan, HeadFeatures, Split
+from lightning_dit_parallel.plan import DiTPlan, HeadFeatures, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # Patchified latents (B, F*H*W, C) are cut along tokens. A per-token timestep (B, F*H*W) (image-to-video and
@@ -23,3 +23,13 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"LTXVideoTransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"LTXVideoTransformer3DModel": LatentFormat(spatial=32, temporal=8, channels=128)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    # per-position RMS and layer norms, depth-to-space upsampling; the timestep is not cut; noise maps drawn whole
+    "AutoencoderKLLTXVideo": VaeCut(replicated=("temb",), noise=("LTXVideoResnetBlock3d",))
+}

@@ -1,7 +1,7 @@
 """Plan for diffusers' ``MochiTransformer3DModel`` (asymmetric joint attention over video and the kept text tokens,
 3-D rotary on the video tokens)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # The patch embedding runs per frame and the forward flattens it to (B, F*H*W, C): the tokens are cut where the
@@ -19,3 +19,13 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"MochiTransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"MochiTransformer3DModel": LatentFormat(spatial=8, temporal=6, channels=12)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    # CogVideoX's causal convolutions in replicate mode; per-frame group norms; the decoder has no attention
+    "AutoencoderKLMochi": VaeCut(padding_attributes={"CogVideoXCausalConv3d": "time_causal_padding"})
+}

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``PixArtTransformer2DModel`` (self-attention plus cross-attention to text)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split
 
 PLAN = DiTPlan(
     # PatchEmbed: (B, C, H, W) -> (B, S, hidden).
@@ -14,3 +14,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"PixArtTransformer2DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"PixArtTransformer2DModel": LatentFormat(spatial=8, temporal=1, channels=4)}

@@ -2,7 +2,7 @@
 mask, complex 3-axis rotary) and ``QwenImage21Transformer2DModel`` (one joint sequence, block-causal attention: exact
 under Ulysses, see QWEN21)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Each, HeadProjections, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, HeadProjections, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # Packed latents (B, S, C), condition images (edit models) included, are cut along tokens before img_in.
@@ -53,3 +53,14 @@ QWEN21 = DiTPlan(
 )
 
 PLANS = {"QwenImageTransformer2DModel": PLAN, "QwenImage21Transformer2DModel": QWEN21}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"QwenImageTransformer2DModel": LatentFormat(spatial=8, temporal=1, channels=16)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    "AutoencoderKLQwenImage": VaeCut(
+        attention=("QwenImageAttentionBlock",), padding_attributes={"QwenImageCausalConv3d": "_padding"}
+    )
+}

@@ -1,7 +1,7 @@
 """Plans for diffusers' ``SanaTransformer2DModel`` and ``SanaVideoTransformer3DModel`` (linear self-attention,
 cross-attention to text, convolutional feed-forward over the token grid)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Each, Split, TokenGrid
+from lightning_dit_parallel.plan import DiTPlan, Each, LatentFormat, Split, TokenGrid, VaeCut
 
 SANA = DiTPlan(
     # PatchEmbed: (B, C, H, W) -> (B, S, hidden), S = H/p * W/p in row-major order.
@@ -46,3 +46,13 @@ SANA_VIDEO = DiTPlan(
 )
 
 PLANS = {"SanaTransformer2DModel": SANA, "SanaVideoTransformer3DModel": SANA_VIDEO}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"SanaTransformer2DModel": LatentFormat(spatial=32, temporal=1, channels=32)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    # Sana's DC-AE: per-position RMS norms, pixel-shuffle upsampling, multi-scale linear attention
+    "AutoencoderDC": VaeCut(linear_attention=("SanaMultiscaleLinearAttention",))
+}

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``SD3Transformer2DModel`` (MMDiT: joint attention over image and text tokens)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Each, Split
+from lightning_dit_parallel.plan import DiTPlan, Each, LatentFormat, Split
 
 PLAN = DiTPlan(
     # PatchEmbed: (B, C, H, W) -> (B, S, hidden) with positions added; context_embedder: (B, T, joint) ->
@@ -21,3 +21,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"SD3Transformer2DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"SD3Transformer2DModel": LatentFormat(spatial=8, temporal=1, channels=16)}

@@ -1,7 +1,7 @@
 """Plan for diffusers' ``SkyReelsV2Transformer3DModel`` (Wan-like video DiT; diffusion forcing gives every frame its
 own timestep)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split
 
 PLAN = DiTPlan(
     # rope returns (freqs_cos, freqs_sin), each (1, F*H*W, 1, D): cut along tokens.
@@ -31,3 +31,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"SkyReelsV2Transformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"SkyReelsV2Transformer3DModel": LatentFormat(spatial=8, temporal=4, channels=16)}

@@ -1,6 +1,6 @@
 """Plan for diffusers' ``WanTransformer3DModel`` (video self-attention with 3-D rotary, cross-attention to text)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split, VaeCut
 
 PLAN = DiTPlan(
     # Wan 2.2 TI2V gives every video token its own timestep, a (B, F*H*W) ``timestep``: it is cut along tokens,
@@ -23,3 +23,12 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"WanTransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"WanTransformer3DModel": LatentFormat(spatial=8, temporal=4, channels=16)}
+
+#: how the family's VAE is cut for a parallel decode (``parallel/vae/``)
+VAE_CUTS = {
+    "AutoencoderKLWan": VaeCut(attention=("WanAttentionBlock",), padding_attributes={"WanCausalConv3d": "_padding"})
+}

@@ -1,7 +1,7 @@
 """Plan for diffusers' ``WanVACETransformer3DModel`` (Wan with VACE control: blocks over a control stream whose
 outputs are added to the main blocks' hidden states as hints)."""
 
-from lightning_dit_parallel.plan import DiTPlan, Split
+from lightning_dit_parallel.plan import DiTPlan, LatentFormat, Split
 
 PLAN = DiTPlan(
     # rope returns (freqs_cos, freqs_sin), each (1, F*H*W, 1, D): cut along tokens; the main and the VACE blocks
@@ -28,3 +28,7 @@ PLAN = DiTPlan(
 )
 
 PLANS = {"WanVACETransformer3DModel": PLAN}
+
+
+#: the latent of the family's VAE, for the planner's token count
+LATENTS = {"WanVACETransformer3DModel": LatentFormat(spatial=8, temporal=4, channels=16)}

@@ -48,7 +48,7 @@ from lightning_dit_parallel.parallel.tensor import (
 )
 from lightning_dit_parallel.parallel.vae import VaeCut, apply_parallel_vae, find_vaes
 from lightning_dit_parallel.plan import DiTPlan, is_within
-from lightning_dit_parallel.plan.registry import find_planned_modules
+from lightning_dit_parallel.registry import find_planned_modules
 from lightning_dit_parallel.utils.logging import rank_zero_log
 
 

@@ -203,7 +203,7 @@ def vae_spec(module: nn.Module) -> VaeSpec:
 
 
 def _has_cut(module: nn.Module) -> bool:
-    from lightning_dit_parallel.parallel.vae.cuts import vae_cut_for
+    from lightning_dit_parallel.registry import vae_cut_for
 
     return vae_cut_for(module) is not None
 

@@ -290,7 +290,7 @@ def _weights(folder: Path, notes: list[str], name: str) -> WeightFiles | None:
 
 def _dit(component_name: str, config_path: Path, notes: list[str], counted: dict[str, str]):
     """``(module, plan)`` of a transformer config on the meta device (``plan`` ``None`` without one)."""
-    from lightning_dit_parallel.plan.registry import plan_for
+    from lightning_dit_parallel.registry import plan_for
 
     module = build_diffusers_model(read_config(config_path), "transformer")
     plan = plan_for(module)
@@ -388,7 +388,7 @@ def load_models(
         ValueError: when the DiT's class has no plan.
         FileNotFoundError: when there is no transformer config.
     """
-    from lightning_dit_parallel.plan.registry import HOW_TO_DECLARE
+    from lightning_dit_parallel.registry import HOW_TO_DECLARE
 
     path = Path(path)
     folder, primary = _locate(path)
@@ -474,8 +474,8 @@ def models_from_module(root: nn.Module) -> PipelineModels:
     Raises:
         ValueError: when there is no planned DiT.
     """
-    from lightning_dit_parallel.plan.registry import find_planned_modules
-    from lightning_dit_parallel.strategies.pipelines import attach_pipelines
+    from lightning_dit_parallel.registry import find_planned_modules
+    from lightning_dit_parallel.utils.pipelines import attach_pipelines
 
     attached = attach_pipelines(root, show_progress=True)
     try:

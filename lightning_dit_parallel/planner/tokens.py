@@ -1,10 +1,10 @@
 """How many tokens a work gives: the latent grid from the pixels, the VAE's compression and the patch size.
 
-The VAE's factors come from its config when one is given; otherwise from ``FAMILY_VAE`` (the public defaults of
-the families shipped with plans), otherwise 8x spatially, 4x temporally for a DiT with a 3-D patch, latent channels
-as the DiT's output channels. A DiT whose input has several latent channels per token without a patch embedding
-(Flux packs 2x2 latent pixels into one 64-channel token: ``in_channels = 4 * latent_channels`` with
-``patch_size=1``) gets the packing from the channel ratio.
+The VAE's factors come from its config when one is given; otherwise from the family file's ``LATENTS`` (the public
+defaults of the families shipped with plans), otherwise 8x spatially, 4x temporally for a DiT with a 3-D patch,
+latent channels as the DiT's output channels. A DiT whose input has several latent channels per token without a
+patch embedding (Flux packs 2x2 latent pixels into one 64-channel token: ``in_channels = 4 * latent_channels``
+with ``patch_size=1``) gets the packing from the channel ratio.
 """
 
 from __future__ import annotations
@@ -12,26 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_dit_parallel.families import builtin_latents
 from lightning_dit_parallel.planner.components import VaeSpec
 from lightning_dit_parallel.planner.work import Work
-
-#: class name of the DiT -> (spatial compression, temporal compression, latent channels) of its family's VAE.
-FAMILY_VAE: dict[str, tuple[int, int, int]] = {
-    "DiTTransformer2DModel": (8, 1, 4),
-    "PixArtTransformer2DModel": (8, 1, 4),
-    "SD3Transformer2DModel": (8, 1, 16),
-    "FluxTransformer2DModel": (8, 1, 16),
-    "Flux2Transformer2DModel": (8, 1, 32),
-    "QwenImageTransformer2DModel": (8, 1, 16),
-    "WanTransformer3DModel": (8, 4, 16),
-    "WanVACETransformer3DModel": (8, 4, 16),
-    "SkyReelsV2Transformer3DModel": (8, 4, 16),
-    "CogVideoXTransformer3DModel": (8, 4, 16),
-    "HunyuanVideoTransformer3DModel": (8, 4, 16),
-    "MochiTransformer3DModel": (8, 6, 12),
-    "LTXVideoTransformer3DModel": (32, 8, 128),
-    "SanaTransformer2DModel": (32, 1, 32),
-}
 
 
 @dataclass(frozen=True)
@@ -76,8 +59,9 @@ def vae_factors(cls: str, config: dict, vae: VaeSpec | None) -> tuple[int, int, 
     """``(spatial, temporal, latent channels)``: from the VAE when known, else the family, else the fallback."""
     if vae is not None and vae.latent_channels:
         return vae.spatial, vae.temporal, vae.latent_channels
-    if cls in FAMILY_VAE:
-        return FAMILY_VAE[cls]
+    latent = builtin_latents().get(cls)
+    if latent is not None:
+        return latent.spatial, latent.temporal, latent.channels
     three_d = isinstance(config.get("patch_size"), (list, tuple)) or bool(config.get("patch_size_t"))
     channels = config.get("out_channels") or config.get("in_channels") or 4
     return 8, 4 if three_d else 1, int(channels)

@@ -8,15 +8,12 @@ Read from the layout the package itself would apply (``tensor.resolve_layout``),
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightning_dit_parallel.plan import DiTPlan
-
-if TYPE_CHECKING:
-    from lightning_dit_parallel.planner.spec import AttentionSpec, BlockShape
+from lightning_dit_parallel.planner.shapes import AttentionSpec, BlockShape
 
 
 def inside_norm(root: nn.Module, path: str) -> bool:

@@ -49,10 +49,10 @@ from lightning_dit_parallel.parallel.sequence.backends import LSEFallback
 from lightning_dit_parallel.parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.strategies.environment import restored_environment
 from lightning_dit_parallel.strategies.failure import may_gather
-from lightning_dit_parallel.strategies.pipelines import AttachedPipelines, attach_pipelines
 from lightning_dit_parallel.strategies.rendezvous import group_store, predict_namespace
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.logging import rank_zero_log
+from lightning_dit_parallel.utils.pipelines import AttachedPipelines, attach_pipelines
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 TBroadcast = TypeVar("TBroadcast")

@@ -43,8 +43,8 @@ class CachedSingleDeviceStrategy(SingleDeviceStrategy):
         super().setup(trainer)
         if self._cache is None:
             return
-        from lightning_dit_parallel.plan.registry import find_planned_modules
-        from lightning_dit_parallel.strategies.pipelines import attach_pipelines
+        from lightning_dit_parallel.registry import find_planned_modules
+        from lightning_dit_parallel.utils.pipelines import attach_pipelines
 
         module = self.lightning_module
         self._pipelines = attach_pipelines(module, show_progress=True)  # pipelines held as attributes join the tree

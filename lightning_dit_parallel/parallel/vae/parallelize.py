@@ -39,10 +39,10 @@ from lightning_dit_parallel.parallel.vae.attention import band_attention
 from lightning_dit_parallel.parallel.vae.bands import BandGroup, Bands, band_rows
 from lightning_dit_parallel.parallel.vae.comm import gather_bands
 from lightning_dit_parallel.parallel.vae.conv import ConvHalo, conv_halo, install_halo
-from lightning_dit_parallel.parallel.vae.cuts import VaeCut
 from lightning_dit_parallel.parallel.vae.linear_attention import BandLinearAttention
 from lightning_dit_parallel.parallel.vae.noise import band_noise, check_same_random_state
 from lightning_dit_parallel.parallel.vae.norm import band_group_norm
+from lightning_dit_parallel.plan import VaeCut
 from lightning_dit_parallel.utils.hooks import remove_handles
 
 #: The functions the decoder's forward sees replaced, captured at import (the replacements call these).
