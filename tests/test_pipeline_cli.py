@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from lightning_dit_parallel.app.sampling import PipelineSampler, load_pipeline
-from lightning_dit_parallel.app.videos import read_video
+from lightning_dit_parallel.testing.videos import read_video
 from tests.pipelines import PIXART_CALL, TEXT_TOKENS, WAN_CALL, pixart_sigma_pipeline, wan_pipeline
 
 PROMPTS = ["a red cat", "a blue dog on the grass"]

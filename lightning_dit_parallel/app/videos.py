@@ -56,18 +56,6 @@ def save_video(video: Tensor, path_stem: Path, fps: int = 8) -> Path:
     return path
 
 
-def read_video(path: Path) -> Tensor:
-    """Decode a video written by ``save_video`` back to (F, H, W, 3) uint8 (MP4 through imageio-ffmpeg)."""
-    import imageio_ffmpeg
-    import numpy as np
-
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    meta = reader.__next__()
-    width, height = meta["size"]
-    frames = [np.frombuffer(f, dtype=np.uint8).reshape(height, width, 3) for f in reader]
-    return torch.from_numpy(np.stack(frames))
-
-
 def save_videos(videos: Tensor, names: list[str], directory: Path, fps: int = 8) -> list[Path]:
     """``<directory>/<name>.mp4`` (or ``.gif``) and ``<directory>/<name>/<frame>.png`` for every video
     (N, F, C, H, W)."""
