@@ -193,13 +193,32 @@ def test_auto_choice_is_pure_and_sized_from_the_sampler():
         choose_layout(sampler, **{**args, "hints": AutoHints(memory="1MiB")})
 
 
-def test_calibrate_measures_compute_bandwidth_and_memory_on_this_machine():
-    from lightning_dit_parallel.planner.calibrate import calibrate
+class _Clock:
+    """A ``time.perf_counter`` that advances by ``step`` seconds at every call: every timed interval is ``step``."""
 
-    measured = calibrate(torch.float32, devices=2, device="cpu")
-    assert measured.flops > 1e6 and measured.bandwidth and measured.bandwidth > 1e5
-    assert measured.memory and measured.memory > 2**20
-    assert "TFLOP/s" in measured.describe()
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_calibrate_counts_flops_bytes_and_memory_right(monkeypatch):
+    """The figures the planner's time and memory estimates divide by: 2 n^3 FLOP per n x n matrix multiply, the bytes
+    of one send per interval (over 2 forked gloo ranks), and the machine's memory (``/proc/meminfo``) shared by the
+    devices. With a clock where every interval lasts 0.5 s the rates are exact, so a wrong count fails."""
+    from lightning_dit_parallel.planner import calibrate as cal
+
+    monkeypatch.setattr(cal.time, "perf_counter", _Clock(0.5))  # forked ranks inherit it
+    assert cal.measure_flops(torch.device("cpu"), torch.float32, size=64, reps=3) == 2 * 64**3 / 0.5
+    assert cal.measure_bandwidth(torch.device("cpu"), nbytes=4096, reps=2) == 4096 / 0.5
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert cal.device_memory(torch.device("cpu"), 1) == pytest.approx(total, rel=0.01)
+    assert cal.device_memory(torch.device("cpu"), 4) == cal.device_memory(torch.device("cpu"), 1) // 4
+    measured = cal.Calibration("cpu", flops=2.5e12, bandwidth=3e9, memory=6 * 2**30)
+    assert measured.describe() == "calibrated on cpu: 2.5 TFLOP/s, link 3.00 GB/s, memory 6.0 GiB per device"
 
 
 def test_approximate_layouts_for_token_counts_that_do_not_divide(flux):
