@@ -6,14 +6,16 @@ ran them (their residual):
 * ``"fbcache"`` (First-Block Cache): the first block(s) always run; when the relative change of their output
   residual since the last fully computed step, ``mean|r_t - r_prev| / mean|r_prev|``, is under the threshold, the
   remaining blocks are skipped.
-* ``"teacache"`` (TeaCache-style): the relative L1 change of the first block's input since the previous step is
-  accumulated; while the sum stays under the threshold the whole block stack is skipped; it is reset to 0 whenever
-  the blocks run.
+* ``"teacache"`` (TeaCache-style): the relative L1 change of the first block's timestep-modulated input (the input of
+  its first attention, ``teacache.py``) since the previous step, optionally rescaled by a polynomial
+  (``CacheOptions.rescale``), is accumulated; while the sum stays under the threshold the whole block stack is
+  skipped; it is reset to 0 whenever the blocks run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -48,6 +50,9 @@ class CacheOptions:
         max_skips: at most this many skipped steps in a row (``None``: no limit).
         num_steps: DiT calls per batch and cache context (``None``: found as described for ``final_steps``).
         first_blocks: fbcache: the blocks (in the plan's execution order) that always run and whose output decides.
+        rescale: teacache: coefficients of a polynomial (highest degree first, as TeaCache's ``numpy.poly1d``) applied
+            to each step's relative distance before it is accumulated, e.g. TeaCache's fit for FLUX.1
+            ``(498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)``; ``None``: the distance itself.
     """
 
     warmup_steps: int = 1
@@ -55,20 +60,25 @@ class CacheOptions:
     max_skips: int | None = None
     num_steps: int | None = None
     first_blocks: int = 1
+    rescale: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.rescale, Sequence) and not isinstance(self.rescale, str):  # Hydra gives a ListConfig
+            object.__setattr__(self, "rescale", tuple(self.rescale))
         checks = {
             "warmup_steps": _int(self.warmup_steps) and self.warmup_steps >= 1,
             "final_steps": _int(self.final_steps) and self.final_steps >= 0,
             "max_skips": self.max_skips is None or (_int(self.max_skips) and self.max_skips >= 1),
             "num_steps": self.num_steps is None or (_int(self.num_steps) and self.num_steps >= 1),
             "first_blocks": _int(self.first_blocks) and self.first_blocks >= 1,
+            "rescale": self.rescale is None or _coefficients(self.rescale),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"Invalid cache_options {bad}: warmup_steps and first_blocks must be integers >= 1, final_steps an"
-                f" integer >= 0, max_skips and num_steps None or integers >= 1; got {self}."
+                f" integer >= 0, max_skips and num_steps None or integers >= 1, rescale None or a non-empty list of"
+                f" finite numbers; got {self}."
             )
 
 
@@ -85,7 +95,9 @@ class StepCacheConfig:
         o = self.options
         return (
             f"{self.method} threshold={self.threshold} warmup_steps={o.warmup_steps} final_steps={o.final_steps}"
-            f" max_skips={o.max_skips}" + (f" first_blocks={o.first_blocks}" if self.method == "fbcache" else "")
+            f" max_skips={o.max_skips}"
+            + (f" first_blocks={o.first_blocks}" if self.method == "fbcache" else "")
+            + (f" rescale={list(o.rescale)}" if o.rescale else "")
         )
 
 
@@ -113,7 +125,10 @@ def cache_config(
     threshold = DEFAULT_THRESHOLDS[cache] if cache_threshold is None else cache_threshold
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"cache_threshold must be a number >= 0 (0: never skip); got {cache_threshold!r}.")
-    return StepCacheConfig(cache, float(threshold), _options(cache_options))
+    options = _options(cache_options)
+    if options.rescale is not None and cache != "teacache":
+        raise ValueError(f"cache_options rescale applies to cache='teacache' only; got cache={cache!r}.")
+    return StepCacheConfig(cache, float(threshold), options)
 
 
 def _options(value: CacheOptions | Mapping[str, Any] | None) -> CacheOptions:
@@ -128,6 +143,12 @@ def _options(value: CacheOptions | Mapping[str, Any] | None) -> CacheOptions:
     if unknown:
         raise ValueError(f"Unknown cache_options {unknown}; known: {sorted(known)}.")
     return CacheOptions(**{str(k): v for k, v in value.items()})
+
+
+def _coefficients(value: object) -> bool:
+    """A non-empty tuple of finite numbers."""
+    numbers = isinstance(value, tuple) and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in value)
+    return numbers and len(value) > 0 and all(math.isfinite(c) for c in value)
 
 
 def _int(value: object) -> bool:
