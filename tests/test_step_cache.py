@@ -470,6 +470,27 @@ def test_teacache_decides_from_the_modulated_input():
     cache.remove()
 
 
+def test_padding_rows_of_a_shard():
+    """``ShardingState.padding_rows``: a tensor laid out like a cut of a padded sequence (its dims, its local length
+    along the cut dim) holds padding after its real tokens on the last rank; none elsewhere; ambiguous layouts (two
+    sequences of the same local length, different padding) give None."""
+    from types import SimpleNamespace
+
+    from lightning_dit_parallel import Split
+    from lightning_dit_parallel.sequence.sharding import ShardingState
+
+    states = [ShardingState(SimpleNamespace(size=2, rank=rank)) for rank in range(2)]
+    for state in states:
+        state.split(torch.zeros(1, 25, 4), Split("image", 1), "hidden")  # 13 per rank, rank 1: 12 real
+        state.split(torch.zeros(25, 3), Split("image", -2), "ids")
+    inside = torch.zeros(2, 13, 8)  # a block's hidden states: other batch and channels, the same token layout
+    assert states[0].padding_rows(inside) is None and states[1].padding_rows(inside) == (1, 12)
+    assert states[1].padding_rows(torch.zeros(13, 5)) == (0, 12)
+    assert states[1].padding_rows(torch.zeros(2, 12, 8)) is None  # not a shard of a cut sequence
+    states[1].split(torch.zeros(1, 26, 4), Split("text", 1), "context")  # 13 per rank, no padding: ambiguous
+    assert states[1].padding_rows(inside) is None
+
+
 def test_joint_attention_blocks_cache_both_streams():
     """SD3 blocks return (encoder_hidden_states, hidden_states): both carried; its last block (context_pre_only,
     returning (None, hidden_states)) always runs."""
