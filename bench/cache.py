@@ -84,7 +84,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
             if box:
                 out, stats = box[0]
                 results[(layout, variant)] = dict(
-                    out=out,
+                    out=out.tolist(),  # a list: a tensor would pass between processes through shared memory
                     skipped=stats.skipped_steps if stats else 0,
                     steps=stats.steps if stats else args.steps,
                     bytes=stats.cached_bytes if stats else 0,
@@ -120,6 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     args.thresholds = {**DEFAULT_THRESHOLDS, **{k: float(v) for k, v in (t.split("=") for t in args.thresholds)}}
     results = run_on_ranks(args.world, _worker, args, threads=args.threads, timeout_s=1800)
+    for result in results:
+        for row in result.values():
+            row["out"] = torch.tensor(row["out"])
     merged = results[0]  # rank 0 holds every figure (the one-process runs ran there)
     reference = merged[("one process", "none")]["out"]
     labels = _batch(args.samples)["class_label"]

@@ -17,6 +17,8 @@ One launch of 2 ranks and one of 4 run every case in a row (``tests/in_process.p
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -149,13 +151,13 @@ JOINT_SAMPLES = {"fsdp_dp"}
 #: micro-batches decide one by one (the uncond and cond halves here): not the one-process whole-batch decision
 PER_MICROBATCH = {"pipeline_microbatches"}
 #: FSDP with blocks as units: a block called in a skipped step finds its parameters sharded (not gathered), in every
-#: computed step gathered
+#: computed step gathered; but for teacache's first block, gathered in every step (the decision is taken inside it,
+#: from the output of its modulation)
 FSDP_BLOCKS = {"fsdp_ulysses", "fsdp_dp"}
 
-#: CFG parallel with separate calls: WanPipeline (2 blocks: fbcache skips the second), 64 x 48 (12 video tokens: the
-#: Ulysses shards need no padding, whose tokens would enter the statistic), 8 steps, one prompt; the threshold skips 3
-#: "cond" and 2 "uncond" steps in one process (the contexts' statistics are >= 0.005 away from it), where one joint
-#: decision per step could not skip unequal counts
+#: CFG parallel with separate calls: WanPipeline (2 blocks: fbcache skips the second), 64 x 48 (12 video tokens), 8
+#: steps, one prompt; the threshold skips 3 "cond" and 2 "uncond" steps in one process (the contexts' statistics are
+#: >= 0.005 away from it), where one joint decision per step could not skip unequal counts
 WAN_STEPS, WAN_THRESHOLD = 8, 0.2
 
 
@@ -212,11 +214,16 @@ def _cases(rank: int, world: int, port: int, harness_port: int, layouts: dict, s
                 recorder = _Stats()
                 out, stats = _predict(layout, world, cache or "fbcache", THRESHOLDS[cache] if cache else 0.0, recorder)
                 results[(name, cache)] = (out.tolist(), [s.skipped_steps for s in stats])  # lists: no shared memory
-                results[(name, cache, "sharded")] = (recorder.sharded_calls, sum(s.skipped_block_calls for s in stats))
+                results[(name, cache, "sharded")] = (
+                    recorder.sharded_calls,
+                    sum(s.skipped_block_calls for s in stats),
+                    sum(s.skipped_steps for s in stats),
+                )
                 if name == "ulysses" and cache is None:
                     never = stats  # threshold 0: every step's statistic is reduced and recorded, none skipped
         if straddle:
             results["straddle"] = _straddle(never)
+            results["padding"] = _padding(never)
         results["cfg_separate"] = _wan_cfg_separate(world)
     return results
 
@@ -230,6 +237,60 @@ def _straddle(never: list) -> dict:
     out, stats = _predict(dict(ulysses_degree=2), 2, "fbcache", threshold)
     local, reduced, change = stats[0].decisions[0]
     return dict(own=own, threshold=threshold, change=change, out=out.tolist(), skipped=[s.skipped_steps for s in stats])
+
+
+def _padding(never: list) -> dict:
+    """Ulysses 2 over 25 image tokens (rank 1's shard ends with a padding token), threshold 0 (every step's statistic
+    reduced, none skipped): the reduced statistics per decided step, with the padding left out (``never``: fbcache;
+    teacache run here) and, for fbcache, with it in (``SequenceParallel.padding_rows`` made to find none)."""
+    from lightning_dit_parallel.parallel.sequence.parallelize import SequenceParallel
+
+    changes = {"fbcache": [d[2] for s in never for d in s.decisions]}
+    _, stats = _predict(dict(ulysses_degree=2), 2, "teacache", 0.0)
+    changes["teacache"] = [d[2] for s in stats for d in s.decisions]
+    masked = SequenceParallel.padding_rows
+    SequenceParallel.padding_rows = lambda self, x: None
+    try:
+        _, stats = _predict(dict(ulysses_degree=2), 2, "fbcache", 0.0)
+    finally:
+        SequenceParallel.padding_rows = masked
+    changes["fbcache with padding"] = [d[2] for s in stats for d in s.decisions]
+    return changes
+
+
+def _one_process_changes(cache: str) -> list[float]:
+    """The one-process run's statistic per decided step at threshold 0 (none skipped)."""
+    module = _module()
+    ((_, dit, plan),) = find_planned_modules(module)
+    installed = apply_step_cache(dit, plan, cache_config(cache, 0.0), steps_source=module)
+    changes = []
+    for batch in requests(2, batch_size=2):
+        installed.begin_batch()
+        module.sample(batch)
+        changes += [d[2] for d in installed.stats.decisions]
+    installed.remove()
+    return changes
+
+
+def _check_padding(results: list[dict]) -> list[str]:
+    """The reduced statistic of a padded Ulysses shard equals the one-process statistic to float32 precision, the same
+    on both ranks; with the padding in, it does not (the comparison can fail)."""
+    failures = []
+    one_process = {cache: torch.tensor(_one_process_changes(cache), dtype=torch.float64) for cache in THRESHOLDS}
+    for cache, expected in one_process.items():
+        for rank, result in enumerate(results):
+            got = torch.tensor(result["padding"][cache], dtype=torch.float64)
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=0):
+                failures.append(f"padding, {cache}, rank {rank}: statistics {got.tolist()} vs one process {expected}")
+        if results[0]["padding"][cache] != results[1]["padding"][cache]:
+            failures.append(f"padding, {cache}: the ranks' reduced statistics differ")
+    expected = one_process["fbcache"]
+    padded = torch.tensor(results[0]["padding"]["fbcache with padding"], dtype=torch.float64)
+    if padded.shape == expected.shape and ((padded - expected).abs() / expected).max() < 1e-3:
+        failures.append(
+            f"padding: with the padding in, the statistic {padded.tolist()} still equals the one-process one"
+        )
+    return failures
 
 
 def _ratio(sums: list[float]) -> float:
@@ -260,12 +321,13 @@ def _check(results: list[dict], layouts: dict) -> list[str]:
             skipped = [r[(name, cache)][1] for r in results]
             if name in FSDP_BLOCKS:
                 for rank, result in enumerate(results):
-                    sharded, skipped_calls = result[(name, cache, "sharded")]
-                    if not (sharded == skipped_calls > 0):
+                    sharded, skipped_calls, skipped_steps = result[(name, cache, "sharded")]
+                    expected = skipped_calls - (skipped_steps if cache == "teacache" else 0)
+                    if not (sharded == expected > 0):
                         failures.append(
                             f"{name}, {cache}, rank {rank}: {sharded} block calls found their parameters"
-                            f" sharded, {skipped_calls} were skipped (must be equal: a skipped block is"
-                            " not gathered, a computed one is)"
+                            f" sharded, {skipped_calls} were skipped in {skipped_steps} steps (must be {expected}:"
+                            " a skipped block is not gathered, a computed one and teacache's first block are)"
                         )
             if per_sample:
                 for rank, (out, steps) in enumerate(zip(outs, skipped)):
@@ -326,6 +388,7 @@ def test_step_cache_on_two_ranks():
     assert all(s["threshold"] == threshold for s in straddle)
     assert straddle[0]["change"] == straddle[1]["change"]  # the reduced statistic, bit for bit
     assert straddle[0]["out"] == straddle[1]["out"] and straddle[0]["skipped"] == straddle[1]["skipped"]
+    failures += _check_padding(results)
     assert not failures, "\n".join(failures)
 
 
@@ -364,6 +427,70 @@ def test_schedule_options_bound_the_skips():
     assert skipped_at == [False, False, False, True, False, True, False, True, False, True, False, False]
 
 
+def test_teacache_decides_from_the_modulated_input():
+    """teacache's distance is the relative L1 change, from one step to the next, of the first block's timestep-modulated
+    input (the DiT block's ``norm1``, an AdaLayerNormZero, returns it), read at the block's first attention; a skipped
+    step computes the first block up to there only. The rescale polynomial applies before accumulation: a constant
+    polynomial gives a fixed pattern. A first block with none of the plan's attention modules decides from its own
+    arguments."""
+    module = _module()
+    ((_, dit, plan),) = find_planned_modules(module)
+    first = plan.block_lists(dit)[0][1][0]
+    seen = []
+    handle = first.norm1.register_forward_hook(lambda m, a, out: seen.append(out[0].detach().clone()))
+    cache = apply_step_cache(dit, plan, cache_config("teacache", 0.0), steps_source=module)
+    assert cache._probes == [first.attn1]
+    cache.begin_batch()
+    module.sample(next(iter(requests(2))))
+    changes = [d[2] for d in cache.stats.decisions]  # steps 1 .. STEPS - 2 (warm-up and final steps are forced)
+    seen64 = [x.double() for x in seen]
+    expected = [float((seen64[i] - seen64[i - 1]).abs().sum() / seen64[i - 1].abs().sum()) for i in range(1, STEPS - 1)]
+    assert changes == pytest.approx(expected, rel=1e-9)
+    cache.remove()
+    # rescale [1.0]: every step adds 1; threshold 2.5 skips two steps after each computed one, the last step computed
+    cache = apply_step_cache(dit, plan, cache_config("teacache", 2.5, {"rescale": [1.0]}), steps_source=module)
+    cache.begin_batch()
+    seen.clear()
+    skipped_at = []  # read at the last block, once the step's branch is taken
+    last = cache.infos[-1].block.register_forward_pre_hook(lambda *_: skipped_at.append(cache.skip))
+    module.sample(next(iter(requests(2))))
+    assert skipped_at == [False, True, True, False, True, True, False, False]
+    assert len(seen) == STEPS  # the first block's modulation ran in every step, skipped or not
+    assert cache.stats.skipped_block_calls == 4 * len(cache.infos)
+    last.remove()
+    handle.remove()
+    cache.remove()
+    order = plan.self_attention["transformer_blocks.*.attn1"]
+    elsewhere = dataclasses.replace(plan, self_attention={"transformer_blocks.1.attn1": order})
+    cache = apply_step_cache(dit, elsewhere, cache_config("teacache", 10.0), steps_source=module)
+    assert cache._probes == []  # the fallback: the first block's own arguments
+    cache.begin_batch()
+    module.sample(next(iter(requests(2))))
+    assert cache.stats.skipped_steps > 0 and cache.stats.decisions
+    cache.remove()
+
+
+def test_padding_rows_of_a_shard():
+    """``ShardingState.padding_rows``: a tensor laid out like a cut of a padded sequence (its dims, its local length
+    along the cut dim) holds padding after its real tokens on the last rank; none elsewhere; ambiguous layouts (two
+    sequences of the same local length, different padding) give None."""
+    from types import SimpleNamespace
+
+    from lightning_dit_parallel import Split
+    from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
+
+    states = [ShardingState(SimpleNamespace(size=2, rank=rank)) for rank in range(2)]
+    for state in states:
+        state.split(torch.zeros(1, 25, 4), Split("image", 1), "hidden")  # 13 per rank, rank 1: 12 real
+        state.split(torch.zeros(25, 3), Split("image", -2), "ids")
+    inside = torch.zeros(2, 13, 8)  # a block's hidden states: other batch and channels, the same token layout
+    assert states[0].padding_rows(inside) is None and states[1].padding_rows(inside) == (1, 12)
+    assert states[1].padding_rows(torch.zeros(13, 5)) == (0, 12)
+    assert states[1].padding_rows(torch.zeros(2, 12, 8)) is None  # not a shard of a cut sequence
+    states[1].split(torch.zeros(1, 26, 4), Split("text", 1), "context")  # 13 per rank, no padding: ambiguous
+    assert states[1].padding_rows(inside) is None
+
+
 def test_joint_attention_blocks_cache_both_streams():
     """SD3 blocks return (encoder_hidden_states, hidden_states): both carried; its last block (context_pre_only,
     returning (None, hidden_states)) always runs."""
@@ -399,13 +526,18 @@ def test_single_device_strategy_caches():
 def test_cache_arguments_are_validated():
     default = SequenceParallelStrategy(ulysses_degree=2, cache="fbcache")._cache.threshold
     assert default == DEFAULT_THRESHOLDS["fbcache"] == 0.15
-    assert DiTParallelStrategy(cache="teacache")._cache.threshold == 0.05
+    assert DiTParallelStrategy(cache="teacache")._cache.threshold == DEFAULT_THRESHOLDS["teacache"] == 0.1
     with pytest.raises(ValueError, match="need cache='fbcache' or 'teacache'"):
         SequenceParallelStrategy(ulysses_degree=2, cache_threshold=0.1)
     with pytest.raises(ValueError, match="cache must be None or one of"):
         DiTParallelStrategy(cache="deepcache")
     with pytest.raises(ValueError, match="Unknown cache_options"):
         DiTParallelStrategy(cache="fbcache", cache_options={"warmup": 2})
+    with pytest.raises(ValueError, match="rescale applies to cache='teacache' only"):
+        DiTParallelStrategy(cache="fbcache", cache_options={"rescale": [1.0]})
+    with pytest.raises(ValueError, match=r"Invalid cache_options \['rescale'\]"):
+        DiTParallelStrategy(cache="teacache", cache_options={"rescale": []})
+    assert DiTParallelStrategy(cache="teacache", cache_options={"rescale": [2, 0.5]})._cache.options.rescale == (2, 0.5)
     with pytest.raises(ValueError, match="does not compose with PipeFusion"):
         PipelineStrategy(pp_degree=2, mode="pipefusion", cache="fbcache")
     module = _module()

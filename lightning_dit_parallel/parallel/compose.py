@@ -384,6 +384,9 @@ def _apply_step_cache(
         id(item.model): item for item in result.applied if hasattr(item, "separate_calls") and hasattr(item, "model")
     }
     separate_group = decision_group(mesh, fsdp, cfg=False) if cfgs else None
+    sequences = {  # sequence parallelism: its padding tokens are left out of the statistic
+        id(item.model): item for item in result.applied if hasattr(item, "padding_rows") and hasattr(item, "model")
+    }
     weight_sources = [item for item in result.applied if hasattr(item, "weight_hooks")]
 
     def weight_hooks(block: nn.Module) -> list:
@@ -402,6 +405,7 @@ def _apply_step_cache(
                 weight_hooks=weight_hooks,
                 separate_group=separate_group,
                 separate_calls=(lambda cfg=cfg: cfg.separate_calls) if cfg else None,
+                padding_rows=sequences[id(dit)].padding_rows if id(dit) in sequences else None,
             )
         )
     rank_zero_log(f"step cache ({cache.describe()}) on {result.paths or [type(d).__name__ for _, d, _ in planned]}")

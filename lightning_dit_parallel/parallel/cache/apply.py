@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_dit_parallel.parallel.cache.decision import DecisionLink
+from lightning_dit_parallel.parallel.cache.decision import DecisionLink, PaddingRows
 from lightning_dit_parallel.parallel.cache.options import StepCacheConfig
 from lightning_dit_parallel.parallel.cache.step_cache import StepCache
 from lightning_dit_parallel.parallel.fsdp import SHARD_AXES
@@ -104,6 +104,7 @@ def apply_step_cache(
     weight_hooks: Callable[[nn.Module], list[WeightHooks]] | None = None,
     separate_group=None,
     separate_calls: Callable[[], bool] | None = None,
+    padding_rows: Callable[[Tensor], PaddingRows] | None = None,
 ) -> StepCache:
     """Install step caching on ``model`` (after every other parallelizer: its hooks see their arguments).
 
@@ -119,8 +120,10 @@ def apply_step_cache(
         separate_group: the deciding ranks without the cfg axis (``decision_group(mesh, fsdp, cfg=False)``).
         separate_calls: whether the current call is a separate CFG call (``CFGParallel.separate_calls``); then
             ``separate_group`` decides. ``None``: no CFG parallel.
+        padding_rows: with sequence parallelism, where a tensor of this rank holds padding tokens
+            (``SequenceParallel.padding_rows``): left out of the statistic, so that it is the one-process one.
     """
     decisions = DecisionLink(link) if link is not None and link.num_stages > 1 else None
     return StepCache(
-        model, plan, config, group, decisions, steps_source, weight_hooks, separate_group, separate_calls
+        model, plan, config, group, decisions, steps_source, weight_hooks, separate_group, separate_calls, padding_rows
     ).install()

@@ -1,10 +1,11 @@
 """The skip decision of one step: a local statistic, reduced over the ranks that must agree, compared with the
 threshold; and its transport down a pipeline.
 
-The statistic is a small vector of sums (``sum |x_t - x_prev|`` and ``sum |x_prev|`` per tensor), all-reduced over the
-decision group: every rank of a sequence-parallel, tensor-parallel or CFG group ends with the same vector, bit for bit
-(an all-reduce gives every rank the same result), so every rank takes the same branch, and the ratio is the one the
-one-process run computes over the whole tensors (up to the order of the float sums).
+The statistic is a small vector of sums (``sum |x_t - x_prev|`` and ``sum |x_prev|`` per tensor, over the real tokens
+of a sequence-parallel shard: its padding left out), all-reduced over the decision group: every rank of a
+sequence-parallel, tensor-parallel or CFG group ends with the same vector, bit for bit (an all-reduce gives every rank
+the same result), so every rank takes the same branch, and the ratio is the one the one-process run computes over the
+whole tensors (up to the order of the float sums).
 
 Pipeline stages do not reduce: the first stage decides (its ranks reduce among themselves) and sends the decision to
 the next stage, point-to-point, before the activations of the same pass; each stage forwards it before its own
@@ -24,10 +25,22 @@ from lightning_dit_parallel.parallel.pipeline.comm import StageLink
 DECISION_TAG = 2323
 
 
-def absolute_sums(current: list[Tensor], previous: list[Tensor]) -> Tensor:
-    """Per tensor pair ``[sum |c - p|, sum |p|]``, in float64: (2 * n,). Empty when there are no tensors."""
+#: Where a rank's statistic tensor holds sequence-parallel padding: ``(dim, real)``, real tokens first; ``None``: none.
+PaddingRows = tuple[int, int] | None
+
+
+def absolute_sums(current: list[Tensor], previous: list[Tensor], rows: list[PaddingRows] | None = None) -> Tensor:
+    """Per tensor pair ``[sum |c - p|, sum |p|]``, in float64: (2 * n,). Empty when there are no tensors.
+
+    ``rows``: per pair, where this rank's shard holds padding tokens (``sequence.sharding.ShardingState
+    .padding_rows``); only the real tokens are summed, so that the sums over the ranks are the one-process sums over the
+    whole tensors. The padding tokens are not zero inside the blocks (a block computes on them as on any token)."""
     sums = []
-    for c, p in zip(current, previous):
+    for i, (c, p) in enumerate(zip(current, previous)):
+        padding = rows[i] if rows is not None else None
+        if padding is not None:
+            dim, real = padding
+            c, p = c.narrow(dim, 0, real), p.narrow(dim, 0, real)  # (..., local, ...) -> (..., real, ...)
         sums.append((c.double() - p.double()).abs().sum())
         sums.append(p.double().abs().sum())
     if not sums:

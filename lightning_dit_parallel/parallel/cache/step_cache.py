@@ -7,8 +7,9 @@ Per pass (one DiT call; one micro-batch under micro-batch pipelining) on every r
 1. the rank's first block starts the pass (a pre-hook ahead of every other): the step's state is found by cache
    context (diffusers' ``cache_context("cond")`` ...) and pass index; a later pipeline stage receives the decision
    from the stage before (``decision.DecisionLink``);
-2. the first stage decides (``decision.py``): fbcache after its first block(s) ran, teacache before the first block,
-   from its arguments; the statistic is all-reduced over the ranks that must agree, so all take the same branch;
+2. the first stage decides (``decision.py``): fbcache after its first block(s) ran, teacache inside the first block at
+   its first attention call, from the timestep-modulated input (``teacache.py``; a skipped step stops the first block
+   there); the statistic is all-reduced over the ranks that must agree, so all take the same branch;
 3. in a computed step every skippable block runs, and each run of consecutive skippable blocks of one list records
    its residual (its last output minus its first input, per carried tensor); in a skipped step those blocks return
    their inputs carried forward and the last of each run adds the run's residual. The skipped blocks are still
@@ -43,12 +44,14 @@ from lightning_dit_parallel.parallel.cache.blocks import (
 )
 from lightning_dit_parallel.parallel.cache.decision import (
     DecisionLink,
+    PaddingRows,
     absolute_sums,
     mean_relative_change,
     reduce_sums,
     relative_change,
 )
 from lightning_dit_parallel.parallel.cache.options import StepCacheConfig
+from lightning_dit_parallel.parallel.cache.teacache import SkipFirstBlock, attention_modules, modulated_input, rescaled
 from lightning_dit_parallel.parallel.cache.weight_gate import WeightGate
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
@@ -85,7 +88,7 @@ class _State:
     skips_in_row: int = 0
     computed: int = 0  # passes that ran every block
     previous: list[Tensor] | None = (
-        None  # fbcache: the deciding residual of the last computed step; teacache: last input
+        None  # fbcache: the deciding residual of the last computed step; teacache: the last modulated input
     )
     accumulated: float = 0.0
     segments: dict[int, _Segment] = field(default_factory=dict)  # by first block index
@@ -130,6 +133,8 @@ class StepCache:
             current call is one of separate (conditional, unconditional) calls, each computed by one cfg rank
             (``CFGParallel.separate_calls``): then each rank's call decides with its own sequence / tensor-parallel
             ranks only, as each diffusers cache context ("cond", "uncond") decides alone in one process.
+        padding_rows: with sequence parallelism, where a tensor of this rank holds padding tokens
+            (``SequenceParallel.padding_rows``), left out of the statistic; ``None``: no padding.
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class StepCache:
         weight_hooks: Callable[[nn.Module], list[WeightHooks]] | None = None,
         separate_group: ProcessGroup | None = None,
         separate_calls: Callable[[], bool] | None = None,
+        padding_rows: Callable[[Tensor], PaddingRows] | None = None,
     ) -> None:
         self.model = model
         self.plan = plan
@@ -150,6 +156,7 @@ class StepCache:
         self.group = group
         self._separate_group = separate_group
         self._separate_calls = separate_calls
+        self._padding_rows = padding_rows
         self._weight_hooks = weight_hooks
         self._gates: dict[int, WeightGate] = {}  # by block index
         self.link = link
@@ -159,6 +166,16 @@ class StepCache:
         self.infos = block_infos(model, plan, head)
         self.by_index = {info.index: info for info in self.infos}
         self.first_stage = link is None or link.link.is_first
+        first = self.infos[0] if self.infos and self.infos[0].index == 0 else None
+        self._probes: list[nn.Module] = []  # teacache: the first block's attention modules (``teacache.py``)
+        if config.method == "teacache" and first is not None and self.first_stage:
+            self._probes = attention_modules(model, plan, first.path)
+            if not self._probes:
+                rank_zero_log(
+                    f"step cache: teacache finds none of the plan's attention modules in {first.path}, so it decides"
+                    " from the block's own arguments, not the timestep-modulated input."
+                )
+        self._in_first_block = False
         self.stats = CacheStats()
         self._handles: list[RemovableHandle] = []
         self._forwards: list[tuple[nn.Module, object]] = []
@@ -187,6 +204,9 @@ class StepCache:
             gate = WeightGate(info.block, hooks)
             if gate:
                 self._gates[info.index] = gate.install()
+        if self._probes:  # teacache: decide at the first block's first attention, from its modulated input
+            for module in self._probes:
+                self._handles.append(module.register_forward_pre_hook(self._probe, with_kwargs=True, prepend=True))
         if "cache_context" in dir(self.model):  # diffusers models: pipelines name their calls ("cond", "uncond")
             self._context_method = self.model.__dict__.get("cache_context", _MISSING)
             self.model.cache_context = self._cache_context(self.model.cache_context)
@@ -314,7 +334,8 @@ class StepCache:
         forced = self._forced()
         skip = False
         if not forced:
-            local = absolute_sums(current, state.previous).to(device)
+            rows = [self._padding_rows(t) for t in current] if self._padding_rows is not None else None
+            local = absolute_sums(current, state.previous, rows).to(device)
             separate = self._separate_calls is not None and self._separate_calls()
             sums = reduce_sums(local.clone(), self._separate_group if separate else self.group).cpu()
             change = relative_change(sums) if self.config.method == "fbcache" else mean_relative_change(sums)
@@ -326,7 +347,7 @@ class StepCache:
                 state.previous = [t.detach() for t in current]
         else:
             if not forced:
-                state.accumulated += change
+                state.accumulated += rescaled(change, self.config.options.rescale)
                 skip = state.accumulated < self.config.threshold
             if not skip:
                 state.accumulated = 0.0
@@ -363,8 +384,10 @@ class StepCache:
             if self.state is None:
                 return
             leaves, spec = flatten_call(args, kwargs)
-            if self.skip is None and self.config.method == "teacache" and info.index == 0:
-                tensors = [x for x in leaves if isinstance(x, Tensor) and x.is_floating_point()]
+            if info.index == 0:
+                self._in_first_block = True
+            if self.skip is None and self.config.method == "teacache" and info.index == 0 and not self._probes:
+                tensors = [x for x in leaves if isinstance(x, Tensor) and x.is_floating_point()]  # the fallback
                 self._decide(tensors, tensors[0].device)
             if self.skip:
                 return
@@ -376,6 +399,10 @@ class StepCache:
 
     def _make_post(self, info: BlockInfo):
         def post(module: nn.Module, args: tuple, kwargs: dict, output):
+            if info.index == 0:
+                self._in_first_block = False
+            if self.state is not None and self.skip is None and self.config.method == "teacache" and info.index == 0:
+                self._decide_unready(_device(pytree.tree_leaves(output)))  # no attention ran: a computed step
             if self.state is None or self.skip:
                 return
             leaves, spec = flatten_call(args, kwargs)
@@ -393,6 +420,18 @@ class StepCache:
             return
 
         return post
+
+    def _probe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """teacache, at an attention call inside the first block: the first decides from its modulated input; a
+        skipped step stops the first block here (``teacache.SkipFirstBlock``)."""
+        if self.state is None or self.skip is not None or not self._in_first_block:
+            return
+        current = modulated_input(args, kwargs)
+        if current is None:
+            self._decide_unready(_device(pytree.tree_leaves((args, kwargs))))
+            return
+        if self._decide([current], current.device) and self.skips(self.by_index[0]):
+            raise SkipFirstBlock
 
     def _learn(self, info: BlockInfo, leaves: list, spec: pytree.TreeSpec) -> None:
         """At a block's call in a computed pass: learn the mapping of the block called before it in the list, and
@@ -527,7 +566,10 @@ class _BlockForward:
     def __call__(self, *args, **kwargs):
         if self.cache.skips(self.info):
             return self.cache.skipped_output(self.info, args, kwargs)
-        return self.forward(*args, **kwargs)
+        try:
+            return self.forward(*args, **kwargs)
+        except SkipFirstBlock:  # teacache decided inside the first block (``teacache.py``)
+            return self.cache.skipped_output(self.info, args, kwargs)
 
 
 def _device(leaves: list) -> torch.device:

@@ -5,8 +5,8 @@ weights are not needed: FSDP's all-gather and offload's host-to-device copy of a
 nothing. The parallelizers list the hooks that only bring a module's weights in and out (``utils.hooks.WeightHooks``:
 FSDP2's pre- and post-forward hooks of a unit, offload's load and unload hooks); the gate takes them out of the
 block's hook order and runs them from the step cache's own pre-hook, the block's last, once the step's branch is known
-(teacache decides in that very hook for the first block), and only when the block computes; the post-forward halves
-run only after their pre-forward halves ran.
+(teacache decides inside the first block, which therefore always brings its weights in), and only when the block
+computes; the post-forward halves run only after their pre-forward halves ran.
 
 Why this keeps the collectives matched: the skip decision is reduced over every rank of the FSDP group (the decision
 group includes the FSDP shard axes, ``cache.apply``), so all of them bypass the same blocks' all-gathers. FSDP2 keeps

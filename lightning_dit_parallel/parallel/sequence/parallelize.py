@@ -28,7 +28,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.parallel.sequence.attention import sequence_parallel_attention, unsupported_sdpa_arguments
@@ -97,6 +97,11 @@ class SequenceParallel:
     def end(self) -> None:
         """The forward is over: hooks that run outside one raise."""
         self.state = None
+
+    def padding_rows(self, x: Tensor) -> tuple[int, int] | None:
+        """Where this rank's shard ``x`` holds padding tokens in the forward in progress
+        (``ShardingState.padding_rows``: ``(dim, real)``); ``None`` when it holds none, or outside a forward."""
+        return None if self.state is None else self.state.padding_rows(x)
 
     # -- hooks ------------------------------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class ShardingState:
 
     groups: SequenceGroups
     sequences: dict[str, ShardedSequence] = field(default_factory=dict)
+    #: how each cut tensor was laid out: (its number of dims, the cut dim, the sequence), for ``padding_rows``
+    cuts: set[tuple[int, int, str]] = field(default_factory=set)
 
     def split(self, x: Tensor, split: Split, where: str) -> Tensor:
         """This rank's shard of ``x`` along ``split.dim``: (..., S, ...) -> (..., ceil(S/N), ...)."""
@@ -55,6 +57,7 @@ class ShardingState:
                 f"{where}: sequence {split.sequence!r} has {seq.length} tokens along dim {split.dim}, but it was"
                 f" split earlier in this forward with {known.length} tokens; the plan's splits disagree."
             )
+        self.cuts.add((x.dim(), dim, split.sequence))
         if seq.padded:
             pad_shape = list(x.shape)
             pad_shape[dim] = seq.local * seq.shards - seq.length
@@ -78,6 +81,27 @@ class ShardingState:
         x = all_gather_dim(x, dim, self.groups.ulysses)  # (..., local, ...) -> (..., U*local, ...)
         x = all_gather_dim(x, dim, self.groups.ring)  # (..., U*local, ...) -> (..., N*local, ...)
         return x.narrow(dim, 0, seq.length)  # (..., N*local, ...) -> (..., S, ...): padding dropped
+
+    def padding_rows(self, x: Tensor) -> tuple[int, int] | None:
+        """Where this rank's tensor ``x`` (a shard laid out like a cut of this forward, e.g. a block's hidden states)
+        holds padding tokens: ``(dim, real)``, the first ``real`` entries along ``dim`` being real tokens and the rest
+        padding (the padding is appended to the whole sequence, so it ends every shard that holds some); ``None``
+        when ``x`` holds none.
+
+        ``x`` is recognized by shape: as many dims as a cut tensor of a padded sequence and that sequence's local
+        length along the cut dim. ``None`` too when that is ambiguous (two cuts matching ``x`` with different real
+        counts on this rank, e.g. two sequences of equal local length but different padding): then ``x`` is taken
+        whole.
+        """
+        found = {
+            (dim, self.sequences[name].valid_in(self.groups.rank))
+            for ndim, dim, name in self.cuts
+            if x.dim() == ndim and x.shape[dim] == self.sequences[name].local
+        }
+        if len(found) != 1:
+            return None
+        ((dim, real),) = found
+        return (dim, real) if real < x.shape[dim] else None
 
     def whole_length(self, name: str) -> int | None:
         """The length of sequence ``name`` as the forward holds it before any cut (what a ``Concat``, a ``PrefixCount``
