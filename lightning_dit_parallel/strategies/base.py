@@ -84,7 +84,8 @@ class DiTParallelStrategy(ParallelStrategy):
     """Parallel DiT inference on one device mesh; the product of the degrees must equal the world size.
 
     Args:
-        dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``.
+        dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``; ``dp_degree="auto"``
+            yields to another ``"auto"`` degree (it becomes 1; see ``ParallelLayout.requested``).
         cfg_degree: classifier-free-guidance parallel degree (1 or 2).
         pp_degree: pipeline stages: the transformer blocks are cut into this many stages, each rank holds one.
         ulysses_degree: Ulysses sequence-parallel degree.
@@ -226,7 +227,7 @@ class DiTParallelStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self._requested_layout = ParallelLayout(
+        self._requested_layout = ParallelLayout.requested(
             dp=dp_degree,
             cfg=cfg_degree,
             pp=pp_degree,

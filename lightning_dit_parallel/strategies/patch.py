@@ -36,7 +36,8 @@ class PatchParallelStrategy(DiTParallelStrategy):
     Args:
         degree: patches (ranks per sample); ``"auto"`` (default): whatever the other degrees leave.
         warmup_steps: exact steps per batch before the stale keys and values are used.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``fsdp``, ``timeout`` ...).
 
     Raises:
@@ -56,8 +57,6 @@ class PatchParallelStrategy(DiTParallelStrategy):
         if fixed:
             raise TypeError(f"{type(self).__name__} sets {fixed} itself (its patches are the ring axis); use degree=.")
         options = DistriFusionOptions(warmup_steps)
-        if "auto" in (degree, kwargs.get("cfg_degree")) and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(dp_degree=dp_degree, ring_degree=degree, **kwargs)
         self._distrifusion = options
 

@@ -30,7 +30,8 @@ class PipelineStrategy(DiTParallelStrategy):
         layers_per_stage: blocks per stage (default: an even split); must sum to the number of blocks.
         num_microbatches: micro-batches per DiT call (default: the number of stages; at most the batch size).
             Micro-batch mode only: an error with PipeFusion.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``text_tokens`` for PipeFusion with joint
             attention, ``ulysses_degree``/``ring_degree`` inside each stage, ``parallel_vae``, ``timeout`` ...).
 
@@ -52,8 +53,6 @@ class PipelineStrategy(DiTParallelStrategy):
         dp_degree: Degree = "auto",
         **kwargs: Any,
     ) -> None:
-        if pp_degree == "auto" and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(
             dp_degree=dp_degree,
             pp_degree=pp_degree,
