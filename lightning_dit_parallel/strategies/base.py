@@ -32,6 +32,7 @@ from typing_extensions import override
 from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
 from lightning_dit_parallel.parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
 from lightning_dit_parallel.parallel.compose import Parallelized, parallelize
+from lightning_dit_parallel.parallel.composition import check_composition
 from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
 from lightning_dit_parallel.parallel.guard import CheckInputs, check_inputs_option
@@ -206,6 +207,7 @@ class DiTParallelStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
+        distrifusion: DistriFusionOptions | None = None,
         auto: bool = False,
         allow_approximate: bool = False,
         tokens: int | None = None,
@@ -244,10 +246,6 @@ class DiTParallelStrategy(ParallelStrategy):
             num_microbatches,
             text_tokens=text_tokens,
         )
-        if pp_degree == 1 and self._pipeline != PipelineOptions():
-            raise ValueError(f"Pipeline options need pp_degree > 1; got pp_degree=1 with {self._pipeline.describe()}.")
-        if isinstance(pp_degree, int):
-            self._pipeline.check_stages(pp_degree)
         # None: the default, every transformers encoder when the layout cuts the DiT's memory (fsdp, pp, tp)
         self._shard_modules: tuple[str, ...] | None = None if shard_modules is None else tuple(shard_modules)
         if not isinstance(offload, bool):
@@ -255,7 +253,9 @@ class DiTParallelStrategy(ParallelStrategy):
         self._offload = self._offload_requested = offload
         check_fsdp_units(fsdp_units)
         self._fsdp_units: FsdpUnits = fsdp_units
-        self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
+        if distrifusion is not None and not isinstance(distrifusion, DistriFusionOptions):
+            raise TypeError(f"distrifusion must be a DistriFusionOptions or None; got {distrifusion!r}.")
+        self._distrifusion = distrifusion  # the ring axis runs DistriFusion (PatchParallelStrategy)
         self._auto = _auto_hints(
             auto,
             self._requested_layout,
@@ -270,11 +270,6 @@ class DiTParallelStrategy(ParallelStrategy):
             plan_options,
         )
         self._auto_shard_modules: tuple[str, ...] | None = ()
-        if self._shard_modules and not (fsdp or pp_degree != 1 or tp_degree != 1) and self._auto is None:
-            raise ValueError(
-                f"shard_modules={list(self._shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
-                f" ({self._requested_layout.describe()})."
-            )
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
@@ -287,12 +282,6 @@ class DiTParallelStrategy(ParallelStrategy):
         check_overlap_option(ulysses_overlap)
         self._ulysses_overlap: UlyssesOverlap = ulysses_overlap
         self._cache: StepCacheConfig | None = cache_config(cache, cache_threshold, cache_options)
-        if self._cache is not None and pp_mode == "pipefusion":
-            raise ValueError(
-                f"cache={cache!r} does not compose with PipeFusion (pp_mode='pipefusion'): it runs each step as patch"
-                " passes over stale activations, which a skipped step would leave staler still. Use"
-                " pp_mode='microbatch' or cache=None."
-            )
         if not isinstance(parallel_vae, bool):
             raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
         self._parallel_vae = parallel_vae
@@ -310,6 +299,29 @@ class DiTParallelStrategy(ParallelStrategy):
         self._store: dist.Store | None = None  # keys of this predict alone (strategies/failure.py)
         self._failed = False
         self._undo_sample_check: Callable[[], None] = lambda: None
+        # what composes is known before the world size for every degree that is not "auto" (again once resolved)
+        check_composition(self._requested_layout, **self._composition_options())
+
+    def _composition_options(self) -> dict[str, Any]:
+        """The options ``composition.composition_problems`` checks with the layout."""
+        return dict(
+            pipeline=self._pipeline,
+            distrifusion=self._distrifusion is not None,
+            cache=self._cache.method if self._cache is not None else None,
+            shard_modules=self._shard_modules if self._auto is None else self._auto_shard_modules,
+        )
+
+    def resolve_layout(self, world_size: int) -> ParallelLayout:
+        """The requested layout resolved for ``world_size`` ranks and checked for composition, as
+        ``setup_environment`` does before any collective (pure computation: the same verdict on every rank).
+
+        Raises:
+            ValueError: when the degrees do not multiply to ``world_size`` or the layout and the options do not
+                compose (``parallel/composition.py``).
+        """
+        layout = self._requested_layout.resolve(world_size)
+        check_composition(layout, **self._composition_options())
+        return layout
 
     # -- layout and mesh ----------------------------------------------------------------------------------
 
@@ -395,7 +407,7 @@ class DiTParallelStrategy(ParallelStrategy):
         if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
             # torchrun / srun started the ranks, so no launcher compared them with Trainer(devices, num_nodes)
             self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        self._layout = self._requested_layout.resolve(self.world_size)
+        self._layout = self.resolve_layout(self.world_size)
         self._check_node_placement()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device

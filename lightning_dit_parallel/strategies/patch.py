@@ -20,6 +20,7 @@ _FIXED = (
     "layers_per_stage",
     "num_microbatches",
     "text_tokens",
+    "distrifusion",
 )
 
 
@@ -57,8 +58,7 @@ class PatchParallelStrategy(DiTParallelStrategy):
         if fixed:
             raise TypeError(f"{type(self).__name__} sets {fixed} itself (its patches are the ring axis); use degree=.")
         options = DistriFusionOptions(warmup_steps)
-        super().__init__(dp_degree=dp_degree, ring_degree=degree, **kwargs)
-        self._distrifusion = options
+        super().__init__(dp_degree=dp_degree, ring_degree=degree, distrifusion=options, **kwargs)
 
     @classmethod
     @override
