@@ -22,9 +22,12 @@ from lightning_dit_parallel.plan import (
 from lightning_dit_parallel.plan.registry import plan_for, register_plan, unregister_plan
 from lightning_dit_parallel.planner import plan_layouts
 from lightning_dit_parallel.strategies import (
+    AutoOptions,
+    DistriFusionOptions,
     DiTParallelStrategy,
     FSDPInferenceStrategy,
     PatchParallelStrategy,
+    PipelineOptions,
     PipelineStrategy,
     SequenceParallelStrategy,
     TensorParallelStrategy,
@@ -34,8 +37,10 @@ from lightning_dit_parallel.strategies import (
 register_all()
 
 __all__ = [
+    "AutoOptions",
     "Concat",
     "DiTParallelStrategy",
+    "DistriFusionOptions",
     "DiTPlan",
     "Each",
     "HeadProjections",
@@ -43,6 +48,7 @@ __all__ = [
     "Packed",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",
+    "PipelineOptions",
     "PipelineStrategy",
     "ParallelLayout",
     "PlanCheck",

@@ -61,7 +61,7 @@ def strategy_for(degrees: dict[str, int], fsdp: bool, schedule: str) -> DiTParal
         ulysses_degree=degrees["ulysses"],
         tp_degree=degrees["tp"],
         fsdp=fsdp,
-        pp_mode="pipefusion" if schedule == "pipefusion" else "microbatch",
+        pipeline=PipelineOptions("pipefusion") if schedule == "pipefusion" else None,
         distrifusion=DistriFusionOptions() if schedule == "distrifusion" else None,
     )
 
@@ -136,7 +136,7 @@ def test_the_rules_the_planner_once_restated():
 
 def test_refusals_name_the_values_and_wait_for_auto_degrees():
     with pytest.raises(ValueError, match="Pipeline options need pp_degree > 1; got pp_degree=1 with mode=pipefusion"):
-        DiTParallelStrategy(ulysses_degree=2, pp_mode="pipefusion")
+        DiTParallelStrategy(ulysses_degree=2, pipeline=PipelineOptions("pipefusion"))
     # pp="auto" may resolve to more than one stage: checked again in setup_environment, on every rank
     strategy = PipelineStrategy(mode="pipefusion")
     assert strategy.resolve_layout(2).pp == 2

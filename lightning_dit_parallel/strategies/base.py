@@ -44,12 +44,20 @@ from lightning_dit_parallel.parallel.nodes import (
     check_node_placement,
     is_numbered_by_node,
 )
-from lightning_dit_parallel.parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
+from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.parallel.regional_compile import CompileOption, check_compile_option
 from lightning_dit_parallel.parallel.sequence.backends import LSEFallback
 from lightning_dit_parallel.parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.strategies.environment import restored_environment
 from lightning_dit_parallel.strategies.failure import may_gather
+from lightning_dit_parallel.strategies.options import (
+    PIPELINE_ALIASES,
+    AutoOptions,
+    auto_options,
+    check_options,
+    split_aliases,
+    with_aliases,
+)
 from lightning_dit_parallel.strategies.pipelines import AttachedPipelines, attach_pipelines
 from lightning_dit_parallel.strategies.rendezvous import group_store, predict_namespace
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
@@ -97,14 +105,16 @@ class DiTParallelStrategy(ParallelStrategy):
         tp_degree: tensor-parallel degree: the attention heads and MLP features of every block are split over this
             many ranks (torch DTensor column-/row-wise styles, two all-reduces per block); heads must divide by
             ``tp_degree * ulysses_degree``. See ``lightning_dit_parallel.parallel.tensor``.
-        pp_mode: with ``pp_degree > 1``: ``"microbatch"`` (exact) or ``"pipefusion"`` (patches with stale
-            keys/values; approximate). See ``PipelineOptions``.
-        num_patches: PipeFusion patches per step (default: the number of stages).
-        warmup_steps: PipeFusion steps per batch run unpatched (exact) before patching.
-        layers_per_stage: blocks per pipeline stage (default: an even split).
-        num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
-        text_tokens: PipeFusion: ``"every_patch"`` (the text of joint attention goes whole with every patch) or
-            ``"per_step"`` (cut into patches like the image); default ``None``: ``"per_step"``. See ``TextTokens``.
+        pipeline: with ``pp_degree > 1``, the schedule: ``PipelineOptions(mode, num_patches, warmup_steps,
+            layers_per_stage, num_microbatches, text_tokens)``; ``mode="microbatch"`` (exact, the default) or
+            ``"pipefusion"`` (patches with stale keys/values; approximate). See ``parallel/pipeline/options.py``.
+        distrifusion: ``DistriFusionOptions(warmup_steps)``: the ring axis runs DistriFusion (stale keys and values of
+            the other patches, approximate) instead of Ring attention (``PatchParallelStrategy`` sets it).
+        auto: ``True`` or ``AutoOptions(tokens, height, width, frames, memory, allow_approximate, plan_options)``:
+            choose the degrees (and FSDP, the pipeline schedule, the parallel VAE) with the layout planner in
+            ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
+            their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``
+            and ``strategies/options.py``.
         shard_modules: modules of the LightningModule to shard with FSDP besides the DiT (one unit per layer), e.g.
             ``["pipe.text_encoder"]``, over every model-parallel rank (and the dp axis with ``fsdp``). Default
             ``None``: with ``fsdp``, ``pp_degree > 1`` or ``tp_degree > 1`` (the layouts that cut the DiT's memory)
@@ -160,18 +170,18 @@ class DiTParallelStrategy(ParallelStrategy):
             fail within this time instead of hanging.
         start_method: ``"popen"`` (Lightning's script launcher, the default: works from scripts and the
             command line), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
-        auto: choose the degrees (and FSDP, the pipeline schedule, the parallel VAE) with the layout planner in
-            ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
-            their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``.
-        allow_approximate: with ``auto``, PipeFusion may be chosen (exact methods only otherwise).
-        tokens, height, width, frames: with ``auto``, the size of one sample (the batch is not known yet).
-        memory: with ``auto``, memory per device (``"24GiB"``; default: the device's).
-        plan_options: with ``auto``, further planner inputs (``samples``, ``batch``, ``steps``, ``flops``,
-            ``bandwidth`` ...; see ``strategies.auto.AutoHints``).
+        **aliases: the flat names of earlier versions, each filling one field of an option object:
+            ``pp_mode`` (``pipeline.mode``), ``num_patches``, ``warmup_steps``, ``layers_per_stage``,
+            ``num_microbatches``, ``text_tokens`` (``pipeline``); ``allow_approximate``, ``tokens``, ``height``,
+            ``width``, ``frames``, ``memory``, ``plan_options`` (``auto``, with ``auto=True``). ``None`` or the
+            field's default counts as not given.
 
     Raises:
-        ValueError: for invalid degrees or pipeline options that would be ignored (at construction), or degrees
-            that do not multiply to the world size (in ``setup_environment``, on every rank, before any collective).
+        ValueError: for invalid degrees or options, options that would be ignored, or a layout and options that do not
+            compose (``parallel/composition.py``) (at construction), or degrees that do not multiply to the world size
+            (in ``setup_environment``, on every rank, before any collective).
+        TypeError: for an unknown keyword, or a field given both by an option object and by its alias with different
+            values.
     """
 
     strategy_name = "dit_hybrid"
@@ -186,6 +196,9 @@ class DiTParallelStrategy(ParallelStrategy):
         fsdp: bool = False,
         *,
         tp_degree: Degree = 1,
+        pipeline: PipelineOptions | None = None,
+        distrifusion: DistriFusionOptions | None = None,
+        auto: bool | AutoOptions = False,
         shard_modules: Sequence[str] | None = None,
         offload: bool = False,
         fsdp_units: FsdpUnits = "blocks",
@@ -197,30 +210,16 @@ class DiTParallelStrategy(ParallelStrategy):
         compile: CompileOption = False,
         lse_fallback: LSEFallback = "warn",
         ulysses_overlap: UlyssesOverlap = "auto",
-        pp_mode: PipelineMode = "microbatch",
-        num_patches: int | None = None,
-        warmup_steps: int = 1,
-        layers_per_stage: Sequence[int] | None = None,
-        num_microbatches: int | None = None,
-        text_tokens: TextTokens | None = None,
         cross_node: CrossNodePolicy = "warn",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
-        distrifusion: DistriFusionOptions | None = None,
-        auto: bool = False,
-        allow_approximate: bool = False,
-        tokens: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        frames: int | None = None,
-        memory: str | int | None = None,
-        plan_options: dict[str, Any] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
         checkpoint_io=None,
         precision_plugin=None,
+        **aliases: Any,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -238,14 +237,14 @@ class DiTParallelStrategy(ParallelStrategy):
             tp=tp_degree,
             fsdp=fsdp,
         )
-        self._pipeline = PipelineOptions(
-            pp_mode,
-            num_patches,
-            warmup_steps,
-            None if layers_per_stage is None else tuple(layers_per_stage),
-            num_microbatches,
-            text_tokens=text_tokens,
+        pipeline_aliases, auto_aliases = split_aliases(type(self).__name__, aliases)
+        self._pipeline: PipelineOptions = with_aliases(
+            pipeline, PipelineOptions, pipeline_aliases, PIPELINE_ALIASES, "pipeline"
         )
+        if distrifusion is not None and not isinstance(distrifusion, DistriFusionOptions):
+            raise TypeError(f"distrifusion must be a DistriFusionOptions or None; got {distrifusion!r}.")
+        self._distrifusion = distrifusion  # the ring axis runs DistriFusion (PatchParallelStrategy)
+        self._auto = auto_options(auto, auto_aliases)
         # None: the default, every transformers encoder when the layout cuts the DiT's memory (fsdp, pp, tp)
         self._shard_modules: tuple[str, ...] | None = None if shard_modules is None else tuple(shard_modules)
         if not isinstance(offload, bool):
@@ -253,22 +252,6 @@ class DiTParallelStrategy(ParallelStrategy):
         self._offload = self._offload_requested = offload
         check_fsdp_units(fsdp_units)
         self._fsdp_units: FsdpUnits = fsdp_units
-        if distrifusion is not None and not isinstance(distrifusion, DistriFusionOptions):
-            raise TypeError(f"distrifusion must be a DistriFusionOptions or None; got {distrifusion!r}.")
-        self._distrifusion = distrifusion  # the ring axis runs DistriFusion (PatchParallelStrategy)
-        self._auto = _auto_hints(
-            auto,
-            self._requested_layout,
-            self._pipeline,
-            parallel_vae,
-            allow_approximate,
-            tokens,
-            height,
-            width,
-            frames,
-            memory,
-            plan_options,
-        )
         self._auto_shard_modules: tuple[str, ...] | None = ()
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
@@ -299,8 +282,17 @@ class DiTParallelStrategy(ParallelStrategy):
         self._store: dist.Store | None = None  # keys of this predict alone (strategies/failure.py)
         self._failed = False
         self._undo_sample_check: Callable[[], None] = lambda: None
-        # what composes is known before the world size for every degree that is not "auto" (again once resolved)
-        check_composition(self._requested_layout, **self._composition_options())
+        # the one cross-check, before the world size is known for every degree that is not "auto" (the layout's
+        # composition again once resolved, in setup_environment)
+        check_options(
+            self._requested_layout,
+            pipeline=self._pipeline,
+            distrifusion=self._distrifusion,
+            auto=self._auto,
+            parallel_vae=self._parallel_vae,
+            cache=self._cache.method if self._cache is not None else None,
+            shard_modules=self._shard_modules,
+        )
 
     def _composition_options(self) -> dict[str, Any]:
         """The options ``composition.composition_problems`` checks with the layout."""
@@ -701,50 +693,3 @@ class DiTParallelStrategy(ParallelStrategy):
         for name, (description, arguments) in cls.registered_names().items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **arguments)
-
-
-def _auto_hints(
-    auto: bool,
-    requested: ParallelLayout,
-    pipeline: PipelineOptions,
-    parallel_vae: bool,
-    allow_approximate: bool,
-    tokens: int | None,
-    height: int | None,
-    width: int | None,
-    frames: int | None,
-    memory: str | int | None,
-    plan_options: dict[str, Any] | None,
-):
-    """The ``AutoHints`` of ``auto=True`` (``None`` without it). The planner's options without ``auto`` are errors, and
-    so are explicit degrees, FSDP, pipeline options or ``parallel_vae`` with it (the planner chooses them)."""
-    given = {
-        k: v
-        for k, v in dict(
-            allow_approximate=allow_approximate or None,
-            tokens=tokens,
-            height=height,
-            width=width,
-            frames=frames,
-            memory=memory,
-            plan_options=plan_options,
-        ).items()
-        if v is not None
-    }
-    if not auto:
-        if given:
-            raise ValueError(f"{sorted(given)} are options of auto=True (the layout planner); got them without it.")
-        return None
-    if (
-        any(v != 1 for v in requested.degrees().values())
-        or requested.fsdp
-        or pipeline != PipelineOptions()
-        or parallel_vae
-    ):
-        raise ValueError(
-            "auto=True chooses the degrees, FSDP, the pipeline schedule and the parallel VAE; leave them at their"
-            f" defaults (got {requested.describe()}, {pipeline.describe()}, parallel_vae={parallel_vae})."
-        )
-    from lightning_dit_parallel.strategies.auto import AutoHints
-
-    return AutoHints(tokens, height, width, frames, memory, bool(allow_approximate), dict(plan_options or {}))
