@@ -123,15 +123,17 @@ def test_planner_lists_exactly_what_the_strategy_accepts(name):
 
 
 def test_the_rules_the_planner_once_restated():
-    """Tensor parallelism composes with micro-batch pipeline stages (tests/test_tensor_parallel.py runs tp2_pp2) and
-    DistriFusion with FSDP (tests/test_patch_predicts.py); PipeFusion with tensor parallelism does not."""
+    """Tensor parallelism composes with pipeline stages, micro-batches (tests/test_tensor_parallel.py runs tp2_pp2) and
+    PipeFusion (tests/test_pipeline.py), and DistriFusion with FSDP (tests/test_patch_predicts.py); DistriFusion
+    with tensor parallelism is refused (never run)."""
     wide = listed(4, "wide")
-    assert key(dict(dp=1, cfg=1, pp=2, ring=1, ulysses=1, tp=2), False, "microbatch", False) in wide
+    for mode in ("microbatch", "pipefusion"):
+        assert key(dict(dp=1, cfg=1, pp=2, ring=1, ulysses=1, tp=2), False, mode, False) in wide
     assert key(dict(dp=2, cfg=1, pp=1, ring=2, ulysses=1, tp=1), True, "none", True) in wide
-    assert key(dict(dp=1, cfg=1, pp=2, ring=1, ulysses=1, tp=2), False, "pipefusion", False) not in wide
-    assert composition_problems(ParallelLayout(pp=2, tp=2).resolve(4)) == []
-    (problem,) = composition_problems(ParallelLayout(pp=2, tp=2).resolve(4), pipeline=PipelineOptions("pipefusion"))
-    assert "PipeFusion (pp_mode='pipefusion') does not compose with tensor parallelism" in problem
+    assert key(dict(dp=1, cfg=1, pp=1, ring=2, ulysses=1, tp=2), False, "none", True) not in wide
+    assert composition_problems(ParallelLayout(pp=2, tp=2).resolve(4), pipeline=PipelineOptions("pipefusion")) == []
+    (problem,) = composition_problems(ParallelLayout(ring=2, tp=2).resolve(4), distrifusion=True)
+    assert "DistriFusion needs its patches on the ring axis" in problem and "tp=2" in problem
 
 
 def test_refusals_name_the_values_and_wait_for_auto_degrees():
@@ -142,8 +144,8 @@ def test_refusals_name_the_values_and_wait_for_auto_degrees():
     assert strategy.resolve_layout(2).pp == 2
     with pytest.raises(ValueError, match="Pipeline options need pp_degree > 1"):
         strategy.resolve_layout(1)
-    with pytest.raises(ValueError, match="does not compose with tensor parallelism"):
-        PipelineStrategy(pp_degree=2, mode="pipefusion", tp_degree=2)
+    with pytest.raises(ValueError, match="DistriFusion needs its patches on the ring axis"):
+        PatchParallelStrategy(degree=2, tp_degree=2)
     with pytest.raises(ValueError, match="shard_modules=\\['text_encoder'\\] needs fsdp=True"):
         SequenceParallelStrategy(ulysses_degree=2, shard_modules=["text_encoder"])
 

@@ -38,8 +38,6 @@ def composition_problems(
     The rules:
         - pipeline options other than the default need pipeline stages (``pp > 1``), one ``layers_per_stage`` entry
           per stage;
-        - PipeFusion does not run with tensor parallelism (not implemented: its patch passes and stale key/value
-          caches are written for whole heads per rank);
         - DistriFusion's patches are the ring axis (``ring > 1``), without pipeline stages, Ulysses or tensor
           parallelism (every rank holds the whole model; it composes with cfg, dp and FSDP);
         - step caching does not compose with PipeFusion or DistriFusion (``cache_problem``);
@@ -55,12 +53,7 @@ def composition_problems(
             options.check_stages(layout.pp)
         except ValueError as error:
             problems.append(str(error))
-    if pipefusion and _above_one(layout.tp):
-        problems.append(
-            f"PipeFusion (pp_mode='pipefusion') does not compose with tensor parallelism (tp_degree={layout.tp}); use"
-            " pp_mode='microbatch' with tp_degree, or PipeFusion with ulysses_degree / ring_degree."
-        )
-    if distrifusion and (_is(layout.ring, 1) or _above_one(layout.pp, layout.ulysses, layout.tp)):
+    if distrifusion and (_is(layout.ring, 1) or _above_one(layout.pp, layout.ulysses, layout.tp)):  # tp: untested
         problems.append(
             "DistriFusion needs its patches on the ring axis (ring > 1) of a layout without pipeline stages, Ulysses or"
             f" tensor parallelism (every rank holds the whole model); got {layout.describe()}. Use"
