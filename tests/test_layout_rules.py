@@ -73,10 +73,10 @@ def key(degrees: dict[str, int], fsdp: bool, mode: str, distrifusion: bool) -> t
     return (*degrees.values(), fsdp and shards > 1, mode, distrifusion)
 
 
-def accepted(world: int, name: str) -> set[tuple]:
+def accepted(world: int, name: str, model_limits: bool = True) -> set[tuple]:
     """What the strategy accepts on ``world`` ranks (constructor and ``resolve_layout``, as in setup_environment)
-    and the model allows (the planner's ``degrees_allowed``, the model-dependent refusals, applied to the same
-    degrees)."""
+    and, with ``model_limits``, the model allows (the planner's ``degrees_allowed``, the model-dependent refusals,
+    applied to the same degrees)."""
     out = set()
     for degrees, fsdp, schedule in requests(world):
         try:
@@ -85,7 +85,7 @@ def accepted(world: int, name: str) -> set[tuple]:
             continue
         distri = schedule == "distrifusion"
         planner = dict(degrees, ring=1 if distri else degrees["ring"], distri=degrees["ring"] if distri else 1)
-        if not degrees_allowed(spec(name), *planner.values(), **_work(), axes=Axes()):
+        if model_limits and not degrees_allowed(spec(name), *planner.values(), **_work(), axes=Axes()):
             continue
         if schedule == "pipefusion" and spec(name).pipefusion_unsupported:
             continue  # the model's refusal (check_pipefusion_plan, read into the spec)
@@ -120,6 +120,15 @@ def test_planner_lists_exactly_what_the_strategy_accepts(name):
         total += len(planner)
     # the rules refuse something and leave much: neither side is empty or everything
     assert total > 100 if name == "wide" else total > 20
+
+
+def test_the_model_limits_hide_no_layout_rule():
+    """On ranks that divide the wide model's heads and blocks (powers of two) its limits refuse nothing, so there the
+    planner's list equals what the strategy alone accepts: a composition rule restated among the model limits
+    (``degrees_allowed``) would show up here."""
+    for world in (1, 2, 4, 8):
+        strategy, planner = accepted(world, "wide", model_limits=False), listed(world, "wide")
+        assert planner == strategy, f"{world} ranks: accepted but not listed {sorted(strategy - planner)}"
 
 
 def test_the_rules_the_planner_once_restated():
