@@ -174,6 +174,7 @@ def test_refusals_name_the_values_and_wait_for_auto_degrees():
         (lambda: PatchParallelStrategy(degree=2, cfg_degree="auto"), 4, dict(dp=1, cfg=2, ring=2)),
         (lambda: PipelineStrategy(), 2, dict(dp=1, pp=2)),
         (lambda: PipelineStrategy(pp_degree=2), 4, dict(dp=2, pp=2)),
+        (lambda: PipelineStrategy(pp_degree=2, cfg_degree="auto"), 4, dict(dp=1, cfg=2, pp=2)),
         (lambda: DiTParallelStrategy(dp_degree="auto", pp_degree="auto"), 2, dict(dp=1, pp=2)),
     ],
 )
