@@ -29,9 +29,12 @@ from lightning_dit_parallel.registry import (
     unregister_vae_cut,
 )
 from lightning_dit_parallel.strategies import (
+    AutoOptions,
+    DistriFusionOptions,
     DiTParallelStrategy,
     FSDPInferenceStrategy,
     PatchParallelStrategy,
+    PipelineOptions,
     PipelineStrategy,
     SequenceParallelStrategy,
     TensorParallelStrategy,
@@ -41,8 +44,10 @@ from lightning_dit_parallel.strategies import (
 register_all()
 
 __all__ = [
+    "AutoOptions",
     "Concat",
     "DiTParallelStrategy",
+    "DistriFusionOptions",
     "DiTPlan",
     "Each",
     "HeadProjections",
@@ -50,6 +55,7 @@ __all__ = [
     "Packed",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",
+    "PipelineOptions",
     "PipelineStrategy",
     "ParallelLayout",
     "PlanCheck",

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dit_parallel import PatchParallelStrategy
-from lightning_dit_parallel.parallel.compose import _check_distrifusion
+from lightning_dit_parallel.parallel.composition import check_composition
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 
 
@@ -29,11 +29,15 @@ def test_registered_name_and_options():
 
 
 def test_layouts_it_runs_on():
-    """The patches are the ring axis of a layout without pipeline stages or Ulysses (checked on every rank)."""
-    _check_distrifusion(ParallelLayout(ring=2, cfg=2, dp=2).resolve(8))
-    for degrees in (dict(ring=2, pp=2), dict(ring=2, ulysses=2), dict(dp=2)):
+    """The patches are the ring axis of a layout without pipeline stages, Ulysses or tensor parallelism (checked on
+    every rank); FSDP composes."""
+    check_composition(ParallelLayout(ring=2, cfg=2, dp=2).resolve(8), distrifusion=True)
+    check_composition(ParallelLayout(ring=2, dp=2, fsdp=True).resolve(4), distrifusion=True)
+    for degrees in (dict(ring=2, pp=2), dict(ring=2, ulysses=2), dict(ring=2, tp=2), dict(dp=2)):
         with pytest.raises(ValueError, match="DistriFusion needs its patches on the ring axis"):
-            _check_distrifusion(ParallelLayout(**degrees).resolve(4 if len(degrees) == 2 else 2))
+            check_composition(ParallelLayout(**degrees).resolve(4 if len(degrees) == 2 else 2), distrifusion=True)
+    with pytest.raises(ValueError, match="DistriFusion needs its patches on the ring axis"):
+        PatchParallelStrategy(degree=2, tp_degree=2)
 
 
 def test_hydra_config():

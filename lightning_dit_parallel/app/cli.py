@@ -65,10 +65,14 @@ _OUTPUT_OPTIONS = ("index_key", "save_tensors", "save_images", "image_scale", "f
 def _approximate(strategy: dict[str, Any]) -> bool:
     """Whether the strategy's outputs depend on its layout (PipeFusion, DistriFusion, or auto allowing them)."""
     target = str(strategy.get("_target_", ""))
+    pipeline = strategy.get("pipeline") or {}
+    auto = strategy.get("auto")
     return (
-        "pipefusion" in (strategy.get("mode"), strategy.get("pp_mode"))
+        "pipefusion" in (strategy.get("mode"), strategy.get("pp_mode"), pipeline.get("mode"))
         or target.endswith("PatchParallelStrategy")
+        or strategy.get("distrifusion") is not None
         or bool(strategy.get("allow_approximate"))
+        or (isinstance(auto, dict) and bool(auto.get("allow_approximate")))
     )
 
 

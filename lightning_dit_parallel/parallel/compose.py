@@ -12,6 +12,7 @@ from typing import Protocol
 from torch import nn
 
 from lightning_dit_parallel.parallel.cache import StepCacheConfig, apply_step_cache, check_step_cache, decision_group
+from lightning_dit_parallel.parallel.composition import check_composition
 from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, apply_distrifusion
 from lightning_dit_parallel.parallel.fsdp import (
     SHARD_AXES,
@@ -165,7 +166,8 @@ def parallelize(
             the height over each model-parallel group (exact; the encoder stays whole). With model parallelism 1
             there is nothing to band; the VAEs are still looked for, so a module without one fails the same way.
         distrifusion: run the sequence-parallel axis (``ring``) as DistriFusion (stale keys and values of the other
-            patches, gathered asynchronously) instead of exact Ring attention; needs ``pp == 1`` and ``ulysses == 1``.
+            patches, gathered asynchronously) instead of exact Ring attention; needs ``pp``, ``ulysses`` and ``tp`` 1
+            (``composition.py``).
         offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
             bring each unit to the device for its forward only. Where FSDP shards a DiT or an encoder, its units'
             shards are offloaded by FSDP2 (``CPUOffloadPolicy``; the root's shard stays on the device); every other
@@ -191,6 +193,9 @@ def parallelize(
             measured). Exact either way; see ``sequence/ulysses.py``.
 
     Raises:
+        ValueError: for a layout and options that do not compose (``composition.composition_problems``: e.g. pipeline
+            options without stages, DistriFusion off the ring axis, caching with PipeFusion or DistriFusion,
+            ``shard_modules`` without FSDP, stages or tensor parallelism), before anything is installed.
         ValueError: with ``parallel_vae``, when no VAE has a cut or a diffusers VAE class has none, or a VAE layer
             cannot be banded exactly.
         ValueError: when model parallelism is requested and no submodule has a plan, a plan does not fit,
@@ -201,12 +206,14 @@ def parallelize(
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     check_fsdp_units(fsdp_units)
     result = Parallelized()
+    check_composition(
+        layout,
+        pipeline=pipeline,
+        distrifusion=distrifusion is not None,
+        cache=cache.method if cache is not None else None,
+        shard_modules=shard_modules,
+    )
     cuts_memory = shards_encoders(layout.fsdp, int(layout.pp), int(layout.tp))
-    if shard_modules and not cuts_memory:
-        raise ValueError(
-            f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
-            f" ({layout.describe()})."
-        )
     if not isinstance(offload, bool):
         raise ValueError(f"offload must be a bool; got {offload!r}.")
     vaes = find_vaes(module) if parallel_vae else []
@@ -246,8 +253,6 @@ def parallelize(
     check_overlap_option(ulysses_overlap)
     if layout.cfg > 1:
         check_guided(module, int(layout.cfg))
-    if distrifusion is not None:
-        _check_distrifusion(layout)
     if layout.pp > 1 and layout.sequence_degree > 1:
         _check_pipeline_with_sequence(planned, layout, pipeline or PipelineOptions())
     tp_layouts = _resolve_tensor_parallel(module, planned, layout) if layout.tp > 1 else []  # before any collective
@@ -530,16 +535,6 @@ def _check_pipeline_with_sequence(
         name = f"{type(dit).__name__} ({path or 'the module'})"
         assignment = assign_stages(dit, plan, int(layout.pp), options.layers_per_stage)
         check_cuts_on_every_stage(dit, plan, assignment, f"Pipeline (pp={layout.pp}) with sequence parallelism", name)
-
-
-def _check_distrifusion(layout: ParallelLayout) -> None:
-    """DistriFusion runs over the ring axis of a layout without pipeline stages (pure check, every rank)."""
-    if layout.pp > 1 or layout.ulysses > 1 or layout.sequence_degree == 1:
-        raise ValueError(
-            "DistriFusion needs its patches on the ring axis (ring > 1) of a layout without pipeline stages or Ulysses"
-            f" (every rank holds the whole model); got {layout.describe()}. Use PatchParallelStrategy(degree=...),"
-            " optionally with cfg_degree and dp_degree."
-        )
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

@@ -72,6 +72,30 @@ class ParallelLayout:
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be a bool; got {self.fsdp!r} in {self.describe()}.")
 
+    @classmethod
+    def requested(
+        cls,
+        *,
+        dp: Degree = 1,
+        cfg: Degree = 1,
+        pp: Degree = 1,
+        ring: Degree = 1,
+        ulysses: Degree = 1,
+        tp: Degree = 1,
+        fsdp: bool = False,
+    ) -> ParallelLayout:
+        """The layout a strategy is asked for: the one rule for ``"auto"`` degrees before the world size is known.
+
+        ``dp="auto"`` means "the ranks the other degrees leave" and yields to any other ``"auto"`` degree: it becomes 1,
+        and that degree takes the ranks (``SequenceParallelStrategy(ulysses_degree="auto")``: dp 1, Ulysses over all
+        ranks). Any other pair of ``"auto"`` degrees is an error (``ParallelLayout``). ``resolve(world_size)`` then
+        fills in the one ``"auto"`` left. Every strategy builds its layout through this method.
+        """
+        degrees = dict(cfg=cfg, pp=pp, ring=ring, ulysses=ulysses, tp=tp)
+        if dp == "auto" and "auto" in degrees.values():
+            dp = 1
+        return cls(dp=dp, **degrees, fsdp=fsdp)
+
     def degrees(self) -> dict[str, Degree]:
         """The degrees by mesh axis name, outermost axis first."""
         return {axis: getattr(self, axis) for axis in MESH_AXES}

@@ -3,8 +3,9 @@
 ``PlannedLayout`` holds what ``ParallelLayout`` holds (dp, cfg, pp, ring, ulysses, tp, fsdp) plus what the planner
 also models: parallel VAE decode, the pipeline schedule (micro-batches or PipeFusion patches), DistriFusion's
 patch-parallel degree and host offload of the weights (the strategy's ``offload``). The mesh degrees are validated by
-``ParallelLayout`` itself; the rest is checked here against the model (heads, feature counts, block counts, what the
-plan supports).
+``ParallelLayout`` itself; what composes with what is the strategy's own rule (``parallel/composition.py``, through
+``PlannedLayout.composition_problems``); the rest is checked here against the model (heads, feature counts, block
+counts, what the plan supports) and the work (``degrees_allowed``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from lightning_dit_parallel.parallel.composition import composition_problems
 from lightning_dit_parallel.parallel.layout import ParallelLayout
+from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.planner.spec import ModelSpec
 
 PipelineMode = Literal["none", "microbatch", "pipefusion"]
@@ -31,7 +34,8 @@ class PlannedLayout:
         dp, cfg, pp, ring, ulysses, tp: as in ``ParallelLayout``.
         distrifusion: DistriFusion degree: ranks that each hold the whole model and compute one patch of the
             tokens with stale keys/values of the others (approximate).
-        fsdp: shard parameters over the dp, cfg, ring and ulysses axes (and the text encoder with them).
+        fsdp: shard parameters over the dp, cfg, ring and ulysses axes and DistriFusion's patches (and the text
+            encoder with them).
         parallel_vae: decode the latent in bands across the model-parallel group.
         pp_mode: ``"none"`` (pp = 1), ``"microbatch"`` (exact) or ``"pipefusion"`` (approximate).
         patches: PipeFusion patches per step (``pp_mode="pipefusion"``), else 0.
@@ -55,6 +59,10 @@ class PlannedLayout:
     fsdp_units: str = "blocks"
 
     def __post_init__(self) -> None:
+        if self.distrifusion > 1 and self.ring > 1:
+            raise ValueError(
+                f"DistriFusion's patches are the ring axis: ring must be 1 with it; got {self.describe()}."
+            )
         self.to_parallel_layout()  # the mesh degrees' own checks
         bad = {
             k: getattr(self, k)
@@ -85,8 +93,9 @@ class PlannedLayout:
 
     @property
     def shard_degree(self) -> int:
-        """Ranks one FSDP shard group spans (1 without FSDP): the dp, cfg, ring and ulysses axes."""
-        return self.dp * self.cfg * self.ring * self.ulysses if self.fsdp else 1
+        """Ranks one FSDP shard group spans (1 without FSDP): the dp, cfg, ring and ulysses axes (DistriFusion's
+        patches are the ring axis)."""
+        return self.dp * self.cfg * self.ring * self.ulysses * self.distrifusion if self.fsdp else 1
 
     @property
     def encoder_shard_degree(self) -> int:
@@ -130,9 +139,26 @@ class PlannedLayout:
         return text
 
     def to_parallel_layout(self) -> ParallelLayout:
-        """The ``ParallelLayout`` of the mesh degrees (DistriFusion is a strategy of its own, not a mesh axis)."""
+        """The ``ParallelLayout`` of the mesh degrees; DistriFusion's patches are its ring axis (``distrifusion=True``
+        in ``composition_problems``)."""
+        ring = self.ring * self.distrifusion
         return ParallelLayout(
-            dp=self.dp, cfg=self.cfg, pp=self.pp, ring=self.ring, ulysses=self.ulysses, tp=self.tp, fsdp=self.fsdp
+            dp=self.dp, cfg=self.cfg, pp=self.pp, ring=ring, ulysses=self.ulysses, tp=self.tp, fsdp=self.fsdp
+        )
+
+    def pipeline_options(self) -> PipelineOptions | None:
+        """The strategy's ``PipelineOptions`` of this schedule (``None`` without pipeline stages)."""
+        if self.pp_mode == "none":
+            return None
+        if self.pp_mode == "pipefusion":
+            return PipelineOptions("pipefusion", self.patches)
+        return PipelineOptions()
+
+    def composition_problems(self) -> list[str]:
+        """The runtime's verdict on this layout (``parallel/composition.py``): why it does not compose, ``[]`` when it
+        does. The planner lists only layouts without problems."""
+        return composition_problems(
+            self.to_parallel_layout(), pipeline=self.pipeline_options(), distrifusion=self.distrifusion > 1
         )
 
 
@@ -199,20 +225,23 @@ def enumerate_layouts(
         axes: which kinds to enumerate.
     """
     for dp, cfg, pp, ring, ulysses, tp, distri in factorizations(world, len(DEGREES)):
-        if not _degrees_valid(
+        if distri > 1 and ring > 1:
+            continue  # not a layout: DistriFusion's patches are the ring axis
+        if not degrees_allowed(
             spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split, axes
         ):
             continue
-        shard_group = dp * cfg * ring * ulysses
+        shard_group = dp * cfg * ring * ulysses * distri
         model_group = world // dp
         modes: list[tuple[PipelineMode, int]] = [("none", 0)]
         if pp > 1:
             modes = [("microbatch", 0)]
-            if axes.pipefusion and not spec.pipefusion_unsupported and distri == 1:
+            if axes.pipefusion and not spec.pipefusion_unsupported:
                 # patches are runs as even as possible (pipeline/patches.py): any count up to the tokens works
                 modes += [("pipefusion", m) for m in (pp, 2 * pp, 4 * pp) if m <= tokens]
         for mode, patches in modes:
-            for fsdp in (False, True) if shard_group > 1 and distri == 1 else (False,):
+            # FSDP over one rank shards nothing: the same layout as without it, listed once
+            for fsdp in (False, True) if shard_group > 1 else (False,):
                 if fsdp and dp > 1 and samples % (dp * batch):
                     continue  # FSDP all-gathers span the dp groups: every group must run as many batches
                 vae_options = (
@@ -221,10 +250,12 @@ def enumerate_layouts(
                     else (False,)
                 )
                 for parallel_vae in vae_options:
-                    yield PlannedLayout(dp, cfg, pp, ring, ulysses, tp, distri, fsdp, parallel_vae, mode, patches)
+                    layout = PlannedLayout(dp, cfg, pp, ring, ulysses, tp, distri, fsdp, parallel_vae, mode, patches)
+                    if not layout.composition_problems():  # the strategy's own rule of what composes
+                        yield layout
 
 
-def _degrees_valid(
+def degrees_allowed(
     spec: ModelSpec,
     dp: int,
     cfg: int,
@@ -240,6 +271,9 @@ def _degrees_valid(
     cfg_split: bool,
     axes: Axes,
 ) -> bool:
+    """Whether the model, the work and ``axes`` allow these degrees. What composes with what is not decided here but
+    by ``composition_problems`` (the strategy's rule); these are the model's limits (heads, feature counts, blocks,
+    what its plan supports) and the work's (rows to split, samples per data-parallel group, tokens per patch)."""
     if cfg > 2 or (cfg == 2 and (not cfg_split or rows % 2)):
         return False
     if dp > max(1, -(-samples // batch)):
@@ -254,12 +288,10 @@ def _degrees_valid(
         return False
     if pp > 1 and ring * ulysses > 1 and spec.pipeline_with_sequence_reason(pp):
         return False
-    if pp > 1 and tp > 1:
-        return False  # stage sharding and tensor parallelism are not composed
     if (ring > 1 or distri > 1) and spec.ring_unsupported:
         return False  # the attention needs the whole sequence on a rank: Ulysses only
-    if distri > 1 and (pp * ring * ulysses * tp > 1 or tokens < distri):
-        return False  # DistriFusion composes with CFG and data parallel only (its patches are padded like shards)
+    if distri > 1 and tokens < distri:
+        return False  # a DistriFusion patch needs a token (its patches are padded like shards)
     if ring * ulysses > 1 and not spec.self_attention and not any(a.kind == "linear" for a in spec.attention):
         return False
     return True

@@ -1,17 +1,24 @@
-"""Lightning strategies for parallel DiT inference."""
+"""Lightning strategies for parallel DiT inference, and their option objects (``PipelineOptions``,
+``DistriFusionOptions``, ``AutoOptions``; see ``options.py``)."""
 
+from lightning_dit_parallel.parallel.distrifusion.options import DistriFusionOptions
+from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 from lightning_dit_parallel.strategies.fsdp import FSDPInferenceStrategy
+from lightning_dit_parallel.strategies.options import AutoOptions
 from lightning_dit_parallel.strategies.patch import PatchParallelStrategy
 from lightning_dit_parallel.strategies.pipeline import PipelineStrategy
 from lightning_dit_parallel.strategies.presets import SequenceParallelStrategy, TensorParallelStrategy
 from lightning_dit_parallel.strategies.single_device import CachedSingleDeviceStrategy
 
 __all__ = [
+    "AutoOptions",
     "CachedSingleDeviceStrategy",
     "DiTParallelStrategy",
+    "DistriFusionOptions",
     "FSDPInferenceStrategy",
     "PatchParallelStrategy",
+    "PipelineOptions",
     "PipelineStrategy",
     "SequenceParallelStrategy",
     "TensorParallelStrategy",

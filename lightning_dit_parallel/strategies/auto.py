@@ -1,12 +1,13 @@
 """``strategy=auto``: the layout planner chooses the degrees when the strategy sets up its environment.
 
-``DiTParallelStrategy(auto=True)`` calls ``choose_layout`` in ``setup_environment``. Lightning connects the
+``DiTParallelStrategy(auto=True)`` (or ``auto=AutoOptions(...)``, ``strategies/options.py``) calls ``choose_layout`` in
+``setup_environment``. Lightning connects the
 LightningModule to the strategy before it calls ``setup_environment`` (``Trainer._run``: ``strategy.connect(model)``,
 then ``strategy.setup_environment()``), so the model is known there, before the process group and the mesh exist.
 The choice is pure computation on each rank from the same inputs (the model, the world size, the device memory and
-the hints), so every rank reaches it without a collective; where devices differ in memory, give ``memory=``.
+the ``AutoOptions``), so every rank reaches it without a collective; where devices differ in memory, give ``memory=``.
 
-What the planner needs and the batch cannot tell yet (the dataloader comes later) are hints: ``tokens`` or
+What the planner needs and the batch cannot tell yet (the dataloader comes later) are ``AutoOptions``: ``tokens`` or
 ``height``/``width`` (and ``frames``); without them the module's own call arguments (``PipelineSampler.call``) or
 the DiT config's ``sample_size`` are read. CFG parallelism is only considered where the DiT is known to receive the
 doubled batch in one call (a module with a ``guided`` flag, e.g. ``DiffusionSampler``); diffusers pipelines that call
@@ -18,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,49 +29,19 @@ from lightning_dit_parallel.planner.models import PipelineModels, models_from_mo
 from lightning_dit_parallel.planner.planner import LayoutEstimate, Plan, estimate_layouts, format_size
 from lightning_dit_parallel.planner.tokens import vae_factors
 from lightning_dit_parallel.planner.work import Hardware, Work, parse_bytes, parse_rate
+from lightning_dit_parallel.strategies.options import HARDWARE_OPTIONS, WORK_OPTIONS, AutoOptions
 
-#: ``plan_options`` keys and where they go.
-_WORK_OPTIONS = ("text_tokens", "batch", "samples", "cfg", "cfg_calls", "steps", "sequences")
-_HARDWARE_OPTIONS = ("flops", "bandwidth", "inter_node_bandwidth", "reserve")
-
-
-@dataclass(frozen=True)
-class AutoHints:
-    """What ``strategy=auto`` is told about the work and the devices.
-
-    Args:
-        tokens: latent tokens per sample.
-        height, width, frames: output size (instead of ``tokens``).
-        memory: memory per device (``"24GiB"``; default: the device's).
-        allow_approximate: PipeFusion may be chosen.
-        plan_options: further planner inputs: ``text_tokens``, ``batch``, ``samples``, ``cfg``, ``cfg_calls``,
-            ``steps``, ``sequences`` (the work) and ``flops``, ``bandwidth``, ``inter_node_bandwidth``, ``reserve``
-            (the devices).
-    """
-
-    tokens: int | None = None
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    memory: str | int | None = None
-    allow_approximate: bool = False
-    plan_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.plan_options) - set(_WORK_OPTIONS) - set(_HARDWARE_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"plan_options {unknown} are not planner inputs; known: {sorted(_WORK_OPTIONS + _HARDWARE_OPTIONS)}."
-            )
+#: The name ``AutoOptions`` had before the strategy's options were grouped.
+AutoHints = AutoOptions
 
 
-def work_for(module: nn.Module, models: PipelineModels, hints: AutoHints) -> Work:
+def work_for(module: nn.Module, models: PipelineModels, hints: AutoOptions) -> Work:
     """The planner's ``Work`` from the hints, else from the module's call arguments or the DiT config.
 
     Raises:
         ValueError: when neither gives the size of a sample (the message names the hints).
     """
-    options = {k: v for k, v in hints.plan_options.items() if k in _WORK_OPTIONS}
+    options = {k: v for k, v in hints.plan_options.items() if k in WORK_OPTIONS}
     size: dict[str, int | None] = {
         "tokens": hints.tokens,
         "height": hints.height,
@@ -84,7 +53,8 @@ def work_for(module: nn.Module, models: PipelineModels, hints: AutoHints) -> Wor
     if size["tokens"] is None and (size["height"] is None or size["width"] is None):
         raise ValueError(
             f"strategy=auto needs the size of a sample for {models.dit.name}: give tokens= or height= and width="
-            " (and frames= for video) to DiTParallelStrategy(auto=True, ...) (Hydra: strategy.height=... ), since the"
+            " (and frames= for video) to DiTParallelStrategy(auto=AutoOptions(...)) (Hydra: strategy.auto.height=...),"
+            " since the"
             " batch is not known when the layout is chosen."
         )
     guided = getattr(module, "guided", None)
@@ -137,7 +107,7 @@ def choose_layout(
     world_size: int,
     nodes: int,
     device: torch.device,
-    hints: AutoHints,
+    hints: AutoOptions,
     axes: Axes,
     shard_text_encoders: bool,
     check_inputs: bool,
@@ -151,7 +121,7 @@ def choose_layout(
     """
     models = models_from_module(module)
     work = work_for(module, models, hints)
-    hw_options = {k: v for k, v in hints.plan_options.items() if k in _HARDWARE_OPTIONS}
+    hw_options = {k: v for k, v in hints.plan_options.items() if k in HARDWARE_OPTIONS}
     devices = max(world_size // max(nodes, 1), 1)
     memory = parse_bytes(hints.memory) if hints.memory is not None else device_memory(device, devices)
     hardware = Hardware(

@@ -32,6 +32,7 @@ from typing_extensions import override
 from lightning_dit_parallel.loading import lean_from_pretrained, materialize, release
 from lightning_dit_parallel.parallel.cache import CacheMethod, CacheOptions, StepCacheConfig, cache_config
 from lightning_dit_parallel.parallel.compose import Parallelized, parallelize
+from lightning_dit_parallel.parallel.composition import check_composition
 from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.parallel.fsdp import FsdpUnits, check_equal_batch_counts, check_fsdp_units, shards_encoders
 from lightning_dit_parallel.parallel.guard import CheckInputs, check_inputs_option
@@ -43,12 +44,20 @@ from lightning_dit_parallel.parallel.nodes import (
     check_node_placement,
     is_numbered_by_node,
 )
-from lightning_dit_parallel.parallel.pipeline.options import PipelineMode, PipelineOptions, TextTokens
+from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.parallel.regional_compile import CompileOption, check_compile_option
 from lightning_dit_parallel.parallel.sequence.backends import LSEFallback
 from lightning_dit_parallel.parallel.sequence.ulysses import UlyssesOverlap, check_overlap_option
 from lightning_dit_parallel.strategies.environment import restored_environment
 from lightning_dit_parallel.strategies.failure import may_gather
+from lightning_dit_parallel.strategies.options import (
+    PIPELINE_ALIASES,
+    AutoOptions,
+    auto_options,
+    check_options,
+    split_aliases,
+    with_aliases,
+)
 from lightning_dit_parallel.strategies.rendezvous import group_store, predict_namespace
 from lightning_dit_parallel.strategies.samples import check_samples_cover_groups, checked_source
 from lightning_dit_parallel.utils.logging import rank_zero_log
@@ -84,7 +93,8 @@ class DiTParallelStrategy(ParallelStrategy):
     """Parallel DiT inference on one device mesh; the product of the degrees must equal the world size.
 
     Args:
-        dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``.
+        dp_degree: data-parallel groups (different samples each). One degree may be ``"auto"``; ``dp_degree="auto"``
+            yields to another ``"auto"`` degree (it becomes 1; see ``ParallelLayout.requested``).
         cfg_degree: classifier-free-guidance parallel degree (1 or 2).
         pp_degree: pipeline stages: the transformer blocks are cut into this many stages, each rank holds one.
         ulysses_degree: Ulysses sequence-parallel degree.
@@ -95,14 +105,16 @@ class DiTParallelStrategy(ParallelStrategy):
         tp_degree: tensor-parallel degree: the attention heads and MLP features of every block are split over this
             many ranks (torch DTensor column-/row-wise styles, two all-reduces per block); heads must divide by
             ``tp_degree * ulysses_degree``. See ``lightning_dit_parallel.parallel.tensor``.
-        pp_mode: with ``pp_degree > 1``: ``"microbatch"`` (exact) or ``"pipefusion"`` (patches with stale
-            keys/values; approximate). See ``PipelineOptions``.
-        num_patches: PipeFusion patches per step (default: the number of stages).
-        warmup_steps: PipeFusion steps per batch run unpatched (exact) before patching.
-        layers_per_stage: blocks per pipeline stage (default: an even split).
-        num_microbatches: micro-batches per DiT call in micro-batch mode (default: the number of stages).
-        text_tokens: PipeFusion: ``"every_patch"`` (the text of joint attention goes whole with every patch) or
-            ``"per_step"`` (cut into patches like the image); default ``None``: ``"per_step"``. See ``TextTokens``.
+        pipeline: with ``pp_degree > 1``, the schedule: ``PipelineOptions(mode, num_patches, warmup_steps,
+            layers_per_stage, num_microbatches, text_tokens)``; ``mode="microbatch"`` (exact, the default) or
+            ``"pipefusion"`` (patches with stale keys/values; approximate). See ``parallel/pipeline/options.py``.
+        distrifusion: ``DistriFusionOptions(warmup_steps)``: the ring axis runs DistriFusion (stale keys and values of
+            the other patches, approximate) instead of Ring attention (``PatchParallelStrategy`` sets it).
+        auto: ``True`` or ``AutoOptions(tokens, height, width, frames, memory, allow_approximate, plan_options)``:
+            choose the degrees (and FSDP, the pipeline schedule, the parallel VAE) with the layout planner in
+            ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
+            their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``
+            and ``strategies/options.py``.
         shard_modules: modules of the LightningModule to shard with FSDP besides the DiT (one unit per layer), e.g.
             ``["pipe.text_encoder"]``, over every model-parallel rank (and the dp axis with ``fsdp``). Default
             ``None``: with ``fsdp``, ``pp_degree > 1`` or ``tp_degree > 1`` (the layouts that cut the DiT's memory)
@@ -158,18 +170,18 @@ class DiTParallelStrategy(ParallelStrategy):
             fail within this time instead of hanging.
         start_method: ``"popen"`` (Lightning's script launcher, the default: works from scripts and the
             command line), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
-        auto: choose the degrees (and FSDP, the pipeline schedule, the parallel VAE) with the layout planner in
-            ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
-            their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``.
-        allow_approximate: with ``auto``, PipeFusion may be chosen (exact methods only otherwise).
-        tokens, height, width, frames: with ``auto``, the size of one sample (the batch is not known yet).
-        memory: with ``auto``, memory per device (``"24GiB"``; default: the device's).
-        plan_options: with ``auto``, further planner inputs (``samples``, ``batch``, ``steps``, ``flops``,
-            ``bandwidth`` ...; see ``strategies.auto.AutoHints``).
+        **aliases: the flat names of earlier versions, each filling one field of an option object:
+            ``pp_mode`` (``pipeline.mode``), ``num_patches``, ``warmup_steps``, ``layers_per_stage``,
+            ``num_microbatches``, ``text_tokens`` (``pipeline``); ``allow_approximate``, ``tokens``, ``height``,
+            ``width``, ``frames``, ``memory``, ``plan_options`` (``auto``, with ``auto=True``). ``None`` or the
+            field's default counts as not given.
 
     Raises:
-        ValueError: for invalid degrees or pipeline options that would be ignored (at construction), or degrees
-            that do not multiply to the world size (in ``setup_environment``, on every rank, before any collective).
+        ValueError: for invalid degrees or options, options that would be ignored, or a layout and options that do not
+            compose (``parallel/composition.py``) (at construction), or degrees that do not multiply to the world size
+            (in ``setup_environment``, on every rank, before any collective).
+        TypeError: for an unknown keyword, or a field given both by an option object and by its alias with different
+            values.
     """
 
     strategy_name = "dit_hybrid"
@@ -184,6 +196,9 @@ class DiTParallelStrategy(ParallelStrategy):
         fsdp: bool = False,
         *,
         tp_degree: Degree = 1,
+        pipeline: PipelineOptions | None = None,
+        distrifusion: DistriFusionOptions | None = None,
+        auto: bool | AutoOptions = False,
         shard_modules: Sequence[str] | None = None,
         offload: bool = False,
         fsdp_units: FsdpUnits = "blocks",
@@ -195,29 +210,16 @@ class DiTParallelStrategy(ParallelStrategy):
         compile: CompileOption = False,
         lse_fallback: LSEFallback = "warn",
         ulysses_overlap: UlyssesOverlap = "auto",
-        pp_mode: PipelineMode = "microbatch",
-        num_patches: int | None = None,
-        warmup_steps: int = 1,
-        layers_per_stage: Sequence[int] | None = None,
-        num_microbatches: int | None = None,
-        text_tokens: TextTokens | None = None,
         cross_node: CrossNodePolicy = "warn",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: StartMethod = "popen",
-        auto: bool = False,
-        allow_approximate: bool = False,
-        tokens: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        frames: int | None = None,
-        memory: str | int | None = None,
-        plan_options: dict[str, Any] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
         checkpoint_io=None,
         precision_plugin=None,
+        **aliases: Any,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -226,7 +228,7 @@ class DiTParallelStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self._requested_layout = ParallelLayout(
+        self._requested_layout = ParallelLayout.requested(
             dp=dp_degree,
             cfg=cfg_degree,
             pp=pp_degree,
@@ -235,18 +237,14 @@ class DiTParallelStrategy(ParallelStrategy):
             tp=tp_degree,
             fsdp=fsdp,
         )
-        self._pipeline = PipelineOptions(
-            pp_mode,
-            num_patches,
-            warmup_steps,
-            None if layers_per_stage is None else tuple(layers_per_stage),
-            num_microbatches,
-            text_tokens=text_tokens,
+        pipeline_aliases, auto_aliases = split_aliases(type(self).__name__, aliases)
+        self._pipeline: PipelineOptions = with_aliases(
+            pipeline, PipelineOptions, pipeline_aliases, PIPELINE_ALIASES, "pipeline"
         )
-        if pp_degree == 1 and self._pipeline != PipelineOptions():
-            raise ValueError(f"Pipeline options need pp_degree > 1; got pp_degree=1 with {self._pipeline.describe()}.")
-        if isinstance(pp_degree, int):
-            self._pipeline.check_stages(pp_degree)
+        if distrifusion is not None and not isinstance(distrifusion, DistriFusionOptions):
+            raise TypeError(f"distrifusion must be a DistriFusionOptions or None; got {distrifusion!r}.")
+        self._distrifusion = distrifusion  # the ring axis runs DistriFusion (PatchParallelStrategy)
+        self._auto = auto_options(auto, auto_aliases)
         # None: the default, every transformers encoder when the layout cuts the DiT's memory (fsdp, pp, tp)
         self._shard_modules: tuple[str, ...] | None = None if shard_modules is None else tuple(shard_modules)
         if not isinstance(offload, bool):
@@ -254,26 +252,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._offload = self._offload_requested = offload
         check_fsdp_units(fsdp_units)
         self._fsdp_units: FsdpUnits = fsdp_units
-        self._distrifusion: DistriFusionOptions | None = None  # PatchParallelStrategy: the ring axis runs DistriFusion
-        self._auto = _auto_hints(
-            auto,
-            self._requested_layout,
-            self._pipeline,
-            parallel_vae,
-            allow_approximate,
-            tokens,
-            height,
-            width,
-            frames,
-            memory,
-            plan_options,
-        )
         self._auto_shard_modules: tuple[str, ...] | None = ()
-        if self._shard_modules and not (fsdp or pp_degree != 1 or tp_degree != 1) and self._auto is None:
-            raise ValueError(
-                f"shard_modules={list(self._shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
-                f" ({self._requested_layout.describe()})."
-            )
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of popen, spawn, fork, forkserver; got {start_method!r}.")
         self._start_method: StartMethod = start_method
@@ -286,12 +265,6 @@ class DiTParallelStrategy(ParallelStrategy):
         check_overlap_option(ulysses_overlap)
         self._ulysses_overlap: UlyssesOverlap = ulysses_overlap
         self._cache: StepCacheConfig | None = cache_config(cache, cache_threshold, cache_options)
-        if self._cache is not None and pp_mode == "pipefusion":
-            raise ValueError(
-                f"cache={cache!r} does not compose with PipeFusion (pp_mode='pipefusion'): it runs each step as patch"
-                " passes over stale activations, which a skipped step would leave staler still. Use"
-                " pp_mode='microbatch' or cache=None."
-            )
         if not isinstance(parallel_vae, bool):
             raise ValueError(f"parallel_vae must be a bool; got {parallel_vae!r}.")
         self._parallel_vae = parallel_vae
@@ -309,6 +282,38 @@ class DiTParallelStrategy(ParallelStrategy):
         self._store: dist.Store | None = None  # keys of this predict alone (strategies/failure.py)
         self._failed = False
         self._undo_sample_check: Callable[[], None] = lambda: None
+        # the one cross-check, before the world size is known for every degree that is not "auto" (the layout's
+        # composition again once resolved, in setup_environment)
+        check_options(
+            self._requested_layout,
+            pipeline=self._pipeline,
+            distrifusion=self._distrifusion,
+            auto=self._auto,
+            parallel_vae=self._parallel_vae,
+            cache=self._cache.method if self._cache is not None else None,
+            shard_modules=self._shard_modules,
+        )
+
+    def _composition_options(self) -> dict[str, Any]:
+        """The options ``composition.composition_problems`` checks with the layout."""
+        return dict(
+            pipeline=self._pipeline,
+            distrifusion=self._distrifusion is not None,
+            cache=self._cache.method if self._cache is not None else None,
+            shard_modules=self._shard_modules if self._auto is None else self._auto_shard_modules,
+        )
+
+    def resolve_layout(self, world_size: int) -> ParallelLayout:
+        """The requested layout resolved for ``world_size`` ranks and checked for composition, as
+        ``setup_environment`` does before any collective (pure computation: the same verdict on every rank).
+
+        Raises:
+            ValueError: when the degrees do not multiply to ``world_size`` or the layout and the options do not
+                compose (``parallel/composition.py``).
+        """
+        layout = self._requested_layout.resolve(world_size)
+        check_composition(layout, **self._composition_options())
+        return layout
 
     # -- layout and mesh ----------------------------------------------------------------------------------
 
@@ -394,7 +399,7 @@ class DiTParallelStrategy(ParallelStrategy):
         if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
             # torchrun / srun started the ranks, so no launcher compared them with Trainer(devices, num_nodes)
             self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        self._layout = self._requested_layout.resolve(self.world_size)
+        self._layout = self.resolve_layout(self.world_size)
         self._check_node_placement()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
@@ -688,50 +693,3 @@ class DiTParallelStrategy(ParallelStrategy):
         for name, (description, arguments) in cls.registered_names().items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **arguments)
-
-
-def _auto_hints(
-    auto: bool,
-    requested: ParallelLayout,
-    pipeline: PipelineOptions,
-    parallel_vae: bool,
-    allow_approximate: bool,
-    tokens: int | None,
-    height: int | None,
-    width: int | None,
-    frames: int | None,
-    memory: str | int | None,
-    plan_options: dict[str, Any] | None,
-):
-    """The ``AutoHints`` of ``auto=True`` (``None`` without it). The planner's options without ``auto`` are errors, and
-    so are explicit degrees, FSDP, pipeline options or ``parallel_vae`` with it (the planner chooses them)."""
-    given = {
-        k: v
-        for k, v in dict(
-            allow_approximate=allow_approximate or None,
-            tokens=tokens,
-            height=height,
-            width=width,
-            frames=frames,
-            memory=memory,
-            plan_options=plan_options,
-        ).items()
-        if v is not None
-    }
-    if not auto:
-        if given:
-            raise ValueError(f"{sorted(given)} are options of auto=True (the layout planner); got them without it.")
-        return None
-    if (
-        any(v != 1 for v in requested.degrees().values())
-        or requested.fsdp
-        or pipeline != PipelineOptions()
-        or parallel_vae
-    ):
-        raise ValueError(
-            "auto=True chooses the degrees, FSDP, the pipeline schedule and the parallel VAE; leave them at their"
-            f" defaults (got {requested.describe()}, {pipeline.describe()}, parallel_vae={parallel_vae})."
-        )
-    from lightning_dit_parallel.strategies.auto import AutoHints
-
-    return AutoHints(tokens, height, width, frames, memory, bool(allow_approximate), dict(plan_options or {}))

@@ -23,7 +23,8 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
         ring_degree: ring-attention sequence-parallel degree.
         shard_modules: modules to shard besides the DiT, e.g. ``["pipe.text_encoder"]``; default ``None``: every
             transformers encoder of the module (text and image encoders); ``[]``: none.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``cfg_degree``, ``timeout``,
             ``start_method`` ...).
 
@@ -43,9 +44,6 @@ class FSDPInferenceStrategy(DiTParallelStrategy):
     ) -> None:
         if "fsdp" in kwargs:
             raise TypeError(f"{type(self).__name__} always shards (fsdp=True); use DiTParallelStrategy for fsdp=False.")
-        model_parallel = (ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree"))
-        if "auto" in model_parallel and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(
             dp_degree=dp_degree,
             ulysses_degree=ulysses_degree,

@@ -9,6 +9,7 @@ from typing_extensions import override
 from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions
 from lightning_dit_parallel.parallel.layout import Degree
 from lightning_dit_parallel.strategies.base import DiTParallelStrategy
+from lightning_dit_parallel.strategies.options import with_aliases
 
 #: Arguments of ``DiTParallelStrategy`` that this preset sets itself (``degree`` is the ring degree).
 _FIXED = (
@@ -20,6 +21,7 @@ _FIXED = (
     "layers_per_stage",
     "num_microbatches",
     "text_tokens",
+    "pipeline",
 )
 
 
@@ -35,8 +37,10 @@ class PatchParallelStrategy(DiTParallelStrategy):
 
     Args:
         degree: patches (ranks per sample); ``"auto"`` (default): whatever the other degrees leave.
-        warmup_steps: exact steps per batch before the stale keys and values are used.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        warmup_steps: exact steps per batch before the stale keys and values are used (default 1); fills
+            ``distrifusion=DistriFusionOptions(warmup_steps=...)``, which may be given instead.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``fsdp``, ``timeout`` ...).
 
     Raises:
@@ -50,16 +54,19 @@ class PatchParallelStrategy(DiTParallelStrategy):
     strategy_name = "dit_distrifusion"
 
     def __init__(
-        self, degree: Degree = "auto", warmup_steps: int = 1, dp_degree: Degree = "auto", **kwargs: Any
+        self, degree: Degree = "auto", warmup_steps: int | None = None, dp_degree: Degree = "auto", **kwargs: Any
     ) -> None:
         fixed = sorted(set(kwargs) & set(_FIXED))
         if fixed:
             raise TypeError(f"{type(self).__name__} sets {fixed} itself (its patches are the ring axis); use degree=.")
-        options = DistriFusionOptions(warmup_steps)
-        if "auto" in (degree, kwargs.get("cfg_degree")) and dp_degree == "auto":
-            dp_degree = 1
-        super().__init__(dp_degree=dp_degree, ring_degree=degree, **kwargs)
-        self._distrifusion = options
+        options = with_aliases(
+            kwargs.pop("distrifusion", None),
+            DistriFusionOptions,
+            {"warmup_steps": warmup_steps},
+            {"warmup_steps": "warmup_steps"},
+            "distrifusion",
+        )
+        super().__init__(dp_degree=dp_degree, ring_degree=degree, distrifusion=options, **kwargs)
 
     @classmethod
     @override

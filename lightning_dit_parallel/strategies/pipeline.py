@@ -21,18 +21,23 @@ class PipelineStrategy(DiTParallelStrategy):
     keys and values for the patches not yet computed; the first ``warmup_steps`` steps of each batch are
     exact. Every rank returns the whole output.
 
+    The schedule is a ``PipelineOptions`` (``pipeline=PipelineOptions(mode="pipefusion", num_patches=4)``); ``mode``,
+    ``num_patches``, ``warmup_steps``, ``layers_per_stage`` and ``num_microbatches`` fill its fields (``None``: the
+    field's default; a field given both ways with different values is a ``TypeError``).
+
     Args:
         pp_degree: number of stages; ``"auto"`` (default): the whole world.
-        mode: ``"microbatch"`` or ``"pipefusion"``.
+        mode: ``"microbatch"`` (default) or ``"pipefusion"``.
         num_patches: PipeFusion patches per step (default: the number of stages); at most the token count (the
             first patches take one token more when it does not divide). PipeFusion only: an error in micro-batch mode.
-        warmup_steps: PipeFusion steps per batch run unpatched.
+        warmup_steps: PipeFusion steps per batch run unpatched (default 1).
         layers_per_stage: blocks per stage (default: an even split); must sum to the number of blocks.
         num_microbatches: micro-batches per DiT call (default: the number of stages; at most the batch size).
             Micro-batch mode only: an error with PipeFusion.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
-        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``text_tokens`` for PipeFusion with joint
-            attention, ``ulysses_degree``/``ring_degree`` inside each stage, ``parallel_vae``, ``timeout`` ...).
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
+        **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``pipeline``, ``text_tokens`` for PipeFusion with
+            joint attention, ``ulysses_degree``/``ring_degree`` inside each stage, ``parallel_vae``, ``timeout`` ...).
 
     Example:
         >>> strategy = PipelineStrategy(pp_degree=2, mode="pipefusion", num_patches=4)  # doctest: +SKIP
@@ -44,16 +49,14 @@ class PipelineStrategy(DiTParallelStrategy):
     def __init__(
         self,
         pp_degree: Degree = "auto",
-        mode: PipelineMode = "microbatch",
+        mode: PipelineMode | None = None,
         num_patches: int | None = None,
-        warmup_steps: int = 1,
+        warmup_steps: int | None = None,
         layers_per_stage: Sequence[int] | None = None,
         num_microbatches: int | None = None,
         dp_degree: Degree = "auto",
         **kwargs: Any,
     ) -> None:
-        if pp_degree == "auto" and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(
             dp_degree=dp_degree,
             pp_degree=pp_degree,

@@ -16,7 +16,8 @@ class SequenceParallelStrategy(DiTParallelStrategy):
     Args:
         ulysses_degree: ranks exchanging heads for sequence with all-to-all (heads must divide by it).
         ring_degree: ranks passing keys and values around a ring (no constraint on heads).
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``parallel_vae``, ``timeout``, ``start_method``
             ...).
 
@@ -31,8 +32,6 @@ class SequenceParallelStrategy(DiTParallelStrategy):
     def __init__(
         self, ulysses_degree: Degree = 1, ring_degree: Degree = 1, dp_degree: Degree = "auto", **kwargs: Any
     ) -> None:
-        if "auto" in (ulysses_degree, ring_degree) and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, **kwargs)
 
     @classmethod
@@ -64,7 +63,8 @@ class TensorParallelStrategy(DiTParallelStrategy):
             (default): the whole world.
         ulysses_degree: Ulysses sequence-parallel degree (splits each rank's heads further).
         ring_degree: ring-attention sequence-parallel degree.
-        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the world size leaves.
+        dp_degree: data-parallel groups; ``"auto"`` (default) takes whatever the other degrees leave (1 when another
+            degree is ``"auto"``; see ``ParallelLayout.requested``).
         **kwargs: the keyword arguments of ``DiTParallelStrategy`` (``cfg_degree``, ``fsdp``, ``timeout`` ...).
 
     Example:
@@ -81,9 +81,6 @@ class TensorParallelStrategy(DiTParallelStrategy):
         dp_degree: Degree = "auto",
         **kwargs: Any,
     ) -> None:
-        model_parallel = (tp_degree, ulysses_degree, ring_degree, kwargs.get("cfg_degree"), kwargs.get("pp_degree"))
-        if "auto" in model_parallel and dp_degree == "auto":
-            dp_degree = 1
         super().__init__(
             dp_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree, tp_degree=tp_degree, **kwargs
         )

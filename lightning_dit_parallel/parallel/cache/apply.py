@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightning_dit_parallel.parallel.cache.decision import DecisionLink, PaddingRows
 from lightning_dit_parallel.parallel.cache.options import StepCacheConfig
 from lightning_dit_parallel.parallel.cache.step_cache import StepCache
+from lightning_dit_parallel.parallel.composition import cache_problem
 from lightning_dit_parallel.parallel.fsdp import SHARD_AXES
 from lightning_dit_parallel.parallel.layout import MESH_AXES
 from lightning_dit_parallel.parallel.pipeline.comm import StageLink
@@ -69,14 +70,9 @@ def check_step_cache(
             stages, not all on the first stage.
     """
     name = type(model).__name__
-    if pipefusion or distrifusion:
-        which = "PipeFusion (pp_mode='pipefusion')" if pipefusion else "DistriFusion (PatchParallelStrategy)"
-        raise ValueError(
-            f"cache={config.method!r} does not compose with {which}: those run each step as patch passes over stale"
-            " activations of the other patches, which a skipped step would leave staler still. Use the exact layouts"
-            " (Ulysses, Ring, USP, tensor parallel, FSDP, micro-batch pipeline, CFG, data parallel) with caching, or"
-            " cache=None."
-        )
+    problem = cache_problem(config.method, pipefusion=pipefusion, distrifusion=distrifusion)
+    if problem:  # the layout rule (composition.py), also checked here for direct callers
+        raise ValueError(problem)
     lists = plan.block_lists(model)
     total = sum(len(blocks) for _, blocks in lists)
     if not total:
