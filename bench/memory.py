@@ -91,7 +91,9 @@ pipe.save_pretrained({str(folder)!r})
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | None = None) -> list[dict]:
+def run(
+    folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | None = None, trace: bool = False
+) -> list[dict]:
     """One ``ldp-predict`` run; the memory record of every rank."""
     with tempfile.TemporaryDirectory() as peaks, tempfile.TemporaryDirectory() as out:
         command = [
@@ -112,6 +114,8 @@ def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | No
             *overrides,
         ]
         env = {**os.environ, "LDP_PEAK_DIR": peaks, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        if trace:
+            env["LDP_MEMORY_TRACE"] = "1"
         if mmap_threshold is not None:  # glibc: tensors above it are mapped and unmapped, never kept in the heap
             env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -156,6 +160,15 @@ def planned_bytes(folder: Path, ranks: int, fields: dict) -> float | None:
     return None
 
 
+def print_trace(records: list[dict]) -> None:
+    """Every rank's resident memory and peak (MB) at each moment of its run, net of its baseline."""
+    for record in records:
+        base = record["baseline"]
+        print(f"  rank {record['rank']}: baseline {base / 1e6:.0f} MB (moment: resident / peak, MB net of it)")
+        for moment, rss, hwm in record["trace"]:
+            print(f"    {moment:45s} {(rss - base) / 1e6:8.0f} {(hwm - base) / 1e6:8.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "ldp-bench-memory-wan")
@@ -166,6 +179,12 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the layouts of these names")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print every rank's resident memory and peak at each moment of the run (bench/peak_run.py)",
+    )
     parser.add_argument(
         "--mmap-threshold",
         type=int,
@@ -180,7 +199,12 @@ def main() -> None:
     build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, args.text_dim, args.text_layers)
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}")
-    layouts = [entry for entry in LAYOUTS if not (args.quick and entry[1] > 2)]
+    layouts = [
+        entry
+        for entry in LAYOUTS
+        if not (args.quick and entry[1] > 2)
+        and (args.only is None or entry[0] in args.only or entry[0] == "one process")
+    ]
     reference = None
     print(
         "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
@@ -188,7 +212,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name, ranks, overrides, fields in layouts:
-        records = run(folder, ranks, overrides, args.mmap_threshold)
+        records = run(folder, ranks, overrides, args.mmap_threshold, args.trace)
         worst = max(records, key=lambda r: r["peak"] - r["baseline"])
         net = worst["peak"] - worst["baseline"]
         reference = reference or net
@@ -200,6 +224,8 @@ def main() -> None:
             f" {planned_text} |",
             flush=True,
         )
+        if args.trace:
+            print_trace(records)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from lightning_dit_parallel.fsdp import (
     check_fsdp_units,
     encoder_mesh,
     encoder_paths,
+    encoder_units,
     module_units,
     shard_mesh,
     shards_encoders,
@@ -329,13 +330,13 @@ def _resolve_tensor_parallel(
 def _shard_encoders(
     result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool, offload: bool = False
 ) -> bool:
-    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``; whether it
-    sharded (not over one rank)."""
+    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), over
+    ``encoder_mesh``; whether it sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
         return False
     for _, sub in extra:
-        result.applied.append(apply_fsdp(sub, module_units(sub), encoders, offload=offload))
+        result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload))
     rank_zero_log(
         f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
         f" {[p for p, _ in extra]}"

@@ -144,11 +144,13 @@ def _every_layout_twice(rank: int, world: int, folder: Path, reference: torch.Te
                         failures.append(
                             f"{what}: held {watch.most} transformer bytes at once; share {share}, whole {whole}"
                         )
-                    transformer = module.pipe.transformer
-                    if not all(p.is_meta for p in transformer.parameters()):
-                        failures.append(f"{what}: the transformer's weights were not released at teardown")
-                    if not [m for _, m, _ in deferred_roots(transformer)]:
-                        failures.append(f"{what}: the transformer was not loaded lean")
+                    # the text encoder too: UMT5 ties its embeddings (one parameter under two names)
+                    for part in ("transformer", "text_encoder"):
+                        component = getattr(module.pipe, part)
+                        if not all(p.is_meta for p in component.parameters()):
+                            failures.append(f"{what}: the {part}'s weights were not released at teardown")
+                        if not [m for _, m, _ in deferred_roots(component)]:
+                            failures.append(f"{what}: the {part} was not loaded lean")
     return failures
 
 

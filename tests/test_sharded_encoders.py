@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.fsdp import apply_fsdp, encoder_paths, is_sharded, module_units, shard_mesh
+from lightning_dit_parallel.fsdp import apply_fsdp, encoder_paths, encoder_units, is_sharded, shard_mesh
 from lightning_dit_parallel.pipelines import attach_pipelines
 from tests.distributed import run_on_ranks
 from tests.models import build_dit
@@ -313,7 +313,7 @@ def _compare(sharded: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -
 def _encoder_case(build: Callable[[], nn.Module], read: Callable, mesh) -> dict:
     model = _seeded(build)
     whole = read(model)
-    sharding = apply_fsdp(model, module_units(model), mesh)
+    sharding = apply_fsdp(model, encoder_units(model), mesh)
     try:
         result = {"sharded": all(is_sharded(p) for p in model.parameters() if p.ndim), **_compare(read(model), whole)}
     finally:
@@ -336,7 +336,7 @@ def _generate_case(rank: int, mesh) -> dict:
     if stop in free[1][0, 3:].tolist():
         return {"error": float("inf"), "missing": [f"prompt 1 also makes token {stop}: pick another prompt"]}
     whole = model.generate(prompts[rank], max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
-    sharding = apply_fsdp(model, module_units(model), mesh)
+    sharding = apply_fsdp(model, encoder_units(model), mesh)
     try:
         out = model.generate(prompts[rank], max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
     finally:
