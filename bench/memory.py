@@ -2,11 +2,12 @@
 
 The user's path: a ``WanPipeline`` saved with ``save_pretrained`` (a transformer with Wan 2.1 1.3B's width, dim
 1536, 12 heads, ffn 8960, and a UMT5 encoder; about 1.7 GB of float32 weights by default) loaded by
-``ldp-predict model=pipeline model.path=DIR``, 4 prompts, 2 steps. Every rank process records the resident bytes
-after the libraries are imported (``baseline``, before anything is loaded) and its peak (``VmHWM``) over the whole
-run, teardown included (``bench/peak_run.py``). The table gives, per layout, the largest rank's peak, the same net
-of the baseline, and that net figure divided by the one-process run's net figure, next to ``ldp-plan``'s estimate
-of the memory per rank for the same layout.
+``ldp-predict model=pipeline model.path=DIR``, 4 prompts, 2 steps. Every rank process records its peak
+(``VmHWM``) over the whole run, teardown included, and two baselines (``bench/peak_run.py``): the resident bytes
+after the libraries are imported (``imports``), and right before the pipeline's components are loaded (``before
+loading``: the libraries plus Hydra's configuration, the prompts and the output writer). The table gives, per layout,
+the largest rank's peak, the same net of each baseline, and each net figure divided by the one-process run's, next
+to ``ldp-plan``'s estimate of the memory per rank for the same layout (compared with the net of imports).
 
     python bench/memory.py                      # 1, 2 and 4 ranks; about 5 minutes on 2 cores
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only
@@ -205,23 +206,26 @@ def main() -> None:
         if not (args.quick and entry[1] > 2)
         and (args.only is None or entry[0] in args.only or entry[0] == "one process")
     ]
-    reference = None
+    reference = reference_loaded = None
     print(
-        "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
-        " planned / net |"
+        "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | net of before loading (GB) |"
+        " net / one process | planned (GB) | planned / net of imports |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, ranks, overrides, fields in layouts:
         records = run(folder, ranks, overrides, args.mmap_threshold, args.trace)
         worst = max(records, key=lambda r: r["peak"] - r["baseline"])
         net = worst["peak"] - worst["baseline"]
         reference = reference or net
+        # the same net of what each rank held right before loading
+        net_loaded = max(r["peak"] - r["before_load"] for r in records)
+        reference_loaded = reference_loaded or net_loaded
         planned = planned_bytes(folder, ranks, fields)
         planned_text = "- | -" if planned is None else f"{planned / GB:.2f} | {planned / net:.2f}"
         cuda = "" if worst["cuda_peak"] is None else f" (device {worst['cuda_peak'] / GB:.2f})"
         print(
             f"| {name} | {ranks} | {worst['peak'] / GB:.2f}{cuda} | {net / GB:.2f} | **{net / reference:.2f}** |"
-            f" {planned_text} |",
+            f" {net_loaded / GB:.2f} | **{net_loaded / reference_loaded:.3f}** | {planned_text} |",
             flush=True,
         )
         if args.trace:
