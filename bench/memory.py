@@ -5,9 +5,10 @@ The user's path: a ``WanPipeline`` saved with ``save_pretrained`` (a transformer
 ``ldp-predict model=pipeline model.path=DIR``, 4 prompts, 2 steps. Every rank process records its peak
 (``VmHWM``) over the whole run, teardown included, and two baselines (``bench/peak_run.py``): the resident bytes
 after the libraries are imported (``imports``), and right before the pipeline's components are loaded (``before
-loading``: the libraries plus Hydra's configuration, the prompts and the output writer). The table gives, per layout,
-the largest rank's peak, the same net of each baseline, and each net figure divided by the one-process run's, next
-to ``ldp-plan``'s estimate of the memory per rank for the same layout (compared with the net of imports).
+loading``: the libraries, with the modules of the classes the pipeline folder names, plus Hydra's configuration,
+the prompts and the output writer). The table gives, per layout, the largest rank's peak, the same net of each
+baseline, and each net figure divided by the one-process run's, next to ``ldp-plan``'s estimate of the memory per
+rank for the same layout (compared with the net of imports).
 
     python bench/memory.py                      # 1, 2 and 4 ranks; about 5 minutes on 2 cores
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only

@@ -5,8 +5,10 @@ records:
 
 - ``baseline``: resident bytes after the interpreter and libraries are imported, before anything else;
 - ``before_load``: resident bytes right before the pipeline's components are loaded (``load_pipeline`` in
-  ``PipelineSampler``: the first read of the folder), i.e. what the process held before loading: libraries,
-  Hydra's configuration, the prompts and the output writer;
+  ``PipelineSampler``: the first read of the folder), i.e. what the process held before loading: the interpreter,
+  the libraries (with the modules of the classes ``model_index.json`` names, which diffusers and transformers
+  import lazily inside ``from_pretrained``: imported here first), Hydra's configuration, the prompts and the output
+  writer;
 - ``peak``: ``VmHWM``, the peak over the whole run, teardown included;
 - ``cuda_peak``: on a GPU, ``torch.cuda.max_memory_allocated``.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import json
 import os
 from pathlib import Path
@@ -62,6 +65,16 @@ def _wrap(owner: object, name: str, label: str, every: int = 1) -> None:
     setattr(owner, name, wrapped)
 
 
+def _import_classes(folder: Path) -> None:
+    """Import the pipeline and component classes ``model_index.json`` names (libraries, no weights)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    pairs = [("diffusers", index["_class_name"])]
+    pairs += [tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    for library, name in pairs:
+        if library and name:
+            getattr(importlib.import_module(library), name, None)
+
+
 def _install_hooks() -> None:
     """The moments of a run: ``BEFORE_LOAD`` always, the trace with ``LDP_MEMORY_TRACE``."""
     import lightning_dit_parallel.sampling.pipeline_sampler as sampler
@@ -69,12 +82,13 @@ def _install_hooks() -> None:
     load = sampler.load_pipeline
 
     @functools.wraps(load)
-    def load_pipeline(*args, **kwargs):
+    def load_pipeline(path, *args, **kwargs):
         if not BEFORE_LOAD:
+            _import_classes(Path(path))
             BEFORE_LOAD.append(current_rss())
         mark("load start")
         try:
-            return load(*args, **kwargs)
+            return load(path, *args, **kwargs)
         finally:
             mark("load end")
 

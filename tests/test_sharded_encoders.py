@@ -515,3 +515,22 @@ def test_default_shard_modules_are_the_encoders_outside_the_dits():
     composite.vl = _seeded(_qwen2_5_vl)
     assert encoder_paths(composite, []) == ["vl"]  # its inner models (vision, language) are not listed apart
     assert encoder_paths(build_dit(), [""]) == []
+
+
+def test_encoder_units_are_its_weight_layers_but_tied_and_uncalled_ones():
+    """An encoder is sharded one weight layer at a time, then its layers, then itself; a tied embedding (UMT5's
+    ``shared`` / ``encoder.embed_tokens``: one parameter in two modules) and torch's ``MultiheadAttention`` (its forward
+    reads ``out_proj.weight`` without calling ``out_proj``) stay in the unit above them."""
+    encoder = umt5_encoder()
+    units = encoder_units(encoder)
+    ids = {id(u) for u in units}
+    linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(id(m) in ids for m in linears)
+    assert id(encoder.shared) not in ids and id(encoder.encoder.embed_tokens) not in ids
+    assert units[-1] is encoder and [u for u in units if isinstance(u, type(encoder.encoder.block[0]))] == list(
+        encoder.encoder.block
+    )
+    pooled = nn.Module()
+    pooled.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    pooled.layers = nn.ModuleList([nn.Linear(8, 8)])
+    assert encoder_units(pooled) == [pooled.layers[0], pooled]  # the list's layer is a unit once, out_proj none
