@@ -151,12 +151,12 @@ def parallelize(
         module: usually the LightningModule; the DiTs inside it are found by their plans.
         layout: a resolved layout (see ``ParallelLayout.resolve``).
         mesh: the device mesh built from ``layout``.
-        shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
-            e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit. ``None``
-            (the default): every transformers ``PreTrainedModel`` outside the planned DiTs (the text and image
-            encoders, e.g. ``pipe.text_encoder``, ``pipe.image_encoder``; see ``fsdp.encoder_paths``); ``()``: none.
-            Each must run on every rank of the shard group in step (diffusers pipelines call each encoder once per
-            batch on every rank).
+        shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard, e.g.
+            ``("text_encoder",)``; each weight layer, then each layer of their outermost ``nn.ModuleList``s, is one FSDP
+            unit (``fsdp.encoder_units``). ``None`` (the default): every transformers ``PreTrainedModel`` outside the
+            planned DiTs (the text and image encoders, e.g. ``pipe.text_encoder``, ``pipe.image_encoder``; see
+            ``fsdp.encoder_paths``); ``()``: none. Each must run on every rank of the shard group in step (diffusers
+            pipelines call each encoder once per batch on every rank).
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
         check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check that the ranks of each
             model-parallel group pass the DiT identical arguments (see ``lightning_dit_parallel.guard``): ``True``
