@@ -2,11 +2,13 @@
 
 The user's path: a ``WanPipeline`` saved with ``save_pretrained`` (a transformer with Wan 2.1 1.3B's width, dim
 1536, 12 heads, ffn 8960, and a UMT5 encoder; about 1.7 GB of float32 weights by default) loaded by
-``ldp-predict model=pipeline model.path=DIR``, 4 prompts, 2 steps. Every rank process records the resident bytes
-after the libraries are imported (``baseline``, before anything is loaded) and its peak (``VmHWM``) over the whole
-run, teardown included (``bench/peak_run.py``). The table gives, per layout, the largest rank's peak, the same net
-of the baseline, and that net figure divided by the one-process run's net figure, next to ``ldp-plan``'s estimate
-of the memory per rank for the same layout.
+``ldp-predict model=pipeline model.path=DIR``, 4 prompts, 2 steps. Every rank process records its peak
+(``VmHWM``) over the whole run, teardown included, and two baselines (``bench/peak_run.py``): the resident bytes
+after the libraries are imported (``imports``), and right before the pipeline's components are loaded (``before
+loading``: the libraries, with the modules of the classes the pipeline folder names, plus Hydra's configuration,
+the prompts and the output writer). The table gives, per layout, the largest rank's peak, the same net of each
+baseline, and each net figure divided by the one-process run's, next to ``ldp-plan``'s estimate of the memory per
+rank for the same layout (compared with the net of imports).
 
     python bench/memory.py                      # 1, 2 and 4 ranks; about 5 minutes on 2 cores
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only
@@ -91,7 +93,9 @@ pipe.save_pretrained({str(folder)!r})
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | None = None) -> list[dict]:
+def run(
+    folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | None = None, trace: bool = False
+) -> list[dict]:
     """One ``ldp-predict`` run; the memory record of every rank."""
     with tempfile.TemporaryDirectory() as peaks, tempfile.TemporaryDirectory() as out:
         command = [
@@ -112,6 +116,8 @@ def run(folder: Path, ranks: int, overrides: list[str], mmap_threshold: int | No
             *overrides,
         ]
         env = {**os.environ, "LDP_PEAK_DIR": peaks, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        if trace:
+            env["LDP_MEMORY_TRACE"] = "1"
         if mmap_threshold is not None:  # glibc: tensors above it are mapped and unmapped, never kept in the heap
             env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -156,6 +162,15 @@ def planned_bytes(folder: Path, ranks: int, fields: dict) -> float | None:
     return None
 
 
+def print_trace(records: list[dict]) -> None:
+    """Every rank's resident memory and peak (MB) at each moment of its run, net of its baseline."""
+    for record in records:
+        base = record["baseline"]
+        print(f"  rank {record['rank']}: baseline {base / 1e6:.0f} MB (moment: resident / peak, MB net of it)")
+        for moment, rss, hwm in record["trace"]:
+            print(f"    {moment:45s} {(rss - base) / 1e6:8.0f} {(hwm - base) / 1e6:8.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "ldp-bench-memory-wan")
@@ -166,6 +181,12 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the layouts of these names")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print every rank's resident memory and peak at each moment of the run (bench/peak_run.py)",
+    )
     parser.add_argument(
         "--mmap-threshold",
         type=int,
@@ -180,26 +201,36 @@ def main() -> None:
     build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, args.text_dim, args.text_layers)
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}")
-    layouts = [entry for entry in LAYOUTS if not (args.quick and entry[1] > 2)]
-    reference = None
+    layouts = [
+        entry
+        for entry in LAYOUTS
+        if not (args.quick and entry[1] > 2)
+        and (args.only is None or entry[0] in args.only or entry[0] == "one process")
+    ]
+    reference = reference_loaded = None
     print(
-        "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | planned (GB) |"
-        " planned / net |"
+        "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | net of before loading (GB) |"
+        " net / one process | planned (GB) | planned / net of imports |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, ranks, overrides, fields in layouts:
-        records = run(folder, ranks, overrides, args.mmap_threshold)
+        records = run(folder, ranks, overrides, args.mmap_threshold, args.trace)
         worst = max(records, key=lambda r: r["peak"] - r["baseline"])
         net = worst["peak"] - worst["baseline"]
         reference = reference or net
+        # the same net of what each rank held right before loading
+        net_loaded = max(r["peak"] - r["before_load"] for r in records)
+        reference_loaded = reference_loaded or net_loaded
         planned = planned_bytes(folder, ranks, fields)
         planned_text = "- | -" if planned is None else f"{planned / GB:.2f} | {planned / net:.2f}"
         cuda = "" if worst["cuda_peak"] is None else f" (device {worst['cuda_peak'] / GB:.2f})"
         print(
             f"| {name} | {ranks} | {worst['peak'] / GB:.2f}{cuda} | {net / GB:.2f} | **{net / reference:.2f}** |"
-            f" {planned_text} |",
+            f" {net_loaded / GB:.2f} | **{net_loaded / reference_loaded:.3f}** | {planned_text} |",
             flush=True,
         )
+        if args.trace:
+            print_trace(records)
 
 
 if __name__ == "__main__":

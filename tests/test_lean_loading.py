@@ -144,11 +144,13 @@ def _every_layout_twice(rank: int, world: int, folder: Path, reference: torch.Te
                         failures.append(
                             f"{what}: held {watch.most} transformer bytes at once; share {share}, whole {whole}"
                         )
-                    transformer = module.pipe.transformer
-                    if not all(p.is_meta for p in transformer.parameters()):
-                        failures.append(f"{what}: the transformer's weights were not released at teardown")
-                    if not [m for _, m, _ in deferred_roots(transformer)]:
-                        failures.append(f"{what}: the transformer was not loaded lean")
+                    # the text encoder too: UMT5 ties its embeddings (one parameter under two names)
+                    for part in ("transformer", "text_encoder"):
+                        component = getattr(module.pipe, part)
+                        if not all(p.is_meta for p in component.parameters()):
+                            failures.append(f"{what}: the {part}'s weights were not released at teardown")
+                        if not [m for _, m, _ in deferred_roots(component)]:
+                            failures.append(f"{what}: the {part} was not loaded lean")
     return failures
 
 
@@ -299,3 +301,20 @@ def test_lean_loading_keeps_the_dtypes_diffusers_and_transformers_give(tmp_path:
         plain(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
         lean(prompt=["a cat"], generator=torch.Generator().manual_seed(0), **call).frames,
     )
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_lean_loading_keeps_tied_weights_tied(tmp_path: Path, dtype):
+    """UMT5 stores its tied embedding once (``shared.weight`` for ``encoder.embed_tokens.weight`` too): loaded lean,
+    with or without a dtype cast, the two names stay one parameter, so the checkpoint covers the model and it loads
+    lean (on the meta device, read later) instead of whole."""
+    from transformers import UMT5EncoderModel
+
+    from tests.pipelines import umt5_encoder
+
+    umt5_encoder().save_pretrained(tmp_path)
+    with lean_from_pretrained():
+        lean = UMT5EncoderModel.from_pretrained(tmp_path, dtype=dtype)
+    assert all(p.is_meta for p in lean.parameters())
+    assert lean.shared.weight is lean.encoder.embed_tokens.weight
+    assert [m for _, m, _ in deferred_roots(lean)] == [lean]

@@ -28,7 +28,7 @@ from lightning_dit_parallel import (
 )
 from lightning_dit_parallel.app.prompts import prompt_loader
 from lightning_dit_parallel.parallel.compose import parallelize
-from lightning_dit_parallel.parallel.fsdp import is_sharded
+from lightning_dit_parallel.parallel.fsdp import encoder_units, is_sharded
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.offload import apply_offload
 from lightning_dit_parallel.parallel.pipeline.stages import ReleasedBlock
@@ -73,23 +73,25 @@ FAMILIES = {
     "wan": lambda: HoldsPipeline(wan_pipeline, WAN_CALL, "frames"),
 }
 
-#: name -> (strategy, what must be offloaded while predict runs). Both DiTs have 2 blocks, both encoders 2 layers.
+#: name -> (strategy, what must be offloaded while predict runs: units streamed, FSDP units of the DiT offloaded, and
+#: whether the encoder's FSDP units - every one but its root, see ``fsdp.encoder_units`` - are offloaded too). Both DiTs
+#: have 2 blocks, both encoders 2 layers.
 CASES = {
     # FSDP shards of the DiT's blocks and of the encoder's layers on the host (the roots' shards stay on the device)
-    "fsdp_ulysses2": (lambda: FSDPInferenceStrategy(ulysses_degree=2, offload=True), {"streamed": 0, "fsdp": 4}),
+    "fsdp_ulysses2": (lambda: FSDPInferenceStrategy(ulysses_degree=2, offload=True), (0, 2, True)),
     # data parallel FSDP: each rank its own sample, from host-offloaded shards
-    "fsdp_dp2": (lambda: FSDPInferenceStrategy(offload=True), {"streamed": 0, "fsdp": 4}),
+    "fsdp_dp2": (lambda: FSDPInferenceStrategy(offload=True), (0, 2, True)),
     # pipeline stages: the stage's one block streamed; the encoder sharded over the stages with offloaded shards
-    "pipeline2": (lambda: PipelineStrategy(pp_degree=2, offload=True), {"streamed": 1, "fsdp": 2}),
+    "pipeline2": (lambda: PipelineStrategy(pp_degree=2, offload=True), (1, 0, True)),
     # pipeline stages with the encoder kept whole: its layers streamed too
     "pipeline2_whole_encoder": (
         lambda: PipelineStrategy(pp_degree=2, offload=True, shard_modules=[]),
-        {"streamed": 3, "fsdp": 0},
+        (3, 0, False),
     ),
     # tensor parallelism: both blocks' DTensor shards streamed; the encoder sharded over the tp ranks, offloaded
-    "tp2": (lambda: TensorParallelStrategy(tp_degree=2, offload=True), {"streamed": 2, "fsdp": 2}),
+    "tp2": (lambda: TensorParallelStrategy(tp_degree=2, offload=True), (2, 0, True)),
     # no FSDP, no stages: every block and layer streamed
-    "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, offload=True), {"streamed": 4, "fsdp": 0}),
+    "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, offload=True), (4, 0, False)),
 }
 
 
@@ -116,9 +118,11 @@ def _every_case(rank: int, world: int, family: str, ports: tuple[int, int]) -> l
     with torch.no_grad():
         reference = module.predict_step(batch, 0)  # the one-process output, before any strategy
     failures = []
+    encoder_layers = len(encoder_units(module.pipe.text_encoder)) - 1  # its units but the root (kept on the device)
     with external_launch(rank, world, *ports):
-        for name, (make, expected_counts) in CASES.items():
+        for name, (make, (streamed, dit_units, encoder_sharded)) in CASES.items():
             what = f"{family} {name}, rank {rank}"
+            expected_counts = {"streamed": streamed, "fsdp": dit_units + (encoder_layers if encoder_sharded else 0)}
             strategy = make()
             out = predict_here(module, prompt_loader(PROMPTS, batch_size=2 if "dp" not in name else 1), strategy, world)
             dp, dp_rank = int(strategy.layout.dp), strategy.layout.coordinates(rank)["dp"]

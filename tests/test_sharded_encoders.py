@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_dit_parallel import ParallelLayout, parallelize
-from lightning_dit_parallel.parallel.fsdp import apply_fsdp, encoder_paths, is_sharded, module_units, shard_mesh
+from lightning_dit_parallel.parallel.fsdp import apply_fsdp, encoder_paths, encoder_units, is_sharded, shard_mesh
 from lightning_dit_parallel.utils.pipelines import attach_pipelines
 from tests.distributed import run_on_ranks
 from tests.models import build_dit
@@ -313,7 +313,7 @@ def _compare(sharded: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -
 def _encoder_case(build: Callable[[], nn.Module], read: Callable, mesh) -> dict:
     model = _seeded(build)
     whole = read(model)
-    sharding = apply_fsdp(model, module_units(model), mesh)
+    sharding = apply_fsdp(model, encoder_units(model), mesh)
     try:
         result = {"sharded": all(is_sharded(p) for p in model.parameters() if p.ndim), **_compare(read(model), whole)}
     finally:
@@ -336,7 +336,7 @@ def _generate_case(rank: int, mesh) -> dict:
     if stop in free[1][0, 3:].tolist():
         return {"error": float("inf"), "missing": [f"prompt 1 also makes token {stop}: pick another prompt"]}
     whole = model.generate(prompts[rank], max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
-    sharding = apply_fsdp(model, module_units(model), mesh)
+    sharding = apply_fsdp(model, encoder_units(model), mesh)
     try:
         out = model.generate(prompts[rank], max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
     finally:
@@ -515,3 +515,22 @@ def test_default_shard_modules_are_the_encoders_outside_the_dits():
     composite.vl = _seeded(_qwen2_5_vl)
     assert encoder_paths(composite, []) == ["vl"]  # its inner models (vision, language) are not listed apart
     assert encoder_paths(build_dit(), [""]) == []
+
+
+def test_encoder_units_are_its_weight_layers_but_tied_and_uncalled_ones():
+    """An encoder is sharded one weight layer at a time, then its layers, then itself; a tied embedding (UMT5's
+    ``shared`` / ``encoder.embed_tokens``: one parameter in two modules) and torch's ``MultiheadAttention`` (its forward
+    reads ``out_proj.weight`` without calling ``out_proj``) stay in the unit above them."""
+    encoder = umt5_encoder()
+    units = encoder_units(encoder)
+    ids = {id(u) for u in units}
+    linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(id(m) in ids for m in linears)
+    assert id(encoder.shared) not in ids and id(encoder.encoder.embed_tokens) not in ids
+    assert units[-1] is encoder and [u for u in units if isinstance(u, type(encoder.encoder.block[0]))] == list(
+        encoder.encoder.block
+    )
+    pooled = nn.Module()
+    pooled.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    pooled.layers = nn.ModuleList([nn.Linear(8, 8)])
+    assert encoder_units(pooled) == [pooled.layers[0], pooled]  # the list's layer is a unit once, out_proj none

@@ -176,7 +176,9 @@ def _cast_stored(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast what the checkpoint stores (floating parameters and persistent buffers) to ``dtype`` as the libraries
     do when loading, except the class's ``_keep_in_fp32_modules`` (diffusers: any dtype; transformers: float16 only)
     and ``_keep_in_fp32_modules_strict`` (transformers: float16 and bfloat16), matched by name component, which stay
-    float32. Buffers computed in ``__init__`` and not stored (rotary tables) keep the dtype they were built in."""
+    float32. Buffers computed in ``__init__`` and not stored (rotary tables) keep the dtype they were built in. Tied
+    parameters (one tensor under several names) stay tied: a model whose checkpoint stores one of the names (T5's
+    ``shared.weight`` for ``encoder.embed_tokens.weight``) still covers its parameters (``_covers``)."""
     from diffusers import ModelMixin
 
     keep = set()
@@ -184,16 +186,24 @@ def _cast_stored(model: nn.Module, dtype: torch.dtype) -> None:
         keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
         if isinstance(model, ModelMixin) or dtype == torch.float16:
             keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    cast: dict[int, torch.Tensor] = {}  # tied tensors (T5's shared and embed_tokens weights) stay one tensor
     for name, tensor in model.state_dict(keep_vars=True).items():
         if not tensor.is_floating_point():
             continue
         target = torch.float32 if keep & set(name.split(".")) else dtype
+        if tensor.dtype == target:
+            continue  # unchanged: the tensor itself, so that ties hold
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
+        if id(tensor) not in cast:
+            new = tensor.to(target)
+            cast[id(tensor)] = (
+                nn.Parameter(new, requires_grad=tensor.requires_grad) if leaf in module._parameters else new
+            )
         if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(tensor.to(target), requires_grad=tensor.requires_grad)
+            module._parameters[leaf] = cast[id(tensor)]
         else:
-            module._buffers[leaf] = tensor.to(target)
+            module._buffers[leaf] = cast[id(tensor)]
 
 
 def _covers(model: nn.Module, files: dict[str, str]) -> bool:

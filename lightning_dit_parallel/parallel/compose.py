@@ -22,6 +22,7 @@ from lightning_dit_parallel.parallel.fsdp import (
     check_fsdp_units,
     encoder_mesh,
     encoder_paths,
+    encoder_units,
     module_units,
     shard_mesh,
     shards_encoders,
@@ -152,12 +153,12 @@ def parallelize(
         module: usually the LightningModule; the DiTs inside it are found by their plans.
         layout: a resolved layout (see ``ParallelLayout.resolve``).
         mesh: the device mesh built from ``layout``.
-        shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard,
-            e.g. ``("text_encoder",)``; each layer of their outermost ``nn.ModuleList``s is one FSDP unit. ``None``
-            (the default): every transformers ``PreTrainedModel`` outside the planned DiTs (the text and image
-            encoders, e.g. ``pipe.text_encoder``, ``pipe.image_encoder``; see ``fsdp.encoder_paths``); ``()``: none.
-            Each must run on every rank of the shard group in step (diffusers pipelines call each encoder once per
-            batch on every rank).
+        shard_modules: with ``layout.fsdp``, paths (relative to ``module``) of further modules to shard, e.g.
+            ``("text_encoder",)``; each weight layer, then each layer of their outermost ``nn.ModuleList``s, is one FSDP
+            unit (``fsdp.encoder_units``). ``None`` (the default): every transformers ``PreTrainedModel`` outside the
+            planned DiTs (the text and image encoders, e.g. ``pipe.text_encoder``, ``pipe.image_encoder``; see
+            ``fsdp.encoder_paths``); ``()``: none. Each must run on every rank of the shard group in step (diffusers
+            pipelines call each encoder once per batch on every rank).
         pipeline: with ``layout.pp > 1``, how the blocks are pipelined (default: ``PipelineOptions()``).
         check_inputs: with model parallelism (cfg, pp, ring, ulysses or tp > 1), check that the ranks of each
             model-parallel group pass the DiT identical arguments (see ``parallel/guard.py``): ``True``
@@ -335,13 +336,13 @@ def _resolve_tensor_parallel(
 def _shard_encoders(
     result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool, offload: bool = False
 ) -> bool:
-    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per layer, over ``encoder_mesh``; whether it
-    sharded (not over one rank)."""
+    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), over
+    ``encoder_mesh``; whether it sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
         return False
     for _, sub in extra:
-        result.applied.append(apply_fsdp(sub, module_units(sub), encoders, offload=offload))
+        result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload))
     rank_zero_log(
         f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
         f" {[p for p, _ in extra]}"

@@ -378,8 +378,8 @@ def encoder_bytes(
     gathered = 0
     if layout.offload:
         held, gathered = offloaded_unit_bytes(enc.units, shards, 1, element, hw)
-    elif shards > 1:
-        gathered = fsdp_gathered_numel(enc.units, shards, 1, hw) * element
+    elif shards > 1:  # sharded one weight layer at a time (``fsdp.encoder_units``)
+        gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, layers=True) * element
     rows, tokens = encoder_work(enc, work)
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
     scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores

@@ -115,12 +115,13 @@ class DiTParallelStrategy(ParallelStrategy):
             ``setup_environment``, from the model, the world size and the device memory; leave those arguments at
             their defaults. ``shard_modules`` are sharded when the chosen layout uses FSDP. See ``strategies.auto``
             and ``strategies/options.py``.
-        shard_modules: modules of the LightningModule to shard with FSDP besides the DiT (one unit per layer), e.g.
-            ``["pipe.text_encoder"]``, over every model-parallel rank (and the dp axis with ``fsdp``). Default
+        shard_modules: modules of the LightningModule to shard with FSDP besides the DiT (one unit per weight
+            layer), e.g. ``["pipe.text_encoder"]``, over every model-parallel rank (and the dp axis with ``fsdp``).
+            Default
             ``None``: with ``fsdp``, ``pp_degree > 1`` or ``tp_degree > 1`` (the layouts that cut the DiT's memory)
             every transformers ``PreTrainedModel`` outside the DiT(s), i.e. the pipeline's text and image encoders
-            (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every
-            rank of the group the same number of times (diffusers pipelines call each encoder once per batch).
+            (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every rank
+            of the group the same number of times (diffusers pipelines call each encoder once per batch).
         fsdp_units: with ``fsdp``, what a rank gathers at once: ``"blocks"`` (each transformer block, the default:
             fewest all-gathers) or ``"layers"`` (each Linear / convolution / embedding: the lowest peak, for a model
             that barely fits; more, smaller all-gathers). See ``parallelize``.
