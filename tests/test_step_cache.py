@@ -525,7 +525,7 @@ def test_single_device_strategy_caches():
 
 def test_cache_arguments_are_validated():
     default = SequenceParallelStrategy(ulysses_degree=2, cache="fbcache")._cache.threshold
-    assert default == DEFAULT_THRESHOLDS["fbcache"] == 0.15
+    assert default == DEFAULT_THRESHOLDS["fbcache"] == 0.2
     assert DiTParallelStrategy(cache="teacache")._cache.threshold == DEFAULT_THRESHOLDS["teacache"] == 0.1
     with pytest.raises(ValueError, match="need cache='fbcache' or 'teacache'"):
         SequenceParallelStrategy(ulysses_degree=2, cache_threshold=0.1)

@@ -24,6 +24,7 @@ Per pass (one DiT call; one micro-batch under micro-batch pipelining) on every r
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ class StepCache:
                 )
         self._in_first_block = False
         self.stats = CacheStats()
+        self._totals = [0, 0, 0, 0, 0]  # batches, steps, skipped steps, skipped block calls, most cached bytes
         self._handles: list[RemovableHandle] = []
         self._forwards: list[tuple[nn.Module, object]] = []
         self._context_method: object = _MISSING
@@ -215,7 +217,7 @@ class StepCache:
 
     def remove(self) -> None:
         """Take every hook off and give the blocks their forward back; forget the cached tensors."""
-        self._log_stats()
+        self._log_stats(final=True)
         remove_handles(self._handles)
         for gate in self._gates.values():
             gate.remove()
@@ -245,14 +247,33 @@ class StepCache:
             info.constants = {}
         self.stats = CacheStats()
 
-    def _log_stats(self) -> None:
-        if self.stats.steps:
+    def _log_stats(self, final: bool = False) -> None:
+        """Each batch's counts at DEBUG level as the batch ends; at ``remove`` (the end of the predict) the totals
+        over its batches at INFO level, once."""
+        stats = self.stats
+        if stats.steps:
+            totals = self._totals
+            totals[:4] = [
+                totals[0] + 1,
+                totals[1] + stats.steps,
+                totals[2] + stats.skipped_steps,
+                totals[3] + stats.skipped_block_calls,
+            ]
+            totals[4] = max(totals[4], stats.cached_bytes)
             rank_zero_log(
-                f"step cache ({self.config.describe()}) on {type(self.model).__name__}: skipped"
-                f" {self.stats.skipped_steps} of {self.stats.steps} steps"
-                f" ({self.stats.skipped_block_calls} block calls);"
-                f" cached residuals at most {self.stats.cached_bytes / 2**20:.2f} MiB on rank 0"
+                self._describe(1, stats.steps, stats.skipped_steps, stats.skipped_block_calls, stats.cached_bytes),
+                logging.DEBUG,
             )
+        if final and self._totals[0]:
+            rank_zero_log(self._describe(*self._totals))
+            self._totals = [0, 0, 0, 0, 0]
+
+    def _describe(self, batches: int, steps: int, skipped: int, block_calls: int, cached: int) -> str:
+        return (
+            f"step cache ({self.config.describe()}) on {type(self.model).__name__}: {batches} batch(es), skipped"
+            f" {skipped} of {steps} steps ({block_calls} block calls); cached residuals at most"
+            f" {cached / 2**20:.2f} MiB on rank 0"
+        )
 
     def cached_bytes(self) -> int:
         """Bytes this rank holds in cached residuals and statistics inputs now."""
