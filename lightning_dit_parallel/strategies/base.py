@@ -143,8 +143,8 @@ class DiTParallelStrategy(ParallelStrategy):
             first block's input stays under it). Approximate; one decision per model-parallel group (every rank of a
             sequence / tensor-parallel / CFG group and every pipeline stage takes the same branch). Not with PipeFusion
             or DistriFusion (``ValueError``). See ``lightning_dit_parallel.parallel.cache``.
-        cache_threshold: the threshold of ``cache``; ``None``: the method's default (fbcache 0.08, teacache 0.05); 0
-            never skips.
+        cache_threshold: the threshold of ``cache``; ``None``: the method's default (``DEFAULT_THRESHOLDS``: fbcache
+            0.2, teacache 0.1); 0 never skips.
         cache_options: ``CacheOptions`` or a dict of them: ``warmup_steps`` (1), ``final_steps`` (1), ``max_skips``
             (None), ``num_steps`` (None: found), ``first_blocks`` (fbcache, 1).
         parallel_vae: decode in bands: every VAE of the module with a cut (diffusers ``AutoencoderKL``,
