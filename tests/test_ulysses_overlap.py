@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.parallel.sequence import ulysses
 from lightning_dit_parallel.parallel.sequence.ulysses import check_overlap_option, head_group_sizes, overlap_head_groups
-from lightning_dit_parallel.strategies import SequenceParallelStrategy
+from lightning_dit_parallel.strategies import DiTParallelStrategy, SequenceParallelStrategy
 from tests.distributed import run_on_ranks
 from tests.models import build_dit
 
@@ -48,6 +48,13 @@ def test_head_group_sizes_and_choice():
     with pytest.raises(ValueError, match="ulysses_overlap must be"):
         SequenceParallelStrategy(ulysses_degree=2, ulysses_overlap="fast")
     assert SequenceParallelStrategy(ulysses_degree=2, ulysses_overlap=3)._ulysses_overlap == 3
+    # an explicit overlap where nothing would be overlapped is refused at construction, not silently ignored
+    for degrees in (dict(ring_degree=2, ulysses_degree=2), dict(ring_degree=2), dict(ulysses_degree=1, dp_degree=2)):
+        for option in (True, 2):
+            with pytest.raises(ValueError, match="needs ulysses_degree > 1 and ring_degree 1"):
+                DiTParallelStrategy(**degrees, ulysses_overlap=option)
+        for option in ("auto", False, 1):  # ask for nothing
+            DiTParallelStrategy(**degrees, ulysses_overlap=option)
 
 
 def _forward(model, x, t, labels):

@@ -213,6 +213,7 @@ def parallelize(
         distrifusion=distrifusion is not None,
         cache=cache.method if cache is not None else None,
         shard_modules=shard_modules,
+        ulysses_overlap=ulysses_overlap,
     )
     cuts_memory = shards_encoders(layout.fsdp, int(layout.pp), int(layout.tp))
     if not isinstance(offload, bool):

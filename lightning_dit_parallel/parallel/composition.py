@@ -23,6 +23,7 @@ def composition_problems(
     distrifusion: bool = False,
     cache: str | None = None,
     shard_modules: Sequence[str] | None = None,
+    ulysses_overlap: object = "auto",
 ) -> list[str]:
     """Why ``layout`` with these options cannot run, one sentence each (``[]``: it composes).
 
@@ -34,6 +35,7 @@ def composition_problems(
         distrifusion: the ring axis runs DistriFusion (``PatchParallelStrategy``) instead of Ring attention.
         cache: the step-caching method (``"fbcache"``, ``"teacache"``), ``None`` without caching.
         shard_modules: modules given to shard besides the DiT (``None``: the default).
+        ulysses_overlap: the Ulysses head-group overlap option (``"auto"``, a bool or a number of head groups).
 
     The rules:
         - pipeline options other than the default need pipeline stages (``pp > 1``), one ``layers_per_stage`` entry
@@ -41,7 +43,10 @@ def composition_problems(
         - DistriFusion's patches are the ring axis (``ring > 1``), without pipeline stages, Ulysses or tensor
           parallelism (every rank holds the whole model; it composes with cfg, dp and FSDP);
         - step caching does not compose with PipeFusion or DistriFusion (``cache_problem``);
-        - ``shard_modules`` needs a layout that cuts the DiT's memory (FSDP, pipeline stages or tensor parallelism).
+        - ``shard_modules`` needs a layout that cuts the DiT's memory (FSDP, pipeline stages or tensor parallelism);
+        - an explicit Ulysses overlap (``ulysses_overlap=True`` or a number of head groups above 1) needs Ulysses
+          (``ulysses > 1``) without Ring (``ring == 1``): with Ring the attention runs through Ring's kernel and
+          nothing would be overlapped (``"auto"`` and ``False`` ask for nothing).
     """
     problems: list[str] = []
     options = pipeline or PipelineOptions()
@@ -67,6 +72,13 @@ def composition_problems(
         problems.append(
             f"shard_modules={list(shard_modules)} needs fsdp=True, pp_degree > 1 or tp_degree > 1"
             f" ({layout.describe()})."
+        )
+    overlap = ulysses_overlap is True or (type(ulysses_overlap) is int and ulysses_overlap > 1)
+    if overlap and (_is(layout.ulysses, 1) or _above_one(layout.ring)):
+        problems.append(
+            f"ulysses_overlap={ulysses_overlap!r} overlaps Ulysses' all-to-alls with the attention of head groups; it"
+            f" needs ulysses_degree > 1 and ring_degree 1 (got {layout.describe()}): with Ring or USP nothing would"
+            " be overlapped. Use ulysses_overlap='auto' or False."
         )
     return problems
 

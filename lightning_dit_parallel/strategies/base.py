@@ -293,6 +293,7 @@ class DiTParallelStrategy(ParallelStrategy):
             parallel_vae=self._parallel_vae,
             cache=self._cache.method if self._cache is not None else None,
             shard_modules=self._shard_modules,
+            ulysses_overlap=self._ulysses_overlap,
         )
 
     def _composition_options(self) -> dict[str, Any]:
@@ -302,6 +303,7 @@ class DiTParallelStrategy(ParallelStrategy):
             distrifusion=self._distrifusion is not None,
             cache=self._cache.method if self._cache is not None else None,
             shard_modules=self._shard_modules if self._auto is None else self._auto_shard_modules,
+            ulysses_overlap=self._ulysses_overlap,
         )
 
     def resolve_layout(self, world_size: int) -> ParallelLayout:

@@ -160,6 +160,7 @@ def check_options(
     parallel_vae: bool,
     cache: str | None,
     shard_modules: tuple[str, ...] | None,
+    ulysses_overlap: object = "auto",
 ) -> None:
     """The one cross-check of the strategy's options against the requested layout (pure, at construction).
 
@@ -186,5 +187,10 @@ def check_options(
         check_composition(layout, cache=cache)
         return
     check_composition(
-        layout, pipeline=pipeline, distrifusion=distrifusion is not None, cache=cache, shard_modules=shard_modules
+        layout,
+        pipeline=pipeline,
+        distrifusion=distrifusion is not None,
+        cache=cache,
+        shard_modules=shard_modules,
+        ulysses_overlap=ulysses_overlap,
     )
