@@ -56,13 +56,26 @@ def test_every_layout_is_valid_for_the_model_and_the_world(wan):
         lay = e.layout
         assert lay.world_size == 8, lay
         assert 40 % (lay.ulysses * lay.tp) == 0, lay
-        assert lay.cfg == 1, "a pipeline calling the DiT twice per step has no doubled batch to split"
+        assert lay.cfg in (1, 2), lay  # a CFG pair takes one of the two separate calls each
+        assert not (lay.cfg == 2 and lay.fsdp), "CFG over separate calls refuses FSDP over the cfg axis"
         assert lay.dp == 1, "one sample: no second data-parallel group"
         assert not (lay.fsdp and lay.shard_degree == 1)
         seen.add(lay)
     assert len(seen) == len(plan.layouts)
     names = {e.layout.describe() for e in plan.layouts}
     assert {"ulysses8 +fsdp", "ring8", "ring2 x ulysses4 +fsdp +pvae", "pp8(microbatch)"} <= names
+    # CFG parallel over the two separate calls: each rank of the pair makes one call of the whole batch per step, so
+    # against the same Ulysses group without the pair the step's compute halves
+    by_name = {e.layout.describe(): e for e in plan.layouts}
+    work = dict(memory="24GiB", height=720, width=1280, frames=81)
+    four = plan_layouts(wan, devices=4, cfg_calls="separate", **work)
+    alone, paired = {e.layout.describe(): e for e in four.layouts}["ulysses4 +fsdp"], by_name["cfg2 x ulysses4"]
+    assert paired.time.compute_s == pytest.approx(alone.time.compute_s / 2, rel=0.05)
+    # the same work per rank as splitting a doubled batch
+    doubled = plan_layouts(wan, devices=8, cfg_calls="doubled", **work)
+    assert paired.time.compute_s == pytest.approx(
+        {e.layout.describe(): e for e in doubled.layouts}["cfg2 x ulysses4"].time.compute_s, rel=0.05
+    )
 
 
 def test_recommendation_fits_is_exact_and_fastest(wan):
@@ -191,6 +204,14 @@ def test_auto_choice_is_pure_and_sized_from_the_sampler():
     assert any(e.layout.cfg == 2 for e in plan.layouts), "a guided DiffusionSampler doubles the batch"
     with pytest.raises(ValueError, match="no layout .* fits"):
         choose_layout(sampler, **{**args, "hints": AutoHints(memory="1MiB")})
+    # a module without a guided flag (a pipeline): guidance is assumed on for the estimates, but CFG parallel, which
+    # fails on a run without guidance, is only chosen when the hints say guidance is on
+    holder = torch.nn.Module()
+    holder.transformer = sampler.transformer
+    _, unknown = choose_layout(holder, **args)
+    assert unknown.layouts and not any(e.layout.cfg > 1 for e in unknown.layouts)
+    _, told = choose_layout(holder, **{**args, "hints": AutoHints(memory="8GiB", plan_options={"cfg": True})})
+    assert any(e.layout.cfg == 2 for e in told.layouts)
 
 
 class _Clock:

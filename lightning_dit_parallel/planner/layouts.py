@@ -168,6 +168,7 @@ class Axes:
 
     Args:
         tp: tensor parallelism.
+        cfg: CFG parallelism (``cfg > 1``).
         parallel_vae: parallel VAE decode.
         pipefusion: PipeFusion schedules (approximate).
         distrifusion: DistriFusion (approximate).
@@ -179,6 +180,7 @@ class Axes:
     """
 
     tp: bool = True
+    cfg: bool = True
     parallel_vae: bool = True
     pipefusion: bool = True
     distrifusion: bool = True
@@ -208,6 +210,7 @@ def enumerate_layouts(
     batch: int,
     cfg_split: bool,
     has_vae: bool,
+    cfg_separate: bool = False,
     axes: Axes = Axes(),
 ) -> Iterator[PlannedLayout]:
     """Every layout of ``world`` ranks that the package can run for this model and work.
@@ -221,6 +224,7 @@ def enumerate_layouts(
         samples: samples to generate in all (a data-parallel group needs at least one batch).
         batch: samples per call of one data-parallel group.
         cfg_split: whether the DiT receives the doubled (unconditional, conditional) batch in one call.
+        cfg_separate: whether guidance makes two DiT calls per step (CFG parallel gives each rank one of them).
         has_vae: whether a VAE that decodes in bands is known (parallel VAE decode is considered).
         axes: which kinds to enumerate.
     """
@@ -228,7 +232,7 @@ def enumerate_layouts(
         if distri > 1 and ring > 1:
             continue  # not a layout: DistriFusion's patches are the ring axis
         if not degrees_allowed(
-            spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split, axes
+            spec, dp, cfg, pp, ring, ulysses, tp, distri, rows, tokens, samples, batch, cfg_split, axes, cfg_separate
         ):
             continue
         shard_group = dp * cfg * ring * ulysses * distri
@@ -244,6 +248,8 @@ def enumerate_layouts(
             for fsdp in (False, True) if shard_group > 1 else (False,):
                 if fsdp and dp > 1 and samples % (dp * batch):
                     continue  # FSDP all-gathers span the dp groups: every group must run as many batches
+                if fsdp and cfg > 1 and cfg_separate:
+                    continue  # CFG over separate calls refuses FSDP over the cfg axis (guidance/: docs/methods/cfg.md)
                 vae_options = (
                     (False, True)
                     if (axes.parallel_vae and has_vae and model_group > 1 and latent_height >= model_group)
@@ -270,15 +276,16 @@ def degrees_allowed(
     batch: int,
     cfg_split: bool,
     axes: Axes,
+    cfg_separate: bool = False,
 ) -> bool:
     """Whether the model, the work and ``axes`` allow these degrees. What composes with what is not decided here but
     by ``composition_problems`` (the strategy's rule); these are the model's limits (heads, feature counts, blocks,
     what its plan supports) and the work's (rows to split, samples per data-parallel group, tokens per patch)."""
-    if cfg > 2 or (cfg == 2 and (not cfg_split or rows % 2)):
-        return False
+    if cfg > 2 or (cfg == 2 and not cfg_separate and (not cfg_split or rows % 2)):
+        return False  # a CFG pair splits the doubled batch's rows, or takes one of two separate calls each
     if dp > max(1, -(-samples // batch)):
         return False  # Lightning's predict sampler refuses more data-parallel groups than batches
-    if (tp > 1 and not axes.tp) or (distri > 1 and not axes.distrifusion):
+    if (tp > 1 and not axes.tp) or (distri > 1 and not axes.distrifusion) or (cfg > 1 and not axes.cfg):
         return False
     if any(h % (ulysses * tp) for h in spec.head_counts()):
         return False

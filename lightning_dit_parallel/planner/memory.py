@@ -294,7 +294,7 @@ def sequence_tokens(spec: ModelSpec, grid: LatentGrid, work: Work) -> dict[str, 
 
 def rows_per_pass(work: Work, layout: PlannedLayout) -> int:
     """Batch rows one rank computes in one forward pass (CFG split, micro-batches)."""
-    rows = -(-work.rows // layout.cfg)
+    rows = work.rank_rows(layout.cfg)
     if layout.pp_mode == "microbatch":
         rows = -(-rows // min(layout.pp, rows))
     return rows
@@ -349,7 +349,7 @@ def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     if layout.exact:
         return 0
     full = sequence_tokens(spec, grid, work)
-    rows = -(-work.rows // layout.cfg)
+    rows = work.rank_rows(layout.cfg)
     stages = stage_blocks(spec, layout.pp)
     own = max(stages, key=len) if layout.pp_mode == "pipefusion" else range(spec.num_blocks)
     total = 0

@@ -228,6 +228,7 @@ def estimate_layouts(
         samples=work.total_samples,
         batch=work.batch,
         cfg_split=work.cfg and work.cfg_calls == "doubled",
+        cfg_separate=work.cfg and work.cfg_calls == "separate",
         has_vae=models.vae is not None and models.vae.bands,
         axes=axes,
     )

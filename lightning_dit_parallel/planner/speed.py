@@ -97,7 +97,7 @@ def stage_flops(
     """``(linear, attention)`` FLOPs one rank of a stage spends on one pass of the call's rows."""
     full = sequence_tokens(spec, grid, work)
     local = local_tokens(spec, grid, work, layout)
-    rows = -(-work.rows // layout.cfg)
+    rows = work.rank_rows(layout.cfg)
     latent = spec.latent_sequences[0] if spec.latent_sequences else None
     latent_local = local.get(latent, grid.tokens) if latent else grid.tokens
     tp = layout.tp
@@ -145,7 +145,7 @@ def time_estimate(
     flops = [stage_flops(spec, grid, work, layout, blocks) for blocks in stage_blocks(spec, layout.pp)]
     pass_s = [(lin + att) / hw.flops for lin, att in flops]
     attention_s = max(att for _, att in flops) / hw.flops
-    rows = -(-work.rows // layout.cfg)
+    rows = work.rank_rows(layout.cfg)
     if layout.pp_mode == "microbatch":
         m = min(layout.pp, rows)
         compute = max(pass_s) * (m + layout.pp - 1) / m
@@ -171,7 +171,7 @@ def time_estimate(
         exposed += seconds
     if layout.offload:
         exposed += _offload_seconds(spec, work, hw, layout, element, compute)
-    step = (compute + exposed) * work.calls_per_step
+    step = (compute + exposed) * work.rank_calls_per_step(layout.cfg)
     encode = sum(2.0 * enc.numel * math.prod(encoder_work(enc, work)) for enc in encoders) / hw.flops
     if layout.offload:  # every layer from the host once per batch
         encode += (
@@ -186,7 +186,8 @@ def time_estimate(
         decode = 2.0 * vae.decoder.macs_per_pixel * pixels * frames_out * work.batch / hw.flops / bands
     batches = -(-work.total_samples // (layout.dp * work.batch))
     total = batches * (work.steps * step + encode + decode)
-    return TimeEstimate(compute * work.calls_per_step, exposed * work.calls_per_step, step, encode, decode, total)
+    calls = work.rank_calls_per_step(layout.cfg)
+    return TimeEstimate(compute * calls, exposed * calls, step, encode, decode, total)
 
 
 def _offload_seconds(
@@ -194,7 +195,7 @@ def _offload_seconds(
 ) -> float:
     """Exposed seconds of one DiT call spent copying the busiest stage's offloaded weights from host memory, once per
     forward pass (micro-batch, PipeFusion patch)."""
-    rows = -(-work.rows // layout.cfg)
+    rows = work.rank_rows(layout.cfg)
     passes = min(layout.pp, rows) if layout.pp_mode == "microbatch" else layout.patches or 1
     streamed = max(
         host_unit_bytes(stage_units(spec, blocks), layout.shard_degree, layout.tp, element)

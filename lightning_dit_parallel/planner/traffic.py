@@ -74,7 +74,7 @@ def bytes_by_method(
     (see ``KIND_OF``); one dict per stage."""
     full = sequence_tokens(spec, grid, work)
     local = local_tokens(spec, grid, work, layout)
-    rows = -(-work.rows // layout.cfg)  # rows of this cfg rank in the call
+    rows = work.rank_rows(layout.cfg)  # rows of this cfg rank in the call
     latent = spec.latent_sequences[0] if spec.latent_sequences else None
     latent_local = local.get(latent, grid.tokens) if latent else grid.tokens
     latent_full = full.get(latent, grid.tokens) if latent else grid.tokens
@@ -177,6 +177,6 @@ def bytes_per_call(
 def bytes_per_step(
     spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLayout, element: int, check_inputs: bool = True
 ) -> dict[str, int]:
-    """Bytes the busiest rank sends per denoising step (``calls_per_step`` DiT calls), by kind."""
+    """Bytes the busiest rank sends per denoising step (its ``rank_calls_per_step`` DiT calls), by kind."""
     call = bytes_per_call(spec, grid, work, layout, element, check_inputs)
-    return {kind: n * work.calls_per_step for kind, n in call.items()}
+    return {kind: n * work.rank_calls_per_step(layout.cfg) for kind, n in call.items()}

@@ -103,8 +103,8 @@ class Work:
         samples: samples to generate in all (default: ``batch``); data parallelism only helps with more.
         cfg: classifier-free guidance on (a second, unconditional pass).
         cfg_calls: ``"doubled"``: the DiT receives both passes as one doubled batch (SD3, PixArt, CogVideoX
-            pipelines, ``DiffusionSampler``), so CFG parallelism applies; ``"separate"``: two DiT calls per step
-            (Wan, QwenImage pipelines), so it does not.
+            pipelines, ``DiffusionSampler``): CFG parallelism splits its rows; ``"separate"``: two DiT calls per step
+            (Wan, QwenImage pipelines): CFG parallelism gives each rank of a pair one of the two calls.
         steps: denoising steps.
         sequences: token counts of further cut sequences of the plan (e.g. ``{"audio": 128}``).
     """
@@ -148,6 +148,16 @@ class Work:
     @property
     def calls_per_step(self) -> int:
         return 2 if self.cfg and self.cfg_calls == "separate" else 1
+
+    def rank_rows(self, cfg: int) -> int:
+        """Rows of one DiT call on a rank of a CFG group of ``cfg`` ranks: the doubled batch is split, separate
+        calls are not."""
+        return self.rows if self.calls_per_step > 1 else -(-self.rows // cfg)
+
+    def rank_calls_per_step(self, cfg: int) -> int:
+        """DiT calls per step on a rank of a CFG group of ``cfg`` ranks: with separate calls each rank of the pair
+        makes one of the two (``guidance/``: the other's output is exchanged)."""
+        return -(-self.calls_per_step // cfg)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,13 @@ def supported_axes(strategy_cls: type, allow_approximate: bool) -> Axes:
     )
 
 
+def _guidance_known(module: nn.Module, hints: AutoOptions) -> bool:
+    """Whether classifier-free guidance is known to be on: a module's ``guided`` flag (``DiffusionSampler``) or the
+    hints' ``plan_options={"cfg": True}``."""
+    guided = getattr(module, "guided", None)
+    return guided is True or hints.plan_options.get("cfg") is True
+
+
 def choose_layout(
     module: nn.Module,
     *,
@@ -121,6 +128,10 @@ def choose_layout(
     """
     models = models_from_module(module)
     work = work_for(module, models, hints)
+    if not _guidance_known(module, hints):
+        # a pipeline's guidance is assumed on for the estimates, but CFG parallel fails on a pipeline run without it
+        # (a guidance-distilled model, guidance_scale=1): chosen only when the module or the hints say it is on
+        axes = dataclasses.replace(axes, cfg=False)
     hw_options = {k: v for k, v in hints.plan_options.items() if k in HARDWARE_OPTIONS}
     devices = max(world_size // max(nodes, 1), 1)
     memory = parse_bytes(hints.memory) if hints.memory is not None else device_memory(device, devices)
