@@ -178,7 +178,7 @@ class StepCache:
                 )
         self._in_first_block = False
         self.stats = CacheStats()
-        self._totals = [0, 0, 0, 0, 0]  # batches, steps, skipped steps, skipped block calls, most cached bytes
+        self._totals, self._batches = CacheStats(), 0  # over the batches of a predict, for its summary
         self._handles: list[RemovableHandle] = []
         self._forwards: list[tuple[nn.Module, object]] = []
         self._context_method: object = _MISSING
@@ -250,29 +250,23 @@ class StepCache:
     def _log_stats(self, final: bool = False) -> None:
         """Each batch's counts at DEBUG level as the batch ends; at ``remove`` (the end of the predict) the totals
         over its batches at INFO level, once."""
-        stats = self.stats
+        stats, totals = self.stats, self._totals
         if stats.steps:
-            totals = self._totals
-            totals[:4] = [
-                totals[0] + 1,
-                totals[1] + stats.steps,
-                totals[2] + stats.skipped_steps,
-                totals[3] + stats.skipped_block_calls,
-            ]
-            totals[4] = max(totals[4], stats.cached_bytes)
-            rank_zero_log(
-                self._describe(1, stats.steps, stats.skipped_steps, stats.skipped_block_calls, stats.cached_bytes),
-                logging.DEBUG,
-            )
-        if final and self._totals[0]:
-            rank_zero_log(self._describe(*self._totals))
-            self._totals = [0, 0, 0, 0, 0]
+            self._batches += 1
+            totals.steps += stats.steps
+            totals.skipped_steps += stats.skipped_steps
+            totals.skipped_block_calls += stats.skipped_block_calls
+            totals.cached_bytes = max(totals.cached_bytes, stats.cached_bytes)
+            rank_zero_log(self._describe(stats, 1), logging.DEBUG)
+        if final and self._batches:
+            rank_zero_log(self._describe(totals, self._batches))
+            self._totals, self._batches = CacheStats(), 0
 
-    def _describe(self, batches: int, steps: int, skipped: int, block_calls: int, cached: int) -> str:
+    def _describe(self, stats: CacheStats, batches: int) -> str:
         return (
             f"step cache ({self.config.describe()}) on {type(self.model).__name__}: {batches} batch(es), skipped"
-            f" {skipped} of {steps} steps ({block_calls} block calls); cached residuals at most"
-            f" {cached / 2**20:.2f} MiB on rank 0"
+            f" {stats.skipped_steps} of {stats.steps} steps ({stats.skipped_block_calls} block calls); cached"
+            f" residuals at most {stats.cached_bytes / 2**20:.2f} MiB on rank 0"
         )
 
     def cached_bytes(self) -> int:
