@@ -303,53 +303,15 @@ def test_headers_are_read_without_the_weights_and_an_index_alone_gives_its_total
 
 def test_ldp_plan_prints_memory_per_rank_by_component(saved, capsys):
     root, tensors = saved
-    assert (
-        ldp_plan(
-            [
-                str(root),
-                "--devices",
-                "2",
-                "--memory",
-                "8GiB",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--frames",
-                "5",
-                "--text-tokens",
-                "16",
-                "--cfg-calls",
-                "separate",
-            ]
-        )
-        == 0
-    )
+    command = [str(root), *"--devices 2 --memory 8GiB --height 32 --width 32 --frames 5 --text-tokens 16".split()]
+    command += ["--cfg-calls", "separate"]
+    assert ldp_plan(command) == 0
     out = capsys.readouterr().out
     assert "memory per rank by component" in out
     for name in ("transformer", "transformer_2", "text_encoder", "image_encoder", "vae"):
         assert f"\n  {name} " in out, name
     assert "img enc." in out and "transformer_2: WanTransformer3DModel" in out
-    code = ldp_plan(
-        [
-            str(root),
-            "--devices",
-            "2",
-            "--memory",
-            "8GiB",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--frames",
-            "5",
-            "--text-tokens",
-            "16",
-            "--cfg-calls",
-            "separate",
-            "--json",
-        ]
-    )
+    code = ldp_plan([*command, "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(set(r["memory"]["components"]) == set(tensors) for r in rows)
