@@ -131,6 +131,29 @@ def requests(n: int = 2, batch_size: int = 2, text_tokens: int = 7) -> DataLoade
 # -- text-conditioned families: SD3, Flux, Wan, CogVideoX ----------------------------------------------------
 
 TEXT_DIM = 16
+
+#: A tiny Wan-family transformer (WanTransformer3DModel and its relatives): head dim 12 = t 4 + h 4 + w 4 of the 3-D
+#: rotary, 4 latent channels, 16-wide text.
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=TEXT_DIM,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    rope_max_seq_len=32,
+)
+
+
+def tiny_wan(**overrides) -> dict:
+    """The keyword arguments of ``TINY_WAN`` with ``overrides``."""
+    return {**TINY_WAN, **overrides}
+
+
 POOLED_DIM = 8
 
 
@@ -177,19 +200,7 @@ def build_flux(heads: int = 4, seed: int = 0) -> FluxTransformer2DModel:
 def build_wan(heads: int = 4, seed: int = 0) -> WanTransformer3DModel:
     """Video DiT with 3-D rotary (head dim 12 = t 4 + h 4 + w 4) and cross-attention to text."""
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-    )
+    model = WanTransformer3DModel(**tiny_wan(num_attention_heads=heads))
     randomize_zero_init(model, seed)
     return sharpen_attention(model.eval())
 

@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtT
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from tests.models import randomize_zero_init, sharpen_attention
+from tests.models import randomize_zero_init, sharpen_attention, tiny_wan
 
 WORDS = ["a", "red", "blue", "green", "cat", "dog", "bird", "on", "the", "grass", "sky", "big", "small"]
 TEXT_TOKENS = 9
@@ -137,19 +137,7 @@ def wan_pipeline(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-    )
+    transformer = WanTransformer3DModel(**tiny_wan())
     randomize_zero_init(transformer, seed)
     pipe = WanPipeline(
         tokenizer=word_tokenizer(),
@@ -257,21 +245,7 @@ def wan_i2v_pipeline(seed: int = 0):
     from transformers import CLIPImageProcessor
 
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=12,
-        in_channels=12,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-        image_dim=16,
-        added_kv_proj_dim=48,
-    )
+    transformer = WanTransformer3DModel(**tiny_wan(in_channels=12, image_dim=16, added_kv_proj_dim=48))
     randomize_zero_init(transformer, seed)
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     pipe = WanImageToVideoPipeline(

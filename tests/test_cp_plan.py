@@ -31,6 +31,7 @@ from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.parallel.sequence.parallelize import apply_sequence_parallel
 from lightning_dit_parallel.plan.cp_plan import concat_orders, sequence_named
 from lightning_dit_parallel.registry import find_planned_modules
+from tests.models import tiny_wan
 from tests.rank_outputs import max_relative_error
 from tests.zoo import ZooCase, randn, seeded_model, text_mask
 from tests.zoo import flux as zoo_flux
@@ -105,21 +106,7 @@ def qwen_inputs(height: int, width: int, text: int):
 
 
 def build_wan() -> WanTransformer3DModel:
-    return seeded_model(
-        lambda: WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=4,
-            attention_head_dim=12,
-            in_channels=4,
-            out_channels=4,
-            text_dim=TEXT_DIM,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            rope_max_seq_len=32,
-        )
-    )
+    return seeded_model(lambda: WanTransformer3DModel(**tiny_wan()))
 
 
 def wan_inputs(frames: int, size: int, text: int):

@@ -43,6 +43,7 @@ from tests.models import (
     flux_sampler,
     pixart_sampler,
     sd3_sampler,
+    tiny_wan,
     wan_sampler,
 )
 from tests.rank_outputs import assert_exact
@@ -295,19 +296,7 @@ def _small_wan() -> nn.Module:
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-    ).eval()
+    return WanTransformer3DModel(**tiny_wan()).eval()
 
 
 def _on_ranks(rank: int, world: int, weights: str) -> dict:

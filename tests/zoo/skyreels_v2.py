@@ -4,6 +4,7 @@ repeats over the frame's tokens (a per-token modulation cut with the tokens)."""
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
 
+from tests.models import tiny_wan
 from tests.zoo import ZooCase, randn, seeded_model
 
 TEXT_DIM, CHANNELS = 16, 4
@@ -12,22 +13,7 @@ TEXT_DIM, CHANNELS = 16, 4
 def build(inject_sample_info: bool):
     def make() -> SkyReelsV2Transformer3DModel:
         """Head dim 12 = t 4 + h 4 + w 4; ``inject_sample_info`` adds the fps embedding (the DF checkpoints)."""
-        return seeded_model(
-            lambda: SkyReelsV2Transformer3DModel(
-                patch_size=(1, 2, 2),
-                num_attention_heads=4,
-                attention_head_dim=12,
-                in_channels=CHANNELS,
-                out_channels=CHANNELS,
-                text_dim=TEXT_DIM,
-                freq_dim=16,
-                ffn_dim=32,
-                num_layers=2,
-                cross_attn_norm=True,
-                rope_max_seq_len=32,
-                inject_sample_info=inject_sample_info,
-            )
-        )
+        return seeded_model(lambda: SkyReelsV2Transformer3DModel(**tiny_wan(inject_sample_info=inject_sample_info)))
 
     return make
 

@@ -4,6 +4,7 @@ video token its own timestep, a (B, F*H*W) ``timestep`` that is cut with the tok
 import torch
 from diffusers import WanTransformer3DModel
 
+from tests.models import tiny_wan
 from tests.zoo import ZooCase, randn, seeded_model
 
 TEXT_DIM, CHANNELS = 16, 48  # Wan 2.2's VAE has 48 latent channels
@@ -13,18 +14,7 @@ def build() -> WanTransformer3DModel:
     """A tiny Wan 2.2 TI2V-5B: patch (1, 2, 2), 48 channels in and out, head dim 12 = t 4 + h 4 + w 4."""
     return seeded_model(
         lambda: WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=4,
-            attention_head_dim=12,
-            in_channels=CHANNELS,
-            out_channels=CHANNELS,
-            text_dim=TEXT_DIM,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
+            **tiny_wan(in_channels=CHANNELS, out_channels=CHANNELS, qk_norm="rms_norm_across_heads")
         )
     )
 

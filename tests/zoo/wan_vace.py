@@ -3,6 +3,7 @@
 import torch
 from diffusers import WanVACETransformer3DModel
 
+from tests.models import tiny_wan
 from tests.zoo import ZooCase, randn, seeded_model
 
 TEXT_DIM, CHANNELS, CONTROL_CHANNELS = 16, 4, 12
@@ -13,19 +14,7 @@ def build() -> WanVACETransformer3DModel:
     """Three main blocks, VACE hints into blocks 0 and 2; head dim 12 = t 4 + h 4 + w 4."""
     return seeded_model(
         lambda: WanVACETransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=4,
-            attention_head_dim=12,
-            in_channels=CHANNELS,
-            out_channels=CHANNELS,
-            text_dim=TEXT_DIM,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=3,
-            cross_attn_norm=True,
-            rope_max_seq_len=32,
-            vace_layers=list(VACE_LAYERS),
-            vace_in_channels=CONTROL_CHANNELS,
+            **tiny_wan(num_layers=3, vace_layers=list(VACE_LAYERS), vace_in_channels=CONTROL_CHANNELS)
         )
     )
 
