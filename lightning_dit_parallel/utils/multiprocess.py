@@ -9,6 +9,7 @@ rank's traceback.
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import random
 import socket
 import traceback
@@ -82,7 +83,10 @@ def _worker(
                 # Rank 0 serves the group's store: a rank that returned first must not close it while a peer still
                 # uses it (e.g. creating a group of its own, which waits on the store too).
                 dist.barrier()
-            results.put((rank, True, value))
+            # Plain pickle copies tensors into the message. The queue's own pickler (torch's reductions) would share
+            # a tensor's storage through a file descriptor that the parent fetches from this process later, after it
+            # may have exited (ConnectionResetError in the parent).
+            results.put((rank, True, pickle.dumps(value)))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including failed asserts, to the parent
@@ -127,7 +131,7 @@ def run_on_ranks(
     try:
         while not set(reporting) <= set(collected):
             rank, ok, value = results.get(timeout=timeout_s + 30)
-            collected[rank] = (ok, value)
+            collected[rank] = (ok, pickle.loads(value) if ok else value)
     except Exception as exc:  # a rank died without reporting, or everything hung
         raise AssertionError(f"ranks {sorted(set(reporting) - set(collected))} did not report: {exc!r}") from exc
     finally:
