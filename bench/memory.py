@@ -12,6 +12,8 @@ rank for the same layout (compared with the net of imports).
 
     python bench/memory.py                      # 1, 2 and 4 ranks; about 5 minutes on 2 cores
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only
+    python bench/memory.py --configure-model    # the pipeline loaded in the module's configure_model
+    python bench/memory.py --layers 30          # Wan 2.1 1.3B's depth too (5.7 GB of float32 weights)
 """
 
 from __future__ import annotations
@@ -181,6 +183,12 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
+    parser.add_argument(
+        "--configure-model",
+        action="store_true",
+        help="load the pipeline with DiffusionPipeline.from_pretrained in the module's configure_model"
+        " (bench/peak_run.py ConfigureModelSampler) instead of model=pipeline's own loading",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="run only the layouts of these names")
     parser.add_argument(
         "--trace",
@@ -213,7 +221,11 @@ def main() -> None:
         " net / one process | planned (GB) | planned / net of imports |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    if args.configure_model:
+        print("loaded in configure_model: model._target_=__main__.ConfigureModelSampler")
     for name, ranks, overrides, fields in layouts:
+        if args.configure_model:
+            overrides = [*overrides, "model._target_=__main__.ConfigureModelSampler"]
         records = run(folder, ranks, overrides, args.mmap_threshold, args.trace)
         worst = max(records, key=lambda r: r["peak"] - r["baseline"])
         net = worst["peak"] - worst["baseline"]

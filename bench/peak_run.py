@@ -12,6 +12,10 @@ records:
 - ``peak``: ``VmHWM``, the peak over the whole run, teardown included;
 - ``cuda_peak``: on a GPU, ``torch.cuda.max_memory_allocated``.
 
+``model._target_=__main__.ConfigureModelSampler`` runs the other way users load a model larger than one device: the
+``PipelineSampler`` of ``model=pipeline`` with its pipeline loaded by plain ``DiffusionPipeline.from_pretrained`` in
+Lightning's ``configure_model`` hook (``before_load`` is then taken as that hook starts).
+
 With ``LDP_MEMORY_TRACE=1`` every rank also records ``trace``: ``(moment, resident bytes, VmHWM)`` at the moments of
 a run (loading, process group, parallelize, reading the weights, text encode, every DiT call, VAE decode, teardown),
 found by wrapping those functions from here (the package is unchanged): where each part of the peak comes from.
@@ -26,15 +30,41 @@ import json
 import os
 from pathlib import Path
 
-import diffusers  # noqa: F401  (imported before the baseline: libraries are not the model)
-import lightning  # noqa: F401
+import diffusers  # (imported before the baseline: libraries are not the model)
+import lightning as L
 import torch
 import transformers  # noqa: F401
 
 import lightning_dit_parallel.app.cli as cli
+from lightning_dit_parallel.app.sampling import PipelineSampler
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss
 
 BASELINE = current_rss()
+
+
+class ConfigureModelSampler(PipelineSampler):
+    """``PipelineSampler`` whose pipeline a user's ``configure_model`` loads: ``from_pretrained(path)`` there, under the
+    strategy's ``model_sharded_context`` (which makes it lean), instead of the sampler's own loading."""
+
+    def __init__(self, path, torch_dtype=None, variant=None, pipeline_class=None, call=None, seed=0) -> None:
+        L.LightningModule.__init__(self)
+        if torch_dtype is not None or variant is not None or pipeline_class is not None:
+            raise ValueError("ConfigureModelSampler loads the folder as saved (no torch_dtype, variant, class).")
+        self.path, self.pipe = path, None
+        self.call = {k: v for k, v in dict(call or {}).items() if v is not None}
+        self.seed = int(seed)
+
+    def configure_model(self) -> None:
+        if self.pipe is None:
+            if not BEFORE_LOAD:
+                _import_classes(Path(self.path))
+                BEFORE_LOAD.append(current_rss())
+            mark("load start")
+            self.pipe = diffusers.DiffusionPipeline.from_pretrained(self.path)
+            self.pipe.set_progress_bar_config(disable=True)
+            mark("load end")
+
+
 BEFORE_LOAD: list[int] = []
 TRACE: list[tuple[str, int, int]] = []
 

@@ -17,11 +17,13 @@ from lightning_dit_parallel.parallel.distrifusion import DistriFusionOptions, ap
 from lightning_dit_parallel.parallel.fsdp import (
     SHARD_AXES,
     FsdpUnits,
+    apply_encoder_rows,
     apply_fsdp,
     block_units,
     check_fsdp_units,
     encoder_mesh,
     encoder_paths,
+    encoder_rows_mesh,
     encoder_units,
     module_units,
     shard_mesh,
@@ -338,15 +340,20 @@ def _shard_encoders(
     result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool, offload: bool = False
 ) -> bool:
     """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), over
-    ``encoder_mesh``; whether it sharded (not over one rank)."""
+    ``encoder_mesh``, and each encoder's batch split over the ranks that encode the same prompts
+    (``fsdp.encoder_rows``); whether it sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
         return False
+    rows = encoder_rows_mesh(mesh)
     for _, sub in extra:
         result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload))
+        if rows.size() > 1:
+            result.applied.append(apply_encoder_rows(sub, rows.get_group()))
+    split = f", each batch split over {rows.size()} ranks" if rows.size() > 1 else ""
     rank_zero_log(
         f"FSDP over {encoders.size()} ranks{' (shards in host memory)' if offload else ''} on the encoders"
-        f" {[p for p, _ in extra]}"
+        f" {[p for p, _ in extra]}{split}"
     )
     return True
 

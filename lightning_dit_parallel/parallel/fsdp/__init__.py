@@ -1,11 +1,13 @@
 """FSDP inference: parameters sharded per transformer block over the ranks that share weights."""
 
 from lightning_dit_parallel.parallel.fsdp.batches import check_equal_batch_counts
+from lightning_dit_parallel.parallel.fsdp.encoder_rows import EncoderRows, apply_encoder_rows
 from lightning_dit_parallel.parallel.fsdp.encoders import encoder_paths, keep_output_recording
 from lightning_dit_parallel.parallel.fsdp.mesh import (
     ENCODER_AXES,
     SHARD_AXES,
     encoder_mesh,
+    encoder_rows_mesh,
     shard_mesh,
     shards_encoders,
 )
@@ -24,6 +26,9 @@ from lightning_dit_parallel.parallel.fsdp.shard import (
 
 __all__ = [
     "SHARD_AXES",
+    "EncoderRows",
+    "apply_encoder_rows",
+    "encoder_rows_mesh",
     "FSDPSharding",
     "apply_fsdp",
     "block_units",

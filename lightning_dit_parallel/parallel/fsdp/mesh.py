@@ -33,3 +33,9 @@ def shards_encoders(fsdp: bool, pp: int, tp: int) -> bool:
 def encoder_mesh(mesh: DeviceMesh, fsdp: bool) -> DeviceMesh:
     """A 1-D mesh named ``"encoders"``: the ranks that shard the encoders (``ENCODER_AXES``, plus ``dp`` with FSDP)."""
     return mesh[(("dp",) if fsdp else ()) + ENCODER_AXES]._flatten("encoders")
+
+
+def encoder_rows_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh named ``"encoder_rows"`` over ``ENCODER_AXES``: the ranks that encode the same prompts, over which a
+    sharded encoder's batch is split (``encoder_rows.py``)."""
+    return mesh[ENCODER_AXES]._flatten("encoder_rows")
