@@ -104,6 +104,9 @@ def tensor_parallel_shape(model: nn.Module, plan: DiTPlan) -> TensorParallelShap
             )
         elif style == "colwise_gather":
             gather[block] = gather.get(block, 0) + module.out_features
+    for path in layout.root:  # the root's Linears: out/N rows where the degree divides them (not a constraint)
+        for p in modules[path].parameters(recurse=False):
+            dims[id(p)] = 0
     return TensorParallelShape(dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "")
 
 

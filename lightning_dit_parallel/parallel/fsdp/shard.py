@@ -44,6 +44,7 @@ from lightning_dit_parallel.loading.deferred import deferred_module_ids
 from lightning_dit_parallel.parallel.fsdp.encoders import keep_output_recording
 from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
+from lightning_dit_parallel.utils.layers import uncalled_layers
 
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
 _HOOK_DICTS = (
@@ -359,10 +360,6 @@ FsdpUnits = Literal["blocks", "layers"]
 #: Modules that hold a layer's weight matrix (or kernel, or table): the units of ``fsdp_units="layers"``.
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
-#: Modules whose forward reads the weights of their weight layers directly (``F.multi_head_attention_forward`` takes
-#: ``out_proj.weight``): their layers are never called, so they cannot be FSDP units of their own.
-UNCALLED_LAYERS = (nn.MultiheadAttention,)
-
 
 def check_fsdp_units(fsdp_units: str) -> None:
     """Raise ``ValueError`` unless ``fsdp_units`` is ``"blocks"`` or ``"layers"``."""
@@ -377,7 +374,7 @@ def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     the root's in the root's. Layers whose parent reads their weights without calling them (``UNCALLED_LAYERS``:
     torch's ``nn.MultiheadAttention`` and its ``out_proj``, e.g. SigLIP's pooling head) stay with the parent."""
     taken = {id(u) for u in units}
-    uncalled = {id(m) for parent in root.modules() if isinstance(parent, UNCALLED_LAYERS) for m in parent.modules()}
+    uncalled = uncalled_layers(root)
     return [
         m
         for m in root.modules()

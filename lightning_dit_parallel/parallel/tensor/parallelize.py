@@ -8,8 +8,10 @@ last dim; row-wise ones keep ``in/N`` columns (``Shard(1)``) and all-reduce thei
 down projection (four for a two-stream block). The attention modules whose projections are split get their local
 head counts (``heads.py``) so that diffusers' processors reshape into the rank's own heads, and the modules whose
 output holds values for all heads (``DiTPlan.tensor_parallel_outputs``, e.g. LTX's rotary tables) get a forward hook
-that keeps this rank's heads' part (``features.py``). peft LoRA layers arrive expanded into their base layer and
-adapter factors (``lora.py``), each an ``nn.Linear`` with a plain style.
+that keeps this rank's heads' part (``features.py``). The Linears of the DiT's root (embedders, output projection;
+``resolve.root_linears``) keep ``out/N`` rows and all-gather their output, so no rank holds the root whole. peft
+LoRA layers arrive expanded into their base layer and adapter factors (``lora.py``), each an ``nn.Linear`` with a
+plain style.
 
 ``remove()`` gives the plain module back (the output hooks removed): every parameter a style replaced is gathered
 into an ordinary ``nn.Parameter`` (a collective over the tp group, in the same order on every rank; a parameter FSDP's
@@ -147,7 +149,8 @@ class TensorParallel:
 def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: DeviceMesh) -> TensorParallel:
     """Shard the modules of ``layout`` (see ``resolve.resolve_layout``) over the 1-D ``mesh``, block by block.
 
-    Modules of blocks this rank does not hold (released by a pipeline stage) are skipped.
+    Modules of blocks this rank does not hold (released by a pipeline stage) are skipped. The root's Linears
+    (``layout.root``) whose output features the tp degree divides are split too, their outputs all-gathered.
     """
     if mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs the 1-D tp mesh; got {mesh.ndim} dims ({mesh}).")
@@ -164,6 +167,16 @@ def apply_tensor_parallel(model: nn.Module, layout: TensorParallelLayout, mesh: 
                 installed.targets.append(_Target.take(modules[path], path, spec))
                 relative[path[len(block) + 1 :]] = torch_style(spec, modules[path], path)
             parallelize_module(modules[block], mesh, relative, src_data_rank=None)
+        root = {path: spec for path, spec in layout.root.items() if modules[path].out_features % mesh.size() == 0}
+        for path, spec in root.items():  # the root's Linears: out/N rows each, outputs all-gathered
+            installed.targets.append(_Target.take(modules[path], path, spec))
+        if root:
+            parallelize_module(
+                model,
+                mesh,
+                {path: torch_style(spec, modules[path], path) for path, spec in root.items()},
+                src_data_rank=None,
+            )
         for path in layout.attention:
             if path in modules:
                 attributes = local_head_attributes(modules[path], mesh.size())

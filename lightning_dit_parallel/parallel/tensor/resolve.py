@@ -8,6 +8,8 @@ same ``ValueError``) before any collective.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,6 +49,8 @@ class TensorParallelLayout:
         source: where the layout came from, for messages.
         outputs: module path -> ``HeadFeatures`` spec, for the modules whose output is cut to this rank's heads
             (``DiTPlan.tensor_parallel_outputs``, see ``features.py``).
+        root: module path -> ``"colwise_gather"`` for the Linears outside the blocks (``root_linears``): the ones whose
+            output features the tp degree divides are split, their outputs all-gathered.
     """
 
     styles: Mapping[str, Spec]
@@ -54,6 +58,7 @@ class TensorParallelLayout:
     blocks: tuple[str, ...]
     source: str
     outputs: Mapping[str, HeadFeaturesSpec] = field(default_factory=dict)
+    root: Mapping[str, Spec] = field(default_factory=dict)
 
 
 def block_paths(model: nn.Module, plan: DiTPlan) -> list[str]:
@@ -108,7 +113,34 @@ def resolve_layout(model: nn.Module, plan: DiTPlan) -> TensorParallelLayout:
     _check_kinds(modules, styles, source)
     styles = expand_lora(modules, styles)  # LoRA layers: their base layer and adapter factors (lora.py)
     outputs = resolve_outputs(modules, plan.tensor_parallel_outputs, f"the plan of {name}")
-    return TensorParallelLayout(dict(styles), tuple(attention), tuple(blocks), source, outputs)
+    root = dict.fromkeys(root_linears(model, blocks), "colwise_gather")
+    return TensorParallelLayout(dict(styles), tuple(attention), tuple(blocks), source, outputs, root)
+
+
+def root_linears(model: nn.Module, blocks: list[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` layers outside the blocks (the DiT's root: timestep, text and image embedders,
+    the output projection), whose weights no other module shares and that their parents call rather than read: a layer
+    whose weight an enclosing module's ``forward`` reads by name (``self.q_proj.weight`` in diffusers'
+    ``AttentionPooling``, ``self.out_proj.weight`` in ``nn.MultiheadAttention``, see ``reads_weights``) stays whole.
+
+    Every rank of a tp group computes the root with the same inputs, so such a layer can keep ``out/N`` rows of its
+    weight and all-gather its output (``"colwise_gather"``): exact, one all-gather per call, and a rank no longer holds
+    the root whole (Wan's ``condition_embedder.time_proj`` alone is 57 MB in float32 at 1.3B's width).
+    """
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and block_of(path, blocks) is None
+        and path not in blocks
+        and not reads_weights(model, path)
+        and all(holders[id(p)] == 1 for p in module.parameters(recurse=False))
+    ]
 
 
 def check_supported(model: nn.Module, plan: DiTPlan) -> None:
@@ -151,6 +183,33 @@ def translate_tp_plan(tp_plan: Mapping[str, object], source: str) -> dict[str, S
         else:
             raise ValueError(f"{source}: style {style!r} of {pattern!r} has no tensor-parallel equivalent here.")
     return styles
+
+
+def reads_weights(model: nn.Module, path: str) -> bool:
+    """Whether the ``forward`` of a module enclosing ``path`` (its parent, ..., ``model``) names the layer's weight or
+    bias directly (``<relative path>.weight``), e.g. to pass it to ``F.multi_head_attention_forward``: splitting such
+    a layer would hand that code a shard. Read from the classes' source; a class without one (built-in, compiled)
+    counts as reading."""
+    parts = path.split(".")
+    module = model
+    for depth in range(len(parts)):
+        relative = ".".join(parts[depth:])
+        source = _forward_source(type(module))
+        if source is None or any(f"{relative}.{name}" in source for name in ("weight", "bias")):
+            return True
+        module = getattr(module, parts[depth])
+    return False
+
+
+@functools.cache
+def _forward_source(cls: type) -> str | None:
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return ""
+    try:
+        return inspect.getsource(forward)
+    except (OSError, TypeError):
+        return None
 
 
 def _expand(
