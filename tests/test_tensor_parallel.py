@@ -209,6 +209,23 @@ def test_layout_sources_and_automatic_norms():
     assert fused["transformer_blocks.0.attn2.to_kv"] == Packed("colwise", (1, 1))
 
 
+def test_root_linears_are_split_unless_their_weights_are_read_by_name():
+    """The root's Linears (embedders, output projection) get ``colwise_gather``; those whose weight an enclosing
+    forward reads by name (``HunyuanDiTAttentionPool`` passes ``q_proj.weight`` to
+    ``F.multi_head_attention_forward``) stay whole, as do the blocks' modules (styled per block)."""
+    from tests.zoo import hunyuan_dit
+
+    wan = build_wan()
+    root = resolve_layout(wan, plan_for(wan)).root
+    assert {"condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1", "proj_out"} <= set(root)
+    assert set(root.values()) == {"colwise_gather"} and not any(p.startswith("blocks.") for p in root)
+    model = hunyuan_dit.CASES[0].build()
+    root = resolve_layout(model, plan_for(model)).root
+    pooler = [p for p, m in model.named_modules() if type(m).__name__ == "HunyuanDiTAttentionPool"]
+    assert pooler and not any(p.startswith(pooler[0] + ".") for p in root), sorted(root)
+    assert any(p.startswith("time_extra_emb.") for p in root)
+
+
 def test_plan_declares_the_layout():
     model = build_dit()
     base = plan_for(model)

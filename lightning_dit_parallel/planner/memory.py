@@ -359,13 +359,22 @@ def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
     return total // (layout.ulysses * layout.tp)
 
 
-def encoder_work(enc: EncoderSpec, work: Work) -> tuple[int, int]:
-    """``(rows, tokens)`` one encoder encodes per batch: a text encoder every prompt (the negative ones too with CFG),
-    up to its token limit; an image encoder one image per sample."""
+def encoder_work(enc: EncoderSpec, work: Work, split: int = 1) -> tuple[int, int]:
+    """``(rows, tokens)`` one encoder encodes per batch on one rank: a text encoder every prompt (the negative ones too
+    with CFG), up to its token limit; an image encoder one image per sample. ``split``: the ranks a sharded encoder's
+    batch is split over (``fsdp.encoder_rows``: ``ceil(rows / split)`` each; a single row is not split)."""
     if enc.kind == "image":
-        return work.batch, enc.max_tokens
-    rows = work.batch * (2 if work.cfg else 1)
-    return rows, (min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens)
+        rows, tokens = work.batch, enc.max_tokens
+    else:
+        rows = work.batch * (2 if work.cfg else 1)
+        tokens = min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens
+    return (-(-rows // split) if rows > 1 else rows), tokens
+
+
+def encoder_row_split(layout: PlannedLayout, shard: bool) -> int:
+    """The ranks a sharded encoder's batch is split over: the model-parallel ranks (``fsdp.encoder_rows_mesh``) when
+    the encoders are sharded, else 1."""
+    return layout.model_parallel_degree if shard and layout.encoder_shard_degree > 1 else 1
 
 
 def encoder_bytes(
@@ -380,7 +389,7 @@ def encoder_bytes(
         held, gathered = offloaded_unit_bytes(enc.units, shards, 1, element, hw)
     elif shards > 1:  # sharded one weight layer at a time (``fsdp.encoder_units``)
         gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, layers=True) * element
-    rows, tokens = encoder_work(enc, work)
+    rows, tokens = encoder_work(enc, work, encoder_row_split(layout, shard))
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
     scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
     return held, int(gathered + act + scores)
