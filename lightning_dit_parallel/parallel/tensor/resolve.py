@@ -121,7 +121,8 @@ def root_linears(model: nn.Module, blocks: list[str]) -> list[str]:
     """Paths of the ``nn.Linear`` layers outside the blocks (the DiT's root: timestep, text and image embedders,
     the output projection), whose weights no other module shares and that their parents call rather than read: a layer
     whose weight an enclosing module's ``forward`` reads by name (``self.q_proj.weight`` in diffusers'
-    ``HunyuanDiTAttentionPool``, ``self.out_proj.weight`` in ``nn.MultiheadAttention``, see ``reads_weights``) stays whole.
+    ``HunyuanDiTAttentionPool``, ``self.out_proj.weight`` in ``nn.MultiheadAttention``; see ``reads_weights``) stays
+    whole.
 
     Every rank of a tp group computes the root with the same inputs, so such a layer can keep ``out/N`` rows of its
     weight and all-gather its output (``"colwise_gather"``): exact, one all-gather per call, and a rank no longer holds
