@@ -481,8 +481,9 @@ def _apply_fsdp(
     offload: bool = False,
     fsdp_units: FsdpUnits = "blocks",
 ) -> bool:
-    """FSDP2 per transformer block (``fsdp_units="layers"``: per weight layer too) and on each DiT root; whether it
-    sharded (not over one rank)."""
+    """FSDP2 per transformer block (``fsdp_units="layers"``: per weight layer too), per weight layer of the DiT root
+    (its embedders and output projection: otherwise the root unit, gathered for the whole forward, would hold them
+    whole from the first to the last block) and on each DiT root; whether it sharded (not over one rank)."""
     fsdp_mesh = shard_mesh(mesh)
     if fsdp_mesh.size() == 1:
         rank_zero_log("fsdp=True but only one rank computes with each set of weights: nothing to shard.")
@@ -494,7 +495,10 @@ def _apply_fsdp(
             rank_zero_log(f"{path or type(dit).__name__}: the plan names no blocks; FSDP gathers the whole DiT at once")
         # parts of blocks the DiT also calls outside its block loop are units of their own (gathered alone there)
         shared = [dit.get_submodule(p) for p in plan.shared_modules]
-        layers = weight_layers(dit, [*shared, *blocks]) if fsdp_units == "layers" else []
+        layers = weight_layers(dit, [*shared, *blocks])
+        if fsdp_units == "blocks":  # the root's own weight layers still are units: gathered while they run only
+            inside = {id(m) for unit in (*shared, *blocks) for m in unit.modules()}
+            layers = [m for m in layers if id(m) not in inside]
         result.applied.append(apply_fsdp(dit, [*layers, *shared, *blocks, dit], fsdp_mesh, offload=offload))
     where = " (shards in host memory)" if offload else ""
     rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}){where} on {result.paths}")

@@ -191,9 +191,12 @@ def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, layers: bool 
     blocks = sorted(((u.local_numel(tp), u.shard_numel(shards, tp)) for u in units if u.kind == "block"), reverse=True)
     if not blocks:
         return 3 * root
+    # the root's weight matrices are units of their own (gathered while they run); the rest of it for the whole forward
+    root_mats = [math.prod(s) for u in units if u.kind == "root" for s in u.local_shapes(tp) if len(s) >= 2]
+    rest = root - sum(root_mats)
     whole, shard = blocks[0]
-    # the larger of two moments: the root being gathered, and a block gathered while the root stays gathered
-    return max(3 * root, root + 3 * whole + (shard if hw.device_type == "cuda" else 0))
+    # the larger of two moments: a root layer being gathered, and a block gathered while the root's rest stays gathered
+    return max(rest + 3 * max(root_mats, default=0), rest + 3 * whole + (shard if hw.device_type == "cuda" else 0))
 
 
 def offloaded_unit_bytes(
