@@ -25,10 +25,11 @@ from lightning_dit_parallel import (
     PipelineStrategy,
     SequenceParallelStrategy,
     TensorParallelStrategy,
+    plan_for,
 )
 from lightning_dit_parallel.app.prompts import prompt_loader
 from lightning_dit_parallel.parallel.compose import parallelize
-from lightning_dit_parallel.parallel.fsdp import encoder_units, is_sharded
+from lightning_dit_parallel.parallel.fsdp import encoder_units, is_sharded, weight_layers
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.offload import apply_offload
 from lightning_dit_parallel.parallel.pipeline.stages import ReleasedBlock
@@ -73,9 +74,9 @@ FAMILIES = {
     "wan": lambda: HoldsPipeline(wan_pipeline, WAN_CALL, "frames"),
 }
 
-#: name -> (strategy, what must be offloaded while predict runs: units streamed, FSDP units of the DiT offloaded, and
-#: whether the encoder's FSDP units - every one but its root, see ``fsdp.encoder_units`` - are offloaded too). Both DiTs
-#: have 2 blocks, both encoders 2 layers.
+#: name -> (strategy, what must be offloaded while predict runs: units streamed, FSDP units of the DiT's blocks
+#: offloaded (those of the root's weight layers with them), and whether the encoder's FSDP units - every one but its
+#: root, see ``fsdp.encoder_units`` - are offloaded too). Both DiTs have 2 blocks, both encoders 2 layers.
 CASES = {
     # FSDP shards of the DiT's blocks and of the encoder's layers on the host (the roots' shards stay on the device)
     "fsdp_ulysses2": (lambda: FSDPInferenceStrategy(ulysses_degree=2, offload=True), (0, 2, True)),
@@ -119,10 +120,16 @@ def _every_case(rank: int, world: int, family: str, ports: tuple[int, int]) -> l
         reference = module.predict_step(batch, 0)  # the one-process output, before any strategy
     failures = []
     encoder_layers = len(encoder_units(module.pipe.text_encoder)) - 1  # its units but the root (kept on the device)
+    # the DiT root's own weight layers are FSDP units too (embedders, output projection), offloaded like the blocks
+    dit = module.pipe.transformer
+    blocks = [b for _, blocks in plan_for(dit).block_lists(dit) for b in blocks.children()]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    root_layers = sum(1 for m in weight_layers(dit, blocks) if id(m) not in inside)
     with external_launch(rank, world, *ports):
         for name, (make, (streamed, dit_units, encoder_sharded)) in CASES.items():
             what = f"{family} {name}, rank {rank}"
-            expected_counts = {"streamed": streamed, "fsdp": dit_units + (encoder_layers if encoder_sharded else 0)}
+            dit_fsdp = dit_units + (root_layers if dit_units else 0)
+            expected_counts = {"streamed": streamed, "fsdp": dit_fsdp + (encoder_layers if encoder_sharded else 0)}
             strategy = make()
             out = predict_here(module, prompt_loader(PROMPTS, batch_size=2 if "dp" not in name else 1), strategy, world)
             dp, dp_rank = int(strategy.layout.dp), strategy.layout.coordinates(rank)["dp"]
