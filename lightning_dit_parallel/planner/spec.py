@@ -88,6 +88,8 @@ class ModelSpec:
         dtype: the dtype of its parameters (``"float32"`` for a model built from its config).
         tp_unsupported: why tensor parallelism cannot shard this model ("" when it can).
         tp_sizes: every feature count tensor parallelism splits (a degree must divide them all).
+        tp_root_gathers: ``(role, output features)`` of the root's Linears that tensor parallelism splits and gathers
+            (``tp_shape.root_gather_role``: per latent token, per text token or per sample).
         ring_unsupported: why ring attention (and DistriFusion) cannot run this plan ("" when it can): attention
             that needs the whole sequence on a rank (``DiTPlan.head_parallel_attention``), Ulysses only.
     """
@@ -108,6 +110,7 @@ class ModelSpec:
     dtype: str = "float32"
     tp_unsupported: str = ""
     tp_sizes: tuple[int, ...] = ()
+    tp_root_gathers: tuple[tuple[str, int], ...] = ()
     ring_unsupported: str = ""
 
     @property
@@ -154,7 +157,8 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
     """
     lists = plan.block_lists(model) if plan.blocks else []
     block_modules = [block for _, blocks in lists for block in blocks.children()]
-    tp = tensor_parallel_shape(model, plan)
+    output_width = _output_width(model, plan)
+    tp = tensor_parallel_shape(model, plan, output_width)
     units = _units(model, plan, block_modules, tp.dims)
     attention = _attention_specs(model, plan, block_modules)
     blocks = tuple(
@@ -181,7 +185,7 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
         blocks=blocks,
         attention=attention,
         sequences=plan.sequences,
-        output_width=_output_width(model, plan),
+        output_width=output_width,
         root_token_params=root_token_params,
         forward_arguments=len(inspect.signature(type(model).forward).parameters) - 1,  # without self
         pipeline_unsupported=plan.pipeline_unsupported or ("" if block_modules else "its plan names no block lists."),
@@ -191,6 +195,7 @@ def model_spec(model: nn.Module, plan: DiTPlan, max_stages: int = 64) -> ModelSp
         dtype=str(next((p.dtype for p in model.parameters()), "float32")).removeprefix("torch."),
         tp_unsupported=tp.reason,
         tp_sizes=tp.sizes,
+        tp_root_gathers=tp.root_gathers,
         ring_unsupported=(
             f"the attention of {list(plan.head_parallel_attention)} needs the whole sequence on a rank (Ulysses only)"
             if plan.head_parallel_attention

@@ -43,9 +43,32 @@ class TensorParallelShape:
     norms: tuple[tuple[int, str, int], ...]  # (block index, norm path, statistics) of sharded norms
     sizes: tuple[int, ...]
     reason: str
+    root_gathers: tuple[tuple[str, int], ...] = ()  # (role, output features) of the root's split Linears
 
 
-def tensor_parallel_shape(model: nn.Module, plan: DiTPlan) -> TensorParallelShape:
+#: Path parts of a root Linear that reads the latent tokens (patch embeddings) when no other rule applies.
+_LATENT_INPUTS = ("x_embedder", "img_in", "proj_in", "patch")
+
+
+def root_gather_role(model: nn.Module, path: str, output_width: int) -> str:
+    """What a root Linear split by tensor parallelism runs on, so what its all-gather carries per call: ``"latent"``
+    (the output projection to ``output_width`` features, patch embeddings: per latent token), ``"text"`` (text and
+    context embedders: per text token) or ``"sample"`` (timestep embedders, pooled text, adaLN: once per sample).
+    Read from diffusers' names; an estimate for the traffic table."""
+    module = model.get_submodule(path)
+    parts = path.split(".")
+    if isinstance(module, nn.Linear) and output_width and module.out_features == output_width:
+        return "latent"
+    if inside_norm(model, path) or any(part.startswith("time") for part in parts):
+        return "sample"
+    if any(word in part for part in parts for word in ("context", "caption", "text", "txt")):
+        return "text"
+    if any(word in part for part in parts for word in _LATENT_INPUTS):
+        return "latent"
+    return "sample"
+
+
+def tensor_parallel_shape(model: nn.Module, plan: DiTPlan, output_width: int = 0) -> TensorParallelShape:
     """What the package's tensor parallelism (``tensor.resolve_layout``) would split: per parameter the dim, per
     block the widths its all-reduces and all-gathers carry; or why it cannot."""
     from lightning_dit_parallel.parallel.tensor.resolve import block_of, resolve_layout
@@ -104,10 +127,14 @@ def tensor_parallel_shape(model: nn.Module, plan: DiTPlan) -> TensorParallelShap
             )
         elif style == "colwise_gather":
             gather[block] = gather.get(block, 0) + module.out_features
+    root_gathers = []
     for path in layout.root:  # the root's Linears: out/N rows where the degree divides them (not a constraint)
         for p in modules[path].parameters(recurse=False):
             dims[id(p)] = 0
-    return TensorParallelShape(dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "")
+        root_gathers.append((root_gather_role(model, path, output_width), modules[path].out_features))
+    return TensorParallelShape(
+        dims, reduce, gather, sample_reduce, tuple(norms), tuple(sorted(sizes)), "", tuple(root_gathers)
+    )
 
 
 def with_norm_roles(

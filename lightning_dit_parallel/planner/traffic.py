@@ -7,12 +7,14 @@ The figures follow the DESIGN table and what the implementation moves:
 * Ring (``p2p``): the key/value block passed ``R-1`` times per self-attention layer;
 * sequence gather (``all_gather``): the output of the plan's gather point, over Ulysses then over Ring;
 * CFG (``all_gather``): this rank's half of the output once per call;
-* FSDP (``all_gather``): every unit's padded shard to the other ``N-1`` ranks each time it runs (the root once per
-  call, blocks once per micro-batch or patch; the plan's shared modules twice: in their block and after the loop);
+* FSDP (``all_gather``): every unit's padded shard to the other ``N-1`` ranks each time it runs (blocks and the
+  root's weight layers once per micro-batch or patch; the plan's shared modules twice: in their block and after the
+  loop);
 * pipeline (``p2p``, ``broadcast``): the tensors a block carries across each stage boundary, per micro-batch or
   PipeFusion patch, and the last stage's broadcast of the output;
 * tensor parallel (``all_reduce``): every row-wise layer's output (the attention output and MLP down projections:
-  two ``rows x tokens x hidden`` per block in the DESIGN table), and the gathered per-sample modulation;
+  two ``rows x tokens x hidden`` per block in the DESIGN table), the gathered per-sample modulation, and the
+  outputs of the root's split Linears (per sample, text token or latent token, ``tp_shape.root_gather_role``);
 * linear attention (``all_reduce``): ``rows x heads x d x (d + 1)`` float32 sums per layer;
 * DistriFusion (``all_gather``): every layer's fresh keys and values of the rank's patch (asynchronous);
 * the replicated-input guard (``all_gather``): 5 float64 numbers per forward argument, once per DiT call.
@@ -129,15 +131,22 @@ def bytes_by_method(
                 sent["tp"] += rows * stats * 4 * 2 * (tp - 1) / tp * passes
                 sent["tp_gather"] += rows * -(-block.tp_gather_width // tp) * element * (tp - 1) * passes
                 sent["tp"] += rows * block.tp_sample_reduce_width * element * 2 * (tp - 1) / tp * passes
+            # the root's split Linears, gathered once per forward body: the output projection on the last stage
+            tokens = {"latent": latent_local, "text": local.get(TEXT_SEQUENCE, 0) or work.text_tokens, "sample": 1}
+            for role, features in spec.tp_root_gathers:
+                if features % tp or (role == "latent" and features == spec.output_width and not last):
+                    continue
+                sent["tp_gather"] += rows * tokens[role] * (features // tp) * element * (tp - 1) * passes
         if last and layout.sequence_degree > 1:  # the gather point runs on the last stage: over Ulysses, then Ring
             shard = rows * latent_local * spec.output_width * element * (layout.patches or 1)
             sent["sequence_gather"] += shard * (u - 1) + shard * u * (r - 1)
         if layout.shard_degree > 1:
             n = layout.shard_degree
             for unit in stage_units(spec, blocks):
-                # the root is gathered once by the DiT's own forward hook; blocks (and the shared parts: in their block
-                # and after the loop, on the last stage) once per micro-batch or patch, which re-run the forward body
-                calls = 1 if unit.kind == "root" else passes
+                # every unit once per micro-batch or patch, which re-run the forward body: blocks, the root's weight
+                # layers (units of their own; the rest of the root, norms and tables, is small) and the shared parts
+                # (in their block and after the loop, on the last stage)
+                calls = passes
                 if unit.kind == "shared":
                     calls *= (unit.index in blocks) + (1 if last else 0)
                 sent["fsdp"] += unit.shard_numel(n, tp) * element * (n - 1) * calls
