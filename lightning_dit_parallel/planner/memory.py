@@ -55,6 +55,10 @@ RING_ACC_BYTES = 4
 #: Text encoder token-states at a layer's peak (x hidden, x MLP width).
 TE_HIDDEN = 6.0
 TE_MLP = 2.0
+#: Text encoder attention: (heads, tokens, tokens) float32 tensors alive at once in a T5 layer (the position bias,
+#: its sum with the mask, the scores and their softmax); measured on CPU: +61-66 MB while UMT5 (16 heads) encodes one
+#: prompt of 512 tokens.
+TE_SCORES = 4.0
 #: VAE decode: full-resolution tensors (of the decoder's widest full-resolution convolution) alive at once; measured
 #: on CPU for AutoencoderKL and AutoencoderKLWan decodes (within 10%).
 VAE_TENSORS = 3.6
@@ -363,15 +367,20 @@ def cache_bytes(spec: ModelSpec, grid: LatentGrid, work: Work, layout: PlannedLa
 
 
 def encoder_work(enc: EncoderSpec, work: Work, split: int = 1) -> tuple[int, int]:
-    """``(rows, tokens)`` one encoder encodes per batch on one rank: a text encoder every prompt (the negative ones too
-    with CFG), up to its token limit; an image encoder one image per sample. ``split``: the ranks a sharded encoder's
-    batch is split over (``fsdp.encoder_rows``: ``ceil(rows / split)`` each; a single row is not split)."""
-    if enc.kind == "image":
-        rows, tokens = work.batch, enc.max_tokens
-    else:
-        rows = work.batch * (2 if work.cfg else 1)
+    """``(rows, tokens)`` of one encoder call on one rank: a text encoder encodes the batch's prompts up to its token
+    limit (diffusers' pipelines encode the negative prompts in a second call, see ``encoder_calls``), an image
+    encoder one image per sample. ``split``: the ranks a sharded encoder's batch is split over
+    (``fsdp.encoder_rows``: ``ceil(rows / split)`` each; a single row is not split)."""
+    rows = work.batch
+    tokens = enc.max_tokens
+    if enc.kind != "image":
         tokens = min(work.text_tokens, enc.max_tokens) if enc.max_tokens else work.text_tokens
     return (-(-rows // split) if rows > 1 else rows), tokens
+
+
+def encoder_calls(enc: EncoderSpec, work: Work) -> int:
+    """Calls of one encoder per batch: a text encoder twice with CFG (the prompts, then the negative prompts)."""
+    return 2 if work.cfg and enc.kind != "image" else 1
 
 
 def encoder_row_split(layout: PlannedLayout, shard: bool) -> int:
@@ -394,7 +403,7 @@ def encoder_bytes(
         gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, layers=True) * element
     rows, tokens = encoder_work(enc, work, encoder_row_split(layout, shard))
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
-    scores = rows * enc.heads * tokens * tokens * 4  # eager attention with a position bias (T5) holds the scores
+    scores = int(rows * enc.heads * tokens * tokens * 4 * TE_SCORES)  # attention with a position bias (T5)
     return held, int(gathered + act + scores)
 
 

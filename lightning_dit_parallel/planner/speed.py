@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from lightning_dit_parallel.planner.components import TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import DEGREES, PlannedLayout
 from lightning_dit_parallel.planner.memory import (
+    encoder_calls,
     encoder_row_split,
     encoder_work,
     host_unit_bytes,
@@ -174,7 +175,10 @@ def time_estimate(
         exposed += _offload_seconds(spec, work, hw, layout, element, compute)
     step = (compute + exposed) * work.rank_calls_per_step(layout.cfg)
     split = encoder_row_split(layout, shard=True)  # the default: encoders sharded where the layout cuts memory
-    encode = sum(2.0 * enc.numel * math.prod(encoder_work(enc, work, split)) for enc in encoders) / hw.flops
+    encode = (
+        sum(2.0 * enc.numel * math.prod(encoder_work(enc, work, split)) * encoder_calls(enc, work) for enc in encoders)
+        / hw.flops
+    )
     if layout.offload:  # every layer from the host once per batch
         encode += (
             sum(host_unit_bytes(enc.units, layout.encoder_shard_degree, 1, element) for enc in encoders)
