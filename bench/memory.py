@@ -46,6 +46,12 @@ LAYOUTS = [
         ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1", "strategy.fsdp_units=layers"],
         dict(ulysses=2, fsdp=True, fsdp_units="layers"),
     ),
+    (
+        "fsdp (dp 2), layer units",
+        2,
+        ["strategy=fsdp", "strategy.fsdp_units=layers"],
+        dict(dp=2, fsdp=True, fsdp_units="layers"),
+    ),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
     ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
