@@ -371,8 +371,9 @@ def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     """The weight layers (``WEIGHT_LAYERS`` with parameters) of ``root`` that are not units already, innermost units
     for ``apply_fsdp`` ahead of ``units``: a rank then gathers one layer at a time (a few MB to a few hundred MB)
     instead of a whole block; norms, biases of other modules and a block's own parameters stay in the block's unit,
-    the root's in the root's. Layers whose parent reads their weights without calling them (``UNCALLED_LAYERS``:
-    torch's ``nn.MultiheadAttention`` and its ``out_proj``, e.g. SigLIP's pooling head) stay with the parent."""
+    the root's in the root's. Layers whose parent reads their weights without calling them
+    (``utils.layers.UNCALLED_LAYERS``: torch's ``nn.MultiheadAttention`` and its ``out_proj``, e.g. SigLIP's pooling
+    head) stay with the parent."""
     taken = {id(u) for u in units}
     uncalled = uncalled_layers(root)
     return [
