@@ -5,6 +5,7 @@ outputs equal one uninterrupted process's. Also: a changed configuration is refu
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def test_ctrl_c_to_the_process_group_stops_every_rank(tmp_path):
     (site / "sitecustomize.py").write_text(LATE_EXIT)
     code, _, stderr = interrupt_after_new_batches(start(run_dir, PYTHONPATH=str(site)), run_dir, 0, to_group=True)
     assert code == 128 + signal.SIGINT, stderr[-3000:]
-    assert "Stopped by SIGINT (received by rank 0, 1)" in stderr, stderr[-3000:]
+    # both ranks get the signal, but not necessarily before the same agreement round: the first round that sees
+    # either one's stops both
+    assert re.search(r"Stopped by SIGINT \(received by rank (0|1|0, 1)\)", stderr), stderr[-3000:]
     time.sleep(1.0)
     assert not processes_in(run_dir), "every rank exits"
     assert 0 < len(finished_indices(run_dir)) < N
