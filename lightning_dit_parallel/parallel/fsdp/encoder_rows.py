@@ -42,7 +42,7 @@ class EncoderRows:
     module: nn.Module
     group: ProcessGroup
     handles: list[RemovableHandle] = field(default_factory=list)
-    batches: list[int | None] = field(default_factory=list)  # per running call: its whole batch (None: not cut)
+    batches: list[tuple[int, int] | None] = field(default_factory=list)  # per running call: (batch, rows per rank)
 
     def install(self) -> EncoderRows:
         self.handles.append(self.module.register_forward_pre_hook(self._cut, with_kwargs=True))
@@ -63,17 +63,17 @@ class EncoderRows:
         rows = -(-batch // n)
         # this rank's rows of the batch padded to n * rows (the last row repeated): (batch, ...) -> (rows, ...)
         index = torch.arange(rank * rows, (rank + 1) * rows, device=first.device).clamp_(max=batch - 1)
-        self.batches.append(batch)
+        self.batches.append((batch, rows))
         return pytree.tree_map(
             lambda t: t.index_select(0, index.to(t.device)) if _is_batched(t, batch) else t, (args, kwargs)
         )
 
     def _gather(self, module: nn.Module, args: tuple, output):
-        batch = self.batches.pop() if self.batches else None
-        if batch is None or output is None:  # not cut, or the forward raised (``always_call``)
+        cut = self.batches.pop() if self.batches else None
+        if cut is None or output is None:  # not cut, or the forward raised (``always_call``)
             return None
+        batch, rows = cut
         n = dist.get_world_size(self.group)
-        rows = -(-batch // n)
         leaves, spec = pytree.tree_flatten(output)
         odd = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and not _is_batched(t, rows)]
         if odd:  # the same outputs on every rank: every rank raises here, none waits in a gather

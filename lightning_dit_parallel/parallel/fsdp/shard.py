@@ -44,7 +44,7 @@ from lightning_dit_parallel.loading.deferred import deferred_module_ids
 from lightning_dit_parallel.parallel.fsdp.encoders import keep_output_recording
 from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
-from lightning_dit_parallel.utils.layers import uncalled_layers
+from lightning_dit_parallel.utils.layers import holder_counts, uncalled_layers
 
 #: ``nn.Module`` attributes that hold hooks, keyed by hook id.
 _HOOK_DICTS = (
@@ -398,10 +398,6 @@ def encoder_units(module: nn.Module) -> list[nn.Module]:
     above them.
     """
     units = module_units(module)
-    holders: dict[int, int] = {}
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
+    holders = holder_counts(module)
     layers = [m for m in weight_layers(module, units) if all(holders[id(p)] == 1 for p in m.parameters())]
     return [*layers, *units]

@@ -23,6 +23,7 @@ from lightning_dit_parallel.parallel.tensor.lora import expand_lora, is_linear
 from lightning_dit_parallel.parallel.tensor.norms import norm_features, norm_kind
 from lightning_dit_parallel.parallel.tensor.styles import Spec, packed_sizes
 from lightning_dit_parallel.plan import DiTPlan, HeadFeaturesSpec, Packed
+from lightning_dit_parallel.utils.layers import holder_counts
 
 #: q/k normalisations of an attention module that may normalise over all heads at once (diffusers' names; HiDream's
 #: attention calls them ``q_rms_norm`` / ``k_rms_norm``, and ``*_t`` for its text stream).
@@ -128,11 +129,7 @@ def root_linears(model: nn.Module, blocks: list[str]) -> list[str]:
     weight and all-gather its output (``"colwise_gather"``): exact, one all-gather per call, and a rank no longer holds
     the root whole (Wan's ``condition_embedder.time_proj`` alone is 57 MB in float32 at 1.3B's width).
     """
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
+    holders = holder_counts(model)
     return [
         path
         for path, module in model.named_modules()
