@@ -52,6 +52,18 @@ LAYOUTS = [
         ["strategy=fsdp", "strategy.fsdp_units=layers"],
         dict(dp=2, fsdp=True, fsdp_units="layers"),
     ),
+    (
+        "fsdp (dp 2), rows units",
+        2,
+        ["strategy=fsdp", "strategy.fsdp_units=rows"],
+        dict(dp=2, fsdp=True, fsdp_units="rows"),
+    ),
+    (
+        "fsdp x ulysses 2, rows units",
+        2,
+        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1", "strategy.fsdp_units=rows"],
+        dict(ulysses=2, fsdp=True, fsdp_units="rows"),
+    ),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
     ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
@@ -60,6 +72,12 @@ LAYOUTS = [
         4,
         ["strategy=fsdp", "strategy.fsdp_units=layers"],
         dict(dp=4, fsdp=True, fsdp_units="layers"),
+    ),
+    (
+        "fsdp (dp 4), rows units",
+        4,
+        ["strategy=fsdp", "strategy.fsdp_units=rows"],
+        dict(dp=4, fsdp=True, fsdp_units="rows"),
     ),
     (
         "fsdp x ulysses 2 x dp 2",

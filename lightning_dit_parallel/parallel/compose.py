@@ -208,6 +208,11 @@ def parallelize(
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     check_fsdp_units(fsdp_units)
+    if fsdp_units == "rows" and layout.fsdp and layout.tp > 1:
+        raise ValueError(
+            "fsdp_units='rows' computes each Linear from the FSDP shards of its rows; tensor parallelism (tp > 1)"
+            " already splits those Linears: use fsdp_units='layers' with tp."
+        )
     result = Parallelized()
     check_composition(
         layout,
@@ -339,15 +344,16 @@ def _resolve_tensor_parallel(
 def _shard_encoders(
     result: Parallelized, extra: list[tuple[str, nn.Module]], mesh, fsdp: bool, offload: bool = False
 ) -> bool:
-    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), over
-    ``encoder_mesh``, and each encoder's batch split over the ranks that encode the same prompts
-    (``fsdp.encoder_rows``); whether it sharded (not over one rank)."""
+    """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), its
+    Linears never gathered whole (rows streaming, ``fsdp/row_stream.py``: an encoder runs once per batch, so the lowest
+    peak costs nothing visible), over ``encoder_mesh``, and each encoder's batch split over the ranks that encode the
+    same prompts (``fsdp.encoder_rows``); whether it sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
         return False
     rows = encoder_rows_mesh(mesh)
     for _, sub in extra:
-        result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload))
+        result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload, rows=True))
         if rows.size() > 1:
             result.applied.append(apply_encoder_rows(sub, rows.get_group()))
     split = f", each batch split over {rows.size()} ranks" if rows.size() > 1 else ""
@@ -499,7 +505,8 @@ def _apply_fsdp(
         if fsdp_units == "blocks":  # the root's own weight layers still are units: gathered while they run only
             inside = {id(m) for unit in (*shared, *blocks) for m in unit.modules()}
             layers = [m for m in layers if id(m) not in inside]
-        result.applied.append(apply_fsdp(dit, [*layers, *shared, *blocks, dit], fsdp_mesh, offload=offload))
+        units = [*layers, *shared, *blocks, dit]
+        result.applied.append(apply_fsdp(dit, units, fsdp_mesh, offload=offload, rows=fsdp_units == "rows"))
     where = " (shards in host memory)" if offload else ""
     rank_zero_log(f"FSDP over {fsdp_mesh.size()} ranks (axes {', '.join(SHARD_AXES)}){where} on {result.paths}")
     return True

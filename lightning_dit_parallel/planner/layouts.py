@@ -71,8 +71,10 @@ class PlannedLayout:
         }
         if bad:
             raise ValueError(f"Degrees must be positive integers; got {bad} in {self.describe()}.")
-        if self.fsdp_units not in ("blocks", "layers") or (self.fsdp_units == "layers" and not self.fsdp):
-            raise ValueError(f"fsdp_units must be 'blocks', or 'layers' with fsdp; got {self.fsdp_units!r}.")
+        if self.fsdp_units not in ("blocks", "layers", "rows") or (self.fsdp_units != "blocks" and not self.fsdp):
+            raise ValueError(f"fsdp_units must be 'blocks', or 'layers' or 'rows' with fsdp; got {self.fsdp_units!r}.")
+        if self.fsdp_units == "rows" and self.tp > 1:
+            raise ValueError(f"fsdp_units='rows' does not compose with tensor parallelism; got {self.describe()}.")
         if (self.pp > 1) != (self.pp_mode != "none"):
             raise ValueError(f"pp_mode must be 'none' exactly when pp == 1; got {self.describe()}.")
         if (self.pp_mode == "pipefusion") != (self.patches > 0):
@@ -131,7 +133,7 @@ class PlannedLayout:
                 parts.append(part)
         text = " x ".join(parts) or "1 device"
         if self.fsdp:
-            text += " +fsdp(layers)" if self.fsdp_units == "layers" else " +fsdp"
+            text += " +fsdp" if self.fsdp_units == "blocks" else f" +fsdp({self.fsdp_units})"
         if self.parallel_vae:
             text += " +pvae"
         if self.offload:
@@ -172,7 +174,8 @@ class Axes:
         parallel_vae: parallel VAE decode.
         pipefusion: PipeFusion schedules (approximate).
         distrifusion: DistriFusion (approximate).
-        fsdp_layers: also FSDP layouts that gather one weight layer at a time (``fsdp_units="layers"``); by default
+        fsdp_layers: also FSDP layouts that gather one weight layer at a time (``fsdp_units="layers"``) or stream the
+            Linears' rows (``"rows"``); by default
             only when no layout fits with block units.
         offload: host offload of the weights (``PlannedLayout.offload``), only when no layout fits without it. Off by
             default: streaming the weights every step is slow, so it is asked for (``ldp-plan --offload``,

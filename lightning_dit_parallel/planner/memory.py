@@ -174,33 +174,36 @@ def stage_parameter_bytes(
     held = sum(u.shard_numel(shards, tp) for u in units) * element
     gathered = 0
     if shards > 1:
-        gathered = fsdp_gathered_numel(units, shards, tp, hw, layers=layout.fsdp_units == "layers") * element
+        gathered = fsdp_gathered_numel(units, shards, tp, hw, units_kind=layout.fsdp_units) * element
     return held, gathered
 
 
-def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, layers: bool = False) -> int:
-    """Elements FSDP2 holds on top of the shards while a forward runs: the root unsharded for the whole forward (3x
-    while it is gathered), and around the largest block its unsharded parameters plus the all-gather's output buffer
-    and its copy of the shard (FSDP2 gathers into one buffer, then copies out into the parameters); with CUDA the next
-    block is gathered while one runs (prefetch: one more block), with gloo on CPU the collective copies the output once
-    more (measured: 3x a block of a 2-rank shard group on top of the shards)."""
-    if layers:  # ``fsdp_units="layers"``: a weight matrix (2-D or more) at a time; the rest stays with its unit
+def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, units_kind: str = "blocks") -> int:
+    """Elements FSDP2 holds on top of the shards while a forward runs: the root's rest unsharded for the whole
+    forward, and while the largest unit is gathered, twice that unit: the all-gather's output buffer and the unsharded
+    parameters it is copied into (the buffer is freed right after the copy, ``fsdp/gather_buffer.py``); with CUDA one
+    more shard (the copy-in of the next unit's all-gather, issued while one runs). ``units_kind="layers"``: the units
+    are the weight matrices (2-D or more); ``"rows"``: the matrices are never gathered, a rank holds one other rank's
+    rows of the largest at a time (``fsdp/row_stream.py``)."""
+    if units_kind in ("layers", "rows"):  # a weight matrix (2-D or more) at a time; the rest stays with its unit
         mats = [math.prod(shape) for u in units for shape in u.local_shapes(tp) if len(shape) >= 2]
         rest = sum(
             math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp) if len(shape) < 2
         )
         largest = max(mats, default=0)
-        return rest + 3 * largest + (-(-largest // shards) if hw.device_type == "cuda" else 0)
+        if units_kind == "rows":  # at most two other ranks' rows at a time (the next travels during a product)
+            return rest + min(2, shards - 1) * -(-largest // shards)
+        return rest + 2 * largest + (-(-largest // shards) if hw.device_type == "cuda" else 0)
     root = sum(u.local_numel(tp) for u in units if u.kind == "root")
     blocks = sorted(((u.local_numel(tp), u.shard_numel(shards, tp)) for u in units if u.kind == "block"), reverse=True)
     if not blocks:
-        return 3 * root
+        return 2 * root
     # the root's weight matrices are units of their own (gathered while they run); the rest of it for the whole forward
     root_mats = [math.prod(s) for u in units if u.kind == "root" for s in u.local_shapes(tp) if len(s) >= 2]
     rest = root - sum(root_mats)
     whole, shard = blocks[0]
     # the larger of two moments: a root layer being gathered, and a block gathered while the root's rest stays gathered
-    return max(rest + 3 * max(root_mats, default=0), rest + 3 * whole + (shard if hw.device_type == "cuda" else 0))
+    return max(rest + 2 * max(root_mats, default=0), rest + 2 * whole + (shard if hw.device_type == "cuda" else 0))
 
 
 def offloaded_unit_bytes(
@@ -399,8 +402,8 @@ def encoder_bytes(
     gathered = 0
     if layout.offload:
         held, gathered = offloaded_unit_bytes(enc.units, shards, 1, element, hw)
-    elif shards > 1:  # sharded one weight layer at a time (``fsdp.encoder_units``)
-        gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, layers=True) * element
+    elif shards > 1:  # sharded one weight layer at a time (``fsdp.encoder_units``), the Linears by rows streaming
+        gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, units_kind="rows") * element
     rows, tokens = encoder_work(enc, work, encoder_row_split(layout, shard))
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
     scores = int(rows * enc.heads * tokens * tokens * 4 * TE_SCORES)  # attention with a position bias (T5)

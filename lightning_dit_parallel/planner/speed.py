@@ -168,8 +168,8 @@ def time_estimate(
         seconds = n / bandwidth
         if method in ("ring", "distrifusion"):
             seconds = max(0.0, seconds - attention_s)
-        elif method == "fsdp" and hw.device_type == "cuda":
-            seconds = max(0.0, seconds - compute)
+        elif method == "fsdp" and hw.device_type == "cuda" and layout.fsdp_units != "rows":
+            seconds = max(0.0, seconds - compute)  # prefetched all-gathers; rows' broadcasts wait for each product
         exposed += seconds
     if layout.offload:
         exposed += _offload_seconds(spec, work, hw, layout, element, compute)

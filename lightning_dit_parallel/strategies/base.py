@@ -123,8 +123,10 @@ class DiTParallelStrategy(ParallelStrategy):
             (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every rank
             of the group the same number of times (diffusers pipelines call each encoder once per batch).
         fsdp_units: with ``fsdp``, what a rank gathers at once: ``"blocks"`` (each transformer block, the default:
-            fewest all-gathers) or ``"layers"`` (each Linear / convolution / embedding: the lowest peak, for a model
-            that barely fits; more, smaller all-gathers). See ``parallelize``.
+            fewest all-gathers), ``"layers"`` (each Linear / convolution / embedding: a lower peak, more and smaller
+            all-gathers) or ``"rows"`` (the layers, the Linears never gathered whole: each rank's rows are broadcast in
+            turn and multiplied where they arrive; the lowest peak, slower; not with ``tp_degree > 1``). See
+            ``parallelize``.
         offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
             bring each unit to the device for its forward only, for models that do not fit the devices otherwise
             (slower: every step copies the weights from the host). With FSDP the shards live on the host (FSDP2's
@@ -448,8 +450,8 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
         self._offload = layout.offload  # with auto, offload=True allows it where nothing fits without
-        if layout.fsdp_units == "layers":  # the planner's choice where nothing fits with block units
-            self._fsdp_units = "layers"
+        if layout.fsdp_units != "blocks":  # the planner's choice where nothing fits with block units
+            self._fsdp_units = layout.fsdp_units
         self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(
             f"strategy=auto chose {layout.describe()} ({self._requested_layout.describe()}) for {plan.models.dit.name},"

@@ -42,6 +42,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.loading.deferred import deferred_module_ids
 from lightning_dit_parallel.parallel.fsdp.encoders import keep_output_recording
+from lightning_dit_parallel.parallel.fsdp.gather_buffer import release_gather_buffers
+from lightning_dit_parallel.parallel.fsdp.row_stream import RowStreamedLinear, apply_row_streaming
 from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.utils.hooks import WeightHooks, remove_handles
 from lightning_dit_parallel.utils.layers import holder_counts, uncalled_layers
@@ -156,6 +158,8 @@ class FSDPSharding:
     mesh: DeviceMesh
     snapshots: dict[int, tuple[nn.Module, _ModuleSnapshot]] = field(default_factory=dict)
     outside_calls: list[_OutsideCalls] = field(default_factory=list)
+    release_hooks: list[RemovableHandle] = field(default_factory=list)
+    streamed: list[RowStreamedLinear] = field(default_factory=list)
 
     def weight_hooks(self, module: nn.Module) -> list[WeightHooks]:
         """FSDP2's pre-forward hook (the all-gather) and post-forward hook (the free) of ``module`` when it is a unit
@@ -176,9 +180,7 @@ class FSDPSharding:
 
         A collective over the shard mesh: every rank of it must call ``remove`` (teardown does).
         """
-        for hooks in self.outside_calls:
-            hooks.remove()
-        self.outside_calls.clear()
+        self._remove_hooks()
         if not self.snapshots:
             return
         try:
@@ -197,14 +199,21 @@ class FSDPSharding:
     def discard(self) -> None:
         """Undo ``fully_shard`` without a collective (after a failed predict, see ``incomplete.py``): every
         parameter still sharded becomes a meta tensor of its full shape, and ``root`` is marked incomplete."""
-        for hooks in self.outside_calls:
-            hooks.remove()
-        self.outside_calls.clear()
+        self._remove_hooks()
         if not self.snapshots:
             return
         self._replace_sharded(meta_like)
         self._restore_modules()
         mark_incomplete(self.root, "its FSDP shards could not be gathered back (no collective after the failure).")
+
+    def _remove_hooks(self) -> None:
+        for hooks in self.outside_calls:
+            hooks.remove()
+        self.outside_calls.clear()
+        remove_handles(self.release_hooks)
+        for linear in self.streamed:
+            linear.remove()
+        self.streamed.clear()
 
     def _replace_sharded(self, whole, lean: set[int] = frozenset()) -> None:
         """Replace every sharded parameter by ``whole(parameter)`` (tied parameters stay tied); those of the
@@ -226,7 +235,9 @@ class FSDPSharding:
         self.snapshots.clear()
 
 
-def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, offload: bool = False) -> FSDPSharding:
+def apply_fsdp(
+    root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, offload: bool = False, rows: bool = False
+) -> FSDPSharding:
     """Shard ``units`` (innermost first; ``root`` last if it is one) with FSDP2 over ``mesh``.
 
     Every unit's parameters are sharded along dim 0 over the mesh and gathered around its forward only
@@ -239,12 +250,17 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, off
     transformers read a model's device from its first parameter. On a CPU mesh host and device are the same memory:
     the policy is applied (torch supports it with gloo) and moves nothing.
 
+    Every unit's all-gather buffer is freed as soon as its parameters are copied out of it (``gather_buffer.py``). With
+    ``rows``, every unit that is a plain ``nn.Linear`` (not ``root``) is never gathered: its forward takes each rank's
+    rows in turn (``row_stream.py``).
+
     Args:
         root: the module that contains every unit (the snapshot for ``remove`` covers its submodules).
         units: modules to shard, each inner unit before any unit that contains it (e.g. a block's submodule
             that the model also calls outside the block, then the blocks, then the root).
         mesh: a 1-D device mesh (see ``shard_mesh``).
         offload: keep the units' shards in (pinned) host memory between uses.
+        rows: compute the Linear units one rank's rows at a time instead of gathering them.
 
     Raises:
         ValueError: for a unit that is not inside ``root`` or is listed twice, or a mesh that is not 1-D.
@@ -271,12 +287,15 @@ def apply_fsdp(root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, off
                 offload_policy=policy,
                 **({"ignored_params": scalars} if scalars else {}),
             )
+            sharding.release_hooks.append(release_gather_buffers(unit))  # one gathered copy of a unit, not three
         # transformers looks up the outputs a model records by its class: the FSDP subclass gets the original's
         keep_output_recording((u, sharding.snapshots[id(u)][1].cls) for u in units)
         root_is_unit = any(u is root for u in units)
         for unit in units:
             sharding.outside_calls.append(_OutsideCalls(unit, root if root_is_unit else _outermost(unit, units)))
             sharding.outside_calls[-1].install({id(u) for u in units if u is not unit})
+        if rows:
+            sharding.streamed = apply_row_streaming(units, mesh.get_group(), sharding.weight_hooks)
     except BaseException:
         sharding.remove()
         raise
@@ -354,17 +373,18 @@ def is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
-#: What one FSDP unit of a DiT is: each transformer block, or each weight layer (see ``weight_layers``).
-FsdpUnits = Literal["blocks", "layers"]
+#: What one FSDP unit of a DiT is: each transformer block, or each weight layer (see ``weight_layers``); ``"rows"``:
+#: the weight layers' units, the Linears among them never gathered whole (``row_stream.py``).
+FsdpUnits = Literal["blocks", "layers", "rows"]
 
 #: Modules that hold a layer's weight matrix (or kernel, or table): the units of ``fsdp_units="layers"``.
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
 def check_fsdp_units(fsdp_units: str) -> None:
-    """Raise ``ValueError`` unless ``fsdp_units`` is ``"blocks"`` or ``"layers"``."""
-    if fsdp_units not in ("blocks", "layers"):
-        raise ValueError(f"fsdp_units must be 'blocks' or 'layers'; got {fsdp_units!r}.")
+    """Raise ``ValueError`` unless ``fsdp_units`` is ``"blocks"``, ``"layers"`` or ``"rows"``."""
+    if fsdp_units not in ("blocks", "layers", "rows"):
+        raise ValueError(f"fsdp_units must be 'blocks', 'layers' or 'rows'; got {fsdp_units!r}.")
 
 
 def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
