@@ -26,6 +26,7 @@ from lightning_dit_parallel.parallel.fsdp import (
     encoder_rows_mesh,
     encoder_units,
     module_units,
+    resolve_fsdp_units,
     shard_mesh,
     shards_encoders,
     weight_layers,
@@ -131,7 +132,7 @@ def parallelize(
     parallel_vae: bool = False,
     distrifusion: DistriFusionOptions | None = None,
     offload: bool = False,
-    fsdp_units: FsdpUnits = "blocks",
+    fsdp_units: FsdpUnits = "auto",
     cache: StepCacheConfig | None = None,
     compile: CompileOption = False,
     lse_fallback: LSEFallback = "warn",
@@ -180,9 +181,12 @@ def parallelize(
             ``shard_modules`` or, when that is ``None`` or empty, every transformers ``PreTrainedModel`` outside the
             DiTs. On a CPU device the weights are already in host memory: the forward is the plain one.
         fsdp_units: with ``layout.fsdp``, what one FSDP unit of a DiT is, i.e. what a rank gathers whole at once:
-            ``"blocks"`` (each transformer block; fewest all-gathers) or ``"layers"`` (each weight layer - Linear,
-            convolution, embedding - of the blocks and the root, the rest of a block as its own unit: the smallest
-            peak, for the tightest memory, at the price of more, smaller all-gathers). See ``fsdp.weight_layers``.
+            ``"blocks"`` (each transformer block; fewest all-gathers), ``"layers"`` (each weight layer - Linear,
+            convolution, embedding - of the blocks and the root, the rest of a block as its own unit: a lower peak,
+            more and smaller all-gathers; see ``fsdp.weight_layers``), ``"rows"`` (the layers' units, the Linears
+            never gathered whole: each rank's rows are broadcast in turn and multiplied where they arrive,
+            ``fsdp/row_stream.py``: the lowest peak; not with ``tp > 1``) or ``"auto"`` (the default: ``"rows"``,
+            ``"layers"`` with ``tp > 1``).
         cache: step caching (``parallel/cache/``), installed last but for the guard, also in one process
             (every degree 1); one decision per model-parallel group (``cache.apply``). Refused (``ValueError``, before
             any collective) with PipeFusion and DistriFusion.
@@ -208,6 +212,7 @@ def parallelize(
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     check_fsdp_units(fsdp_units)
+    fsdp_units = resolve_fsdp_units(fsdp_units, int(layout.tp))
     if fsdp_units == "rows" and layout.fsdp and layout.tp > 1:
         raise ValueError(
             "fsdp_units='rows' computes each Linear from the FSDP shards of its rows; tensor parallelism (tp > 1)"

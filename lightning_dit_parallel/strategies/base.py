@@ -122,10 +122,11 @@ class DiTParallelStrategy(ParallelStrategy):
             every transformers ``PreTrainedModel`` outside the DiT(s), i.e. the pipeline's text and image encoders
             (T5/UMT5, CLIP, Llama, Gemma, Qwen ...), like Wan's ``--t5_fsdp``; ``[]``: none. They must run on every rank
             of the group the same number of times (diffusers pipelines call each encoder once per batch).
-        fsdp_units: with ``fsdp``, what a rank gathers at once: ``"blocks"`` (each transformer block, the default:
-            fewest all-gathers), ``"layers"`` (each Linear / convolution / embedding: a lower peak, more and smaller
-            all-gathers) or ``"rows"`` (the layers, the Linears never gathered whole: each rank's rows are broadcast in
-            turn and multiplied where they arrive; the lowest peak, slower; not with ``tp_degree > 1``). See
+        fsdp_units: with ``fsdp``, what a rank gathers at once: ``"auto"`` (the default: ``"rows"``, or ``"layers"``
+            with ``tp_degree > 1``), ``"blocks"`` (each transformer block: fewest all-gathers), ``"layers"`` (each
+            Linear / convolution / embedding: a lower peak, more and smaller all-gathers) or ``"rows"`` (the layers,
+            the Linears never gathered whole: each rank's rows are broadcast in turn and multiplied where they arrive:
+            the lowest peak; not with ``tp_degree > 1``). With ``auto=True`` the planner's choice. See
             ``parallelize``.
         offload: keep the weights of the transformer blocks and of the encoders' layers in (pinned) host memory and
             bring each unit to the device for its forward only, for models that do not fit the devices otherwise
@@ -204,7 +205,7 @@ class DiTParallelStrategy(ParallelStrategy):
         auto: bool | AutoOptions = False,
         shard_modules: Sequence[str] | None = None,
         offload: bool = False,
-        fsdp_units: FsdpUnits = "blocks",
+        fsdp_units: FsdpUnits = "auto",
         check_inputs: CheckInputs = True,
         cache: CacheMethod | None = None,
         cache_threshold: float | None = None,
@@ -450,7 +451,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
         self._offload = layout.offload  # with auto, offload=True allows it where nothing fits without
-        if layout.fsdp_units != "blocks":  # the planner's choice where nothing fits with block units
+        if self._fsdp_units == "auto" or layout.fsdp_units != "blocks":  # the units the planner's estimate assumed
             self._fsdp_units = layout.fsdp_units
         self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(

@@ -21,6 +21,7 @@ from lightning_dit_parallel.parallel.fsdp.shard import (
     encoder_units,
     is_sharded,
     module_units,
+    resolve_fsdp_units,
     weight_layers,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "FsdpUnits",
     "WEIGHT_LAYERS",
     "check_fsdp_units",
+    "resolve_fsdp_units",
     "weight_layers",
 ]

@@ -374,17 +374,26 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 
 #: What one FSDP unit of a DiT is: each transformer block, or each weight layer (see ``weight_layers``); ``"rows"``:
-#: the weight layers' units, the Linears among them never gathered whole (``row_stream.py``).
-FsdpUnits = Literal["blocks", "layers", "rows"]
+#: the weight layers' units, the Linears among them never gathered whole (``row_stream.py``); ``"auto"``: ``"rows"``,
+#: or ``"layers"`` with tensor parallelism (``resolve_fsdp_units``).
+FsdpUnits = Literal["auto", "blocks", "layers", "rows"]
 
 #: Modules that hold a layer's weight matrix (or kernel, or table): the units of ``fsdp_units="layers"``.
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
 def check_fsdp_units(fsdp_units: str) -> None:
-    """Raise ``ValueError`` unless ``fsdp_units`` is ``"blocks"``, ``"layers"`` or ``"rows"``."""
-    if fsdp_units not in ("blocks", "layers", "rows"):
-        raise ValueError(f"fsdp_units must be 'blocks', 'layers' or 'rows'; got {fsdp_units!r}.")
+    """Raise ``ValueError`` unless ``fsdp_units`` is ``"auto"``, ``"blocks"``, ``"layers"`` or ``"rows"``."""
+    if fsdp_units not in ("auto", "blocks", "layers", "rows"):
+        raise ValueError(f"fsdp_units must be 'auto', 'blocks', 'layers' or 'rows'; got {fsdp_units!r}.")
+
+
+def resolve_fsdp_units(fsdp_units: str, tp: int) -> str:
+    """``"auto"`` -> ``"rows"`` (the lowest peak: no Linear is ever gathered whole), or ``"layers"`` where tensor
+    parallelism (``tp > 1``) already splits the blocks' Linears; any other value as it is."""
+    if fsdp_units != "auto":
+        return fsdp_units
+    return "layers" if tp > 1 else "rows"
 
 
 def weight_layers(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
