@@ -33,18 +33,12 @@ GB = 1e9
 LAYOUTS = [
     ("one process", 1, ["strategy=none"], {}),
     ("ulysses 2 (replicated)", 2, ["strategy=ulysses", "strategy.ulysses_degree=2"], dict(ulysses=2)),
-    ("fsdp (dp 2)", 2, ["strategy=fsdp"], dict(dp=2, fsdp=True)),
+    ("fsdp (dp 2)", 2, ["strategy=fsdp"], dict(dp=2, fsdp=True, fsdp_units="rows")),
     (
         "fsdp x ulysses 2",
         2,
         ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1"],
-        dict(ulysses=2, fsdp=True),
-    ),
-    (
-        "fsdp x ulysses 2, layer units",
-        2,
-        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1", "strategy.fsdp_units=layers"],
-        dict(ulysses=2, fsdp=True, fsdp_units="layers"),
+        dict(ulysses=2, fsdp=True, fsdp_units="rows"),
     ),
     (
         "fsdp (dp 2), layer units",
@@ -52,38 +46,22 @@ LAYOUTS = [
         ["strategy=fsdp", "strategy.fsdp_units=layers"],
         dict(dp=2, fsdp=True, fsdp_units="layers"),
     ),
-    (
-        "fsdp (dp 2), rows units",
-        2,
-        ["strategy=fsdp", "strategy.fsdp_units=rows"],
-        dict(dp=2, fsdp=True, fsdp_units="rows"),
-    ),
-    (
-        "fsdp x ulysses 2, rows units",
-        2,
-        ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=1", "strategy.fsdp_units=rows"],
-        dict(ulysses=2, fsdp=True, fsdp_units="rows"),
-    ),
+    ("fsdp (dp 2), block units", 2, ["strategy=fsdp", "strategy.fsdp_units=blocks"], dict(dp=2, fsdp=True)),
     ("pipeline 2", 2, ["strategy=pipeline"], dict(pp=2, pp_mode="microbatch")),
     ("tp 2", 2, ["strategy=tp", "strategy.tp_degree=2"], dict(tp=2)),
-    ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True)),
+    ("fsdp (dp 4)", 4, ["strategy=fsdp"], dict(dp=4, fsdp=True, fsdp_units="rows")),
     (
         "fsdp (dp 4), layer units",
         4,
         ["strategy=fsdp", "strategy.fsdp_units=layers"],
         dict(dp=4, fsdp=True, fsdp_units="layers"),
     ),
-    (
-        "fsdp (dp 4), rows units",
-        4,
-        ["strategy=fsdp", "strategy.fsdp_units=rows"],
-        dict(dp=4, fsdp=True, fsdp_units="rows"),
-    ),
+    ("fsdp (dp 4), block units", 4, ["strategy=fsdp", "strategy.fsdp_units=blocks"], dict(dp=4, fsdp=True)),
     (
         "fsdp x ulysses 2 x dp 2",
         4,
         ["strategy=fsdp", "strategy.ulysses_degree=2", "strategy.dp_degree=2"],
-        dict(dp=2, ulysses=2, fsdp=True),
+        dict(dp=2, ulysses=2, fsdp=True, fsdp_units="rows"),
     ),
     ("pipeline 4", 4, ["strategy=pipeline"], dict(pp=4, pp_mode="microbatch")),
     ("tp 4", 4, ["strategy=tp", "strategy.tp_degree=4"], dict(tp=4)),
@@ -91,7 +69,7 @@ LAYOUTS = [
         "pipeline 2 x ulysses 2, fsdp",
         4,
         ["strategy=hybrid", "strategy.pp_degree=2", "strategy.cfg_degree=1", "strategy.ulysses_degree=2"],
-        dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch"),
+        dict(pp=2, ulysses=2, fsdp=True, pp_mode="microbatch", fsdp_units="rows"),
     ),
 ]
 

@@ -339,29 +339,28 @@ def test_a_module_with_two_experts_and_an_image_encoder_is_planned():
     assert dict(one.memory.components) == expected
 
 
-def test_fsdp_layer_units_are_estimated_and_listed_only_when_block_units_do_not_fit():
-    """Wan 2.1 14B on 8 devices: FSDP gathering one weight layer at a time holds less on top of the shards than
-    block units (the largest matrix, the root's 5120 x 30720 time projection, against the root and a whole block),
-    and the planner lists such layouts only when no layout fits with block units."""
+def test_fsdp_units_hold_less_from_blocks_to_layers_to_rows_and_the_others_are_listed_on_request():
+    """Wan 2.1 14B on 8 devices: FSDP with the default units (rows streaming: no Linear gathered whole; layers with
+    tensor parallelism) holds less on top of the shards than weight-layer units, which hold less than block units
+    (the largest matrix, the root's 5120 x 30720 time projection, against a whole block); the other units are listed
+    only on request (``Axes.fsdp_layers``), with the same shards."""
     from dataclasses import replace
 
+    from lightning_dit_parallel.parallel.fsdp import resolve_fsdp_units
     from lightning_dit_parallel.planner.layouts import Axes
 
     work = dict(devices=8, dtype="bfloat16", height=720, width=1280, frames=81, cfg_calls="separate")
     source = Path(__file__).resolve().parent.parent / "examples" / "configs" / "wan2.1-t2v-14b"
-    both = plan_layouts(source, memory="1TiB", axes=Axes(fsdp_layers=True), **work)
-    by_layout = {e.layout: e for e in both.layouts}
-    pairs = [
-        (e, by_layout[replace(e.layout, fsdp_units="layers")])
-        for e in both.layouts
-        if e.layout.fsdp and e.layout.fsdp_units == "blocks"
-    ]
-    assert pairs
-    for blocks, layers in pairs:
-        assert layers.memory.dit_gathered < blocks.memory.dit_gathered, blocks.layout.describe()
-        assert layers.memory.dit_parameters == blocks.memory.dit_parameters
-    roomy = plan_layouts(source, memory="1TiB", **work)
-    assert all(e.layout.fsdp_units == "blocks" for e in roomy.layouts)
-    cramped = plan_layouts(source, memory="4GiB", **work)
-    assert any(e.layout.fsdp_units == "layers" for e in cramped.layouts)
-    assert not any(e.recommended for e in cramped.layouts)
+    every = plan_layouts(source, memory="1TiB", axes=Axes(fsdp_layers=True), **work)
+    by_layout = {e.layout: e for e in every.layouts}
+    rows = [e for e in every.layouts if e.layout.fsdp and e.layout.fsdp_units == "rows"]
+    assert rows
+    for e in rows:
+        layers = by_layout[replace(e.layout, fsdp_units="layers")]
+        blocks = by_layout[replace(e.layout, fsdp_units="blocks")]
+        assert e.memory.dit_gathered < layers.memory.dit_gathered < blocks.memory.dit_gathered, e.layout.describe()
+        assert e.memory.dit_parameters == layers.memory.dit_parameters == blocks.memory.dit_parameters
+        assert "fsdp(" not in e.layout.describe() and "+fsdp(blocks)" in blocks.layout.describe()
+    default = plan_layouts(source, memory="1TiB", **work)
+    fsdp = [e.layout for e in default.layouts if e.layout.fsdp]
+    assert fsdp and all(layout.fsdp_units == resolve_fsdp_units("auto", layout.tp) for layout in fsdp)

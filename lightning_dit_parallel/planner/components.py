@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_dit_parallel.planner.spec import Unit
+from lightning_dit_parallel.planner.spec import Unit, linear_parameters
 
 EncoderKind = Literal["text", "image"]
 
@@ -166,21 +166,26 @@ def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
     from lightning_dit_parallel.parallel.fsdp import module_units
 
     seen: set[int] = set()
+    streamed = linear_parameters(module)
     units: list[Unit] = []
     layers = module_units(module)[:-1]
     for index, layer in enumerate(layers):
-        shapes = []
+        params = []
         for p in layer.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                shapes.append(tuple(p.shape))
-        units.append(Unit("block", index, tuple(shapes)))
+                params.append(p)
+        units.append(_unit("block", index, params, streamed))
     rest = []
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            rest.append(tuple(p.shape))
-    return (Unit("root", -1, tuple(rest)), *units)
+            rest.append(p)
+    return (_unit("root", -1, rest, streamed), *units)
+
+
+def _unit(kind: str, index: int, params: list, streamed: set[int]) -> Unit:
+    return Unit(kind, index, tuple(tuple(p.shape) for p in params), whole=tuple(id(p) not in streamed for p in params))
 
 
 def vae_spec(module: nn.Module) -> VaeSpec:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from lightning_dit_parallel.parallel.composition import composition_problems
+from lightning_dit_parallel.parallel.fsdp.shard import resolve_fsdp_units
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.pipeline.options import PipelineOptions
 from lightning_dit_parallel.planner.spec import ModelSpec
@@ -42,6 +43,8 @@ class PlannedLayout:
         offload: the weights of the blocks and encoder layers live in host memory and are streamed to the device one
             unit at a time (FSDP shards with ``CPUOffloadPolicy``, else ``offload.apply_offload``); considered only
             when no layout fits without it (``Axes.offload``).
+        fsdp_units: with ``fsdp``, the FSDP units (``parallelize``'s ``fsdp_units``); ``"auto"``, the strategy's
+            default, becomes ``"rows"`` (``"layers"`` with ``tp > 1``); ``"blocks"`` without ``fsdp``.
     """
 
     dp: int = 1
@@ -56,9 +59,11 @@ class PlannedLayout:
     pp_mode: PipelineMode = "none"
     patches: int = 0
     offload: bool = False
-    fsdp_units: str = "blocks"
+    fsdp_units: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.fsdp_units == "auto":
+            object.__setattr__(self, "fsdp_units", resolve_fsdp_units("auto", self.tp) if self.fsdp else "blocks")
         if self.distrifusion > 1 and self.ring > 1:
             raise ValueError(
                 f"DistriFusion's patches are the ring axis: ring must be 1 with it; got {self.describe()}."
@@ -133,7 +138,8 @@ class PlannedLayout:
                 parts.append(part)
         text = " x ".join(parts) or "1 device"
         if self.fsdp:
-            text += " +fsdp" if self.fsdp_units == "blocks" else f" +fsdp({self.fsdp_units})"
+            default = self.fsdp_units == resolve_fsdp_units("auto", self.tp)  # the strategy's default units
+            text += " +fsdp" if default else f" +fsdp({self.fsdp_units})"
         if self.parallel_vae:
             text += " +pvae"
         if self.offload:
@@ -174,9 +180,9 @@ class Axes:
         parallel_vae: parallel VAE decode.
         pipefusion: PipeFusion schedules (approximate).
         distrifusion: DistriFusion (approximate).
-        fsdp_layers: also FSDP layouts that gather one weight layer at a time (``fsdp_units="layers"``) or stream the
-            Linears' rows (``"rows"``); by default
-            only when no layout fits with block units.
+        fsdp_layers: also the FSDP layouts with the other units (``fsdp_units="blocks"`` and ``"layers"``: more held
+            while a unit runs, the all-gathers prefetched on a GPU) next to the default's (``"rows"``, ``"layers"``
+            with tensor parallelism). Off by default: the default's units hold the least.
         offload: host offload of the weights (``PlannedLayout.offload``), only when no layout fits without it. Off by
             default: streaming the weights every step is slow, so it is asked for (``ldp-plan --offload``,
             ``DiTParallelStrategy(auto=True, offload=True)``).

@@ -186,13 +186,20 @@ def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, units_kind: s
     are the weight matrices (2-D or more); ``"rows"``: the matrices are never gathered, a rank holds one other rank's
     rows of the largest at a time (``fsdp/row_stream.py``)."""
     if units_kind in ("layers", "rows"):  # a weight matrix (2-D or more) at a time; the rest stays with its unit
-        mats = [math.prod(shape) for u in units for shape in u.local_shapes(tp) if len(shape) >= 2]
+        mats = [
+            (math.prod(shape), whole)
+            for u in units
+            for shape, whole in zip(u.local_shapes(tp), u.gathered_whole())
+            if len(shape) >= 2
+        ]
         rest = sum(
             math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp) if len(shape) < 2
         )
-        largest = max(mats, default=0)
-        if units_kind == "rows":  # at most two other ranks' rows at a time (the next travels during a product)
-            return rest + min(2, shards - 1) * -(-largest // shards)
+        largest = max((n for n, _ in mats), default=0)
+        if units_kind == "rows":  # the Linears: at most two other ranks' rows at a time (the next travels meanwhile)
+            streamed = max((n for n, whole in mats if not whole), default=0)
+            gathered = max((n for n, whole in mats if whole), default=0)  # embedding tables, kernels: whole
+            return rest + max(min(2, shards - 1) * -(-streamed // shards), 2 * gathered)
         return rest + 2 * largest + (-(-largest // shards) if hw.device_type == "cuda" else 0)
     root = sum(u.local_numel(tp) for u in units if u.kind == "root")
     blocks = sorted(((u.local_numel(tp), u.shard_numel(shards, tp)) for u in units if u.kind == "block"), reverse=True)

@@ -261,11 +261,13 @@ def estimate_layouts(
 
     estimates = [estimate(layout) for layout in layouts]
     sharded = [layout for layout in layouts if layout.fsdp]
-    if axes.fsdp_layers or not any(e.fits and (e.exact or allow_approximate) for e in estimates):
-        # FSDP gathering one weight layer at a time instead of a block: a lower peak, more all-gathers; or never
-        # gathering the Linears (rows streaming): the lowest peak, not overlapped with the compute
-        estimates += [estimate(replace(layout, fsdp_units="layers")) for layout in sharded]
-        estimates += [estimate(replace(layout, fsdp_units="rows")) for layout in sharded if layout.tp == 1]
+    if axes.fsdp_layers:
+        # FSDP with the other units: whole blocks or weight layers gathered (more held while one runs, the all-gathers
+        # prefetched on a GPU) instead of the default's rows streaming
+        others = ("blocks", "layers")
+        estimates += [
+            estimate(replace(layout, fsdp_units=u)) for layout in sharded for u in others if u != layout.fsdp_units
+        ]
     if axes.offload and not any(e.fits and (e.exact or allow_approximate) for e in estimates):
         # the last resort: the same layouts with the weights in host memory, streamed to the device per unit
         estimates += [estimate(replace(layout, offload=True)) for layout in layouts]

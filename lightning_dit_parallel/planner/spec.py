@@ -35,12 +35,19 @@ class Unit:
             the root.
         shapes: the shape of every parameter of the unit, each storage once.
         tp_dims: per parameter, the dim tensor parallelism splits (``None``: kept whole); empty: none split.
+        whole: per parameter, whether ``fsdp_units="rows"`` still gathers it whole (it is not a plain ``nn.Linear``'s:
+            an embedding table, a convolution kernel, a norm); empty: unknown, every parameter of 3 dims or more.
     """
 
     kind: Literal["block", "shared", "root"]
     index: int
     shapes: tuple[tuple[int, ...], ...]
     tp_dims: tuple[int | None, ...] = ()
+    whole: tuple[bool, ...] = ()
+
+    def gathered_whole(self) -> list[bool]:
+        """Per parameter, whether rows streaming gathers it whole (``whole``, or by its number of dims)."""
+        return list(self.whole) if self.whole else [len(s) >= 3 for s in self.shapes]
 
     @property
     def numel(self) -> int:
@@ -56,6 +63,14 @@ class Unit:
                 shape = (*shape[:dim], -(-shape[dim] // tp), *shape[dim + 1 :])
             out.append(shape)
         return out
+
+    def shard_numel_split(self, ranks: int, tp: int = 1) -> tuple[int, int]:
+        """``shard_numel`` in two: ``(streamed, whole)``, the elements of the parameters ``fsdp_units="rows"``
+        broadcasts by rows (plain Linears') and of those it still all-gathers (``gathered_whole``)."""
+        split = [0, 0]
+        for shape, whole in zip(self.local_shapes(tp), self.gathered_whole()):
+            split[whole] += _shard_numel(shape, ranks)
+        return split[0], split[1]
 
     def local_numel(self, tp: int = 1) -> int:
         return sum(_numel(s) for s in self.local_shapes(tp))
@@ -214,6 +229,7 @@ def _units(
         index = next((i for i, b in enumerate(block_modules) if any(m is module for m in b.modules())), -1)
         for p in module.parameters():
             shared_ids.setdefault(id(p), index)
+    streamed = linear_parameters(model)
     units: list[Unit] = []
     shared: dict[int, list[nn.Parameter]] = {}
     for index, block in enumerate(block_modules):
@@ -226,19 +242,34 @@ def _units(
                 shared.setdefault(shared_ids[id(p)], []).append(p)
             else:
                 params.append(p)
-        units.append(_unit("block", index, params, tp_dims))
-    units = [_unit("shared", i, params, tp_dims) for i, params in sorted(shared.items())] + units
+        units.append(_unit("block", index, params, tp_dims, streamed))
+    units = [_unit("shared", i, params, tp_dims, streamed) for i, params in sorted(shared.items())] + units
     rest = []
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             rest.append(p)
-    return (_unit("root", -1, rest, tp_dims), *units)
+    return (_unit("root", -1, rest, tp_dims, streamed), *units)
 
 
-def _unit(kind: str, index: int, params: list[nn.Parameter], tp_dims: dict[int, int | None]) -> Unit:
+def linear_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters of ``model``'s plain ``nn.Linear`` layers (what ``fsdp_units="rows"`` streams)."""
+    from lightning_dit_parallel.parallel.fsdp.row_stream import streams_rows
+
+    return {id(p) for m in model.modules() if streams_rows(m) for p in m.parameters(recurse=False)}
+
+
+def _unit(
+    kind: str, index: int, params: list[nn.Parameter], tp_dims: dict[int, int | None], streamed: set[int]
+) -> Unit:
     dims = tuple(tp_dims.get(id(p)) for p in params)
-    return Unit(kind, index, tuple(tuple(p.shape) for p in params), dims if any(d is not None for d in dims) else ())
+    return Unit(
+        kind,
+        index,
+        tuple(tuple(p.shape) for p in params),
+        dims if any(d is not None for d in dims) else (),
+        tuple(id(p) not in streamed for p in params),
+    )
 
 
 def _attention_specs(model: nn.Module, plan: DiTPlan, block_modules: list[nn.Module]) -> tuple[AttentionSpec, ...]:

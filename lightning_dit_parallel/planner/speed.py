@@ -44,6 +44,7 @@ METHOD_AXES: dict[str, tuple[str, ...]] = {
     "sequence_gather": ("ring", "ulysses"),
     "cfg_gather": ("cfg",),
     "fsdp": ("dp", "cfg", "ring", "ulysses"),
+    "fsdp_rows": ("dp", "cfg", "ring", "ulysses"),
     "pipeline": ("pp",),
     "pipeline_output": ("pp",),
     "tp": ("tp",),
@@ -168,8 +169,8 @@ def time_estimate(
         seconds = n / bandwidth
         if method in ("ring", "distrifusion"):
             seconds = max(0.0, seconds - attention_s)
-        elif method == "fsdp" and hw.device_type == "cuda" and layout.fsdp_units != "rows":
-            seconds = max(0.0, seconds - compute)  # prefetched all-gathers; rows' broadcasts wait for each product
+        elif method == "fsdp" and hw.device_type == "cuda":
+            seconds = max(0.0, seconds - compute)  # prefetched all-gathers (rows streaming's broadcasts: exposed)
         exposed += seconds
     if layout.offload:
         exposed += _offload_seconds(spec, work, hw, layout, element, compute)

@@ -58,6 +58,7 @@ KIND_OF: dict[str, str] = {
     "sequence_gather": "all_gather",
     "cfg_gather": "all_gather",
     "fsdp": "all_gather",
+    "fsdp_rows": "broadcast",
     "pipeline": "p2p",
     "pipeline_output": "broadcast",
     "tp": "all_reduce",
@@ -149,7 +150,12 @@ def bytes_by_method(
                 calls = passes
                 if unit.kind == "shared":
                     calls *= (unit.index in blocks) + (1 if last else 0)
-                sent["fsdp"] += unit.shard_numel(n, tp) * element * (n - 1) * calls
+                if layout.fsdp_units == "rows":  # the Linears' rows broadcast by their ranks, the rest all-gathered
+                    streamed, whole = unit.shard_numel_split(n, tp)
+                    sent["fsdp_rows"] += streamed * element * (n - 1) * calls
+                    sent["fsdp"] += whole * element * (n - 1) * calls
+                else:
+                    sent["fsdp"] += unit.shard_numel(n, tp) * element * (n - 1) * calls
         if layout.pp > 1 and not last:
             first_next = spec.blocks[stages[stage + 1].start]
             carried = sum(local.get(s, 0) for s in first_next.sequences) or latent_local

@@ -37,6 +37,8 @@ STORED_DTYPE_BYTES = {
 }
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
+#: tensor names of embedding tables (T5's ``shared``, ``embed_tokens``, ``word_embeddings``, GPT's ``wte``/``wpe``)
+_EMBEDDING = re.compile(r"(embed|shared\.|\bwte\b|\bwpe\b)")
 
 
 @dataclass(frozen=True)
@@ -156,13 +158,19 @@ def layer_key(name: str) -> str | None:
 def units_from_tensors(tensors: tuple[TensorInfo, ...] | list[TensorInfo]) -> tuple[Unit, ...]:
     """FSDP units as ``fsdp.module_units`` cuts a module, from tensor names: the root (every tensor outside the
     layers), then one unit per layer, in order of first appearance."""
-    root: list[tuple[int, ...]] = []
-    layers: dict[str, list[tuple[int, ...]]] = {}
+    root: list[TensorInfo] = []
+    layers: dict[str, list[TensorInfo]] = {}
     for t in tensors:
         key = layer_key(t.name)
-        (root if key is None else layers.setdefault(key, [])).append(t.shape)
-    units = [Unit("block", i, tuple(shapes)) for i, shapes in enumerate(layers.values())]
-    return (Unit("root", -1, tuple(root)), *units)
+        (root if key is None else layers.setdefault(key, [])).append(t)
+
+    def unit(kind: str, index: int, infos: list[TensorInfo]) -> Unit:
+        # rows streaming computes Linears; an embedding table (by its name) or a kernel of 3+ dims is gathered whole
+        whole = tuple(len(t.shape) >= 3 or bool(_EMBEDDING.search(t.name)) for t in infos)
+        return Unit(kind, index, tuple(t.shape for t in infos), whole=whole)
+
+    units = [unit("block", i, infos) for i, infos in enumerate(layers.values())]
+    return (unit("root", -1, root), *units)
 
 
 def units_from_names(names: tuple[str, ...] | list[str], numel: int) -> tuple[Unit, ...]:

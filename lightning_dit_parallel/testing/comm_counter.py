@@ -95,7 +95,10 @@ class CommCounter:
             return original["all_gather_single"](output, input, group=group, **kwargs)
 
         def broadcast(tensor, src=None, group=None, **kwargs):
-            if dist.get_rank() == src:
+            source = src
+            if source is None and kwargs.get("group_src") is not None:  # the source named by its rank in the group
+                source = dist.get_global_rank(group or dist.group.WORLD, kwargs["group_src"])
+            if dist.get_rank() == source:
                 counter["broadcast"] += _nbytes(tensor) * peers(group)
             return original["broadcast"](tensor, src, group=group, **kwargs)
 
