@@ -74,25 +74,29 @@ FAMILIES = {
     "wan": lambda: HoldsPipeline(wan_pipeline, WAN_CALL, "frames"),
 }
 
-#: name -> (strategy, what must be offloaded while predict runs: units streamed, FSDP units of the DiT's blocks
-#: offloaded (those of the root's weight layers with them), and whether the encoder's FSDP units - every one but its
-#: root, see ``fsdp.encoder_units`` - are offloaded too). Both DiTs have 2 blocks, both encoders 2 layers.
+#: name -> (strategy, what must be offloaded while predict runs: units streamed, the DiT's FSDP units offloaded
+#: (``"blocks"``: each block and each of the root's weight layers; ``"layers"``: each block's rest and every weight
+#: layer, the units of ``fsdp_units="rows"`` too), and whether the encoder's FSDP units - every one but its root, see
+#: ``fsdp.encoder_units`` - are offloaded too). Both DiTs have 2 blocks, both encoders 2 layers.
 CASES = {
     # FSDP shards of the DiT's blocks and of the encoder's layers on the host (the roots' shards stay on the device)
-    "fsdp_ulysses2": (lambda: FSDPInferenceStrategy(ulysses_degree=2, offload=True), (0, 2, True)),
-    # data parallel FSDP: each rank its own sample, from host-offloaded shards
-    "fsdp_dp2": (lambda: FSDPInferenceStrategy(offload=True), (0, 2, True)),
+    "fsdp_ulysses2": (
+        lambda: FSDPInferenceStrategy(ulysses_degree=2, offload=True, fsdp_units="blocks"),
+        (0, "blocks", True),
+    ),
+    # data parallel FSDP (the default units: rows streaming): each rank its own sample, from host-offloaded shards
+    "fsdp_dp2": (lambda: FSDPInferenceStrategy(offload=True), (0, "layers", True)),
     # pipeline stages: the stage's one block streamed; the encoder sharded over the stages with offloaded shards
-    "pipeline2": (lambda: PipelineStrategy(pp_degree=2, offload=True), (1, 0, True)),
+    "pipeline2": (lambda: PipelineStrategy(pp_degree=2, offload=True), (1, None, True)),
     # pipeline stages with the encoder kept whole: its layers streamed too
     "pipeline2_whole_encoder": (
         lambda: PipelineStrategy(pp_degree=2, offload=True, shard_modules=[]),
-        (3, 0, False),
+        (3, None, False),
     ),
     # tensor parallelism: both blocks' DTensor shards streamed; the encoder sharded over the tp ranks, offloaded
-    "tp2": (lambda: TensorParallelStrategy(tp_degree=2, offload=True), (2, 0, True)),
+    "tp2": (lambda: TensorParallelStrategy(tp_degree=2, offload=True), (2, None, True)),
     # no FSDP, no stages: every block and layer streamed
-    "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, offload=True), (4, 0, False)),
+    "ulysses2": (lambda: SequenceParallelStrategy(ulysses_degree=2, offload=True), (4, None, False)),
 }
 
 
@@ -125,10 +129,11 @@ def _every_case(rank: int, world: int, family: str, ports: tuple[int, int]) -> l
     blocks = [b for _, blocks in plan_for(dit).block_lists(dit) for b in blocks.children()]
     inside = {id(m) for b in blocks for m in b.modules()}
     root_layers = sum(1 for m in weight_layers(dit, blocks) if id(m) not in inside)
+    dit_units = {None: 0, "blocks": len(blocks) + root_layers, "layers": len(blocks) + len(weight_layers(dit, blocks))}
     with external_launch(rank, world, *ports):
-        for name, (make, (streamed, dit_units, encoder_sharded)) in CASES.items():
+        for name, (make, (streamed, units, encoder_sharded)) in CASES.items():
             what = f"{family} {name}, rank {rank}"
-            dit_fsdp = dit_units + (root_layers if dit_units else 0)
+            dit_fsdp = dit_units[units]
             expected_counts = {"streamed": streamed, "fsdp": dit_fsdp + (encoder_layers if encoder_sharded else 0)}
             strategy = make()
             out = predict_here(module, prompt_loader(PROMPTS, batch_size=2 if "dp" not in name else 1), strategy, world)

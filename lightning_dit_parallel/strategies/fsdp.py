@@ -12,7 +12,8 @@ from lightning_dit_parallel.strategies.base import DiTParallelStrategy
 
 
 class FSDPInferenceStrategy(DiTParallelStrategy):
-    """FSDP inference: every rank keeps 1/N of each transformer block and gathers a block just before it runs.
+    """FSDP inference: every rank keeps 1/N of each transformer block; its Linears are computed from every rank's rows
+    in turn, the rest gathered just before it runs (``fsdp_units``: whole blocks or weight layers instead).
 
     The N ranks are all ranks that compute with the same weights. Alone (``dp`` takes the whole world)
     each rank generates its own samples from one sharded copy; with ``ulysses_degree=4`` on 4 ranks the
