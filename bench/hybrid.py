@@ -18,6 +18,7 @@ keeps read), against one process loading the whole model the same way.
     python bench/hybrid.py                                      # cfg2, fsdp_ulysses2, fsdp_dp2, pp2 + loading
     python bench/hybrid.py --layouts cfg2 --reps 3
     python bench/hybrid.py --layouts cfg2_ulysses2_fsdp         # 4 ranks (oversubscribed on a 2-core machine)
+    python bench/hybrid.py --layouts fsdp_ulysses2 --fsdp-units blocks   # FSDP gathering whole blocks
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from diffusers import DiTTransformer2DModel
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize, save_weights
+from lightning_dit_parallel.parallel.fsdp import resolve_fsdp_units
+from lightning_dit_parallel.parallel.fsdp.row_stream import streams_rows
 from lightning_dit_parallel.testing.comm_counter import CommCounter
 from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
@@ -74,10 +77,13 @@ def build(cfg: dict) -> DiTTransformer2DModel:
     return DiTTransformer2DModel(**cfg).eval()
 
 
-def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, param_bytes: int) -> dict[str, float]:
+def expected_bytes(
+    layout: ParallelLayout, cfg: dict, tokens: int, batch: int, param_bytes: int, streamed_bytes: int = 0
+) -> dict[str, float]:
     """Bytes one rank sends in one step, from the DESIGN.md table (float32), for the parts the table covers.
 
-    ``batch`` is the batch one model-parallel group computes (the doubled CFG batch).
+    ``batch`` is the batch one model-parallel group computes (the doubled CFG batch); ``streamed_bytes``: the part of
+    ``param_bytes`` FSDP broadcasts by rows (``fsdp_units="rows"``: the plain Linears'), the rest is all-gathered.
     """
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     layers = cfg["num_layers"]
@@ -88,10 +94,11 @@ def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, p
     if int(layout.ulysses) > 1:  # q, k, v, out: each (U-1)/U of the local (p/N x hs) tensor
         ulysses = int(layout.ulysses)
         figures["all_to_all"] = layers * 4 * (ulysses - 1) / ulysses * tokens * hidden * 4 * per_cfg / seq
-    gather = 0.0
+    gather = rows = 0.0
     if layout.fsdp:  # each rank sends its 1/N shard of every parameter to the N-1 others
         n = int(layout.dp) * int(layout.cfg) * seq
-        gather += param_bytes / int(layout.pp) * (n - 1) / n
+        gather += (param_bytes - streamed_bytes) / int(layout.pp) * (n - 1) / n
+        rows = streamed_bytes / int(layout.pp) * (n - 1) / n  # broadcast by the rows' ranks
     if int(layout.cfg) > 1:  # one all-gather of the output: this rank's half to the other rank
         gather += out_bytes / int(layout.cfg) * (int(layout.cfg) - 1)
     if gather:
@@ -99,6 +106,8 @@ def expected_bytes(layout: ParallelLayout, cfg: dict, tokens: int, batch: int, p
     if int(layout.pp) > 1:  # activations (p x hs, all micro-batches) across a stage boundary; the last stage's output
         figures["p2p"] = tokens * hidden * 4 * per_cfg / seq
         figures["broadcast"] = out_bytes / int(layout.cfg) * (int(layout.pp) - 1)
+    if rows:
+        figures["broadcast"] = figures.get("broadcast", 0.0) + rows
     return figures
 
 
@@ -133,7 +142,10 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     plain = build(cfg)
     full_bytes = resident_bytes(plain, buffers=False)
     parallel = build(cfg)
-    parallelize(parallel, layout, layout.build_mesh("cpu"))
+    parallelize(parallel, layout, layout.build_mesh("cpu"), fsdp_units=args.fsdp_units)
+    units = resolve_fsdp_units(args.fsdp_units, int(layout.tp))
+    streamed = {id(p) for m in plain.modules() if streams_rows(m) for p in m.parameters(recurse=False)}
+    streamed_bytes = sum(p.numel() * p.element_size() for p in plain.parameters() if id(p) in streamed)
     dp, dp_rank = int(layout.dp), layout.coordinates(rank)["dp"]
     batch = 2 * args.batch  # the doubled CFG batch of one dp group
     side = 2 * int(round(args.tokens**0.5))
@@ -177,7 +189,9 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
         "bytes": dict(counter.bytes_sent),
         "held": held,
         "full": full_bytes,
-        "expected": expected_bytes(layout, cfg, args.tokens, batch, full_bytes),
+        "expected": expected_bytes(
+            layout, cfg, args.tokens, batch, full_bytes, streamed_bytes if units == "rows" else 0
+        ),
     }
 
 
@@ -193,7 +207,7 @@ def _load_worker(rank: int, world: int, args: argparse.Namespace, name: str | No
     model = defer_weights(build_on_meta(lambda: DiTTransformer2DModel(**cfg).eval()), file)
     if name is not None:
         layout = ParallelLayout(**LAYOUTS[name]).resolve(world)
-        parallelize(model, layout, layout.build_mesh("cpu"))
+        parallelize(model, layout, layout.build_mesh("cpu"), fsdp_units=args.fsdp_units)
     reset_peak_rss()
     before = current_rss()
     materialize(model)
@@ -219,6 +233,12 @@ def main() -> None:
     parser.add_argument("--load-hidden", type=int, default=1024, help="hidden size of the model in the loading table")
     parser.add_argument("--load-layers", type=int, default=4)
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument(
+        "--fsdp-units",
+        default="auto",
+        choices=["auto", "blocks", "layers", "rows"],
+        help="FSDP's units (parallelize's fsdp_units; auto: rows streaming)",
+    )
     args = parser.parse_args()
 
     # rejects a --tokens that is not square, before any launch
