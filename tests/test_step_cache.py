@@ -130,13 +130,13 @@ LAYOUTS_2 = {
     "ulysses": (dict(ulysses_degree=2), (None, "fbcache", "teacache")),
     "ring": (dict(ring_degree=2), (None, "fbcache")),
     "tp": (dict(tp_degree=2), (None, "fbcache")),
-    "fsdp_ulysses": (dict(ulysses_degree=2, fsdp=True), (None, "teacache", "fbcache")),
+    "fsdp_ulysses": (dict(ulysses_degree=2, fsdp=True, fsdp_units="blocks"), (None, "teacache", "fbcache")),
     "fsdp_layers_offload": (dict(ulysses_degree=2, fsdp=True, fsdp_units="layers", offload=True), ("fbcache",)),
     "pipeline": (dict(pp_degree=2, num_microbatches=1), (None, "fbcache", "teacache")),
     "pipeline_microbatches": (dict(pp_degree=2), ("fbcache",)),
     "cfg": (dict(cfg_degree=2), (None, "teacache")),
     "dp": (dict(dp_degree=2), (None, "fbcache")),
-    "fsdp_dp": (dict(dp_degree=2, fsdp=True), ("teacache",)),
+    "fsdp_dp": (dict(dp_degree=2, fsdp=True), ("teacache",)),  # the default units: rows streaming
 }
 LAYOUTS_4 = {
     "usp": (dict(ulysses_degree=2, ring_degree=2), (None, "fbcache")),
@@ -153,7 +153,7 @@ PER_MICROBATCH = {"pipeline_microbatches"}
 #: FSDP with blocks as units: a block called in a skipped step finds its parameters sharded (not gathered), in every
 #: computed step gathered; but for teacache's first block, gathered in every step (the decision is taken inside it,
 #: from the output of its modulation)
-FSDP_BLOCKS = {"fsdp_ulysses", "fsdp_dp"}
+FSDP_BLOCKS = {"fsdp_ulysses"}  # block units: a skipped block's unit is not gathered
 
 #: CFG parallel with separate calls: WanPipeline (2 blocks: fbcache skips the second), 64 x 48 (12 video tokens), 8
 #: steps, one prompt; the threshold skips 3 "cond" and 2 "uncond" steps in one process (the contexts' statistics are
