@@ -18,22 +18,26 @@ freed, so the caching allocator reuses its memory only after the copy-out has ru
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 from torch.utils.hooks import RemovableHandle
 
 
-class ReleasingAllGather(DefaultAllGather):
-    """FSDP2's all-gather (``dist.all_gather_single``) whose output buffer ``release()`` frees; one per unit."""
+class ReleasingAllGather:
+    """FSDP2's all-gather whose output buffer ``release()`` frees; one per unit. It has the two methods of FSDP2's
+    ``AllGather`` interface (``allocate`` and the call), the same as FSDP2's default one."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.buffer: torch.Tensor | None = None
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         self.release()  # a unit gathered again without a forward (a borrowed call) frees the old buffer first
-        self.buffer = super().allocate(size, dtype=dtype, device=device)  # (N * shard numel,)
+        self.buffer = torch.empty(*size, dtype=dtype, device=device)  # (N * shard numel,)
         return self.buffer
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        # (shard numel,) per rank -> (N * shard numel,), rank r's shard at r * shard numel
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
 
     def release(self) -> None:
         """Free the buffer's storage (FSDP2 may still hold the tensor object: it has no bytes left)."""
