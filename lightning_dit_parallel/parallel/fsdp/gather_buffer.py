@@ -37,7 +37,7 @@ class ReleasingAllGather:
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         # (shard numel,) per rank -> (N * shard numel,), rank r's shard at r * shard numel
-        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
     def release(self) -> None:
         """Free the buffer's storage (FSDP2 may still hold the tensor object: it has no bytes left)."""
