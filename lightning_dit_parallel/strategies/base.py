@@ -451,7 +451,7 @@ class DiTParallelStrategy(ParallelStrategy):
         self._pipeline = PipelineOptions(mode, layout.patches or None, self._pipeline.warmup_steps)
         self._parallel_vae = layout.parallel_vae
         self._offload = layout.offload  # with auto, offload=True allows it where nothing fits without
-        if self._fsdp_units == "auto" or layout.fsdp_units != "blocks":  # the units the planner's estimate assumed
+        if self._fsdp_units == "auto":  # the units the planner's estimate assumed; a requested kind stays
             self._fsdp_units = layout.fsdp_units
         self._auto_shard_modules = self._shard_modules if shards_encoders(layout.fsdp, layout.pp, layout.tp) else ()
         rank_zero_log(
