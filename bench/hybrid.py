@@ -142,7 +142,7 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     plain = build(cfg)
     full_bytes = resident_bytes(plain, buffers=False)
     parallel = build(cfg)
-    parallelize(parallel, layout, layout.build_mesh("cpu"), fsdp_units=args.fsdp_units)
+    handle = parallelize(parallel, layout, layout.build_mesh("cpu"), fsdp_units=args.fsdp_units)
     units = resolve_fsdp_units(args.fsdp_units, int(layout.tp))
     streamed = {id(p) for m in plain.modules() if streams_rows(m) for p in m.parameters(recurse=False)}
     streamed_bytes = sum(p.numel() * p.element_size() for p in plain.parameters() if id(p) in streamed)
@@ -156,6 +156,8 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     mine = slice(dp_rank * batch, (dp_rank + 1) * batch)
 
     def forward(model, rows: slice):
+        if model is parallel:  # every timed call is a denoising step of a batch of its own (CFG's call pattern)
+            handle.begin_batch()
         with torch.no_grad():
             return model(x[rows], timestep=t[rows], class_labels=labels[rows], return_dict=False)[0]
 
