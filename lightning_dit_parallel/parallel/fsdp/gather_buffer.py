@@ -11,11 +11,15 @@ the model runs again (through the text encode and the VAE decode).
 ``ReleasingAllGather`` is FSDP2's own all-gather (``set_custom_all_gather``, FSDP2's public hook for a custom
 collective) that remembers its buffer; ``release()``, called right after FSDP2's pre-forward hook has copied the
 parameters out, frees the buffer's storage. A rank then holds a unit twice only during its copy-out, and once while
-it runs. On a GPU the copy-out was issued on the current stream: the buffer is recorded on that stream before it is
-freed, so the caching allocator reuses its memory only after the copy-out has run.
+it runs. The buffer is remembered by a weak reference: where FSDP2 drops it by itself (a gather outside a forward,
+for a call that borrows a unit's submodule), nothing here keeps it alive. On a GPU the copy-out was issued on the
+current stream: the buffer is recorded on that stream before it is freed, so the caching allocator reuses its memory
+only after the copy-out has run.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -28,20 +32,21 @@ class ReleasingAllGather:
     ``AllGather`` interface (``allocate`` and the call), the same as FSDP2's default one."""
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
+        self.buffer: weakref.ref[torch.Tensor] | None = None
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        self.release()  # a unit gathered again without a forward (a borrowed call) frees the old buffer first
-        self.buffer = torch.empty(*size, dtype=dtype, device=device)  # (N * shard numel,)
-        return self.buffer
+        buffer = torch.empty(*size, dtype=dtype, device=device)  # (N * shard numel,)
+        self.buffer = weakref.ref(buffer)
+        return buffer
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         # (shard numel,) per rank -> (N * shard numel,), rank r's shard at r * shard numel
         return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
     def release(self) -> None:
-        """Free the buffer's storage (FSDP2 may still hold the tensor object: it has no bytes left)."""
-        buffer, self.buffer = self.buffer, None
+        """Free the buffer's storage if FSDP2 still holds it (the tensor object then has no bytes left)."""
+        buffer = self.buffer() if self.buffer is not None else None
+        self.buffer = None
         if buffer is None or buffer.untyped_storage().size() == 0:
             return
         if buffer.device.type != "cpu":
