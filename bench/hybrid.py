@@ -34,7 +34,7 @@ from diffusers import DiTTransformer2DModel
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.loading import build_on_meta, defer_weights, materialize, save_weights
 from lightning_dit_parallel.parallel.fsdp import resolve_fsdp_units
-from lightning_dit_parallel.parallel.fsdp.row_stream import streams_rows
+from lightning_dit_parallel.planner.spec import linear_parameters
 from lightning_dit_parallel.testing.comm_counter import CommCounter
 from lightning_dit_parallel.testing.timing import time_all_ranks, time_rank_zero
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss, resident_bytes
@@ -144,7 +144,7 @@ def _step_worker(rank: int, world: int, args: argparse.Namespace, name: str, mem
     parallel = build(cfg)
     handle = parallelize(parallel, layout, layout.build_mesh("cpu"), fsdp_units=args.fsdp_units)
     units = resolve_fsdp_units(args.fsdp_units, int(layout.tp))
-    streamed = {id(p) for m in plain.modules() if streams_rows(m) for p in m.parameters(recurse=False)}
+    streamed = linear_parameters(plain)
     streamed_bytes = sum(p.numel() * p.element_size() for p in plain.parameters() if id(p) in streamed)
     dp, dp_rank = int(layout.dp), layout.coordinates(rank)["dp"]
     batch = 2 * args.batch  # the doubled CFG batch of one dp group

@@ -121,3 +121,14 @@ def test_row_counts_follow_torch_chunk():
         for ranks in (1, 2, 3, 4, 8):
             pieces = [len(p) for p in torch.arange(rows).chunk(ranks)]
             assert row_counts(rows, ranks) == pieces + [0] * (ranks - len(pieces))
+
+
+def test_auto_units_are_rows_or_layers_with_tensor_parallelism_and_rows_with_it_is_refused():
+    from lightning_dit_parallel.parallel.fsdp import resolve_fsdp_units
+
+    assert resolve_fsdp_units("auto", 1) == "rows" and resolve_fsdp_units("auto", 2) == "layers"
+    assert resolve_fsdp_units("blocks", 2) == "blocks" and resolve_fsdp_units("rows", 1) == "rows"
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        resolve_fsdp_units("rows", 2)
+    with pytest.raises(ValueError, match="fsdp_units must be"):
+        resolve_fsdp_units("columns", 1)

@@ -212,12 +212,8 @@ def parallelize(
     """
     check_complete(module)  # a module that a failed predict left with meta weights (incomplete.py) needs a reload
     check_fsdp_units(fsdp_units)
-    fsdp_units = resolve_fsdp_units(fsdp_units, int(layout.tp))
-    if fsdp_units == "rows" and layout.fsdp and layout.tp > 1:
-        raise ValueError(
-            "fsdp_units='rows' computes each Linear from the FSDP shards of its rows; tensor parallelism (tp > 1)"
-            " already splits those Linears: use fsdp_units='layers' with tp."
-        )
+    if layout.fsdp:
+        fsdp_units = resolve_fsdp_units(fsdp_units, int(layout.tp))
     result = Parallelized()
     check_composition(
         layout,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_dit_parallel.planner.spec import Unit, linear_parameters
+from lightning_dit_parallel.planner.spec import Unit, linear_parameters, unit_of
 
 EncoderKind = Literal["text", "image"]
 
@@ -175,17 +175,13 @@ def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        units.append(_unit("block", index, params, streamed))
+        units.append(unit_of("block", index, params, streamed))
     rest = []
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             rest.append(p)
-    return (_unit("root", -1, rest, streamed), *units)
-
-
-def _unit(kind: str, index: int, params: list, streamed: set[int]) -> Unit:
-    return Unit(kind, index, tuple(tuple(p.shape) for p in params), whole=tuple(id(p) not in streamed for p in params))
+    return (unit_of("root", -1, rest, streamed), *units)
 
 
 def vae_spec(module: nn.Module) -> VaeSpec:

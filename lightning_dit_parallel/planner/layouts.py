@@ -78,8 +78,8 @@ class PlannedLayout:
             raise ValueError(f"Degrees must be positive integers; got {bad} in {self.describe()}.")
         if self.fsdp_units not in ("blocks", "layers", "rows") or (self.fsdp_units != "blocks" and not self.fsdp):
             raise ValueError(f"fsdp_units must be 'blocks', or 'layers' or 'rows' with fsdp; got {self.fsdp_units!r}.")
-        if self.fsdp_units == "rows" and self.tp > 1:
-            raise ValueError(f"fsdp_units='rows' does not compose with tensor parallelism; got {self.describe()}.")
+        if self.fsdp:
+            resolve_fsdp_units(self.fsdp_units, self.tp)  # refuses rows streaming with tensor parallelism
         if (self.pp > 1) != (self.pp_mode != "none"):
             raise ValueError(f"pp_mode must be 'none' exactly when pp == 1; got {self.describe()}.")
         if (self.pp_mode == "pipefusion") != (self.patches > 0):

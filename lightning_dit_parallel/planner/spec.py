@@ -14,6 +14,7 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_dit_parallel.parallel.fsdp.row_stream import streams_rows
 from lightning_dit_parallel.parallel.sequence.head_parallel import head_parallel_modules
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.planner.shapes import AttentionKind, AttentionSpec, BlockShape
@@ -242,27 +243,27 @@ def _units(
                 shared.setdefault(shared_ids[id(p)], []).append(p)
             else:
                 params.append(p)
-        units.append(_unit("block", index, params, tp_dims, streamed))
-    units = [_unit("shared", i, params, tp_dims, streamed) for i, params in sorted(shared.items())] + units
+        units.append(unit_of("block", index, params, streamed, tp_dims))
+    units = [unit_of("shared", i, params, streamed, tp_dims) for i, params in sorted(shared.items())] + units
     rest = []
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             rest.append(p)
-    return (_unit("root", -1, rest, tp_dims, streamed), *units)
+    return (unit_of("root", -1, rest, streamed, tp_dims), *units)
 
 
 def linear_parameters(model: nn.Module) -> set[int]:
     """Ids of the parameters of ``model``'s plain ``nn.Linear`` layers (what ``fsdp_units="rows"`` streams)."""
-    from lightning_dit_parallel.parallel.fsdp.row_stream import streams_rows
-
     return {id(p) for m in model.modules() if streams_rows(m) for p in m.parameters(recurse=False)}
 
 
-def _unit(
-    kind: str, index: int, params: list[nn.Parameter], tp_dims: dict[int, int | None], streamed: set[int]
+def unit_of(
+    kind: str, index: int, params: list[nn.Parameter], streamed: set[int], tp_dims: dict[int, int | None] | None = None
 ) -> Unit:
-    dims = tuple(tp_dims.get(id(p)) for p in params)
+    """The ``Unit`` of ``params``: their shapes, the dims tensor parallelism splits (``tp_dims``), and which of them
+    rows streaming still gathers whole (those not in ``streamed``, see ``linear_parameters``)."""
+    dims = tuple((tp_dims or {}).get(id(p)) for p in params)
     return Unit(
         kind,
         index,

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from torch.utils.hooks import RemovableHandle
 
 
+def inert_hook(*args, **kwargs) -> None:
+    """Put in a hook's place in a module's hook order when another part runs that hook itself, or nothing should run
+    (``cache/weight_gate.py``, ``fsdp/row_stream.py``)."""
+    return None
+
+
 def remove_handles(handles: list[RemovableHandle]) -> None:
     """Remove every hook in ``handles`` and empty the list (so a second call does nothing)."""
     for handle in handles:

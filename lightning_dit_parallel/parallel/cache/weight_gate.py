@@ -24,11 +24,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lightning_dit_parallel.utils.hooks import WeightHooks
-
-
-def _inert(*args, **kwargs) -> None:
-    """In a gated hook's place in the block's hook order: the gate runs the hook itself."""
-    return None
+from lightning_dit_parallel.utils.hooks import inert_hook as _inert  # the gate runs the gated hook itself
 
 
 class WeightGate:

@@ -25,12 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_dit_parallel.utils.hooks import WeightHooks
-
-
-def _inert(*args, **kwargs) -> None:
-    """In place of FSDP2's forward hooks of a streamed unit (nothing to gather, nothing to free)."""
-    return None
+from lightning_dit_parallel.utils.hooks import WeightHooks, inert_hook
 
 
 def streams_rows(module: nn.Module) -> bool:
@@ -59,19 +54,21 @@ class RowStreamedLinear:
         self.group = group
         self.hooks = hooks
         self._replaced: list[tuple[dict, int, Callable]] = []  # (hook dict, hook id, FSDP2's hook)
+        self.counts = row_counts(linear.out_features, group.size())  # rows of each rank
+        self.starts = [sum(self.counts[:r]) for r in range(len(self.counts))]  # its first output column
 
     def install(self) -> RowStreamedLinear:
         for handle in (self.hooks.pre, self.hooks.post):
             hooks = handle.hooks_dict_ref()
             if hooks is not None and handle.id in hooks:
                 self._replaced.append((hooks, handle.id, hooks[handle.id]))
-                hooks[handle.id] = _inert
+                hooks[handle.id] = inert_hook  # nothing to gather, nothing to free
         self.linear.forward = self.forward
         return self
 
     def remove(self) -> None:
         for hooks, key, original in self._replaced:
-            if hooks.get(key) is _inert:
+            if hooks.get(key) is inert_hook:
                 hooks[key] = original
         self._replaced.clear()
         self.linear.__dict__.pop("forward", None)
@@ -80,9 +77,7 @@ class RowStreamedLinear:
         weight, bias = self.linear.weight, self.linear.bias
         local_weight = weight.to_local().to(x.device)  # (rows of this rank, in); a host-offloaded shard comes over
         local_bias = None if bias is None else bias.to_local().to(x.device)  # (rows of this rank,)
-        me = self.group.rank()
-        counts = row_counts(weight.shape[0], self.group.size())
-        starts = [sum(counts[:r]) for r in range(len(counts))]
+        me, counts, starts = self.group.rank(), self.counts, self.starts
         ranks = [r for r, count in enumerate(counts) if count > 0]  # ranks past the last piece hold no rows
         out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out)
 

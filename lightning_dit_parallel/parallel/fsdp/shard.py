@@ -390,7 +390,18 @@ def check_fsdp_units(fsdp_units: str) -> None:
 
 def resolve_fsdp_units(fsdp_units: str, tp: int) -> str:
     """``"auto"`` -> ``"rows"`` (the lowest peak: no Linear is ever gathered whole), or ``"layers"`` where tensor
-    parallelism (``tp > 1``) already splits the blocks' Linears; any other value as it is."""
+    parallelism (``tp > 1``) already splits the blocks' Linears; any other value as it is.
+
+    Raises:
+        ValueError: for ``"rows"`` with ``tp > 1`` (rows streaming computes a Linear from the FSDP shards of its rows,
+            which tensor parallelism has already split).
+    """
+    check_fsdp_units(fsdp_units)
+    if fsdp_units == "rows" and tp > 1:
+        raise ValueError(
+            "fsdp_units='rows' computes each Linear from the FSDP shards of its rows; tensor parallelism (tp > 1)"
+            " already splits those Linears: use fsdp_units='layers' (or 'auto') with tp."
+        )
     if fsdp_units != "auto":
         return fsdp_units
     return "layers" if tp > 1 else "rows"
