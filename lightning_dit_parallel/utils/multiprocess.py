@@ -78,6 +78,10 @@ def _worker(
             timeout=timedelta(seconds=timeout_s),
         )
         try:
+            # init_process_group returns on a rank once its own connections stand, not everyone's: a rank whose
+            # ``fn`` starts by destroying the group (tests that run strategies with groups of their own) would close
+            # its end while a peer still connects to it ("Connection closed by peer" there). Meet first.
+            dist.barrier()
             value = fn(rank, world_size, *args)
             if meet_at_end:
                 # Rank 0 serves the group's store: a rank that returned first must not close it while a peer still
@@ -133,7 +137,9 @@ def run_on_ranks(
             rank, ok, value = results.get(timeout=timeout_s + 30)
             collected[rank] = (ok, pickle.loads(value) if ok else value)
     except Exception as exc:  # a rank died without reporting, or everything hung
-        raise AssertionError(f"ranks {sorted(set(reporting) - set(collected))} did not report: {exc!r}") from exc
+        reported = "".join(f"\n--- rank {r} ---\n{v}" for r, (ok, v) in sorted(collected.items()) if not ok)
+        missing = sorted(set(reporting) - set(collected))
+        raise AssertionError(f"ranks {missing} did not report: {exc!r}{reported}") from exc
     finally:
         for p in procs:
             p.join(timeout=10)
