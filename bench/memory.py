@@ -8,7 +8,8 @@ after the libraries are imported (``imports``), and right before the pipeline's 
 loading``: the libraries, with the modules of the classes the pipeline folder names, plus Hydra's configuration,
 the prompts and the output writer). The table gives, per layout, the largest rank's peak, the same net of each
 baseline, and each net figure divided by the one-process run's, next to ``ldp-plan``'s estimate of the memory per
-rank for the same layout (compared with the net of imports).
+rank for the same layout, compared with both net figures (the planner counts the model's memory: the components'
+parameters and the largest phase, not what a process holds besides them).
 
     python bench/memory.py                      # 1, 2 and 4 ranks; about 5 minutes on 2 cores
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only
@@ -220,9 +221,9 @@ def main() -> None:
     reference = reference_loaded = None
     print(
         "| layout | ranks | peak per rank (GB) | net of imports (GB) | net / one process | net of before loading (GB) |"
-        " net / one process | planned (GB) | planned / net of imports |"
+        " net / one process | planned (GB) | planned / net of imports | planned / net of before loading |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     if args.configure_model:
         print("loaded in configure_model: model._target_=__main__.ConfigureModelSampler")
     for name, ranks, overrides, fields in layouts:
@@ -236,7 +237,9 @@ def main() -> None:
         net_loaded = max(r["peak"] - r["before_load"] for r in records)
         reference_loaded = reference_loaded or net_loaded
         planned = planned_bytes(folder, ranks, fields)
-        planned_text = "- | -" if planned is None else f"{planned / GB:.2f} | {planned / net:.2f}"
+        planned_text = (
+            "- | - | -" if planned is None else f"{planned / GB:.2f} | {planned / net:.2f} | {planned / net_loaded:.2f}"
+        )
         cuda = "" if worst["cuda_peak"] is None else f" (device {worst['cuda_peak'] / GB:.2f})"
         print(
             f"| {name} | {ranks} | {worst['peak'] / GB:.2f}{cuda} | {net / GB:.2f} | **{net / reference:.2f}** |"

@@ -38,6 +38,7 @@ from lightning_dit_parallel.parallel.input_limits import apply_input_limits, ref
 from lightning_dit_parallel.parallel.layout import ParallelLayout
 from lightning_dit_parallel.parallel.offload import apply_offload
 from lightning_dit_parallel.parallel.pipeline import PipelineOptions, apply_pipeline
+from lightning_dit_parallel.parallel.pipeline.root_shards import apply_root_shards
 from lightning_dit_parallel.parallel.pipeline.stages import ReleasedBlock, assign_stages, check_cuts_on_every_stage
 from lightning_dit_parallel.parallel.regional_compile import CompileOption, apply_regional_compile, check_compile_option
 from lightning_dit_parallel.parallel.sequence.backends import LSEFallback
@@ -273,7 +274,9 @@ def parallelize(
     result.paths.extend(path or type(dit).__name__ for path, dit, _ in planned)
     try:
         if layout.pp > 1:
-            _apply_pipeline(result, planned, layout, mesh, pipeline or PipelineOptions())
+            # the root is sharded between DiT calls unless FSDP or tensor parallelism cut it, or offload streams it
+            shard_root = not layout.fsdp and layout.tp == 1 and not offload
+            _apply_pipeline(result, planned, layout, mesh, pipeline or PipelineOptions(), shard_root)
         if layout.tp > 1:
             for (_, dit, _), tp_layout in zip(planned, tp_layouts):
                 result.applied.append(apply_tensor_parallel(dit, tp_layout, mesh["tp"]))
@@ -528,9 +531,11 @@ def _apply_pipeline(
     layout: ParallelLayout,
     mesh,
     options: PipelineOptions,
+    shard_root: bool,
 ) -> None:
     """Stage sharding of the blocks and micro-batch or PipeFusion pipelining over the ``pp`` axis; PipeFusion shards
-    each patch over the stage's sequence-parallel ranks itself."""
+    each patch over the stage's sequence-parallel ranks itself. ``shard_root``: the weights outside the blocks are
+    sharded over the stages between DiT calls too (``pipeline/root_shards.py``)."""
     sequence = SequenceGroups.from_mesh(mesh) if layout.sequence_degree > 1 else None
     for _, dit, plan in planned:
         if sequence is not None and options.mode == "microbatch":
@@ -539,7 +544,10 @@ def _apply_pipeline(
             apply_sequence_parallel(dit, plan, sequence).remove()
         pipefusion_sequence = sequence if options.mode == "pipefusion" else None
         result.applied.append(apply_pipeline(dit, plan, options, mesh.get_group("pp"), pipefusion_sequence))
-    rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}) on {result.paths}")
+        if shard_root:
+            result.applied.append(apply_root_shards(dit, plan, mesh["pp"]))
+    root = ", the weights outside the blocks sharded between calls" if shard_root else ""
+    rank_zero_log(f"pipeline over {layout.pp} stages ({options.describe()}{root}) on {result.paths}")
 
 
 def _check_pipeline_with_sequence(

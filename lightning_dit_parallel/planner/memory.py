@@ -8,7 +8,8 @@ FSDP units, activations, caches), encoding the prompts, encoding the conditionin
 memory-lean (a rank reads only the parameters it keeps), so no whole-model transient is counted.
 
 Parameters follow what the package does: a pipeline stage keeps its own blocks, the plan's shared modules and
-everything outside the block lists; tensor parallelism cuts the parameters of the layers its layout shards
+everything outside the block lists (without FSDP or tensor parallelism only its rows of the latter between DiT calls,
+all of it during one); tensor parallelism cuts the parameters of the layers its layout shards
 (``tensor.resolve_layout``) along their split dim; FSDP2 cuts every (tensor-parallel local) parameter of every unit
 along dim 0 into ``ceil(rows / N)`` rows per rank and, while a block runs, holds it whole (two blocks on CUDA, where
 the next one is prefetched), and the DiT root's own parameters for the whole forward.
@@ -175,7 +176,20 @@ def stage_parameter_bytes(
     gathered = 0
     if shards > 1:
         gathered = fsdp_gathered_numel(units, shards, tp, hw, units_kind=layout.fsdp_units) * element
+    elif layout.pp > 1 and tp == 1:  # stages hold their rows of the root between calls, all of it during one
+        root = [shape for u in units if u.kind == "root" for shape in u.local_shapes()]
+        rows = sum(stage_rows(shape, layout.pp) for shape in root)
+        held -= (sum(math.prod(shape) for shape in root) - rows) * element
+        gathered = (sum(math.prod(shape) for shape in root) - rows) * element
     return held, gathered
+
+
+def stage_rows(shape: tuple[int, ...], stages: int) -> int:
+    """Elements of the largest stage's rows of a root parameter (``pipeline/root_shards.py``: ``ceil(rows / stages)``
+    rows each; parameters with fewer rows than stages whole)."""
+    if not shape or shape[0] < stages:
+        return math.prod(shape)
+    return -(-shape[0] // stages) * math.prod(shape[1:])
 
 
 def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, units_kind: str = "blocks") -> int:

@@ -47,6 +47,7 @@ METHOD_AXES: dict[str, tuple[str, ...]] = {
     "fsdp_rows": ("dp", "cfg", "ring", "ulysses"),
     "pipeline": ("pp",),
     "pipeline_output": ("pp",),
+    "pipeline_root": ("pp",),
     "tp": ("tp",),
     "tp_gather": ("tp",),
     "pipefusion_ring": ("ring",),

@@ -11,7 +11,8 @@ The figures follow the DESIGN table and what the implementation moves:
   root's weight layers once per micro-batch or patch; the plan's shared modules twice: in their block and after the
   loop);
 * pipeline (``p2p``, ``broadcast``): the tensors a block carries across each stage boundary, per micro-batch or
-  PipeFusion patch, and the last stage's broadcast of the output;
+  PipeFusion patch, the last stage's broadcast of the output, and (without FSDP or tensor parallelism) each stage's
+  rows of the weights outside the blocks, once per call;
 * tensor parallel (``all_reduce``): every row-wise layer's output (the attention output and MLP down projections:
   two ``rows x tokens x hidden`` per block in the DESIGN table), the gathered per-sample modulation, and the
   outputs of the root's split Linears (per sample, text token or latent token, ``tp_shape.root_gather_role``);
@@ -32,6 +33,7 @@ from lightning_dit_parallel.planner.memory import (
     local_tokens,
     sequence_tokens,
     stage_blocks,
+    stage_rows,
     stage_units,
 )
 from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec
@@ -61,6 +63,7 @@ KIND_OF: dict[str, str] = {
     "fsdp_rows": "broadcast",
     "pipeline": "p2p",
     "pipeline_output": "broadcast",
+    "pipeline_root": "broadcast",
     "tp": "all_reduce",
     "tp_gather": "all_gather",
     "pipefusion_ring": "all_gather",
@@ -164,6 +167,10 @@ def bytes_by_method(
                 sent["pipeline"] += layout.patches * (rows * carried * first_next.hidden * element + flags)
             else:  # every micro-batch's rows cross once
                 sent["pipeline"] += rows * carried * first_next.hidden * element + passes * flags
+        if layout.pp > 1 and layout.shard_degree == 1 and tp == 1 and not layout.offload:
+            # the root's rows of every stage broadcast to the others at each DiT call (pipeline/root_shards.py)
+            root = [shape for unit in spec.units if unit.kind == "root" for shape in unit.local_shapes()]
+            sent["pipeline_root"] += sum(stage_rows(shape, layout.pp) for shape in root) * element * (layout.pp - 1)
         if layout.pp > 1 and last:
             header = _broadcast_header_bytes((rows, latent_full, spec.output_width))
             sent["pipeline_output"] += (out + header) * (layout.pp - 1)
