@@ -15,6 +15,7 @@ parameters and the largest phase, not what a process holds besides them).
     python bench/memory.py --layers 2 --quick   # a smaller model, 2 ranks only
     python bench/memory.py --configure-model    # the pipeline loaded in the module's configure_model
     python bench/memory.py --layers 30          # Wan 2.1 1.3B's depth too (5.7 GB of float32 weights)
+    python bench/memory.py --text-vocab 131072  # a token table of 0.5 GB (UMT5-XXL's is 256384 x 4096)
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ LAYOUTS = [
 ]
 
 
-def build_pipeline(folder: Path, layers: int, dim: int, heads: int, ffn: int, text_dim: int, text_layers: int) -> None:
-    """A seeded WanPipeline of the given width saved to ``folder`` (skipped when it is there already)."""
+def build_pipeline(
+    folder: Path, layers: int, dim: int, heads: int, ffn: int, text_dim: int, text_layers: int, text_vocab: int = 0
+) -> None:
+    """A seeded WanPipeline of the given width saved to ``folder`` (skipped when it is there already); UMT5's token
+    table has ``text_vocab`` rows (0: the word tokenizer's vocabulary; the prompts use its ids either way)."""
     if (folder / "model_index.json").is_file():
         return
     code = f"""
@@ -88,9 +92,9 @@ torch.manual_seed(0)
 transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads={heads},
     attention_head_dim={dim // heads}, in_channels=4, out_channels=4, text_dim={text_dim}, freq_dim=256, ffn_dim={ffn},
     num_layers={layers}, cross_attn_norm=True, rope_max_seq_len=64).eval()
-encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model={text_dim}, d_kv=64, d_ff={text_dim * 2},
-    num_layers={text_layers}, num_heads={text_dim // 64}, relative_attention_num_buckets=8, decoder_start_token_id=0,
-    pad_token_id=0, eos_token_id=1)).eval()
+encoder = UMT5EncoderModel(UMT5Config(vocab_size={text_vocab} or len(WORDS) + 3, d_model={text_dim}, d_kv=64,
+    d_ff={text_dim * 2}, num_layers={text_layers}, num_heads={text_dim // 64}, relative_attention_num_buckets=8,
+    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
 pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=encoder, vae=tiny_wan_vae(0), transformer=transformer,
     scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 pipe.save_pretrained({str(folder)!r})
@@ -185,6 +189,12 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=8960)
     parser.add_argument("--text-dim", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument(
+        "--text-vocab",
+        type=int,
+        default=0,
+        help="rows of UMT5's token table (UMT5-XXL: 256384; default: the test tokenizer's few words)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 ranks only")
     parser.add_argument(
         "--configure-model",
@@ -208,8 +218,10 @@ def main() -> None:
         " allocator instead)",
     )
     args = parser.parse_args()
-    folder = args.folder.with_name(f"{args.folder.name}-{args.layers}x{args.dim}")
-    build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, args.text_dim, args.text_layers)
+    vocab = f"-vocab{args.text_vocab}" if args.text_vocab else ""
+    folder = args.folder.with_name(f"{args.folder.name}-{args.layers}x{args.dim}{vocab}")
+    text = (args.text_dim, args.text_layers, args.text_vocab)
+    build_pipeline(folder, args.layers, args.dim, args.heads, args.ffn, *text)
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     print(f"pipeline {folder}: {weights / GB:.2f} GB of safetensors; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}")
     layouts = [

@@ -19,6 +19,7 @@ from lightning_dit_parallel.parallel.fsdp import (
     FsdpUnits,
     apply_encoder_rows,
     apply_fsdp,
+    apply_vocab_rows,
     block_units,
     check_fsdp_units,
     encoder_mesh,
@@ -29,6 +30,7 @@ from lightning_dit_parallel.parallel.fsdp import (
     resolve_fsdp_units,
     shard_mesh,
     shards_encoders,
+    vocab_tables,
     weight_layers,
 )
 from lightning_dit_parallel.parallel.guard import CheckInputs, apply_input_guard, check_inputs_option, replicated_group
@@ -350,14 +352,21 @@ def _shard_encoders(
 ) -> bool:
     """FSDP2 on each ``shard_modules`` entry (the encoders), one unit per weight layer (``fsdp.encoder_units``), its
     Linears never gathered whole (rows streaming, ``fsdp/row_stream.py``: an encoder runs once per batch, so the lowest
-    peak costs nothing visible), over ``encoder_mesh``, and each encoder's batch split over the ranks that encode the
-    same prompts (``fsdp.encoder_rows``); whether it sharded (not over one rank)."""
+    peak costs nothing visible) and its token table split by rows instead of FSDP's (``fsdp/vocab_rows.py``), over
+    ``encoder_mesh``, and each encoder's batch split over the ranks that encode the same prompts
+    (``fsdp.encoder_rows``); whether it sharded (not over one rank)."""
     encoders = encoder_mesh(mesh, fsdp)
     if encoders.size() == 1:
         return False
     rows = encoder_rows_mesh(mesh)
     for _, sub in extra:
-        result.applied.append(apply_fsdp(sub, encoder_units(sub), encoders, offload=offload, rows=True))
+        tables = vocab_tables(sub, encoders.size())
+        ignored = [tables[0].weight] if tables else []
+        result.applied.append(
+            apply_fsdp(sub, encoder_units(sub), encoders, offload=offload, rows=True, ignored=ignored)
+        )
+        if tables:
+            result.applied.append(apply_vocab_rows(sub, tables, encoders))
         if rows.size() > 1:
             result.applied.append(apply_encoder_rows(sub, rows.get_group()))
     split = f", each batch split over {rows.size()} ranks" if rows.size() > 1 else ""

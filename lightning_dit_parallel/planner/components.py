@@ -163,10 +163,11 @@ def _nested(config: Any, key: str) -> Any:
 
 def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
     """FSDP units as ``fsdp.module_units`` cuts them: each layer of the outermost ``nn.ModuleList``s, then the rest."""
-    from lightning_dit_parallel.parallel.fsdp import module_units
+    from lightning_dit_parallel.parallel.fsdp import module_units, vocab_tables
 
     seen: set[int] = set()
     streamed = linear_parameters(module)
+    split = {id(m.weight) for m in vocab_tables(module, 2)}  # the token table, split by rows when sharded
     units: list[Unit] = []
     layers = module_units(module)[:-1]
     for index, layer in enumerate(layers):
@@ -175,13 +176,13 @@ def encoder_units(module: nn.Module) -> tuple[Unit, ...]:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        units.append(unit_of("block", index, params, streamed))
+        units.append(unit_of("block", index, params, streamed, split=split))
     rest = []
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             rest.append(p)
-    return (unit_of("root", -1, rest, streamed), *units)
+    return (unit_of("root", -1, rest, streamed, split=split), *units)
 
 
 def vae_spec(module: nn.Module) -> VaeSpec:

@@ -200,11 +200,11 @@ def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, units_kind: s
     are the weight matrices (2-D or more); ``"rows"``: the matrices are never gathered, a rank holds one other rank's
     rows of the largest at a time (``fsdp/row_stream.py``)."""
     if units_kind in ("layers", "rows"):  # a weight matrix (2-D or more) at a time; the rest stays with its unit
-        mats = [
+        mats = [  # token tables split by rows are never gathered (``fsdp/vocab_rows.py``)
             (math.prod(shape), whole)
             for u in units
-            for shape, whole in zip(u.local_shapes(tp), u.gathered_whole())
-            if len(shape) >= 2
+            for shape, whole, split in zip(u.local_shapes(tp), u.gathered_whole(), u.split_tables())
+            if len(shape) >= 2 and not split
         ]
         rest = sum(
             math.prod(shape) for u in units if u.kind == "root" for shape in u.local_shapes(tp) if len(shape) < 2
@@ -427,6 +427,8 @@ def encoder_bytes(
         gathered = fsdp_gathered_numel(enc.units, shards, 1, hw, units_kind="rows") * element
     rows, tokens = encoder_work(enc, work, encoder_row_split(layout, shard))
     act = rows * tokens * (TE_HIDDEN * enc.hidden + TE_MLP * enc.mlp) * element
+    if shards > 1 and any(split for u in enc.units for split in u.split_tables()):
+        act += shards * rows * tokens * enc.hidden * element  # a split table's lookup: every rank's tokens, partial
     scores = int(rows * enc.heads * tokens * tokens * 4 * TE_SCORES)  # attention with a position bias (T5)
     return held, int(gathered + act + scores)
 

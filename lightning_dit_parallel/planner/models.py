@@ -312,6 +312,22 @@ def _dit(component_name: str, config_path: Path, notes: list[str], counted: dict
     return module, plan
 
 
+def _split_table(config: dict) -> set[str] | None:
+    """The parameter names of the token table a sharded encoder of ``config`` splits by rows (``fsdp.vocab_tables``
+    of the encoder built on the meta device), or ``None`` where the config builds none."""
+    from lightning_dit_parallel.parallel.fsdp import vocab_tables
+
+    try:
+        module = build_text_encoder(config)
+    except Exception:  # noqa: BLE001 -- any config transformers cannot build: tables recognized by their names
+        return None
+    tables = vocab_tables(module, 2)
+    if not tables:
+        return set()
+    weight = tables[0].weight
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p is weight}
+
+
 def _encoder(c: Component, kind: EncoderKind, notes: list[str], counted: dict[str, str]) -> EncoderSpec | None:
     """An encoder from its weights' headers (exact) where present, else from its config on the meta device, else from
     an index's ``total_size``."""
@@ -319,7 +335,7 @@ def _encoder(c: Component, kind: EncoderKind, notes: list[str], counted: dict[st
     weights = _weights(c.folder, notes, c.name)
     if weights is not None and weights.tensors is not None:
         counted[c.name] = weights.describe()
-        return encoder_spec(c.name, c.cls, config, units_from_tensors(weights.tensors), kind)
+        return encoder_spec(c.name, c.cls, config, units_from_tensors(weights.tensors, _split_table(config)), kind)
     try:
         spec = text_encoder_spec(c.name, build_text_encoder(config), kind)
         counted[c.name] = "its config"

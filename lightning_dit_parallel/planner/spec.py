@@ -38,6 +38,8 @@ class Unit:
         tp_dims: per parameter, the dim tensor parallelism splits (``None``: kept whole); empty: none split.
         whole: per parameter, whether ``fsdp_units="rows"`` still gathers it whole (it is not a plain ``nn.Linear``'s:
             an embedding table, a convolution kernel, a norm); empty: unknown, every parameter of 3 dims or more.
+        split: per parameter, whether it is an encoder's token table, which a sharded encoder splits by rows and never
+            gathers (``fsdp/vocab_rows.py``); empty: none.
     """
 
     kind: Literal["block", "shared", "root"]
@@ -45,6 +47,11 @@ class Unit:
     shapes: tuple[tuple[int, ...], ...]
     tp_dims: tuple[int | None, ...] = ()
     whole: tuple[bool, ...] = ()
+    split: tuple[bool, ...] = ()
+
+    def split_tables(self) -> list[bool]:
+        """Per parameter, whether it is a token table split by rows (``split``)."""
+        return list(self.split) if self.split else [False] * len(self.shapes)
 
     def gathered_whole(self) -> list[bool]:
         """Per parameter, whether rows streaming gathers it whole (``whole``, or by its number of dims)."""
@@ -259,10 +266,16 @@ def linear_parameters(model: nn.Module) -> set[int]:
 
 
 def unit_of(
-    kind: str, index: int, params: list[nn.Parameter], streamed: set[int], tp_dims: dict[int, int | None] | None = None
+    kind: str,
+    index: int,
+    params: list[nn.Parameter],
+    streamed: set[int],
+    tp_dims: dict[int, int | None] | None = None,
+    split: set[int] = frozenset(),
 ) -> Unit:
-    """The ``Unit`` of ``params``: their shapes, the dims tensor parallelism splits (``tp_dims``), and which of them
-    rows streaming still gathers whole (those not in ``streamed``, see ``linear_parameters``)."""
+    """The ``Unit`` of ``params``: their shapes, the dims tensor parallelism splits (``tp_dims``), which of them
+    rows streaming still gathers whole (those not in ``streamed``, see ``linear_parameters``) and which are token
+    tables split by rows (``split``: ids)."""
     dims = tuple((tp_dims or {}).get(id(p)) for p in params)
     return Unit(
         kind,
@@ -270,6 +283,7 @@ def unit_of(
         tuple(tuple(p.shape) for p in params),
         dims if any(d is not None for d in dims) else (),
         tuple(id(p) not in streamed for p in params),
+        tuple(id(p) in split for p in params) if split else (),
     )
 
 

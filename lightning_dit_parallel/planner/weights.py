@@ -39,6 +39,8 @@ STORED_DTYPE_BYTES = {
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
 #: tensor names of embedding tables (T5's ``shared``, ``embed_tokens``, ``word_embeddings``, GPT's ``wte``/``wpe``)
 _EMBEDDING = re.compile(r"(embed|shared\.|\bwte\b|\bwpe\b)")
+#: tensor names of token tables, which a sharded encoder splits by rows (``fsdp/vocab_rows.py``)
+_TOKEN_TABLE = re.compile(r"(^|\.)(shared|embed_tokens|token_embedding|word_embeddings|wte)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,13 @@ def layer_key(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def units_from_tensors(tensors: tuple[TensorInfo, ...] | list[TensorInfo]) -> tuple[Unit, ...]:
+def units_from_tensors(
+    tensors: tuple[TensorInfo, ...] | list[TensorInfo], split_names: set[str] | None = None
+) -> tuple[Unit, ...]:
     """FSDP units as ``fsdp.module_units`` cuts a module, from tensor names: the root (every tensor outside the
-    layers), then one unit per layer, in order of first appearance."""
+    layers), then one unit per layer, in order of first appearance. ``split_names``: the parameter names of the token
+    table a sharded encoder splits by rows (``fsdp.vocab_tables`` of the module built from its config); ``None``:
+    tables recognized by their names."""
     root: list[TensorInfo] = []
     layers: dict[str, list[TensorInfo]] = {}
     for t in tensors:
@@ -165,12 +171,20 @@ def units_from_tensors(tensors: tuple[TensorInfo, ...] | list[TensorInfo]) -> tu
         (root if key is None else layers.setdefault(key, [])).append(t)
 
     def unit(kind: str, index: int, infos: list[TensorInfo]) -> Unit:
-        # rows streaming computes Linears; an embedding table (by its name) or a kernel of 3+ dims is gathered whole
+        # rows streaming computes Linears; an embedding table (by its name) or a kernel of 3+ dims is gathered whole,
+        # but the token table, split by rows
         whole = tuple(len(t.shape) >= 3 or bool(_EMBEDDING.search(t.name)) for t in infos)
-        return Unit(kind, index, tuple(t.shape for t in infos), whole=whole)
+        split = tuple(_is_split(t.name, split_names) for t in infos)
+        return Unit(kind, index, tuple(t.shape for t in infos), whole=whole, split=split)
 
     units = [unit("block", i, infos) for i, infos in enumerate(layers.values())]
     return (unit("root", -1, root), *units)
+
+
+def _is_split(name: str, split_names: set[str] | None) -> bool:
+    if split_names is None:
+        return bool(_TOKEN_TABLE.search(name))
+    return any(name == n or name.endswith("." + n) or n.endswith("." + name) for n in split_names)
 
 
 def units_from_names(names: tuple[str, ...] | list[str], numel: int) -> tuple[Unit, ...]:

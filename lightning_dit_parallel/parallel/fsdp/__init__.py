@@ -24,8 +24,12 @@ from lightning_dit_parallel.parallel.fsdp.shard import (
     resolve_fsdp_units,
     weight_layers,
 )
+from lightning_dit_parallel.parallel.fsdp.vocab_rows import VocabRows, apply_vocab_rows, vocab_tables
 
 __all__ = [
+    "VocabRows",
+    "apply_vocab_rows",
+    "vocab_tables",
     "SHARD_AXES",
     "EncoderRows",
     "apply_encoder_rows",

@@ -30,6 +30,7 @@ Parallelizers are removed last-applied first, so no other parallelizer's hooks a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -236,7 +237,13 @@ class FSDPSharding:
 
 
 def apply_fsdp(
-    root: nn.Module, units: list[nn.Module], mesh: DeviceMesh, *, offload: bool = False, rows: bool = False
+    root: nn.Module,
+    units: list[nn.Module],
+    mesh: DeviceMesh,
+    *,
+    offload: bool = False,
+    rows: bool = False,
+    ignored: Sequence[nn.Parameter] = (),
 ) -> FSDPSharding:
     """Shard ``units`` (innermost first; ``root`` last if it is one) with FSDP2 over ``mesh``.
 
@@ -261,6 +268,8 @@ def apply_fsdp(
         mesh: a 1-D device mesh (see ``shard_mesh``).
         offload: keep the units' shards in (pinned) host memory between uses.
         rows: compute the Linear units one rank's rows at a time instead of gathering them.
+        ignored: parameters FSDP leaves as they are (another parallelizer splits them: ``vocab_rows.py``); a unit
+            whose parameters are all ignored is no unit.
 
     Raises:
         ValueError: for a unit that is not inside ``root`` or is listed twice, or a mesh that is not 1-D.
@@ -273,19 +282,21 @@ def apply_fsdp(
         raise ValueError(f"FSDP units {outside} are not submodules of {type(root).__name__}.")
     if len({id(u) for u in units}) != len(units):
         raise ValueError(f"FSDP units must be distinct; got {[type(u).__name__ for u in units]}.")
+    skip = {id(p) for p in ignored}
+    units = [u for u in units if u is root or any(id(p) not in skip for p in u.parameters())]
     sharding = FSDPSharding(root, list(units), mesh)
     sharding.snapshots = {id(m): (m, _ModuleSnapshot.take(m)) for m in root.modules()}
     try:
         for unit in units:
             # a 0-dim parameter (CLIP's logit_scale) has no dim to shard: it stays whole on every rank
-            scalars = {p for p in unit.parameters() if p.ndim == 0}
+            left = [p for p in unit.parameters() if p.ndim == 0 or id(p) in skip]
             policy = offload_policy(mesh) if offload and (unit is not root or len(units) == 1) else OffloadPolicy()
             fully_shard(
                 unit,
                 mesh=mesh,
                 reshard_after_forward=True,
                 offload_policy=policy,
-                **({"ignored_params": scalars} if scalars else {}),
+                **({"ignored_params": set(left)} if left else {}),
             )
             sharding.release_hooks.append(release_gather_buffers(unit))  # one gathered copy of a unit, not three
         # transformers looks up the outputs a model records by its class: the FSDP subclass gets the original's

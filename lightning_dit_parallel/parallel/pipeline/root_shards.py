@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dit_parallel.loading.deferred import deferred_roots
-from lightning_dit_parallel.parallel.incomplete import mark_incomplete
+from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
+from lightning_dit_parallel.parallel.rows import is_lean, own_rows, row_range
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.utils.hooks import remove_handles
 
@@ -76,7 +76,7 @@ class RootShards:
 
     def install(self) -> RootShards:
         for entry in self.entries:
-            entry.put(self._sharded(entry, entry.current))
+            entry.put(own_rows(entry.current, self.mesh, entry.requires_grad))
         self.handles.append(self.model.register_forward_pre_hook(lambda m, args: self._gather(self.entries)))
         self.handles.append(
             self.model.register_forward_hook(lambda m, args, out: self._shard(self.entries), always_call=True)
@@ -98,7 +98,7 @@ class RootShards:
         """The whole parameters back on every rank (broadcasts over the stage group; every rank calls it), or, for
         a lean-loaded DiT, meta tensors of the whole shape, read again from the files by the next setup."""
         remove_handles(self.handles)
-        if _lean(self.model):
+        if is_lean(self.model):
             self._to_meta()
             return
         try:
@@ -120,7 +120,7 @@ class RootShards:
         meta tensors and the model is marked incomplete (unless lean-loaded: read again at the next setup)."""
         remove_handles(self.handles)
         self._to_meta()
-        if not _lean(self.model):
+        if not is_lean(self.model):
             mark_incomplete(
                 self.model,
                 "the DiT's weights outside its blocks were sharded over the pipeline stages and a failure"
@@ -129,31 +129,14 @@ class RootShards:
 
     def _to_meta(self) -> None:
         for entry in self.entries:
-            entry.full = None
-            meta = torch.empty(entry.shape, dtype=entry.current.dtype, device="meta")
-            entry.put(nn.Parameter(meta, requires_grad=entry.requires_grad))
-            entry.holds = 0
-
-    @torch.no_grad()
-    def _sharded(self, entry: _Entry, param: Tensor) -> nn.Parameter:
-        """``param`` (whole, or meta before lean loading) as this rank's rows in a DTensor ``Shard(0)``."""
-        stages, rank = self.mesh.size(), self.mesh.get_local_rank()
-        rows = -(-entry.shape[0] // stages)
-        start, stop = min(rank * rows, entry.shape[0]), min((rank + 1) * rows, entry.shape[0])
-        # (rows_total, ...) -> this rank's (stop - start, ...), its own storage
-        local = torch.empty((stop - start, *entry.shape[1:]), dtype=param.dtype, device=param.device)
-        if not param.is_meta:
-            local.copy_(param[start:stop])
-        tensor = DTensor.from_local(
-            local, self.mesh, [Shard(0)], run_check=False, shape=entry.shape, stride=_contiguous_stride(entry.shape)
-        )
-        return nn.Parameter(tensor, requires_grad=entry.requires_grad)
+            entry.put(meta_like(entry.current))
+            entry.full, entry.holds = None, 0
 
     @torch.no_grad()
     def _gather(self, entries: list[_Entry]) -> None:
         """The entries not whole yet made whole, in place (a collective over the stage group: every rank gathers the
         same entries at the same call)."""
-        stages, rank = self.mesh.size(), self.mesh.get_local_rank()
+        stages = self.mesh.size()
         works = []
         for entry in entries:
             entry.holds += 1
@@ -161,8 +144,9 @@ class RootShards:
                 continue
             local = entry.current.to_local()
             rows = -(-entry.shape[0] // stages)
+            start, _ = row_range(entry.shape[0], self.mesh)
             full = torch.empty((stages * rows, *entry.shape[1:]), dtype=local.dtype, device=local.device)
-            full[rank * rows : rank * rows + local.shape[0]].copy_(local)  # this rank's slot
+            full[start : start + local.shape[0]].copy_(local)  # this rank's slot
             for source in range(stages):  # each rank's (rows, ...) slot from that rank, in place
                 slot = full[source * rows : (source + 1) * rows]
                 works.append(dist.broadcast(slot, group=self.group, group_src=source, async_op=True))
@@ -177,21 +161,8 @@ class RootShards:
             entry.holds = max(entry.holds - 1, 0)
             if entry.holds or entry.full is None:
                 continue
-            entry.put(self._sharded(entry, entry.current))
+            entry.put(own_rows(entry.current, self.mesh, entry.requires_grad))
             entry.full = None
-
-
-def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
-    stride, step = [], 1
-    for size in reversed(shape):
-        stride.append(step)
-        step *= size
-    return tuple(reversed(stride))
-
-
-def _lean(model: nn.Module) -> bool:
-    """Whether ``model``'s weights are read from its files at each setup (lean loading): then never gathered back."""
-    return any(path == "" for path, _, _ in deferred_roots(model))
 
 
 def root_parameters(model: nn.Module, plan: DiTPlan, stages: int) -> list[_Entry]:
