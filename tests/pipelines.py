@@ -273,24 +273,30 @@ WAN_I2V_CALL = dict(
 )
 
 
+def llama_encoder(layers: int = 3, seed: int = 0):
+    """A seeded Llama text encoder (``LlamaModel``, hidden 16, grouped-query attention) over the word tokenizer."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    )
+    return LlamaModel(config).eval()
+
+
 def hunyuan_video_text_pipeline(seed: int = 0):
     """HunyuanVideo's text path only (no DiT, no VAE): a Llama text encoder (3 layers, read at ``hidden_states[-3]``)
     and a CLIP text encoder (pooled output, 77 positions as the pipeline pads to 77), both over the word tokenizer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    llama = LlamaModel(
-        LlamaConfig(
-            vocab_size=len(WORDS) + 3,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=0,
-        )
-    ).eval()
+    llama = llama_encoder(layers=3, seed=seed)
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(WORDS) + 3,

@@ -17,29 +17,13 @@ from torch.distributed.tensor import DTensor
 
 from lightning_dit_parallel.parallel.fsdp import apply_fsdp, apply_vocab_rows, encoder_units, vocab_tables
 from tests.distributed import run_on_ranks
-from tests.pipelines import WORDS, clip_encoder, umt5_encoder
+from tests.pipelines import WORDS, clip_encoder, llama_encoder, umt5_encoder
 from tests.rank_outputs import max_relative_error
 
 VOCAB = len(WORDS) + 3
 
 
-def _llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=0,
-    )
-    return LlamaModel(config).eval()
-
-
-ENCODERS = {"umt5": lambda: umt5_encoder(), "clip": lambda: clip_encoder(), "llama": _llama}
+ENCODERS = {"umt5": umt5_encoder, "clip": clip_encoder, "llama": lambda: llama_encoder(layers=2)}
 
 
 def _held(weight: torch.Tensor) -> tuple[bool, tuple[int, ...]]:
