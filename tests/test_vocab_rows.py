@@ -1,11 +1,13 @@
 """A sharded encoder's token table split by rows and never gathered (``fsdp/vocab_rows.py``), as ``parallelize``
-shards the encoders: UMT5 (a table tied between ``shared`` and ``encoder.embed_tokens``), CLIP's text model and Llama,
+shards the encoders: UMT5 (a table tied between ``shared`` and ``encoder.embed_tokens``), CLIP's text model, Llama and
+Gemma 2 (a subclass that scales the table's rows around ``super().forward``),
 on 2 and 4 ranks, each rank with prompts of its own (different batch sizes and lengths, as data-parallel ranks have).
 
 Every rank's output equals the whole encoder's (float32, relative 1e-5); the table is a DTensor of torch's chunk
-sizes before, during and after the encode (never gathered: no whole table exists on a rank while it runs), tied twins
-share it; ``remove()`` gives the whole table back, still tied, and the plain encoder the same outputs. Tables that
-another module reads otherwise (a tied output head) or a subclass with its own forward are left to FSDP.
+sizes during every lookup (never gathered: no whole table exists on a rank while it runs), tied twins share it;
+``remove()`` gives the whole table back, still tied, the modules their classes, and the plain encoder the same
+outputs. Tables that another module reads otherwise (a tied output head) or a subclass that reads the weight itself
+are left to FSDP.
 """
 
 from __future__ import annotations
@@ -23,7 +25,30 @@ from tests.rank_outputs import max_relative_error
 VOCAB = len(WORDS) + 3
 
 
-ENCODERS = {"umt5": umt5_encoder, "clip": clip_encoder, "llama": lambda: llama_encoder(layers=2)}
+def _gemma2() -> nn.Module:
+    """Gemma 2: its token table scaled by its own forward around ``super().forward``."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        pad_token_id=0,
+    )
+    return Gemma2Model(config).eval()
+
+
+ENCODERS = {
+    "umt5": umt5_encoder,
+    "clip": clip_encoder,
+    "llama": lambda: llama_encoder(layers=2),
+    "gemma2": _gemma2,
+}
 
 
 def _held(weight: torch.Tensor) -> tuple[bool, tuple[int, ...]]:
@@ -46,6 +71,7 @@ def _run(rank: int, world: int) -> dict:
         with torch.no_grad():
             reference = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             tables = vocab_tables(encoder, world)
+            before = [type(m) for m in tables]
             sharding = apply_fsdp(encoder, encoder_units(encoder), mesh, rows=True, ignored=[tables[0].weight])
             rows = apply_vocab_rows(encoder, tables, mesh)
             table = encoder.get_input_embeddings()
@@ -57,6 +83,7 @@ def _run(rank: int, world: int) -> dict:
                 for hook in hooks:
                     hook.remove()
             twins = all(m.weight is table.weight for m in tables)
+            swapped = all(type(m) is not c and isinstance(m, c) for m, c in zip(tables, before))
             rows.remove()
             sharding.remove()
             after = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -68,6 +95,7 @@ def _run(rank: int, world: int) -> dict:
             after=max_relative_error(after, reference),
             plain=not isinstance(table.weight, DTensor) and table.weight.shape[0] == VOCAB,
             tied_after=all(m.weight is table.weight for m in tables),
+            classes_back=swapped and [type(m) for m in tables] == before,
         )
     return results
 
@@ -80,7 +108,7 @@ def test_token_tables_split_by_rows_equal_the_whole_encoder(world: int):
         for name, r in results.items():
             assert r["holders"] == (2 if name == "umt5" else 1), (name, r)  # shared and encoder.embed_tokens
             assert r["seen"] and all(s == (True, (local, s[1][1])) for s in r["seen"]), (name, rank, r["seen"])
-            assert r["twins"] and r["tied_after"] and r["plain"], (name, r)
+            assert r["twins"] and r["tied_after"] and r["plain"] and r["classes_back"], (name, r)
             assert r["error"] <= 1e-5 and r["after"] <= 1e-5, (name, rank, r)
 
 
@@ -100,17 +128,22 @@ def test_tables_read_otherwise_stay_with_fsdp():
     assert tied_head.lm_head.weight is tied_head.get_input_embeddings().weight
     assert vocab_tables(tied_head, 2) == []  # the output head reads the table as a Linear
 
-    class Scaled(nn.Embedding):
+    class ReadsItsWeight(nn.Embedding):
         def forward(self, ids):
-            return super().forward(ids) * 2.0
+            return torch.nn.functional.embedding(ids, self.weight) * 2.0
+
+    class Scaled(nn.Embedding):  # through super().forward, the weight's dtype only: split
+        def forward(self, ids):
+            return super().forward(ids) * torch.tensor(2.0, dtype=self.weight.dtype)
 
     class Encoder(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, table: nn.Embedding) -> None:
             super().__init__()
-            self.embed = Scaled(VOCAB, 4)
+            self.embed = table
 
         def get_input_embeddings(self) -> nn.Module:
             return self.embed
 
-    assert vocab_tables(Encoder(), 2) == []
+    assert vocab_tables(Encoder(ReadsItsWeight(VOCAB, 4)), 2) == []
+    assert len(vocab_tables(Encoder(Scaled(VOCAB, 4)), 2)) == 1
     assert vocab_tables(umt5_encoder(), VOCAB + 1) == []  # fewer rows than ranks

@@ -14,14 +14,18 @@ of the encoders' group keeps rows ``[r * R, (r + 1) * R)`` of the table instead 
 Exact: every token's row comes from one rank, the others add zeros. Memory: ``1 / N`` of the table, and while a lookup
 runs ``N`` times the rank's embedded tokens; bytes: the ids, and ``(N - 1) / N`` of ``N`` times the embedded tokens.
 
-Which tables: the encoder's input embeddings (``get_input_embeddings()``, a plain ``nn.Embedding`` without
-``max_norm``) with at least ``N`` rows, and every other ``nn.Embedding`` of the encoder holding the same parameter;
-no other module may hold it. A subclass with a forward of its own (Gemma's scaled embedding) stays with FSDP.
+Which tables: the encoder's input embeddings (``get_input_embeddings()``, an ``nn.Embedding`` without ``max_norm``)
+with at least ``N`` rows, and every other ``nn.Embedding`` of the encoder holding the same parameter; no other module
+may hold it. The lookup replaces ``nn.Embedding.forward`` for those modules (their class is swapped for a subclass;
+``remove`` swaps it back), so a subclass whose own forward reaches the table through ``super().forward`` and reads
+nothing of the weight but its dtype or device (Gemma's scaled embedding) is split too; any other subclass stays with
+FSDP.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -42,21 +46,42 @@ def vocab_tables(encoder: nn.Module, ranks: int) -> list[nn.Embedding]:
         table = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         table = None
-    if not _plain_embedding(table) or table.num_embeddings < ranks or isinstance(table.weight, DTensor):
+    if not _splittable(table) or table.num_embeddings < ranks or isinstance(table.weight, DTensor):
         return []
     holders = [m for m in encoder.modules() if any(p is table.weight for p in m.parameters(recurse=False))]
-    if not all(_plain_embedding(m) for m in holders):
+    if not all(_splittable(m) for m in holders):
         return []  # a Linear tied to it (an output head) or a subclass reads the table otherwise
     return holders
 
 
-def _plain_embedding(module: object) -> bool:
+def _splittable(module: object) -> bool:
+    """Whether ``module`` is an ``nn.Embedding`` whose table only ``nn.Embedding.forward`` reads."""
     return (
         isinstance(module, nn.Embedding)
-        and type(module).forward is nn.Embedding.forward
         and module.max_norm is None
         and "forward" not in module.__dict__
+        and _looks_up_through_embedding(type(module))
     )
+
+
+#: ``self.weight`` read for anything but its dtype or device
+_READS_WEIGHT = re.compile(r"self\.weight(?!\.(dtype|device)\b)")
+
+
+def _looks_up_through_embedding(cls: type) -> bool:
+    """``nn.Embedding`` itself, or a subclass whose forwards reach the table only through ``super().forward``."""
+    for klass in cls.__mro__:
+        if klass is nn.Embedding:
+            return True
+        if "forward" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return False
+        if "super().forward(" not in source or _READS_WEIGHT.search(source):
+            return False
+    return False
 
 
 @dataclass
@@ -83,13 +108,14 @@ class VocabRows:
         self._requires_grad = weight.requires_grad
         self._put(own_rows(weight, self.mesh, self._requires_grad))
         for module in self.modules:
-            module.forward = functools.partial(self._lookup, module)
+            module.__dict__[_OWNER] = (self, type(module))
+            module.__class__ = _split_class(type(module))
         return self
 
     def remove(self) -> None:
         """The whole table back (an all-gather over the mesh, onto the host; every rank calls it), or, for a
         lean-loaded encoder, a meta tensor of its shape, read again from the files by the next setup."""
-        self._restore_forward()
+        self._restore_classes()
         weight = self.modules[0].weight
         if not isinstance(weight, DTensor):
             return
@@ -107,7 +133,7 @@ class VocabRows:
     def discard(self) -> None:
         """Undo without a collective (after a failed predict): the table becomes a meta tensor and the encoder is
         marked incomplete (unless lean-loaded: read again at the next setup)."""
-        self._restore_forward()
+        self._restore_classes()
         weight = self.modules[0].weight
         if isinstance(weight, DTensor):
             self._put(meta_like(weight))
@@ -119,9 +145,11 @@ class VocabRows:
         for module in self.modules:
             module._parameters["weight"] = param
 
-    def _restore_forward(self) -> None:
+    def _restore_classes(self) -> None:
         for module in self.modules:
-            module.__dict__.pop("forward", None)
+            owner = module.__dict__.pop(_OWNER, None)
+            if owner is not None:
+                module.__class__ = owner[1]
 
     @torch.no_grad()
     def _lookup(self, module: nn.Embedding, ids: Tensor) -> Tensor:
@@ -146,6 +174,32 @@ class VocabRows:
         # (N * most, dim) partial sums on every rank -> reduce-scatter -> (most, dim): this rank's tokens, summed
         _reduce_scatter(out, partial, group=self.group)
         return out[: flat.numel()].reshape(*ids.shape, local.shape[1])
+
+
+#: the instance attribute of a split table's module: ``(its VocabRows, its own class)``
+_OWNER = "_ldp_vocab_rows"
+
+
+class _SplitTable(nn.Embedding):
+    """``nn.Embedding`` whose lookup is its ``VocabRows``' (the class a split plain table gets, a base of a split
+    subclass's)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.__dict__[_OWNER][0]._lookup(self, input)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _split_class(cls: type) -> type:
+    """The class a split table's module gets: ``_SplitTable`` for ``nn.Embedding``; for a subclass, the subclass with
+    ``_SplitTable`` right above ``nn.Embedding``, so its own forward (Gemma's scaling) runs and its ``super().forward``
+    is the lookup."""
+    if cls is nn.Embedding:
+        return _SplitTable
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Split{cls.__name__}", (cls, _SplitTable), {})
+    return _CLASSES[cls]
 
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
