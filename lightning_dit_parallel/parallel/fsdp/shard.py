@@ -236,6 +236,12 @@ class FSDPSharding:
         self.snapshots.clear()
 
 
+def _all_ignored(unit: nn.Module, skip: set[int]) -> bool:
+    """Whether ``unit`` has parameters and every one of them is in ``skip`` (ids)."""
+    ids = {id(p) for p in unit.parameters()}
+    return bool(ids) and ids <= skip
+
+
 def apply_fsdp(
     root: nn.Module,
     units: list[nn.Module],
@@ -283,7 +289,7 @@ def apply_fsdp(
     if len({id(u) for u in units}) != len(units):
         raise ValueError(f"FSDP units must be distinct; got {[type(u).__name__ for u in units]}.")
     skip = {id(p) for p in ignored}
-    units = [u for u in units if u is root or any(id(p) not in skip for p in u.parameters())]
+    units = [u for u in units if u is root or not _all_ignored(u, skip)]  # such a unit is none
     sharding = FSDPSharding(root, list(units), mesh)
     sharding.snapshots = {id(m): (m, _ModuleSnapshot.take(m)) for m in root.modules()}
     try:
