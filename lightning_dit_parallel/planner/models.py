@@ -314,7 +314,8 @@ def _dit(component_name: str, config_path: Path, notes: list[str], counted: dict
 
 def _split_table(config: dict) -> set[str] | None:
     """The parameter names of the token table a sharded encoder of ``config`` splits by rows (``fsdp.vocab_tables``
-    of the encoder built on the meta device), or ``None`` where the config builds none."""
+    of the encoder built on the meta device; empty: it has none), or ``None`` where transformers cannot build it
+    (the tables are then recognized by their names)."""
     from lightning_dit_parallel.parallel.fsdp import vocab_tables
 
     try:
