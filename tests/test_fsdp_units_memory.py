@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_dit_parallel import ParallelLayout, parallelize
 from lightning_dit_parallel.parallel.fsdp import apply_fsdp, is_sharded
-from lightning_dit_parallel.parallel.fsdp.row_stream import row_counts
+from lightning_dit_parallel.parallel.rows import row_counts
 from lightning_dit_parallel.utils.memory import current_rss, peak_rss, reset_peak_rss
 from tests.distributed import run_on_ranks
 from tests.rank_outputs import max_relative_error

@@ -1,9 +1,9 @@
 """Pipeline stages shard the DiT's weights outside its blocks between DiT calls (``pipeline/root_shards.py``).
 
-- Between calls each stage holds its rows of every root parameter (a DTensor ``Shard(0)``, torch's chunk sizes, a
-  zero-row rank included); during a call the parameters are whole plain tensors; the output equals the whole model;
-  a root submodule called outside the DiT's forward (and inside it) works; ``remove()`` gives the whole parameters
-  back, tied ones still tied. A toy with uneven row counts, on 2 and 4 ranks.
+- Between calls each stage holds its rows of every root weight matrix (a DTensor ``Shard(0)``, torch's chunk sizes, a
+  zero-row rank included; biases whole); during a call the parameters are whole plain tensors; the output equals the
+  whole model; a root submodule called outside the DiT's forward (and inside it) works; ``remove()`` gives the whole
+  parameters back, tied ones still tied. A toy with uneven row counts, on 2 and 4 ranks.
 - Through ``parallelize`` on Wan 2.2, Flux and HunyuanVideo zoo cases (sharpened attention, token counts that do not
   divide the degree): pipeline 2, pipeline 2 x Ulysses 2 and pipeline 4 (a 4-block Wan) equal one process (float32,
   relative 1e-5), the root sharded between calls, and the plain model equal again after ``remove()``.
@@ -92,7 +92,7 @@ def test_root_rows_between_calls_whole_during_them(world: int):
     head = {2: [5, 4], 4: [3, 3, 3, 0]}[world]  # of 9 rows
     for rank, r in enumerate(run_on_ranks(world, _toy)):
         b = r["between"]
-        assert b["embed.weight"] == (embed[rank], 7) and b["embed.bias"] == (embed[rank],), (rank, b)
+        assert b["embed.weight"] == (embed[rank], 7) and b["embed.bias"] is None, (rank, b)  # 1-D: whole
         assert b["head.weight"] == b["again.weight"] == (head[rank], 5), (rank, b)
         assert b["gate"] is None and all(b[f"blocks.{i}.weight"] is None for i in (0, 1)), b
         assert r["inside"] == [True], r

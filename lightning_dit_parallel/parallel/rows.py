@@ -16,11 +16,18 @@ from torch.distributed.tensor import DTensor, Shard
 from lightning_dit_parallel.loading.deferred import deferred_roots
 
 
+def row_counts(rows: int, ranks: int) -> list[int]:
+    """Rows each of ``ranks`` holds of a dim of ``rows``, as FSDP2 and DTensor ``Shard(0)`` cut it: ``torch.chunk``'s
+    sizes, then zeros for the ranks past the last piece (e.g. 5 rows on 4 ranks: ``[2, 2, 1, 0]``)."""
+    per = -(-rows // ranks)
+    return [max(0, min(per, rows - r * per)) for r in range(ranks)]
+
+
 def row_range(rows: int, mesh: DeviceMesh) -> tuple[int, int]:
-    """``(start, stop)`` of this rank's rows of a dim 0 of ``rows`` (torch's chunk sizes)."""
-    per_rank = -(-rows // mesh.size())
-    rank = mesh.get_local_rank()
-    return min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)
+    """``(start, stop)`` of this rank's rows of a dim 0 of ``rows`` (``row_counts``)."""
+    counts = row_counts(rows, mesh.size())
+    start = sum(counts[: mesh.get_local_rank()])
+    return start, start + counts[mesh.get_local_rank()]
 
 
 @torch.no_grad()

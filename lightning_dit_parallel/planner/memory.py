@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_dit_parallel.parallel.rows import row_counts
 from lightning_dit_parallel.planner.components import EncoderSpec, OtherSpec, TextEncoderSpec, VaeSpec
 from lightning_dit_parallel.planner.layouts import PlannedLayout
 from lightning_dit_parallel.planner.spec import TEXT_SEQUENCE, ModelSpec, Unit
@@ -178,18 +179,20 @@ def stage_parameter_bytes(
         gathered = fsdp_gathered_numel(units, shards, tp, hw, units_kind=layout.fsdp_units) * element
     elif layout.pp > 1 and tp == 1:  # stages hold their rows of the root between calls, all of it during one
         root = [shape for u in units if u.kind == "root" for shape in u.local_shapes()]
-        rows = sum(stage_rows(shape, layout.pp) for shape in root)
-        held -= (sum(math.prod(shape) for shape in root) - rows) * element
-        gathered = (sum(math.prod(shape) for shape in root) - rows) * element
+        others = sum(math.prod(shape) - stage_rows(shape, layout.pp) for shape in root) * element
+        held -= others
+        gathered = others
     return held, gathered
 
 
 def stage_rows(shape: tuple[int, ...], stages: int) -> int:
-    """Elements of the largest stage's rows of a root parameter (``pipeline/root_shards.py``: ``ceil(rows / stages)``
-    rows each; parameters with fewer rows than stages whole)."""
-    if not shape or shape[0] < stages:
+    """Elements of the largest stage's rows of a root parameter (``pipeline/root_shards.py``: ``root_parameters``
+    and ``rows.row_counts``); parameters it leaves whole, whole."""
+    from lightning_dit_parallel.parallel.pipeline.root_shards import shards_rows
+
+    if not shards_rows(shape, stages):
         return math.prod(shape)
-    return -(-shape[0] // stages) * math.prod(shape[1:])
+    return row_counts(shape[0], stages)[0] * math.prod(shape[1:])
 
 
 def fsdp_gathered_numel(units, shards: int, tp: int, hw: Hardware, units_kind: str = "blocks") -> int:

@@ -24,6 +24,7 @@ from lightning_dit_parallel.parallel.sequence.groups import SequenceGroups
 from lightning_dit_parallel.parallel.sequence.mask_message import pack_local_mask, unpack_masks
 from lightning_dit_parallel.parallel.sequence.masks import LocalMask
 from lightning_dit_parallel.parallel.sequence.sharding import ShardingState
+from lightning_dit_parallel.utils.collectives import all_gather_single
 
 #: require_state(where) -> the sharding state of the forward in progress (raises outside one).
 StateFn = Callable[[str], ShardingState]
@@ -34,8 +35,7 @@ def _all_gather(x: Tensor, group: ProcessGroup) -> tuple[Tensor, dist.Work]:
     x = x.contiguous()
     n = dist.get_world_size(group)
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # (N * X, ...): the inputs one after another along dim 0
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(out, x, group=group, async_op=True)
+    work = all_gather_single(out, x, group=group, async_op=True)
     return out.view(n, *x.shape), work  # (N * X, ...) -> (N, X, ...), filled once the work completes
 
 

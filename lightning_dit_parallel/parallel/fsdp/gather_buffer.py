@@ -22,9 +22,10 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_dit_parallel.utils.collectives import all_gather_single
 
 
 class ReleasingAllGather:
@@ -41,7 +42,7 @@ class ReleasingAllGather:
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         # (shard numel,) per rank -> (N * shard numel,), rank r's shard at r * shard numel
-        return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+        return all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
     def release(self) -> None:
         """Free the buffer's storage if FSDP2 still holds it (the tensor object then has no bytes left)."""

@@ -25,19 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_dit_parallel.parallel.rows import row_counts
 from lightning_dit_parallel.utils.hooks import WeightHooks, inert_hook
 
 
 def streams_rows(module: nn.Module) -> bool:
     """Whether ``module`` is a plain ``nn.Linear`` (its class's forward is torch's), which rows streaming computes."""
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-
-def row_counts(rows: int, ranks: int) -> list[int]:
-    """Rows each rank of an FSDP2 shard group holds of a dim of ``rows``: ``torch.chunk``'s sizes, then zeros for the
-    ranks past the last piece (e.g. 5 rows on 4 ranks: ``[2, 2, 1, 0]``)."""
-    per = -(-rows // ranks)
-    return [max(0, min(per, rows - r * per)) for r in range(ranks)]
 
 
 class RowStreamedLinear:

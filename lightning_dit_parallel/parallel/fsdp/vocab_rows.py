@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
 from lightning_dit_parallel.parallel.rows import is_lean, own_rows, row_range
+from lightning_dit_parallel.utils.collectives import all_gather_single, reduce_scatter_single
 
 
 def vocab_tables(encoder: nn.Module, ranks: int) -> list[nn.Embedding]:
@@ -160,19 +161,19 @@ class VocabRows:
         flat = ids.reshape(-1)
         count = torch.tensor([flat.numel()], device=flat.device)
         counts = torch.empty(n, dtype=count.dtype, device=flat.device)
-        _all_gather(counts, count, group=self.group)  # (1,) per rank -> (N,)
+        all_gather_single(counts, count, group=self.group)  # (1,) per rank -> (N,)
         most = int(counts.max())
         padded = flat.new_zeros(most)
         padded[: flat.numel()] = flat
         every = flat.new_empty(n * most)
-        _all_gather(every, padded, group=self.group)  # (most,) per rank -> (N * most,)
+        all_gather_single(every, padded, group=self.group)  # (most,) per rank -> (N * most,)
         mine = (every >= start) & (every < stop)
         partial = local.new_zeros((n * most, local.shape[1]))  # (N * most, dim): this rank's rows of every token
         if stop > start:
             partial[mine] = F.embedding(every[mine] - start, local)
         out = local.new_empty((most, local.shape[1]))
         # (N * most, dim) partial sums on every rank -> reduce-scatter -> (most, dim): this rank's tokens, summed
-        _reduce_scatter(out, partial, group=self.group)
+        reduce_scatter_single(out, partial, group=self.group)
         return out[: flat.numel()].reshape(*ids.shape, local.shape[1])
 
 
@@ -200,10 +201,6 @@ def _split_class(cls: type) -> type:
     if cls not in _CLASSES:
         _CLASSES[cls] = type(f"Split{cls.__name__}", (cls, _SplitTable), {})
     return _CLASSES[cls]
-
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def apply_vocab_rows(encoder: nn.Module, modules: list[nn.Embedding], mesh: DeviceMesh) -> VocabRows:

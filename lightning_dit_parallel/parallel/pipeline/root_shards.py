@@ -14,8 +14,9 @@ since each parameter is gathered in place: a buffer of the whole parameter recei
 rank's slot is broadcast from that rank straight into it (an all-gather would need a second whole buffer on gloo),
 and it becomes the parameter; the rows are copied out again when the call ends. A call of a root submodule outside
 the DiT's forward (a pipeline that borrows one) gathers that submodule's parameters alone around its call.
-Parameters with fewer rows than stages, and those the blocks also hold, stay whole. Bytes: each rank sends its rows
-to the other stages once per DiT call (the broadcasts wait for every stage to call the DiT; they are not hidden).
+Biases and norm scales (1-D), parameters with fewer rows than stages, and those the blocks also hold stay whole.
+Bytes: each rank sends its rows to the other stages once per DiT call (the broadcasts wait for every stage to call the
+DiT; they are not hidden).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dit_parallel.parallel.incomplete import mark_incomplete, meta_like
-from lightning_dit_parallel.parallel.rows import is_lean, own_rows, row_range
+from lightning_dit_parallel.parallel.rows import is_lean, own_rows, row_counts, row_range
 from lightning_dit_parallel.plan import DiTPlan
 from lightning_dit_parallel.utils.hooks import remove_handles
 
@@ -143,7 +144,7 @@ class RootShards:
             if entry.full is not None:  # already whole (a submodule called inside the DiT's forward)
                 continue
             local = entry.current.to_local()
-            rows = -(-entry.shape[0] // stages)
+            rows = row_counts(entry.shape[0], stages)[0]  # every rank's slot: the first (largest) rank's rows
             start, _ = row_range(entry.shape[0], self.mesh)
             full = torch.empty((stages * rows, *entry.shape[1:]), dtype=local.dtype, device=local.device)
             full[start : start + local.shape[0]].copy_(local)  # this rank's slot
@@ -165,16 +166,22 @@ class RootShards:
             entry.full = None
 
 
+def shards_rows(shape: tuple[int, ...], stages: int) -> bool:
+    """Whether a root parameter of ``shape`` is kept by rows: weight matrices, kernels and tables (2 dims or more) with
+    at least ``stages`` rows. Biases and norm scales stay whole: a few KB each, and a broadcast per stage and call."""
+    return len(shape) >= 2 and shape[0] >= stages
+
+
 def root_parameters(model: nn.Module, plan: DiTPlan, stages: int) -> list[_Entry]:
-    """The parameters of ``model`` outside the plan's block lists with at least ``stages`` rows, each once with every
-    slot it fills (tied parameters), in module order; none that a block also holds."""
+    """The parameters of ``model`` outside the plan's block lists that ``shards_rows`` keeps by rows, each once with
+    every slot it fills (tied parameters), in module order; none that a block also holds."""
     in_blocks = {id(p) for _, blocks in plan.block_lists(model) for p in blocks.parameters()}
     entries: dict[int, _Entry] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is None or id(param) in in_blocks or isinstance(param, DTensor):
                 continue
-            if param.ndim == 0 or param.shape[0] < stages:
+            if not shards_rows(tuple(param.shape), stages):
                 continue
             if id(param) not in entries:
                 entries[id(param)] = _Entry([], param.shape, param.requires_grad)
