@@ -273,21 +273,34 @@ WAN_I2V_CALL = dict(
 )
 
 
-def llama_encoder(layers: int = 3, seed: int = 0):
-    """A seeded Llama text encoder (``LlamaModel``, hidden 16, grouped-query attention) over the word tokenizer."""
-    from transformers import LlamaConfig, LlamaModel
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def decoder_config(**overrides) -> dict:
+    """A tiny decoder-only text model's config over the word tokenizer (Llama, Gemma 2, Qwen 3 ...): hidden 16, 2
+    layers, grouped-query attention; ``overrides`` replace or add keys."""
+    config = dict(
         vocab_size=len(WORDS) + 3,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=layers,
+        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        pad_token_id=0,
     )
-    return LlamaModel(config).eval()
+    return {**config, **overrides}
+
+
+def llama_encoder(layers: int = 2, seed: int = 0):
+    """A seeded Llama text encoder (``LlamaModel``, ``decoder_config``) of ``layers`` layers."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    return LlamaModel(LlamaConfig(**decoder_config(num_hidden_layers=layers, pad_token_id=0))).eval()
+
+
+def gemma2_encoder(seed: int = 0):
+    """A seeded Gemma 2 text encoder (``decoder_config``): its token table scaled by its own embedding's forward."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    return Gemma2Model(Gemma2Config(**decoder_config(head_dim=8, pad_token_id=0))).eval()
 
 
 def hunyuan_video_text_pipeline(seed: int = 0):

@@ -25,7 +25,10 @@ from tests.pipelines import (
     WORDS,
     clip_encoder,
     clip_vision_encoder,
+    decoder_config,
+    gemma2_encoder,
     hunyuan_video_text_pipeline,
+    llama_encoder,
     t5_encoder,
     umt5_encoder,
     wan_i2v_pipeline,
@@ -49,18 +52,6 @@ def _ids() -> dict[str, torch.Tensor]:
 
 def _pixels(size: int = 16) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))}
-
-
-def _decoder_config(**extra) -> dict:
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        **extra,
-    )
 
 
 def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
@@ -140,22 +131,10 @@ def _siglip_vision():
     )
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaModel
-
-    return LlamaModel(LlamaConfig(**_decoder_config(pad_token_id=0)))
-
-
-def _gemma2():
-    from transformers import Gemma2Config, Gemma2Model
-
-    return Gemma2Model(Gemma2Config(**_decoder_config(head_dim=8, pad_token_id=0)))
-
-
 def _qwen3():
     from transformers import Qwen3Config, Qwen3Model
 
-    return Qwen3Model(Qwen3Config(**_decoder_config(head_dim=8)))
+    return Qwen3Model(Qwen3Config(**decoder_config(head_dim=8)))
 
 
 #: Qwen2.5-VL's image: 8 x 8 pixels in patches of 2 x 2 (2 frames each), merged 2 x 2: 16 patches, 4 image tokens.
@@ -165,7 +144,7 @@ _QWEN_IMAGE_TOKEN, _QWEN_GRID = VOCAB - 1, torch.tensor([[1, 4, 4]])
 def _qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = _decoder_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    text = decoder_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     vision = dict(
         depth=2,
         hidden_size=16,
@@ -207,7 +186,7 @@ def _mistral3():
 
     return Mistral3ForConditionalGeneration(
         Mistral3Config(
-            text_config=dict(model_type="mistral", **_decoder_config(head_dim=8)),
+            text_config=dict(model_type="mistral", **decoder_config(head_dim=8)),
             vision_config=dict(
                 model_type="pixtral",
                 hidden_size=16,
@@ -289,8 +268,8 @@ ENCODERS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], dict[st
     "clip_vision_projection (IP-Adapter)": (_clip_vision_projection, _forward_reads(_pixels)),
     "clip_model (get_*_features)": (_clip_model, _clip_features),
     "siglip_vision (Flux Redux)": (_siglip_vision, _forward_reads(_pixels)),
-    "llama (HunyuanVideo)": (_llama, _forward_reads(_tokens)),
-    "gemma2 (Sana, Lumina2)": (_gemma2, _forward_reads(_tokens)),
+    "llama (HunyuanVideo)": (llama_encoder, _forward_reads(_tokens)),
+    "gemma2 (Sana, Lumina2)": (gemma2_encoder, _forward_reads(_tokens)),
     "qwen3 (Z-Image)": (_qwen3, _forward_reads(_tokens)),
     "qwen2_5_vl text (QwenImage)": (_qwen2_5_vl, _forward_reads(_tokens)),
     "qwen2_5_vl image (QwenImage-Edit)": (_qwen2_5_vl, _forward_reads(_qwen_image_inputs)),
@@ -329,7 +308,7 @@ def _generate_case(rank: int, mesh) -> dict:
     modules that ``fully_shard`` marks as managed; the mark must survive what ``apply_fsdp`` does)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = _seeded(lambda: LlamaForCausalLM(LlamaConfig(**_decoder_config(pad_token_id=0))))
+    model = _seeded(lambda: LlamaForCausalLM(LlamaConfig(**decoder_config(pad_token_id=0))))
     prompts = [torch.tensor([[3, 7, 12]]), torch.tensor([[6, 10, 8]])]
     free = [model.generate(p, max_new_tokens=6, do_sample=False, eos_token_id=None) for p in prompts]
     stop = int(free[0][0, 3])  # rank 0's first new token

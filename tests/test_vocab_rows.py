@@ -19,35 +19,17 @@ from torch.distributed.tensor import DTensor
 
 from lightning_dit_parallel.parallel.fsdp import apply_fsdp, apply_vocab_rows, encoder_units, vocab_tables
 from tests.distributed import run_on_ranks
-from tests.pipelines import WORDS, clip_encoder, llama_encoder, umt5_encoder
+from tests.pipelines import WORDS, clip_encoder, decoder_config, gemma2_encoder, llama_encoder, umt5_encoder
 from tests.rank_outputs import max_relative_error
 
 VOCAB = len(WORDS) + 3
 
 
-def _gemma2() -> nn.Module:
-    """Gemma 2: its token table scaled by its own forward around ``super().forward``."""
-    from transformers import Gemma2Config, Gemma2Model
-
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        pad_token_id=0,
-    )
-    return Gemma2Model(config).eval()
-
-
 ENCODERS = {
     "umt5": umt5_encoder,
     "clip": clip_encoder,
-    "llama": lambda: llama_encoder(layers=2),
-    "gemma2": _gemma2,
+    "llama": llama_encoder,
+    "gemma2": gemma2_encoder,  # its token table scaled by its own forward around super().forward
 }
 
 
@@ -115,15 +97,7 @@ def test_token_tables_split_by_rows_equal_the_whole_encoder(world: int):
 def test_tables_read_otherwise_stay_with_fsdp():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**decoder_config(num_hidden_layers=1, tie_word_embeddings=True))
     tied_head = LlamaForCausalLM(config)
     assert tied_head.lm_head.weight is tied_head.get_input_embeddings().weight
     assert vocab_tables(tied_head, 2) == []  # the output head reads the table as a Linear
